@@ -1,0 +1,367 @@
+"""Configuration: dataclasses that load from YAML and flags, validated in one place.
+
+The dataclass defaults are the paper's settings for a GPU cluster (1,000 pseudo inputs,
+LoRA r=16/alpha=32, lr 1e-4 cosine, 10 epochs, effective batch 32). The ``local`` profile
+sizes them for a 2-core CPU machine. Precedence: defaults < profile < YAML file < flags.
+
+Every field carries its help text and its allowed values in ``metadata``; :func:`validate`
+checks all of them and raises :class:`~genpi.errors.ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from genpi.errors import ConfigError
+from genpi.fingerprint import fingerprint
+
+
+def _f(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
+       high: float | None = None, factory: bool = False) -> Any:
+    """A dataclass field with its help text and allowed values."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high}
+    if factory:
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    """One model role: which model, on which backend and device, how many replicas."""
+
+    name: str = _f("smollm2-135m-instruct", "registry name (smollm2-135m-instruct, tiny-random-llama), "
+                   "a local Hugging Face model folder, or an s3:// model folder")
+    backend: str = _f("hf", "inference backend", choices=("hf",))
+    device: str = _f("auto", "auto picks cuda when the actor has a GPU, else cpu", choices=("auto", "cpu", "cuda"))
+    dtype: str = _f("bfloat16", "weights and compute dtype", choices=("bfloat16", "float16", "float32"))
+    batch_size: int = _f(32, "conversations per generate call", low=1, high=4096)
+    max_context: int = _f(0, "token limit for prompt + output; 0 uses the model's own context length", low=0)
+    num_gpus: float = _f(1.0, "GPUs per engine actor (0 runs the engine on CPU)", low=0)
+    num_cpus: float = _f(1.0, "CPUs reserved per engine actor", low=0)
+    replicas: int = _f(1, "engine actors for this role; work is split across them", low=1, high=1024)
+    threads: int = _f(0, "torch CPU threads per actor; 0 uses every core", low=0)
+    prefix_sharing: bool = _f(True, "compute the KV cache of a batch's shared prefix (the prompt) once "
+                              "instead of once per conversation (hf backend)")
+
+
+@dataclass
+class ModelsConfig:
+    """The two model roles of GenPI."""
+
+    generator: ModelConfig = _f(ModelConfig, "writes pseudo inputs and reasons (70B class in the paper)", factory=True)
+    target: ModelConfig = _f(ModelConfig, "the model that gets the adapter; also student, teacher and both "
+                             "role-play personas (8B class in the paper)", factory=True)
+
+
+@dataclass
+class SynthConfig:
+    """Data synthesis from the prompt alone (paper section 5 and appendix A)."""
+
+    num_inputs: int = _f(1000, "pseudo user inputs to keep per prompt, after deduplication", low=1)
+    min_inputs: int = _f(8, "fail the prompt if fewer unique inputs than this could be generated", low=1)
+    inputs_per_request: int = _f(5, "inputs the generator is asked to write per request", low=1, high=50)
+    demos_per_request: int = _f(5, "example inputs shown to the generator per request", low=0, high=50)
+    max_input_rounds: int = _f(8, "generation rounds before giving up on reaching num_inputs", low=1)
+    input_temperature: float = _f(1.0, "sampling temperature for pseudo inputs", low=0, high=5)
+    input_top_p: float = _f(0.9, "nucleus threshold for pseudo inputs", low=0.01, high=1)
+    input_max_tokens: int = _f(512, "max new tokens per input-generation request", low=8)
+    output_max_tokens: int = _f(512, "max new tokens of student/teacher single-turn outputs", low=8)
+    reason_temperature: float = _f(0.7, "sampling temperature for reasons", low=0, high=5)
+    reason_top_p: float = _f(0.9, "nucleus threshold for reasons", low=0.01, high=1)
+    reason_max_tokens: int = _f(256, "max new tokens of a reason", low=8)
+    reason_sentences: int = _f(5, "sentences a reason is asked to have", low=1, high=20)
+    agent_max_tokens: int = _f(512, "max new tokens of an agent turn in role play", low=8)
+    env_max_tokens: int = _f(512, "max new tokens of an environment turn in role play", low=8)
+    max_turns: int = _f(0, "cap on role-play turns for every prompt; 0 uses each prompt's max_turns", low=0, high=50)
+    part_size: int = _f(64, "records per stored part file; finished parts survive a failure", low=1)
+    val_fraction: float = _f(0.1, "share of records held out for validation (fidelity, lambda choice)", low=0, high=0.5)
+    seed: int = _f(0, "seed for sampling and the train/validation split", low=0)
+
+
+@dataclass
+class TrainConfig:
+    """One LoRA adapter per prompt with the joint loss L = (1 - pg_lambda) * L_SFT + pg_lambda * L_PG."""
+
+    pg_lambda: float = _f(0.3, "weight of the Prompt Generation loss; SFT gets 1 - pg_lambda (the authors' "
+                          "scripts weight SFT by 0.7, i.e. pg_lambda 0.3)", low=0, high=1)
+    lora_r: int = _f(16, "LoRA rank", low=1, high=1024)
+    lora_alpha: int = _f(32, "LoRA alpha", low=1)
+    lora_dropout: float = _f(0.05, "LoRA dropout", low=0, high=0.9)
+    target_modules: str = _f("all-linear", "modules that get LoRA: all-linear (every linear but the LM head) "
+                             "or a comma-separated list of module names")
+    quantization: str = _f("auto", "nf4 = QLoRA 4-bit base weights (CUDA only); auto = nf4 on CUDA, none on CPU",
+                           choices=("auto", "nf4", "none"))
+    learning_rate: float = _f(1e-4, "peak learning rate", low=0, high=1)
+    lr_scheduler: str = _f("cosine", "learning-rate schedule after warmup", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = _f(0.03, "share of steps for linear warmup", low=0, high=0.5)
+    epochs: int = _f(10, "passes over the training records", low=1, high=1000)
+    batch_size: int = _f(32, "effective batch size (records per optimizer step)", low=1)
+    micro_batch_size: int = _f(4, "records per forward pass; gradients accumulate up to batch_size", low=1)
+    max_grad_norm: float = _f(1.0, "gradient-norm clip (the paper: 1.0 OS, 0.5 web)", low=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", low=0, high=1)
+    max_seq_len: int = _f(4096, "token limit of a training sequence, capped by the model's context", low=64)
+    gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory")
+    num_gpus: float = _f(1.0, "GPUs per training run (0 on CPU-only clusters)", low=0)
+    num_cpus: float = _f(1.0, "CPUs reserved per training run", low=0)
+    threads: int = _f(0, "torch CPU threads of a training run; 0 uses every core", low=0)
+    seed: int = _f(0, "seed for LoRA init, dropout and shuffling", low=0)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of adapters against teacher and base (used by the evaluate stage)."""
+
+    max_samples: int = _f(100, "held-out records to evaluate per prompt", low=1)
+    max_tokens: int = _f(512, "max new tokens per evaluated turn", low=8)
+
+
+@dataclass
+class ServeConfig:
+    """The OpenAI-compatible adapter server."""
+
+    host: str = _f("127.0.0.1", "address the server binds")
+    port: int = _f(8000, "port the server binds", low=1, high=65535)
+
+
+@dataclass
+class StoreConfig:
+    """Where artifacts live: a local folder or s3://bucket/prefix."""
+
+    url: str = _f("artifacts", "artifact store: a folder path or s3://bucket/prefix")
+    endpoint_url: str = _f("", "S3 endpoint (e.g. http://127.0.0.1:8333); empty uses AWS settings")
+    region: str = _f("", "S3 region; empty uses AWS settings")
+
+
+@dataclass
+class RayConfig:
+    """How the job finds or starts its Ray cluster."""
+
+    address: str = _f("", "Ray cluster to join; empty joins RAY_ADDRESS or the job-submit cluster, "
+                      "else starts a local cluster on 127.0.0.1")
+    num_cpus: int = _f(0, "CPUs of a started local cluster; 0 uses every core", low=0)
+    temp_dir: str = _f("", "temp folder of a started local cluster; empty picks a private one")
+    dashboard: bool = _f(True, "start the Ray dashboard (127.0.0.1:8265) with a local cluster")
+
+
+@dataclass
+class GenPIConfig:
+    """Everything a GenPI run depends on."""
+
+    models: ModelsConfig = _f(ModelsConfig, "model roles", factory=True)
+    synth: SynthConfig = _f(SynthConfig, "data synthesis", factory=True)
+    train: TrainConfig = _f(TrainConfig, "adapter training", factory=True)
+    eval: EvalConfig = _f(EvalConfig, "evaluation", factory=True)
+    serve: ServeConfig = _f(ServeConfig, "serving", factory=True)
+    store: StoreConfig = _f(StoreConfig, "artifact store", factory=True)
+    ray: RayConfig = _f(RayConfig, "Ray cluster", factory=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON/YAML-able)."""
+        return dataclasses.asdict(self)
+
+    def synth_key(self) -> dict[str, Any]:
+        """Everything synthesized data depends on (hashed into its store key)."""
+        return {"synth": dataclasses.asdict(self.synth),
+                "generator": _model_identity(self.models.generator),
+                "target": _model_identity(self.models.target)}
+
+    def train_key(self) -> dict[str, Any]:
+        """Everything an adapter depends on besides its data (hashed into its store key)."""
+        train = dataclasses.asdict(self.train)
+        for resource in ("num_gpus", "num_cpus", "threads"):
+            train.pop(resource)
+        return {"train": train, "target": _model_identity(self.models.target)}
+
+    def synth_hash(self) -> str:
+        return fingerprint(self.synth_key())
+
+    def train_hash(self) -> str:
+        return fingerprint(self.train_key())
+
+
+def _model_identity(model: ModelConfig) -> dict[str, Any]:
+    # Placement (replicas, devices, batch size) changes speed, not the data; leave it out.
+    return {"name": model.name, "dtype": model.dtype, "max_context": model.max_context}
+
+
+
+# ---------------------------------------------------------------- profiles
+PROFILES: dict[str, dict[str, Any]] = {
+    # The dataclass defaults: the paper's settings, for a GPU cluster.
+    "paper": {},
+    # Sized for 2 CPU cores: the main job over the shipped prompts finishes in minutes.
+    "local": {
+        "models": {
+            "generator": {"batch_size": 16, "num_gpus": 0},
+            "target": {"batch_size": 16, "num_gpus": 0},
+        },
+        "synth": {"num_inputs": 32, "min_inputs": 8, "max_input_rounds": 6, "inputs_per_request": 5,
+                  "input_max_tokens": 200, "output_max_tokens": 96, "reason_max_tokens": 96,
+                  "agent_max_tokens": 96, "env_max_tokens": 64, "max_turns": 3, "part_size": 16,
+                  "val_fraction": 0.125},
+        "train": {"epochs": 2, "batch_size": 8, "micro_batch_size": 4, "max_seq_len": 2048,
+                  "num_gpus": 0, "num_cpus": 2, "gradient_checkpointing": False, "learning_rate": 3e-4},
+    },
+}
+
+
+# ---------------------------------------------------------------- building and validating
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _is_section(f: dataclasses.Field, cls: type) -> bool:
+    return dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name])
+
+
+def _merge(obj: Any, updates: dict[str, Any], path: str, origin: str) -> None:
+    """Apply a nested mapping onto a config object in place."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{origin}: '{path or 'the top level'}' must be a mapping, got {updates!r}")
+    fields = _fields(type(obj))
+    for key, value in updates.items():
+        name = str(key).replace("-", "_")
+        where = f"{path}.{name}" if path else name
+        if name not in fields:
+            raise ConfigError(f"{origin}: unknown config key '{where}'; allowed keys here: {', '.join(fields)}")
+        if _is_section(fields[name], type(obj)):
+            _merge(getattr(obj, name), value, where, origin)
+        else:
+            setattr(obj, name, _coerce(value, typing.get_type_hints(type(obj))[name], where, origin))
+
+
+def _coerce(value: Any, kind: type, where: str, origin: str) -> Any:
+    """Convert a YAML or flag value to the field's type, or name the field and the expected type."""
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{origin}: '{where}' must be {kind.__name__}, got {value!r}") from None
+    return value
+
+
+def validate(cfg: GenPIConfig) -> GenPIConfig:
+    """Check every field against its allowed values, then the rules that span fields."""
+
+    def walk(obj: Any, path: str) -> None:
+        for f in dataclasses.fields(obj):
+            value, where = getattr(obj, f.name), f"{path}.{f.name}" if path else f.name
+            if dataclasses.is_dataclass(value):
+                walk(value, where)
+                continue
+            meta = f.metadata
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ConfigError(f"config '{where}' is {value!r}; allowed: {', '.join(map(str, meta['choices']))}")
+            if meta.get("low") is not None and value < meta["low"]:
+                raise ConfigError(f"config '{where}' is {value!r}; it must be at least {meta['low']}"
+                                  + (f" and at most {meta['high']}" if meta.get("high") is not None else ""))
+            if meta.get("high") is not None and value > meta["high"]:
+                raise ConfigError(f"config '{where}' is {value!r}; it must be at most {meta['high']}"
+                                  + (f" and at least {meta['low']}" if meta.get("low") is not None else ""))
+
+    walk(cfg, "")
+    if cfg.synth.min_inputs > cfg.synth.num_inputs:
+        raise ConfigError(f"config 'synth.min_inputs' ({cfg.synth.min_inputs}) must not exceed "
+                          f"'synth.num_inputs' ({cfg.synth.num_inputs})")
+    if cfg.train.micro_batch_size > cfg.train.batch_size:
+        raise ConfigError(f"config 'train.micro_batch_size' ({cfg.train.micro_batch_size}) must not exceed "
+                          f"'train.batch_size' ({cfg.train.batch_size})")
+    if cfg.train.quantization == "nf4" and cfg.train.num_gpus == 0:
+        raise ConfigError("config 'train.quantization' is nf4, which needs CUDA (bitsandbytes NF4 on CPU "
+                          "silently stops gradients); set train.num_gpus >= 1 or train.quantization to none")
+    for role in ("generator", "target"):
+        model = getattr(cfg.models, role)
+        if model.device == "cuda" and model.num_gpus == 0:
+            raise ConfigError(f"config 'models.{role}.device' is cuda but 'models.{role}.num_gpus' is 0; "
+                              f"give the actor a GPU or use device auto/cpu")
+    if cfg.store.url.strip() == "":
+        raise ConfigError("config 'store.url' is empty; give a folder path or s3://bucket/prefix")
+    return cfg
+
+
+def load_config(profile: str = "local", yaml_path: str | Path | None = None,
+                overrides: dict[str, Any] | None = None) -> GenPIConfig:
+    """Build a validated config: defaults, then ``profile``, then the YAML file, then ``overrides``.
+
+    ``overrides`` is a flat mapping of dotted keys (``{"synth.num_inputs": 64}``) as flags give them.
+    """
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; allowed: {', '.join(PROFILES)}")
+    cfg = GenPIConfig()
+    _merge(cfg, PROFILES[profile], "", f"profile {profile}")
+    if yaml_path:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        _merge(cfg, data, "", f"config file {path}")
+    for dotted, value in (overrides or {}).items():
+        nested: dict[str, Any] = {}
+        cursor = nested
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = value
+        _merge(cfg, nested, "", f"flag --{dotted.replace('_', '-')}")
+    return validate(cfg)
+
+
+def config_from_dict(data: dict[str, Any]) -> GenPIConfig:
+    """Rebuild a config from :meth:`GenPIConfig.to_dict` output (exact round trip)."""
+    cfg = GenPIConfig()
+    _merge(cfg, data, "", "config dict")
+    return validate(cfg)
+
+
+# ---------------------------------------------------------------- flags
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Add one ``--section.field`` flag per config field, with its help and default."""
+    defaults = GenPIConfig()
+
+    def walk(obj: Any, path: str, group: argparse._ArgumentGroup | None) -> None:
+        for f in dataclasses.fields(obj):
+            value, where = getattr(obj, f.name), f"{path}.{f.name}" if path else f.name
+            if dataclasses.is_dataclass(value):
+                walk(value, where, parser.add_argument_group(f"{where} ({f.metadata['help']})"))
+                continue
+            meta = f.metadata
+            allowed = f"; one of: {', '.join(map(str, meta['choices']))}" if meta.get("choices") else ""
+            assert group is not None
+            group.add_argument(f"--{where.replace('_', '-')}", dest=f"cfg:{where}", default=None,
+                               metavar=type(value).__name__.upper(),
+                               help=f"{meta['help']}{allowed} (default: {value!r}, before the profile)")
+
+    walk(defaults, "", None)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The config flags a user actually set, as dotted keys."""
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}

@@ -1,0 +1,146 @@
+"""Transformers backend: left-padded batched generation (bf16 on CPU, any dtype on CUDA)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from genpi.engines.base import Conversation, Generation, SamplingParams
+from genpi.engines.models import resolve_model
+from genpi.errors import ModelError
+
+_GROUP_BY = 64
+_MIN_SHARED_PREFIX = 32  # below this, a separate prefill pass costs more than it saves
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def pick_device(device: str) -> str:
+    """``auto`` is cuda when this process sees a GPU, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_model_and_tokenizer(name: str, dtype: str = "bfloat16", device: str = "auto") -> tuple[Any, Any]:
+    """Load a registry/local/S3 model for inference or training; the tokenizer pads on the left."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model(name)
+    target = pick_device(device)
+    # An actor given several GPUs (a 70B generator) spreads the layers over all of them.
+    spread = target == "cuda" and torch.cuda.device_count() > 1
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype],
+                                                     device_map="auto" if spread else None)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {name!r} from {folder}: {e}") from None
+    if tokenizer.chat_template is None:
+        raise ModelError(f"model {name!r} has no chat template; GenPI needs an instruct (chat) model")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return (model if spread else model.to(target)).eval(), tokenizer
+
+
+class HFEngine:
+    """Generates replies to chat conversations with ``transformers``."""
+
+    def __init__(self, name: str, dtype: str = "bfloat16", device: str = "auto", batch_size: int = 16,
+                 max_context: int = 0, threads: int = 0, prefix_sharing: bool = True) -> None:
+        if threads or pick_device(device) == "cpu":
+            # Ray sets OMP_NUM_THREADS to the actor's CPU reservation; use the cores we were told to.
+            torch.set_num_threads(threads or os.cpu_count() or 1)
+        self.model_name = name
+        self.model, self.tokenizer = load_model_and_tokenizer(name, dtype, device)
+        own = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.max_context = min(max_context, own) if max_context else own
+        self.batch_size = batch_size
+        self.prefix_sharing = prefix_sharing
+
+    def encode(self, conversation: Conversation) -> list[int]:
+        """Token ids of a conversation followed by the assistant's generation header."""
+        return list(self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
+                                                       tokenize=True, return_dict=True)["input_ids"])
+
+    def count_tokens(self, conversations: list[Conversation]) -> list[int]:
+        return [len(self.encode(c)) for c in conversations]
+
+    @torch.inference_mode()
+    def generate(self, conversations: list[Conversation], params: SamplingParams) -> list[Generation]:
+        encoded = [self.encode(c) for c in conversations]
+        results: list[Generation | None] = [None] * len(encoded)
+        fits = []
+        for i, ids in enumerate(encoded):
+            if len(ids) + 8 > self.max_context:  # no room to say anything useful
+                results[i] = Generation("", "context", len(ids), 0)
+            else:
+                fits.append(i)
+        # Conversations with the same opening (the prompt) together, then by length: shared
+        # prefixes get long and padding stays small.
+        fits.sort(key=lambda i: (encoded[i][:_GROUP_BY], len(encoded[i])))
+        torch.manual_seed(params.seed)
+        for start in range(0, len(fits), self.batch_size):
+            chunk = fits[start:start + self.batch_size]
+            for i, gen in zip(chunk, self._generate_batch([encoded[i] for i in chunk], params)):
+                results[i] = gen
+        return [r for r in results if r is not None]
+
+    def _shared_prefix(self, batch: list[list[int]]) -> tuple[int, Any]:
+        """Length and KV cache of the token prefix every conversation in ``batch`` starts with.
+
+        Conversations that carry the same long prompt (teacher, agent) then pay for its prefill
+        once per batch instead of once per conversation. At least one token of each conversation
+        stays uncached so that generation has logits to start from.
+        """
+        if not self.prefix_sharing or len(batch) < 2:
+            return 0, None
+        shortest = min(len(ids) for ids in batch)
+        length = next((k for k in range(shortest) if any(ids[k] != batch[0][k] for ids in batch)), shortest)
+        length = min(length, shortest - 1)
+        if length < _MIN_SHARED_PREFIX:
+            return 0, None
+        prefix = torch.tensor([batch[0][:length]], device=self.model.device)
+        cache = self.model(input_ids=prefix, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(len(batch))
+        return length, cache
+
+    def _generate_batch(self, batch: list[list[int]], params: SamplingParams) -> list[Generation]:
+        shared, cache = self._shared_prefix(batch)
+        pad = self.tokenizer.pad_token_id
+        # Padding goes between the shared prefix and each suffix; positions come from the mask.
+        tails = [ids[shared:] for ids in batch]
+        tail_width = max(len(t) for t in tails)
+        width = shared + tail_width
+        rows = [batch[0][:shared] + [pad] * (tail_width - len(t)) + t for t in tails]
+        masks = [[1] * shared + [0] * (tail_width - len(t)) + [1] * len(t) for t in tails]
+        input_ids = torch.tensor(rows, device=self.model.device)
+        attention = torch.tensor(masks, device=self.model.device)
+        budget = max(1, min(params.max_new_tokens, self.max_context - width))
+        sampling: dict[str, Any] = {"do_sample": False}
+        if params.temperature > 0:
+            sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+        extra: dict[str, Any] = {"stop_strings": list(params.stop), "tokenizer": self.tokenizer} if params.stop else {}
+        if cache is not None:
+            extra["past_key_values"] = cache
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=budget,
+                                  pad_token_id=pad, top_k=None, **sampling, **extra)
+        eos = set(self._eos_ids())
+        gens = []
+        for ids, row in zip(batch, out[:, width:].tolist()):
+            length = next((k for k, t in enumerate(row) if t in eos), None)
+            ended = length is not None
+            tokens = row[:length] if ended else row
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            hit = min((s for s in params.stop if s in text), key=text.index, default="")
+            if hit:
+                text, ended = text[:text.index(hit)], True
+            gens.append(Generation(text.strip(), "stop" if ended else "length", len(ids), len(tokens), hit))
+        return gens
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos]
+        return [i for i in ids + [self.tokenizer.eos_token_id] if i is not None]

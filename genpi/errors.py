@@ -1,0 +1,32 @@
+"""Errors a user can act on.
+
+Every failure caused by input (a prompt file, a config value, a store URL, a model name)
+raises a :class:`GenPIError` whose message names the input and the fix. The CLI prints
+these as one clear line and exits non-zero instead of showing a traceback.
+"""
+
+from __future__ import annotations
+
+
+class GenPIError(Exception):
+    """Base class for errors caused by user input or environment; the message is the fix."""
+
+
+class ConfigError(GenPIError):
+    """A config field has a bad value; the message names the field and the allowed values."""
+
+
+class PromptError(GenPIError):
+    """A prompt file cannot be used; the message names the file."""
+
+
+class StoreError(GenPIError):
+    """The artifact store cannot be reached or used; the message names the store URL."""
+
+
+class ArtifactNotFound(StoreError):
+    """A key that was read does not exist in the store."""
+
+
+class ModelError(GenPIError):
+    """A model name or folder cannot be resolved or loaded."""

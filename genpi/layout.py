@@ -1,0 +1,39 @@
+"""Where each artifact lives in the store: keys built from content hashes.
+
+```
+prompts/<name>/<prompt_hash>/prompt.json
+prompts/<name>/<prompt_hash>/synth/<synth_hash>/...          (inputs, outputs, reasons, conversations,
+                                                               records.jsonl, quality.json, split.json)
+prompts/<name>/<prompt_hash>/train/<run_hash>/...             (adapter/, metrics.json, summary.json)
+batches/<batch_hash>/manifest.json
+```
+``synth_hash`` covers the synthesis config and both models; ``run_hash`` covers the data it
+trained on (``synth_hash``) and the training config. Every stage folder is finished when its
+``_SUCCESS`` marker exists, so a rerun with the same inputs finds it and redoes nothing.
+"""
+
+from __future__ import annotations
+
+from genpi.config import GenPIConfig
+from genpi.fingerprint import fingerprint
+from genpi.prompts import PromptSpec
+
+
+def prompt_root(spec: PromptSpec) -> str:
+    return f"prompts/{spec.name}/{spec.prompt_hash}"
+
+
+def synth_prefix(spec: PromptSpec, cfg: GenPIConfig) -> str:
+    return f"{prompt_root(spec)}/synth/{cfg.synth_hash()}"
+
+
+def run_hash(cfg: GenPIConfig) -> str:
+    return fingerprint({"synth": cfg.synth_hash(), "train": cfg.train_key()})
+
+
+def train_prefix(spec: PromptSpec, cfg: GenPIConfig) -> str:
+    return f"{prompt_root(spec)}/train/{run_hash(cfg)}"
+
+
+def batch_prefix(specs: list[PromptSpec], cfg: GenPIConfig) -> str:
+    return f"batches/{fingerprint({'prompts': [s.prompt_hash for s in specs], 'run': run_hash(cfg)})}"

@@ -1,0 +1,481 @@
+"""Prompt files: load, validate and describe the fixed prompts that genpi internalizes.
+
+A prompt folder holds one prompt per file (see ``prompts/README.md`` for the format):
+Markdown/text with optional YAML front matter and ``<!-- turn: ROLE -->`` markers, or a
+JSON/YAML list of turns / mapping with ``turns:`` and settings. Every problem with a file
+raises :class:`~genpi.errors.PromptError` naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import unicodedata
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from genpi.errors import PromptError
+from genpi.fingerprint import fingerprint
+
+TEXT_EXTENSIONS = (".txt", ".md", ".markdown")
+DATA_EXTENSIONS = (".json", ".yaml", ".yml")
+ALLOWED_EXTENSIONS = TEXT_EXTENSIONS + DATA_EXTENSIONS
+SKIPPED_NAMES = ("readme.md", "readme.txt")  # compared case-insensitively
+ROLES = ("system", "user", "assistant")
+SETTINGS_KEYS = ("name", "max_turns", "environment", "example_inputs", "action_format")
+ENVIRONMENT_KEYS = ("description", "end_condition", "end_token")
+ACTION_FORMAT_KEYS = ("actions", "final")
+DEFAULT_MAX_TURNS = 5
+MAX_TURNS_RANGE = (1, 50)
+DEFAULT_ENV_DESCRIPTION = (
+    "The environment the agent acts in. It receives each action of the agent and answers "
+    "with what that action produces (an observation, a result or a page), in exactly the "
+    "style of the worked examples."
+)
+DEFAULT_END_CONDITION = "the agent has given its final answer or action"
+DEFAULT_END_TOKEN = "<END>"
+
+_MARKER = re.compile(r"^[ \t]*<!--[ \t]*turn[ \t]*:[ \t]*([A-Za-z_-]*)[ \t]*-->[ \t]*$", re.I)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One chat turn of a prompt: ``role`` is system, user or assistant."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class EnvironmentSpec:
+    """What the environment persona plays in Self Role-Playing, and when it ends an episode."""
+
+    description: str = DEFAULT_ENV_DESCRIPTION
+    end_condition: str = DEFAULT_END_CONDITION
+    end_token: str = DEFAULT_END_TOKEN
+
+
+@dataclass(frozen=True)
+class ActionFormat:
+    """Regexes for well-formed agent turns (``actions``) and valid final actions (``final``).
+
+    Patterns are applied with ``re.search(pattern, text, re.MULTILINE)``. With no patterns
+    both checks return False: callers check :attr:`has_actions` / :attr:`has_final` first.
+    """
+
+    actions: tuple[str, ...] = ()
+    final: tuple[str, ...] = ()
+
+    @property
+    def has_actions(self) -> bool:
+        return bool(self.actions)
+
+    @property
+    def has_final(self) -> bool:
+        return bool(self.final)
+
+    def is_action(self, text: str) -> bool:
+        """True if any ``actions`` regex matches ``text``."""
+        return any(re.search(p, text, re.MULTILINE) for p in self.actions)
+
+    def is_final(self, text: str) -> bool:
+        """True if any ``final`` regex matches ``text``."""
+        return any(re.search(p, text, re.MULTILINE) for p in self.final)
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """A validated prompt and its settings.
+
+    ``prompt_hash`` is the fingerprint of everything but ``source``; leave it empty when
+    constructing by hand and it is computed.
+    """
+
+    name: str
+    source: str
+    turns: tuple[Turn, ...]
+    max_turns: int = DEFAULT_MAX_TURNS
+    environment: EnvironmentSpec = field(default_factory=EnvironmentSpec)
+    example_inputs: tuple[str, ...] = ()
+    action_format: ActionFormat = field(default_factory=ActionFormat)
+    prompt_hash: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "turns", tuple(self.turns))
+        object.__setattr__(self, "example_inputs", tuple(self.example_inputs))
+        if not self.prompt_hash:
+            object.__setattr__(self, "prompt_hash", fingerprint(self._hashed_fields()))
+
+    def _hashed_fields(self) -> dict[str, Any]:
+        d = self.to_json()
+        del d["source"], d["prompt_hash"]
+        return d
+
+    @property
+    def id(self) -> str:
+        """Stable id used in artifact names: ``name-<first 8 hash chars>``."""
+        return f"{self.name}-{self.prompt_hash[:8]}"
+
+    def text(self) -> str:
+        """The whole prompt as one string (the PG loss target and the generator's view)."""
+        parts = []
+        for t in self.turns:
+            parts.append(t.content if t.role == "system" else f"### {t.role.title()}\n{t.content}")
+        return "\n\n".join(parts)
+
+    def messages_with_input(self, user_input: str) -> list[dict[str, str]]:
+        """The teacher's conversation: the prompt's turns plus ``user_input``.
+
+        The input is appended to the last turn (after a blank line) when that is a user
+        turn, else it becomes a new user turn.
+        """
+        messages = [{"role": t.role, "content": t.content} for t in self.turns]
+        if messages and messages[-1]["role"] == "user":
+            messages[-1]["content"] += "\n\n" + user_input
+        else:
+            messages.append({"role": "user", "content": user_input})
+        return messages
+
+    def example_exchanges(self) -> list[tuple[str, str]]:
+        """(agent turn, following user turn or "") for every assistant turn of the prompt.
+
+        Note the user turn after an episode's final action is the next task's introduction,
+        not an observation; role-play code should treat final actions specially.
+        """
+        out = []
+        for i, t in enumerate(self.turns):
+            if t.role == "assistant":
+                nxt = self.turns[i + 1].content if i + 1 < len(self.turns) else ""
+                out.append((t.content, nxt))
+        return out
+
+    def gold_turns(self) -> int:
+        """Number of assistant turns in the prompt's worked examples."""
+        return sum(t.role == "assistant" for t in self.turns)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict; :meth:`from_json` inverts it exactly."""
+        d = dataclasses.asdict(self)  # nested dataclasses become dicts; tuples stay tuples
+        d["turns"] = list(d["turns"])
+        d["example_inputs"] = list(d["example_inputs"])
+        d["action_format"] = {k: list(v) for k, v in d["action_format"].items()}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PromptSpec:
+        """Rebuild a spec written by :meth:`to_json` (the stored hash is kept)."""
+        return cls(
+            name=d["name"],
+            source=d["source"],
+            turns=tuple(Turn(t["role"], t["content"]) for t in d["turns"]),
+            max_turns=d["max_turns"],
+            environment=EnvironmentSpec(**d["environment"]),
+            example_inputs=tuple(d["example_inputs"]),
+            action_format=ActionFormat(
+                actions=tuple(d["action_format"]["actions"]),
+                final=tuple(d["action_format"]["final"]),
+            ),
+            prompt_hash=d["prompt_hash"],
+        )
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_prompt(path: str | Path) -> PromptSpec:
+    """Load and validate one prompt file; raises PromptError naming the file."""
+    p = Path(path)
+    src = str(path)
+    ext = p.suffix.lower()
+    if not p.is_file():
+        raise PromptError(f"{src}: not found or not a file; check the path")
+    if ext not in ALLOWED_EXTENSIONS:
+        raise PromptError(
+            f"{src}: unknown extension {p.suffix or '(none)'!r}; prompt files must end in "
+            f"{', '.join(ALLOWED_EXTENSIONS)} (rename it, or move it out of the prompt folder)"
+        )
+    raw = p.read_bytes()
+    if b"\x00" in raw:
+        raise PromptError(f"{src}: looks like a binary file (contains NUL bytes); prompt files must be UTF-8 text")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise PromptError(
+            f"{src}: is not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            "re-save it with UTF-8 encoding"
+        ) from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.strip():
+        raise PromptError(f"{src}: is empty; write the prompt text into it or remove the file")
+
+    if ext in TEXT_EXTENSIONS:
+        settings, turns = _parse_text(src, text)
+    else:
+        settings, turns = _parse_data(src, text, ext)
+    _check_turn_order(src, turns)
+    return _build_spec(src, p.stem, settings, turns)
+
+
+def load_prompts(folder: str | Path) -> list[PromptSpec]:
+    """Load every prompt file of a folder, in sorted name order.
+
+    Dotfiles, README.md/README.txt and subfolders are skipped. Errors of all files are
+    reported together; duplicate names are an error naming both files.
+    """
+    d = Path(folder)
+    if not d.exists():
+        raise PromptError(f"prompt folder {folder} does not exist; create it or pass the right path")
+    if not d.is_dir():
+        raise PromptError(f"{folder} is not a folder; pass the folder that holds the prompt files")
+    files = sorted(
+        f for f in d.iterdir()
+        if f.is_file() and not f.name.startswith(".") and f.name.lower() not in SKIPPED_NAMES
+    )
+    if not files:
+        raise PromptError(
+            f"prompt folder {folder} has no prompt files; add one prompt per file "
+            f"({', '.join(ALLOWED_EXTENSIONS)})"
+        )
+    specs: list[PromptSpec] = []
+    errors: list[str] = []
+    for f in files:
+        try:
+            specs.append(load_prompt(f))
+        except PromptError as e:
+            errors.append(str(e))
+    if errors:
+        raise PromptError(errors[0] if len(errors) == 1 else
+                          f"{len(errors)} prompt files have problems:\n" + "\n".join(errors))
+    seen: dict[str, str] = {}
+    for s in specs:
+        if s.name in seen:
+            raise PromptError(
+                f"{seen[s.name]} and {s.source} both have the name {s.name!r}; "
+                "give one of them a different `name:` setting or file name"
+            )
+        seen[s.name] = s.source
+    return specs
+
+
+def check_prompt_lengths(
+    specs: Iterable[PromptSpec],
+    count_tokens: Callable[[list[dict[str, str]]], int],
+    max_tokens: int,
+    model_name: str,
+) -> None:
+    """Raise PromptError for every prompt whose messages (input "") exceed ``max_tokens``."""
+    too_long = []
+    for s in specs:
+        n = count_tokens(s.messages_with_input(""))
+        if n > max_tokens:
+            too_long.append(
+                f"{s.source} is {n:,} tokens; the target model {model_name} allows {max_tokens:,} "
+                "tokens for the prompt: shorten the prompt or use a model with a longer context"
+            )
+    if too_long:
+        raise PromptError("\n".join(too_long))
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def _parse_text(src: str, text: str) -> tuple[dict[str, Any], list[Turn]]:
+    lines = text.split("\n")
+    settings: dict[str, Any] = {}
+    if lines[0].rstrip() == "---":
+        end = next((i for i in range(1, len(lines)) if lines[i].rstrip() == "---"), None)
+        if end is None:
+            raise PromptError(
+                f"{src}: front matter opened with '---' on line 1 is never closed; "
+                "add a line '---' after the settings"
+            )
+        settings = _load_yaml(src, "\n".join(lines[1:end]), line_offset=1, what="front matter")
+        if settings is None:
+            settings = {}
+        if not isinstance(settings, dict):
+            raise PromptError(
+                f"{src}: front matter must be a YAML mapping of settings (key: value), "
+                f"got a {type(settings).__name__}"
+            )
+        lines = lines[end + 1:]
+        if not "\n".join(lines).strip():
+            raise PromptError(f"{src}: has front matter but no prompt text after it; add the prompt below the '---'")
+    _check_keys(src, settings, SETTINGS_KEYS, "front matter")
+
+    # Text before the first marker is a system turn if it is not blank.
+    chunks: list[tuple[str, list[str], bool]] = [("system", [], False)]  # role, lines, explicit
+    for line in lines:
+        m = _MARKER.match(line)
+        if not m:
+            chunks[-1][1].append(line)
+        elif m.group(1).lower() in ROLES:
+            chunks.append((m.group(1).lower(), [], True))
+        else:
+            raise PromptError(
+                f"{src}: unknown turn role {m.group(1)!r} in marker {line.strip()!r}; "
+                f"use one of {', '.join(ROLES)}"
+            )
+    turns: list[Turn] = []
+    for role, body, explicit in chunks:
+        content = "\n".join(body).strip()
+        if content:
+            turns.append(Turn(role, content))
+        elif explicit:
+            raise PromptError(
+                f"{src}: turn {len(turns) + 1} ({role}) is empty; write its text below the "
+                "marker or remove the marker"
+            )
+    return settings, turns
+
+
+def _parse_data(src: str, text: str, ext: str) -> tuple[dict[str, Any], list[Turn]]:
+    if ext == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PromptError(f"{src}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    else:
+        data = _load_yaml(src, text, line_offset=0, what="YAML")
+    if isinstance(data, list):
+        settings, raw_turns = {}, data
+    elif isinstance(data, dict):
+        if "turns" not in data:
+            raise PromptError(
+                f"{src}: the mapping has no 'turns' key; add `turns:` with a list of "
+                "{role, content} turns (or make the file a list of turns)"
+            )
+        settings = {k: v for k, v in data.items() if k != "turns"}
+        raw_turns = data["turns"]
+        _check_keys(src, settings, ("turns",) + SETTINGS_KEYS, "top level")
+    else:
+        raise PromptError(
+            f"{src}: must be a list of turns or a mapping with 'turns:' and settings, "
+            f"got {'nothing' if data is None else 'a ' + type(data).__name__}"
+        )
+    if not isinstance(raw_turns, list) or not raw_turns:
+        raise PromptError(f"{src}: 'turns' must be a non-empty list of {{role, content}} mappings")
+    turns = []
+    for i, t in enumerate(raw_turns, 1):
+        if not isinstance(t, dict) or set(t) != {"role", "content"}:
+            raise PromptError(
+                f"{src}: turn {i} must be a mapping with exactly the keys 'role' and 'content', got {t!r:.80}"
+            )
+        role, content = t["role"], t["content"]
+        if role not in ROLES:
+            raise PromptError(f"{src}: turn {i} has role {role!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(content, str) or not content.strip():
+            raise PromptError(f"{src}: turn {i} ({role}) must have non-empty text content, got {content!r:.80}")
+        turns.append(Turn(role, content.strip()))
+    return settings, turns
+
+
+def _load_yaml(src: str, text: str, line_offset: int, what: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1 + line_offset}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise PromptError(f"{src}: {what} is not valid YAML{where}: {problem}; fix the syntax") from None
+
+
+def _check_keys(src: str, d: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    unknown = [k for k in d if k not in allowed]
+    if unknown:
+        raise PromptError(
+            f"{src}: unknown {where} key(s) {', '.join(map(repr, unknown))}; "
+            f"allowed keys are {', '.join(allowed)}"
+        )
+
+
+def _check_turn_order(src: str, turns: list[Turn]) -> None:
+    if not turns:
+        raise PromptError(f"{src}: has no prompt text; write the prompt into it")
+    for i, t in enumerate(turns):
+        if t.role == "system":
+            if i != 0:
+                raise PromptError(f"{src}: turn {i + 1} is a system turn; only the first turn may be a system turn")
+            continue
+        expected = "user" if (i - (turns[0].role == "system")) % 2 == 0 else "assistant"
+        if t.role != expected:
+            raise PromptError(
+                f"{src}: turn {i + 1} is a {t.role} turn but a {expected} turn was expected; "
+                "after the optional system turn, turns must alternate user, assistant, user, ..."
+            )
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def slugify(text: str) -> str:
+    """Lower-case ASCII slug matching ``[a-z0-9][a-z0-9_-]*`` ("" if nothing is left)."""
+    s = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    s = re.sub(r"[^a-z0-9_-]+", "-", s)
+    return re.sub(r"^[_-]+", "", s).rstrip("-_")
+
+
+def _build_spec(src: str, stem: str, st: dict[str, Any], turns: list[Turn]) -> PromptSpec:
+    def bad(msg: str) -> PromptError:
+        return PromptError(f"{src}: {msg}")
+
+    raw_name = st.get("name", stem)
+    if not isinstance(raw_name, str):
+        raise bad(f"name must be a string, got {raw_name!r}; quote it")
+    name = slugify(raw_name)
+    if not name:
+        raise bad(f"name {raw_name!r} has no letters or digits; use a name like 'shell-agent'")
+
+    max_turns = st.get("max_turns", DEFAULT_MAX_TURNS)
+    lo, hi = MAX_TURNS_RANGE
+    if isinstance(max_turns, bool) or not isinstance(max_turns, int) or not lo <= max_turns <= hi:
+        raise bad(f"max_turns must be an integer from {lo} to {hi}, got {max_turns!r}")
+
+    env = st.get("environment") or {}
+    if not isinstance(env, dict):
+        raise bad(f"environment must be a mapping with keys {', '.join(ENVIRONMENT_KEYS)}, got {env!r:.80}")
+    _check_keys(src, env, ENVIRONMENT_KEYS, "environment")
+    env_values = {}
+    for key, default in zip(ENVIRONMENT_KEYS, (DEFAULT_ENV_DESCRIPTION, DEFAULT_END_CONDITION, DEFAULT_END_TOKEN)):
+        v = env.get(key, default)
+        if not isinstance(v, str) or not v.strip():
+            raise bad(f"environment.{key} must be a non-empty string, got {v!r:.80}")
+        env_values[key] = v.strip()
+    if re.search(r"\s", env_values["end_token"]):
+        raise bad(f"environment.end_token must not contain whitespace, got {env_values['end_token']!r}")
+
+    inputs = _string_list(src, st.get("example_inputs", []), "example_inputs")
+
+    af = st.get("action_format") or {}
+    if not isinstance(af, dict):
+        raise bad(f"action_format must be a mapping with keys {', '.join(ACTION_FORMAT_KEYS)}, got {af!r:.80}")
+    _check_keys(src, af, ACTION_FORMAT_KEYS, "action_format")
+    regexes = {}
+    for key in ACTION_FORMAT_KEYS:
+        pats = _string_list(src, af.get(key, []), f"action_format.{key}", strip=False)
+        for i, pat in enumerate(pats):
+            try:
+                re.compile(pat, re.MULTILINE)
+            except re.error as e:
+                raise bad(f"action_format.{key}[{i}] is not a valid regex ({e}): {pat!r}") from None
+        regexes[key] = pats
+
+    return PromptSpec(
+        name=name,
+        source=src,
+        turns=tuple(turns),
+        max_turns=max_turns,
+        environment=EnvironmentSpec(**env_values),
+        example_inputs=inputs,
+        action_format=ActionFormat(actions=regexes["actions"], final=regexes["final"]),
+    )
+
+
+def _string_list(src: str, value: Any, key: str, strip: bool = True) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise PromptError(f"{src}: {key} must be a list of non-empty strings, got {value!r:.80}")
+    return tuple(v.strip() if strip else v for v in value)

@@ -1,0 +1,50 @@
+"""The artifact store: every stage's inputs and outputs, in a local folder or on S3."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+from genpi.errors import StoreError
+from genpi.store.base import ArtifactStore
+from genpi.store.local import LocalStore
+from genpi.store.s3 import S3Store
+
+__all__ = ["ArtifactStore", "LocalStore", "S3Store", "open_store"]
+
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def open_store(
+    url: str = "artifacts", *, endpoint_url: str | None = None, region: str | None = None
+) -> ArtifactStore:
+    """Open the store at ``url``.
+
+    ``s3://bucket/prefix`` opens an :class:`S3Store` (``endpoint_url`` and ``region``
+    override the AWS settings); ``file:///abs/path`` or a plain path opens a
+    :class:`LocalStore`, relative paths resolved against the current directory
+    (``endpoint_url`` and ``region`` are ignored there).
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise StoreError(
+            f"empty store URL {url!r}: pass a folder path or s3://bucket/prefix"
+        )
+    match = _SCHEME_RE.match(url)
+    scheme = match.group(1).lower() if match else ""
+    if scheme == "s3":
+        return S3Store(url, endpoint_url=endpoint_url, region=region)
+    if scheme == "file":
+        parsed = urlparse(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise StoreError(
+                f"store URL {url!r} names host {parsed.netloc!r}: file URLs must be local, "
+                "like file:///abs/path"
+            )
+        return LocalStore(url2pathname(parsed.path))
+    if scheme:
+        raise StoreError(
+            f"unsupported store URL {url!r}: use a folder path, file:///abs/path or "
+            "s3://bucket/prefix"
+        )
+    return LocalStore(url)

@@ -1,0 +1,228 @@
+"""The artifact store interface: a few backend primitives plus helpers built on them."""
+
+from __future__ import annotations
+
+import abc
+import json
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from genpi.errors import ArtifactNotFound, StoreError
+
+DONE_MARKER = "_SUCCESS"
+# Local stores write through temp files with this suffix; keys may not use it, so a
+# temp file left by a killed writer can never be mistaken for an artifact.
+TEMP_SUFFIX = ".genpi-tmp"
+
+
+def _key_problem(key: object) -> str | None:
+    if not isinstance(key, str):
+        return "keys must be strings"
+    if not key:
+        return "it is empty"
+    if "\\" in key:
+        return "it contains a backslash"
+    if "\x00" in key:
+        return "it contains a NUL character"
+    if key.startswith("/"):
+        return "it starts with '/'"
+    for segment in key.split("/"):
+        if not segment:
+            return "it has an empty path segment"
+        if segment in (".", ".."):
+            return f"it has a {segment!r} segment"
+        if segment.endswith(TEMP_SUFFIX):
+            return f"names ending in {TEMP_SUFFIX!r} are reserved for temporary files"
+    return None
+
+
+def _invalid(what: str, value: object, problem: str, store_url: str) -> StoreError:
+    return StoreError(
+        f"invalid {what} {value!r} for store {store_url}: {problem}; "
+        "use a '/'-separated relative path such as 'runs/abc/data.json'"
+    )
+
+
+def check_key(key: str, store_url: str) -> str:
+    """Return ``key`` unchanged if it is a valid store key, else raise StoreError naming it.
+
+    Keys are '/'-separated relative paths without empty, '.' or '..' segments, a leading
+    '/', or backslashes. Both backends validate with this one function.
+    """
+    problem = _key_problem(key)
+    if problem:
+        raise _invalid("key", key, problem, store_url)
+    return key
+
+
+def check_prefix(prefix: str, store_url: str, *, allow_root: bool = True) -> str:
+    """Validate a folder prefix and return it without a trailing '/'.
+
+    ``""`` means the whole store (refused when ``allow_root`` is false); one trailing '/'
+    is accepted, otherwise the rules of :func:`check_key` apply.
+    """
+    if prefix == "" and allow_root:
+        return ""
+    if prefix == "":
+        raise _invalid("prefix", prefix, "it would select the whole store", store_url)
+    trimmed = prefix[:-1] if isinstance(prefix, str) and prefix.endswith("/") else prefix
+    problem = _key_problem(trimmed)
+    if problem:
+        raise _invalid("prefix", prefix, problem, store_url)
+    return trimmed
+
+
+def join_key(prefix: str, name: str) -> str:
+    """``prefix/name``, or just ``name`` when the prefix is empty."""
+    return f"{prefix}/{name}" if prefix else name
+
+
+class ArtifactStore(abc.ABC):
+    """A flat key -> bytes store with folder-like keys, local or on S3.
+
+    Backends implement the primitives (bytes, files, listing, deletion); text, JSON,
+    JSONL, folder transfer and done markers are built on them here.
+    """
+
+    url: str  # human-readable root: an absolute folder path or s3://bucket/prefix
+
+    # -- backend primitives -------------------------------------------------------------
+
+    @abc.abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Store ``data`` atomically: readers see the old object or the whole new one."""
+
+    @abc.abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """Read a key; raises ArtifactNotFound naming its location when it is missing."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` holds an object."""
+
+    @abc.abstractmethod
+    def list_keys(self, prefix: str = "") -> list[str]:
+        """Every key below folder ``prefix`` (recursive), sorted, relative to the store root.
+
+        ``"a/b"`` selects ``"a/b/..."`` only, never ``"a/bc"`` or the key ``"a/b"`` itself.
+        """
+
+    @abc.abstractmethod
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete every key below folder ``prefix``; a missing prefix is not an error."""
+
+    @abc.abstractmethod
+    def put_file(self, key: str, path: str | Path) -> None:
+        """Store a local file atomically, streaming it (for large files such as weights)."""
+
+    @abc.abstractmethod
+    def get_file(self, key: str, path: str | Path) -> Path:
+        """Copy a key to local ``path`` (parents created, replaced atomically); returns it."""
+
+    def location(self, key: str) -> str:
+        """Where ``key`` lives, for messages."""
+        return join_key(self.url.rstrip("/"), key)
+
+    # -- derived helpers ----------------------------------------------------------------
+
+    def put_text(self, key: str, text: str) -> None:
+        """Store ``text`` as UTF-8."""
+        self.put_bytes(key, text.encode("utf-8"))
+
+    def get_text(self, key: str) -> str:
+        """Read a UTF-8 text object."""
+        data = self.get_bytes(key)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise StoreError(
+                f"{self.location(key)} is not UTF-8 text ({e}): it was not written by genpi; "
+                "delete it and rerun the stage that writes it"
+            ) from e
+
+    def put_json(self, key: str, obj: Any) -> None:
+        """Store ``obj`` as pretty-printed UTF-8 JSON."""
+        self.put_text(key, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+    def get_json(self, key: str) -> Any:
+        """Read a JSON object."""
+        text = self.get_text(key)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise StoreError(
+                f"{self.location(key)} is not valid JSON ({e}): delete it and rerun the stage "
+                "that writes it"
+            ) from e
+
+    def put_jsonl(self, key: str, records: Iterable[dict]) -> None:
+        """Store records as JSON Lines.
+
+        Every record is serialized before anything is written, so a failing producer
+        leaves the previous object untouched.
+        """
+        lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in records]
+        self.put_text(key, "".join(lines))
+
+    def get_jsonl(self, key: str) -> list[dict]:
+        """Read a JSON Lines object; blank lines are skipped."""
+        records = []
+        # split on "\n" only: str.splitlines would also split on U+2028 inside strings
+        for number, line in enumerate(self.get_text(key).split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise StoreError(
+                    f"{self.location(key)} line {number} is not valid JSON ({e}): delete it "
+                    "and rerun the stage that writes it"
+                ) from e
+        return records
+
+    def upload_dir(self, local_dir: str | Path, prefix: str) -> None:
+        """Store every file below ``local_dir`` under ``prefix``, keeping relative paths."""
+        source = Path(local_dir)
+        prefix = check_prefix(prefix, self.url)
+        if not source.is_dir():
+            raise StoreError(f"cannot upload {source} to store {self.url}: it is not a folder")
+        for path in sorted(p for p in source.rglob("*") if p.is_file()):
+            self.put_file(join_key(prefix, path.relative_to(source).as_posix()), path)
+
+    def download_dir(self, prefix: str, local_dir: str | Path) -> Path:
+        """Copy every key below ``prefix`` into ``local_dir`` (the inverse of upload_dir).
+
+        Raises ArtifactNotFound when nothing is stored below ``prefix``.
+        """
+        prefix = check_prefix(prefix, self.url)
+        keys = self.list_keys(prefix)
+        if not keys:
+            where = self.location(prefix) if prefix else self.url
+            raise ArtifactNotFound(f"nothing is stored under {where}")
+        dest = Path(local_dir)
+        cut = len(prefix) + 1 if prefix else 0
+        for key in keys:
+            self.get_file(key, dest / check_key(key[cut:], self.url))
+        return dest
+
+    def mark_done(self, prefix: str, info: dict | None = None) -> None:
+        """Write ``prefix/_SUCCESS``; call it last, after all of the stage's outputs."""
+        record = {"finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        record.update(info or {})
+        self.put_json(self._marker(prefix), record)
+
+    def is_done(self, prefix: str) -> bool:
+        """Whether the stage under ``prefix`` finished (its done marker exists)."""
+        return self.exists(self._marker(prefix))
+
+    def done_info(self, prefix: str) -> dict:
+        """The done marker's record; raises ArtifactNotFound when the stage is not done."""
+        return self.get_json(self._marker(prefix))
+
+    def _marker(self, prefix: str) -> str:
+        return join_key(check_prefix(prefix, self.url), DONE_MARKER)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"

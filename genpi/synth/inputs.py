@@ -1,0 +1,104 @@
+"""Pseudo user inputs: the generator reads the prompt and example inputs and writes new ones.
+
+Requests are sampled (T=1.0, top-p 0.9 in the paper), several inputs per request; each round's
+raw candidates are stored, so a rerun reuses finished rounds. Candidates are cleaned and
+deduplicated (case and whitespace folded) in round order until ``num_inputs`` are kept.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+from genpi.config import SynthConfig
+from genpi.engines.base import SamplingParams
+from genpi.prompts import PromptSpec
+from genpi.store import ArtifactStore
+from genpi.synth import templates
+
+_ITEM = re.compile(r"^\s*(?:\d{1,3}\s*[.):-]|[-*•])\s*(.+?)\s*$")
+_NUMBERING = re.compile(r"^\s*(?:\d{1,3}\s*[.)]\s*)+")
+_MIN_CHARS, _MAX_CHARS = 12, 1200
+
+
+@dataclass
+class InputStats:
+    """What happened to the generator's candidates."""
+
+    requests: int = 0
+    candidates: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    kept: int = 0
+    rounds: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def parse_candidates(text: str) -> list[str]:
+    """Inputs from one generator reply: the items of a numbered or bulleted list, or, when the
+    reply has no list, its non-empty lines."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    matches = [_ITEM.match(line) for line in lines]
+    items = [m.group(1) for m in matches if m] or lines
+    return [item.strip().strip('"“”\'').strip() for item in items]
+
+
+def normalize(text: str) -> str:
+    """The form two inputs are compared in for deduplication: no list numbering, case or spacing."""
+    return " ".join(_NUMBERING.sub("", text).lower().split())
+
+
+def _rejection(candidate: str, seen_demos: set[str]) -> str:
+    if len(candidate) < _MIN_CHARS:
+        return "too_short"
+    if len(candidate) > _MAX_CHARS:
+        return "too_long"
+    if normalize(candidate) in seen_demos:
+        return "copies_an_example"
+    return ""
+
+
+def generate_inputs(spec: PromptSpec, cfg: SynthConfig, generator, store: ArtifactStore,
+                    prefix: str) -> tuple[list[str], InputStats]:
+    """Up to ``cfg.num_inputs`` unique pseudo inputs for ``spec``, and how they were obtained."""
+    stats = InputStats()
+    kept: list[str] = []
+    seen: set[str] = set()
+    demos = list(spec.example_inputs)
+    demo_keys = {normalize(d) for d in demos}
+    for round_no in range(cfg.max_input_rounds):
+        if len(kept) >= cfg.num_inputs:
+            break
+        key = f"{prefix}/round-{round_no:03d}.jsonl"
+        if store.exists(key):
+            replies = store.get_jsonl(key)
+        else:
+            missing = cfg.num_inputs - len(kept)
+            # Ask for more than needed: small generators repeat themselves and break the format.
+            n_requests = max(1, -(-2 * missing // cfg.inputs_per_request))
+            rng = random.Random(f"{cfg.seed}-{round_no}")
+            conversations = [
+                templates.input_request(spec, rng.sample(demos, min(cfg.demos_per_request, len(demos))),
+                                        cfg.inputs_per_request)
+                for _ in range(n_requests)]
+            params = SamplingParams(max_new_tokens=cfg.input_max_tokens, temperature=cfg.input_temperature,
+                                    top_p=cfg.input_top_p, seed=cfg.seed + round_no)
+            replies = [{"reply": g.text} for g in generator.generate(conversations, params)]
+            store.put_jsonl(key, replies)
+        stats.rounds += 1
+        stats.requests += len(replies)
+        for reply in replies:
+            for candidate in parse_candidates(reply["reply"]):
+                stats.candidates += 1
+                why = _rejection(candidate, demo_keys)
+                if why:
+                    stats.rejected += 1
+                    stats.reasons[why] = stats.reasons.get(why, 0) + 1
+                elif normalize(candidate) in seen:
+                    stats.duplicates += 1
+                elif len(kept) < cfg.num_inputs:
+                    seen.add(normalize(candidate))
+                    kept.append(candidate)
+    stats.kept = len(kept)
+    return kept, stats

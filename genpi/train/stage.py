@@ -1,0 +1,82 @@
+"""The training stage for one prompt: records → examples → adapter (PEFT format) → store.
+
+Fixed lifecycle: find a finished run and return, or read the prompt's synthesized records,
+build SFT and PG examples sized to the model's context, train, upload the adapter with its
+provenance (``genpi.json``), write metrics and a summary, and mark the run done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from genpi import layout
+from genpi.config import GenPIConfig
+from genpi.engines.models import resolve_model
+from genpi.errors import GenPIError
+from genpi.prompts import PromptSpec
+from genpi.store import ArtifactStore
+from genpi.train.examples import build_examples
+from genpi.train.trainer import train_adapter
+
+log = logging.getLogger(__name__)
+
+
+def train_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore) -> str:
+    """Train (or find) the adapter of ``spec`` under ``cfg``; returns the run's store prefix."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    prefix = layout.train_prefix(spec, cfg)
+    if store.is_done(prefix):
+        log.info("[%s] adapter found at %s", spec.name, store.location(f"{prefix}/adapter"))
+        return prefix
+    if cfg.train.threads or not torch.cuda.is_available():
+        torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    target = cfg.models.target
+    synth = layout.synth_prefix(spec, cfg)
+    records = store.get_jsonl(f"{synth}/records.jsonl")
+    folder = resolve_model(target.name)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    context = int(getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", cfg.train.max_seq_len))
+    max_len = min(cfg.train.max_seq_len, target.max_context or context, context)
+    pairs, report = build_examples(tokenizer, records, spec.text(), max_len)
+    for note in report.notes:
+        log.warning("[%s] %s", spec.name, note)
+    usable = [(p, r) for p, r in zip(pairs, records) if p != (None, None)]
+    train = [p for p, r in usable if r["split"] == "train"]
+    val = [p for p, r in usable if r["split"] == "val"]
+    if not train:
+        raise GenPIError(f"{spec.source}: no training example fits in {max_len} tokens "
+                         f"(train.max_seq_len={cfg.train.max_seq_len}); raise train.max_seq_len or shorten the prompt")
+    log.info("[%s] training on %d records (%d validation), lambda %.2f", spec.name, len(train), len(val),
+             cfg.train.pg_lambda)
+    with tempfile.TemporaryDirectory(prefix="genpi-adapter-") as tmp:
+        adapter_dir = Path(tmp) / "adapter"
+        metrics = train_adapter(cfg.train, target.name, target.dtype, train, val, adapter_dir,
+                                log=lambda line: log.info("[%s] %s", spec.name, line))
+        provenance = provenance_of(spec, cfg)
+        (adapter_dir / "genpi.json").write_text(json.dumps(provenance, indent=2), encoding="utf-8")
+        store.upload_dir(adapter_dir, f"{prefix}/adapter")
+    metrics["examples"] = vars(report)
+    store.put_json(f"{prefix}/metrics.json", metrics)
+    store.put_json(f"{prefix}/summary.json", {
+        **provenance, "adapter": store.location(f"{prefix}/adapter"),
+        "records": {"train": len(train), "val": len(val)}, "final": metrics["final"],
+        "seconds": metrics["seconds"], "trainable_params": metrics["trainable_params"]})
+    store.mark_done(prefix, {"run_hash": layout.run_hash(cfg)})
+    log.info("[%s] adapter saved at %s", spec.name, store.location(f"{prefix}/adapter"))
+    return prefix
+
+
+def provenance_of(spec: PromptSpec, cfg: GenPIConfig) -> dict[str, Any]:
+    """What an adapter was made from: enough to find and reproduce it."""
+    return {"prompt_name": spec.name, "prompt_hash": spec.prompt_hash, "prompt_id": spec.id,
+            "base_model": cfg.models.target.name, "generator_model": cfg.models.generator.name,
+            "synth_hash": cfg.synth_hash(), "run_hash": layout.run_hash(cfg), "pg_lambda": cfg.train.pg_lambda,
+            "method": "genpi", "train": cfg.train_key()["train"]}

@@ -1,0 +1,115 @@
+"""Config: defaults, profiles, YAML and flags, validation errors, hashes, help."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from genpi.config import (PROFILES, GenPIConfig, add_config_flags, config_from_dict, load_config,
+                          overrides_from_args)
+from genpi.errors import ConfigError
+
+
+def test_defaults_are_the_papers() -> None:
+    cfg = load_config("paper")
+    assert cfg.synth.num_inputs == 1000
+    assert (cfg.synth.input_temperature, cfg.synth.input_top_p) == (1.0, 0.9)
+    assert (cfg.synth.reason_temperature, cfg.synth.reason_top_p) == (0.7, 0.9)
+    t = cfg.train
+    assert (t.lora_r, t.lora_alpha, t.lora_dropout, t.learning_rate, t.epochs, t.batch_size) == (16, 32, 0.05, 1e-4, 10, 32)
+    assert (t.lr_scheduler, t.warmup_ratio, t.max_grad_norm, t.target_modules) == ("cosine", 0.03, 1.0, "all-linear")
+    assert t.quantization == "auto" and t.num_gpus == 1
+
+
+def test_local_profile_is_small() -> None:
+    cfg = load_config("local")
+    assert 16 <= cfg.synth.num_inputs <= 64
+    assert cfg.train.epochs <= 2 and cfg.train.num_gpus == 0
+    assert cfg.store.url == "artifacts"
+
+
+def test_precedence_defaults_profile_yaml_flags(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("synth:\n  num_inputs: 48\n  seed: 3\ntrain:\n  pg_lambda: 0.5\n")
+    cfg = load_config("local", path, {"synth.seed": "7", "models.target.name": "tiny-random-llama"})
+    assert cfg.synth.num_inputs == 48          # YAML over profile
+    assert cfg.synth.seed == 7                  # flag over YAML, coerced from text
+    assert cfg.train.pg_lambda == 0.5
+    assert cfg.train.epochs == PROFILES["local"]["train"]["epochs"]  # profile over defaults
+    assert cfg.models.target.name == "tiny-random-llama"
+
+
+@pytest.mark.parametrize("yaml_text, words", [
+    ("synth:\n  num_inputz: 3\n", ["synth.num_inputz", "num_inputs"]),
+    ("synth: 3\n", ["synth", "mapping"]),
+    ("train:\n  epochs: ten\n", ["train.epochs", "int", "ten"]),
+    ("train:\n  epochs: 1.5\n", ["train.epochs", "int"]),
+    ("train:\n  pg_lambda: 1.5\n", ["train.pg_lambda", "at most 1"]),
+    ("train:\n  lr_scheduler: step\n", ["train.lr_scheduler", "cosine", "linear", "constant"]),
+    ("models:\n  target:\n    device: tpu\n", ["models.target.device", "auto", "cpu", "cuda"]),
+    ("train:\n  quantization: nf4\n  num_gpus: 0\n", ["nf4", "CUDA"]),
+    ("train:\n  micro_batch_size: 64\n  batch_size: 8\n", ["micro_batch_size", "batch_size"]),
+    ("synth: [\n", ["not valid YAML"]),
+])
+def test_yaml_errors_name_the_field(tmp_path, yaml_text: str, words: list[str]) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_config("paper", path)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_missing_config_file_and_profile() -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("local", "/nonexistent/genpi.yaml")
+    with pytest.raises(ConfigError, match="unknown profile 'huge'.*paper, local"):
+        load_config("huge")
+
+
+def test_flag_error_names_the_flag() -> None:
+    with pytest.raises(ConfigError, match="--synth.num-inputs"):
+        load_config("local", overrides={"synth.num_inputs": "many"})
+
+
+def test_round_trip_through_dict() -> None:
+    cfg = load_config("local", overrides={"train.pg_lambda": 0.7, "store.url": "s3://b/p"})
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_hashes_follow_what_the_data_depends_on() -> None:
+    base = load_config("local")
+    placed = load_config("local", overrides={"models.target.replicas": 4, "models.target.batch_size": 3,
+                                             "train.num_cpus": 1, "train.threads": 1})
+    assert placed.synth_hash() == base.synth_hash() and placed.train_hash() == base.train_hash()
+    more = load_config("local", overrides={"synth.num_inputs": 40})
+    assert more.synth_hash() != base.synth_hash() and more.train_hash() == base.train_hash()
+    lam = load_config("local", overrides={"train.pg_lambda": 0.5})
+    assert lam.synth_hash() == base.synth_hash() and lam.train_hash() != base.train_hash()
+    other_model = load_config("local", overrides={"models.target.name": "tiny-random-llama"})
+    assert other_model.synth_hash() != base.synth_hash() and other_model.train_hash() != base.train_hash()
+
+
+def test_every_field_has_a_flag_with_help() -> None:
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    text = parser.format_help()
+
+    def walk(obj, path: str):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            where = f"{path}.{f.name}" if path else f.name
+            if dataclasses.is_dataclass(value):
+                yield from walk(value, where)
+            else:
+                assert f.metadata["help"], where
+                yield where
+
+    names = list(walk(GenPIConfig(), ""))
+    assert len(names) > 50
+    for where in names:
+        assert f"--{where.replace('_', '-')}" in text
+    args = parser.parse_args(["--train.pg-lambda", "0.5", "--synth.seed", "2"])
+    assert overrides_from_args(args) == {"train.pg_lambda": "0.5", "synth.seed": "2"}

@@ -1,0 +1,85 @@
+"""The transformers engine on the tiny random model, and the model registry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from genpi.engines.base import SamplingParams
+from genpi.engines.hf import HFEngine
+from genpi.engines.models import TINY, resolve_model
+from genpi.errors import ModelError
+
+pytestmark = pytest.mark.timeout(180)
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "List the files in /tmp."}],
+    [{"role": "system", "content": "You are a shell agent. Answer with Act: bash."},
+     {"role": "user", "content": "How much disk space is free on the root filesystem of this machine?"}],
+    [{"role": "user", "content": "hi"}],
+]
+
+
+@pytest.fixture(scope="module")
+def engine() -> HFEngine:
+    return HFEngine(TINY, batch_size=2)
+
+
+def test_greedy_batched_equals_one_by_one(engine: HFEngine) -> None:
+    params = SamplingParams(max_new_tokens=12)
+    together = engine.generate(CONVERSATIONS, params)
+    alone = [engine.generate([c], params)[0] for c in CONVERSATIONS]
+    assert [g.text for g in together] == [g.text for g in alone]
+    assert all(g.text for g in together)  # the untied tiny model says something
+    assert [g.prompt_tokens for g in together] == engine.count_tokens(CONVERSATIONS)
+
+
+def test_sampling_is_seeded(engine: HFEngine) -> None:
+    first = engine.generate(CONVERSATIONS, SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5))
+    again = engine.generate(CONVERSATIONS, SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=5))
+    other = engine.generate(CONVERSATIONS, SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=6))
+    assert [g.text for g in first] == [g.text for g in again]
+    assert [g.text for g in first] != [g.text for g in other]
+
+
+def test_finish_reasons(engine: HFEngine) -> None:
+    gen = engine.generate(CONVERSATIONS[:1], SamplingParams(max_new_tokens=5))[0]
+    assert gen.finish_reason == "length" and gen.output_tokens == 5
+    too_long = [{"role": "user", "content": "word " * 5000}]
+    gen = engine.generate([too_long] + CONVERSATIONS[:1], SamplingParams(max_new_tokens=5))
+    assert gen[0].finish_reason == "context" and gen[0].text == "" and gen[0].output_tokens == 0
+    assert gen[1].finish_reason == "length"  # the others still run
+
+
+def test_stop_string_cuts_and_is_reported(engine: HFEngine) -> None:
+    full = engine.generate(CONVERSATIONS[:1], SamplingParams(max_new_tokens=16))[0].text
+    word = full.split()[2]
+    cut = engine.generate(CONVERSATIONS[:1], SamplingParams(max_new_tokens=16, stop=(word,)))[0]
+    assert cut.stop_string == word and cut.finish_reason == "stop"
+    assert word not in cut.text and full.startswith(cut.text)
+
+
+def test_registry_names_and_folders(tmp_path) -> None:
+    folder = resolve_model(TINY)
+    assert (folder / "config.json").is_file() and resolve_model(str(folder)) == folder
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in json.loads((resolve_model("smollm2-135m-instruct") / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2
+    with pytest.raises(ModelError, match="unknown model 'llama-9000'.*smollm2-135m-instruct"):
+        resolve_model("llama-9000")
+    with pytest.raises(ModelError, match="has no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_shared_prefix_cache_gives_the_same_outputs() -> None:
+    prompt = [{"role": "system", "content": "You operate a Linux shell. " * 20}]
+    conversations = [prompt + [{"role": "user", "content": q}]
+                     for q in ("List /tmp.", "Show the kernel version, please.", "Count users.")]
+    conversations.append([{"role": "user", "content": "no prompt here"}])
+    params = SamplingParams(max_new_tokens=10)
+    plain = HFEngine(TINY, dtype="float32", batch_size=4, prefix_sharing=False)
+    shared = HFEngine(TINY, dtype="float32", batch_size=4, prefix_sharing=True)
+    assert shared._shared_prefix([shared.encode(c) for c in conversations[:3]])[0] > 100
+    assert [g.text for g in shared.generate(conversations, params)] == \
+        [g.text for g in plain.generate(conversations, params)]

@@ -1,0 +1,96 @@
+"""The main job end to end through Ray on the tiny model, its rerun, and its command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from genpi.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN = [
+    "--profile", "local", "--ray.dashboard", "false", "--ray.num-cpus", "2",
+    "--models.generator.name", "tiny-random-llama", "--models.target.name", "tiny-random-llama",
+    "--synth.num-inputs", "6", "--synth.min-inputs", "4", "--synth.part-size", "4", "--synth.max-turns", "2",
+    "--synth.input-max-tokens", "48", "--synth.output-max-tokens", "12", "--synth.reason-max-tokens", "12",
+    "--synth.agent-max-tokens", "12", "--synth.env-max-tokens", "12",
+    "--train.epochs", "1", "--train.batch-size", "4", "--train.micro-batch-size", "2",
+]
+
+
+def run_job(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / "internalize.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(600)
+def test_job_end_to_end_and_rerun(tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from genpi.engines.models import resolve_model
+    from genpi.store import open_store
+
+    prompts = tmp_path / "prompts"
+    shutil.copytree(ROOT / "prompts", prompts)
+    store_dir = tmp_path / "artifacts"
+    first = run_job("--prompts", str(prompts), "--store.url", str(store_dir), *TINY_RUN)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "started a local Ray cluster on 127.0.0.1" in first.stdout
+
+    store = open_store(str(store_dir))
+    summaries = [k for k in store.list_keys("prompts") if k.endswith("/summary.json")]
+    assert len(summaries) == 3
+    base = resolve_model("tiny-random-llama")
+    for key in summaries:
+        summary = store.get_json(key)
+        adapter = Path(summary["adapter"])
+        assert adapter.name == "adapter" and summary["adapter"] in first.stdout
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter))
+        assert any("lora_A" in name for name, _ in model.named_parameters())
+        provenance = json.loads((adapter / "genpi.json").read_text())
+        assert provenance["prompt_name"] in key and provenance["base_model"] == "tiny-random-llama"
+    records = [k for k in store.list_keys("prompts") if k.endswith("/records.jsonl")]
+    assert len(records) == 3 and all(len(store.get_jsonl(k)) == 6 for k in records)
+    markers = {k: store.get_bytes(k) for k in store.list_keys("prompts") if k.endswith("_SUCCESS")}
+
+    second = run_job("--prompts", str(prompts), "--store.url", str(store_dir), *TINY_RUN)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "starting engines" not in second.stdout  # nothing to synthesize
+    assert second.stdout.count("adapter found at") == 3
+    assert {k: store.get_bytes(k) for k in store.list_keys("prompts") if k.endswith("_SUCCESS")} == markers
+
+
+def test_bad_input_is_one_clear_line(tmp_path: Path) -> None:
+    missing = run_job("--prompts", str(tmp_path / "nope"), "--print-config", timeout=60)
+    assert missing.returncode == 0  # --print-config validates config only
+    result = run_job("--prompts", str(tmp_path / "nope"), timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert str(tmp_path / "nope") in result.stderr and result.stderr.count("\n") == 1
+    bad_flag = run_job("--train.pg-lambda", "2", timeout=60)
+    assert bad_flag.returncode == 2 and "train.pg_lambda" in bad_flag.stderr and "Traceback" not in bad_flag.stderr
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "a.md").write_text("")
+    empty = run_job("--prompts", str(tmp_path / "p"), timeout=60)
+    assert empty.returncode == 2 and "a.md" in empty.stderr and "Traceback" not in empty.stderr
+
+
+def test_help_describes_every_flag() -> None:
+    for command in ([sys.executable, str(ROOT / "jobs" / "internalize.py"), "--help"],
+                    [str(Path(sys.executable).parent / "genpi"), "--help"]):
+        if not Path(command[0]).exists():
+            pytest.skip("genpi console script not installed in this environment")
+        text = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+        parser = build_parser()
+        for action in parser._actions:
+            for flag in action.option_strings:
+                assert flag in text
+            # argparse wraps lines (also at hyphens): compare without whitespace
+            assert action.help and "".join(action.help.split()) in "".join(text.split())

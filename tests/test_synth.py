@@ -1,0 +1,566 @@
+"""Data synthesis on a scripted fake engine: inputs, outputs, reasons, role play, parts,
+quality report, split, and the resumable synthesis stage in a local store."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from genpi import layout
+from genpi.config import GenPIConfig, SynthConfig, load_config
+from genpi.engines.base import Generation
+from genpi.prompts import load_prompts
+from genpi.store import LocalStore
+from genpi.synth import templates
+from genpi.synth.inputs import InputStats, generate_inputs, normalize, parse_candidates
+from genpi.synth.outputs import single_turn_outputs
+from genpi.synth.parts import run_in_parts
+from genpi.synth.quality import quality_report
+from genpi.synth.reasons import reasons
+from genpi.synth.roleplay import (
+    CONTEXT,
+    EMPTY,
+    END_TOKEN,
+    MAX_TURNS,
+    max_turns_for,
+    role_play,
+    student_messages,
+)
+from genpi.synth.stage import TooFewInputs, split_ids, synthesize
+from tests.fakes import FakeEngine, ScriptedFailure, World, agent_turns_so_far, kind_of, mini_spec, task_of
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = mini_spec()
+
+
+def synth_cfg(**changes) -> SynthConfig:
+    return dataclasses.replace(SynthConfig(), **changes)
+
+
+# ------------------------------------------------------------------ parse_candidates
+
+def test_parse_numbered_list_with_preamble_and_quotes() -> None:
+    reply = ("Here are three requests:\n\n"
+             "1. \"Count the files in /tmp.\"\n"
+             "2) List users with a login shell\n"
+             "  3: 'Show the kernel version'  \n"
+             "10 - “Free disk space on /”\n")
+    assert parse_candidates(reply) == ["Count the files in /tmp.", "List users with a login shell",
+                                       "Show the kernel version", "Free disk space on /"]
+
+
+def test_parse_bulleted_list() -> None:
+    reply = "- Restart nginx\n* Print the date\n• Compress /var/log into logs.tgz\n"
+    assert parse_candidates(reply) == ["Restart nginx", "Print the date", "Compress /var/log into logs.tgz"]
+
+
+def test_parse_falls_back_to_plain_lines_without_a_list() -> None:
+    reply = "Count the files in /tmp.\n\n   \n\"Show the uptime of the machine\"\n"
+    assert parse_candidates(reply) == ["Count the files in /tmp.", "Show the uptime of the machine"]
+    assert parse_candidates("") == []
+
+
+# ------------------------------------------------------------------ generate_inputs
+
+def scripted_replies(*replies: str) -> FakeEngine:
+    """A generator whose n-th conversation overall gets the n-th reply (then empty replies)."""
+    queue = list(replies)
+    return FakeEngine(lambda conv, params: queue.pop(0) if queue else "")
+
+
+def test_generate_inputs_dedups_rejects_and_counts(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    gen = scripted_replies(
+        "1. Find the five largest files in /var.\n"
+        "2. ls\n"                                           # too short
+        "3.   find the FIVE largest   files in /var.  \n"    # duplicate once case/space folded
+        "4. count the lines of /etc/passwd.\n",              # copies example input 1
+        "1. Show which process listens on port 80.\n"
+        "2. Find the five largest files in /var.\n",          # duplicate across requests
+    )
+    cfg = synth_cfg(num_inputs=10, inputs_per_request=5, max_input_rounds=1, seed=3)
+    kept, stats = generate_inputs(SPEC, cfg, gen, store, "p/inputs")
+    assert kept == ["Find the five largest files in /var.", "Show which process listens on port 80."]
+    assert stats.candidates == 6
+    assert stats.duplicates == 2
+    assert stats.rejected == 2
+    assert stats.reasons == {"too_short": 1, "copies_an_example": 1}
+    assert stats.kept == 2 and stats.rounds == 1
+    # one generate call, asking ceil(2 * 10 / 5) = 4 requests of 5 inputs each
+    assert len(gen.calls) == 1
+    convs, _ = gen.calls[0]
+    assert len(convs) == 4 and stats.requests == 4
+    assert all(kind_of(c) == "inputs" and "Write 5 new requests" in c[-1]["content"] for c in convs)
+    assert all(SPEC.text() in c[-1]["content"] for c in convs)
+    # the shown demos are the prompt's example inputs
+    assert any(d in convs[0][-1]["content"] for d in SPEC.example_inputs)
+
+
+def test_generate_inputs_stops_at_num_inputs(tmp_path: Path) -> None:
+    world = World(SPEC)
+    gen = FakeEngine(world)
+    cfg = synth_cfg(num_inputs=3, inputs_per_request=5, max_input_rounds=5)
+    kept, stats = generate_inputs(SPEC, cfg, gen, LocalStore(tmp_path), "p/inputs")
+    assert len(kept) == 3 and stats.kept == 3
+    assert kept == [f"Report the size of the folder /data/set{k} in bytes." for k in range(3)]
+    assert len(gen.calls) == 1 and stats.rounds == 1
+    assert len(gen.calls[0][0]) == 2  # ceil(2 * 3 / 5)
+
+
+def test_generate_inputs_runs_more_rounds_until_enough(tmp_path: Path) -> None:
+    # every request yields one new unique input and one repeat of the first ever input
+    counter = iter(range(1000))
+
+    def reply(conv, params):
+        return f"1. Delete old files in /tmp/cache{next(counter)}\n2. Delete old files in /tmp/cache0"
+
+    gen = FakeEngine(reply)
+    cfg = synth_cfg(num_inputs=5, inputs_per_request=2, max_input_rounds=8)
+    kept, stats = generate_inputs(SPEC, cfg, gen, LocalStore(tmp_path), "p/inputs")
+    assert kept == [f"Delete old files in /tmp/cache{k}" for k in range(5)]
+    # round 0 asks ceil(2*5/2)=5 requests -> 5 unique; done after one round
+    assert [len(c) for c, _ in gen.calls] == [5]
+    gen2 = FakeEngine(lambda conv, params: "1. Delete old files in /tmp/only-this-one")
+    kept2, stats2 = generate_inputs(SPEC, cfg, gen2, LocalStore(tmp_path / "b"), "p/inputs")
+    assert kept2 == ["Delete old files in /tmp/only-this-one"]
+    assert stats2.rounds == 8 and len(gen2.calls) == 8  # gives up after max_input_rounds
+    assert [len(c) for c, _ in gen2.calls] == [5] + [4] * 7  # asks for what is still missing
+    assert stats2.duplicates == 5 + 4 * 7 - 1
+
+
+def test_generate_inputs_reuses_stored_rounds(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    cfg = synth_cfg(num_inputs=4, inputs_per_request=2, max_input_rounds=3)
+    first = FakeEngine(World(SPEC))
+    kept, stats = generate_inputs(SPEC, cfg, first, store, "p/inputs")
+    assert store.exists("p/inputs/round-000.jsonl") and len(first.calls) == 1
+
+    again = FakeEngine(lambda conv, params: pytest.fail("the generator must not be called on a rerun"))
+    kept2, stats2 = generate_inputs(SPEC, cfg, again, store, "p/inputs")
+    assert again.calls == []
+    assert kept2 == kept and vars(stats2) == vars(stats)
+
+
+def test_generate_inputs_uses_configured_sampling(tmp_path: Path) -> None:
+    gen = FakeEngine(World(SPEC))
+    cfg = synth_cfg(num_inputs=2, inputs_per_request=2, input_temperature=0.85, input_top_p=0.77,
+                    input_max_tokens=123, seed=11)
+    generate_inputs(SPEC, cfg, gen, LocalStore(tmp_path), "p/inputs")
+    params = gen.calls[0][1]
+    assert (params.temperature, params.top_p, params.max_new_tokens) == (0.85, 0.77, 123)
+    assert params.seed == 11  # seed + round 0
+
+
+def test_normalize_folds_case_and_whitespace() -> None:
+    assert normalize("  Find  THE\tfiles\n") == "find the files"
+
+
+# ------------------------------------------------------------------ single-turn outputs and reasons
+
+def test_single_turn_outputs_student_has_no_prompt_teacher_has_it() -> None:
+    def reply(conv, params):
+        return ("S:" if kind_of(conv) == "student" else "T:") + conv[-1]["content"].rsplit("\n\n", 1)[-1]
+
+    target = FakeEngine(reply)
+    inputs = [{"id": 7, "input": "Count the lines of /etc/hosts"}, {"id": 9, "input": "Show the date and time"}]
+    cfg = synth_cfg(output_max_tokens=77, seed=4)
+    rows = single_turn_outputs(SPEC, cfg, target, inputs)
+    assert len(target.calls) == 1  # one batched call for students and teachers
+    convs, params = target.calls[0]
+    assert convs[:2] == [[{"role": "user", "content": x["input"]}] for x in inputs]
+    assert convs[2:] == [SPEC.messages_with_input(x["input"]) for x in inputs]
+    assert SPEC.turns[0].content in convs[2][0]["content"]
+    assert params.temperature == 0.0 and params.max_new_tokens == 77
+    assert [r["id"] for r in rows] == [7, 9]
+    assert rows[0]["student"] == "S:Count the lines of /etc/hosts"
+    assert rows[0]["teacher"] == "T:Count the lines of /etc/hosts"
+    assert rows[1]["student"] == "S:Show the date and time" and rows[1]["teacher"] == "T:Show the date and time"
+    assert rows[0]["student_finish"] == "stop" and rows[0]["teacher_prompt_tokens"] > rows[0]["student_prompt_tokens"]
+
+
+def test_reasons_use_generator_with_reason_sampling() -> None:
+    gen = FakeEngine(World(SPEC))
+    cfg = synth_cfg(reason_temperature=0.65, reason_top_p=0.8, reason_max_tokens=99, reason_sentences=3)
+    rows = reasons(SPEC, cfg, gen, [{"id": 0, "input": "Show the uptime of the machine", "student": "no",
+                                     "teacher": "Think: x\nAct: bash"}])
+    convs, params = gen.calls[0]
+    assert (params.temperature, params.top_p, params.max_new_tokens) == (0.65, 0.8, 99)
+    text = convs[0][-1]["content"]
+    assert "In about 3 sentences" in text and "AS-IS answer" in text and "Think: x\nAct: bash" in text
+    assert rows == [{"id": 0, "reason": "The prompt demands Think/Act lines, so for 'Show the uptime of the "
+                                        "machine' the answer becomes an action.", "reason_finish": "stop"}]
+
+
+# ------------------------------------------------------------------ environment conversation
+
+def test_environment_conversation_swaps_roles_and_ends_finals() -> None:
+    conv = templates.environment_conversation(SPEC, "Count the users of the machine")
+    assert [m["role"] for m in conv] == ["system", "user", "assistant", "user", "assistant"]
+    assert conv[1:] == [
+        {"role": "user", "content": SPEC.turns[2].content},      # agent's bash action
+        {"role": "assistant", "content": "Output: 42"},          # its observation
+        {"role": "user", "content": SPEC.turns[4].content},      # the final answer ...
+        {"role": "assistant", "content": "<END>"},               # ... is answered with the end token,
+    ]                                                            # not with the next task's intro
+    system = conv[0]["content"]
+    assert "Count the users of the machine" in system and "<END>" in system
+    assert SPEC.environment.description in system and SPEC.turns[0].content in system
+
+
+def test_environment_conversation_last_agent_turn_without_observation() -> None:
+    spec = mini_spec(turns=SPEC.turns[:5], environment=dataclasses.replace(SPEC.environment, end_token="[[DONE]]"),
+                     action_format=dataclasses.replace(SPEC.action_format, final=()))
+    conv = templates.environment_conversation(spec, "x")
+    assert conv[-1] == {"role": "assistant", "content": "[[DONE]]"}
+    assert conv[2] == {"role": "assistant", "content": "Output: 42"}
+
+
+def test_environment_conversation_on_shipped_shell_prompt() -> None:
+    spec = {s.name: s for s in load_prompts(ROOT / "prompts")}["shell-agent"]
+    conv = templates.environment_conversation(spec, "Count files in /tmp")
+    replies = [m["content"] for m in conv if m["role"] == "assistant"]
+    actions = [m["content"] for m in conv if m["role"] == "user"]
+    assert len(actions) == spec.gold_turns()
+    assert all(r.startswith("Output:") or r == spec.environment.end_token for r in replies)
+    # every final action is answered with the end token, every other with an observation
+    assert [r == "<END>" for r in replies] == [spec.action_format.is_final(a) for a in actions]
+    assert replies[-1] == "<END>"
+
+
+# ------------------------------------------------------------------ role play
+
+def roleplay_world(spec, behaviours: dict[str, str]):
+    """Agent says ``Act: step N``; behaviour per task decides when things end.
+
+    end2: env answers the 2nd action with the end token as a stop string;
+    token1: env answers the 1st action with the bare end-token text (no stop string);
+    never: env always observes; empty2: the agent's 2nd reply is empty; ctx1: agent's first turn has no room.
+    """
+    def reply(conv, params):
+        how = behaviours[task_of(conv, spec)]
+        if kind_of(conv) == "environment":
+            n = int(conv[-1]["content"].rsplit(" ", 1)[-1])
+            if how == "end2" and n == 2:
+                return Generation("", "stop", 5, 1, stop_string=spec.environment.end_token)
+            if how == "token1" and n == 1:
+                return Generation(f"  {spec.environment.end_token}\n", "stop", 5, 1)
+            return f"Output: ok {n}"
+        n = agent_turns_so_far(conv, spec) + 1
+        if how == "empty2" and n == 2:
+            return Generation("", "stop", 5, 0)
+        if how == "ctx1":
+            return Generation("", "context", 5000, 0)
+        return Generation(f"Think: go.\nAct: step {n}", "length" if n == 3 else "stop", 5, 4)
+    return reply
+
+
+def test_role_play_ends_and_batches_turn_by_turn() -> None:
+    behaviours = {"task end2": "end2", "task token1": "token1", "task never": "never",
+                  "task empty2": "empty2", "task ctx1": "ctx1"}
+    target = FakeEngine(roleplay_world(SPEC, behaviours))
+    inputs = [{"id": 10 + k, "input": x} for k, x in enumerate(behaviours)]
+    cfg = synth_cfg(max_turns=3, agent_max_tokens=55, env_max_tokens=44, seed=2)
+    out = role_play(SPEC, cfg, target, inputs)
+
+    assert [r["id"] for r in out] == [10, 11, 12, 13, 14]
+    ends = {x["input"]: r["end"] for x, r in zip(inputs, out)}
+    assert ends == {"task end2": END_TOKEN, "task token1": END_TOKEN, "task never": MAX_TURNS,
+                    "task empty2": EMPTY, "task ctx1": CONTEXT}
+    by_task = {x["input"]: r["turns"] for x, r in zip(inputs, out)}
+    assert by_task["task end2"] == [
+        {"agent": "Think: go.\nAct: step 1", "observation": "Output: ok 1", "agent_finish": "stop"},
+        {"agent": "Think: go.\nAct: step 2", "observation": "", "agent_finish": "stop"}]
+    assert by_task["task token1"] == [{"agent": "Think: go.\nAct: step 1", "observation": "", "agent_finish": "stop"}]
+    assert [t["observation"] for t in by_task["task never"]] == ["Output: ok 1", "Output: ok 2", "Output: ok 3"]
+    assert by_task["task never"][2]["agent_finish"] == "length"
+    assert [t["agent"] for t in by_task["task empty2"]] == ["Think: go.\nAct: step 1"]
+    assert by_task["task ctx1"] == []
+
+    # batched: per turn one agent call and one environment call with every open conversation
+    kinds = [(kind_of(convs[0]), sorted(task_of(c, SPEC) for c in convs)) for convs, _ in target.calls]
+    assert kinds == [
+        ("agent", sorted(behaviours)),
+        ("environment", ["task empty2", "task end2", "task never", "task token1"]),
+        ("agent", ["task empty2", "task end2", "task never"]),
+        ("environment", ["task end2", "task never"]),
+        ("agent", ["task never"]),
+        ("environment", ["task never"]),
+    ]
+    agent_params, env_params = target.calls[0][1], target.calls[1][1]
+    assert agent_params.temperature == 0 and agent_params.max_new_tokens == 55 and agent_params.stop == ()
+    assert env_params.temperature == 0 and env_params.max_new_tokens == 44 and env_params.stop == ("<END>",)
+
+
+def test_role_play_conversations_grow_in_both_personas() -> None:
+    target = FakeEngine(roleplay_world(SPEC, {"task never": "never"}))
+    role_play(SPEC, synth_cfg(max_turns=2), target, [{"id": 0, "input": "task never"}])
+    last_agent, last_env = target.calls[2][0][0], target.calls[3][0][0]
+    assert last_agent == SPEC.messages_with_input("task never") + [
+        {"role": "assistant", "content": "Think: go.\nAct: step 1"},
+        {"role": "user", "content": "Output: ok 1"}]
+    assert last_env == templates.environment_conversation(SPEC, "task never") + [
+        {"role": "user", "content": "Think: go.\nAct: step 1"},
+        {"role": "assistant", "content": "Output: ok 1"},
+        {"role": "user", "content": "Think: go.\nAct: step 2"}]
+    assert all(m["content"] for m in last_env)  # never an empty message to the environment
+
+
+def test_role_play_uses_prompt_max_turns_capped_by_config() -> None:
+    target = FakeEngine(roleplay_world(SPEC, {"t": "never"}))
+    out = role_play(SPEC, synth_cfg(max_turns=0), target, [{"id": 0, "input": "t"}])
+    assert len(out[0]["turns"]) == SPEC.max_turns == 4 and out[0]["end"] == MAX_TURNS
+    assert len(target.calls) == 8
+
+
+def test_max_turns_for() -> None:
+    spec = mini_spec(max_turns=8)
+    assert max_turns_for(spec, synth_cfg(max_turns=0)) == 8
+    assert max_turns_for(spec, synth_cfg(max_turns=3)) == 3
+    assert max_turns_for(spec, synth_cfg(max_turns=20)) == 8
+
+
+def test_role_play_empty_part_makes_no_calls() -> None:
+    target = FakeEngine(lambda c, p: pytest.fail("no call expected"))
+    assert role_play(SPEC, synth_cfg(), target, []) == []
+
+
+def test_student_messages_drop_prompt_and_trailing_observation() -> None:
+    turns = [{"agent": "a1", "observation": "o1"}, {"agent": "a2", "observation": "o2"}]
+    assert student_messages("do x", turns) == [
+        {"role": "user", "content": "do x"}, {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "o1"}, {"role": "assistant", "content": "a2"}]
+    assert student_messages("do x", []) == [{"role": "user", "content": "do x"}]
+
+
+# ------------------------------------------------------------------ parts
+
+def test_run_in_parts_resumes_after_a_crash(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    items = list(range(7))
+    seen: list[list[int]] = []
+    crash_on = [2]  # the call number that fails; cleared for the rerun
+
+    def produce(part):
+        seen.append(list(part))
+        if len(seen) in crash_on:
+            raise ScriptedFailure("crash in part 2")
+        return [{"x": i, "sq": i * i} for i in part]
+
+    with pytest.raises(ScriptedFailure):
+        run_in_parts(store, "s/parts", items, 3, produce, "test")
+    assert store.list_keys("s/parts") == ["s/parts/part-00000.jsonl"]
+    assert store.get_jsonl("s/parts/part-00000.jsonl") == [{"x": i, "sq": i * i} for i in range(3)]
+
+    assert seen == [[0, 1, 2], [3, 4, 5]]
+    seen.clear()
+    crash_on.clear()
+    records = run_in_parts(store, "s/parts", items, 3, produce, "test")
+    assert seen == [[3, 4, 5], [6]]  # only the missing parts are produced
+    assert records == [{"x": i, "sq": i * i} for i in items]
+    assert store.list_keys("s/parts") == [f"s/parts/part-{k:05d}.jsonl" for k in range(3)]
+
+    again = run_in_parts(store, "s/parts", items, 3, lambda part: pytest.fail("all parts are stored"), "test")
+    assert again == records
+
+
+# ------------------------------------------------------------------ synthesize end to end
+
+def tiny_config(**synth) -> GenPIConfig:
+    overrides = {"synth.num_inputs": 6, "synth.min_inputs": 4, "synth.part_size": 4, "synth.max_turns": 3,
+                 "synth.inputs_per_request": 3, "synth.val_fraction": 0.2,
+                 "models.generator.name": "tiny-random-llama", "models.target.name": "tiny-random-llama"}
+    overrides.update({f"synth.{k}": v for k, v in synth.items()})
+    return load_config("local", overrides=overrides)
+
+
+def test_synthesize_end_to_end_and_rerun(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    cfg = tiny_config()
+    world = World(SPEC)
+    generator, target = FakeEngine(world), FakeEngine(world)
+    prefix = synthesize(SPEC, cfg, generator, target, store)
+    assert prefix == layout.synth_prefix(SPEC, cfg)
+    for name in ("records.jsonl", "quality.json", "split.json", "_SUCCESS", "inputs/inputs.jsonl"):
+        assert store.exists(f"{prefix}/{name}"), name
+    assert store.is_done(prefix) and store.done_info(prefix)["records"] == 6
+    assert store.get_json(f"{layout.prompt_root(SPEC)}/prompt.json") == SPEC.to_json()
+
+    records = store.get_jsonl(f"{prefix}/records.jsonl")
+    assert [r["id"] for r in records] == list(range(6))
+    assert [r["input"] for r in records] == [f"Report the size of the folder /data/set{k} in bytes." for k in range(6)]
+    r0 = records[0]
+    assert r0["student"].startswith("I am a language model")
+    assert r0["teacher"].startswith("Think: measure it.") and "reason" in r0 and r0["end"] == END_TOKEN
+    assert r0["turns"] == [
+        {"agent": "Think: measure it.\nAct: bash\n```bash\ndu -sb /data\n```", "observation": "Output: 4096",
+         "agent_finish": "stop"},
+        {"agent": "Think: the shell printed it.\nAct: finish", "observation": "", "agent_finish": "stop"}]
+    split = store.get_json(f"{prefix}/split.json")
+    assert sorted(split["train"] + split["val"]) == list(range(6)) and len(split["val"]) == 1
+    assert {r["id"] for r in records if r["split"] == "val"} == set(split["val"])
+    quality = store.get_json(f"{prefix}/quality.json")
+    assert quality["records"] == 6 and quality["avg_turns"] == 2.0 and quality["hit_max_turns"] == 0.0
+    assert quality["missing_final_action"] == 0.0 and quality["max_turns"] == 3
+    assert quality["inputs"]["kept"] == 6
+
+    # generator: 1 input round + 2 reason parts; target: 2 output parts + 2 role-play parts x 2 turns x 2 calls
+    assert len(generator.calls) == 3
+    assert len(target.calls) == 2 + 2 * 4
+    assert [len(c) for c, _ in target.calls[:2]] == [8, 4]  # students + teachers, per part
+
+    idle = FakeEngine(lambda c, p: pytest.fail("a finished synthesis must not generate"))
+    assert synthesize(SPEC, cfg, idle, idle, store) == prefix
+    assert idle.calls == []
+
+
+def test_synthesize_resumes_after_a_crash_in_role_play(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    cfg = tiny_config()
+    world = World(SPEC)
+    generator = FakeEngine(world)
+    # crash on the first environment call of the second role-play part
+    env_calls = []
+
+    def fail_on(n, convs, params):
+        if kind_of(convs[0]) == "environment":
+            env_calls.append(n)
+            return len(env_calls) == 3
+        return False
+
+    target = FakeEngine(world, fail_on=fail_on)
+    with pytest.raises(ScriptedFailure):
+        synthesize(SPEC, cfg, generator, target, store)
+    prefix = layout.synth_prefix(SPEC, cfg)
+    assert not store.is_done(prefix)
+    assert store.list_keys(f"{prefix}/conversations") == [f"{prefix}/conversations/part-00000.jsonl"]
+    inputs_before = store.get_jsonl(f"{prefix}/inputs/inputs.jsonl")
+
+    generator2 = FakeEngine(lambda c, p: pytest.fail("inputs and reasons must be reused"))
+    target2 = FakeEngine(World(SPEC))
+    synthesize(SPEC, cfg, generator2, target2, store)
+    assert generator2.calls == []
+    # only the missing role-play part (2 records, 2 turns): agent, env, agent, env; no single-turn outputs
+    assert [kind_of(c[0]) for c, _ in target2.calls] == ["agent", "environment", "agent", "environment"]
+    assert all(len(c) == 2 for c, _ in target2.calls)
+    assert {task_of(c, SPEC) for convs, _ in target2.calls for c in convs} == {x["input"] for x in inputs_before[4:]}
+    records = store.get_jsonl(f"{prefix}/records.jsonl")
+    assert [r["input"] for r in records] == [x["input"] for x in inputs_before]
+    assert all(r["end"] == END_TOKEN for r in records)
+
+
+def test_too_few_inputs_names_the_prompt_file(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    cfg = tiny_config(max_input_rounds=2)
+    generator = FakeEngine(lambda c, p: "1. ok\n2. sure\n3. Count the lines of /etc/passwd.")
+    with pytest.raises(TooFewInputs, match=r"prompts/mini-shell\.md: the generator wrote only 0 usable unique "
+                                           r"inputs in 2 rounds \(need synth\.min_inputs=4\)"):
+        synthesize(SPEC, cfg, generator, FakeEngine(lambda c, p: pytest.fail("no target calls")), store)
+    assert len(generator.calls) == 2
+    assert not store.is_done(layout.synth_prefix(SPEC, cfg))
+
+
+# ------------------------------------------------------------------ quality report and split
+
+def record(turns: list[str], end: str, teacher: str = "Think: a\nAct: finish", student: str = "plain",
+           finishes: tuple[str, str, str] = ("stop", "stop", "stop"), agent_finish: str = "stop") -> dict:
+    return {"input": "x" * 10, "student": student, "teacher": teacher, "reason": "r" * 20,
+            "student_finish": finishes[0], "teacher_finish": finishes[1], "reason_finish": finishes[2],
+            "turns": [{"agent": a, "observation": "o", "agent_finish": agent_finish} for a in turns], "end": end}
+
+
+def test_quality_report_numbers() -> None:
+    bash = "Think: look\nAct: bash"
+    records = [
+        record([bash, "Think: ok\nAct: answer(3)"], END_TOKEN),
+        record([bash, bash, bash], MAX_TURNS, student="Think: s\nAct: finish", finishes=("length", "stop", "stop")),
+        record([bash, "Think: done\nAct: finish"], END_TOKEN, teacher="no format", agent_finish="length"),
+        record(["chatty reply"], EMPTY),
+    ]
+    stats = InputStats(requests=3, candidates=9, kept=4, rounds=1)
+    q = quality_report(SPEC, records, stats, 3)
+    assert q["records"] == 4
+    assert q["avg_turns"] == 2.0                 # (2 + 3 + 2 + 1) / 4
+    assert q["hit_max_turns"] == 0.25
+    assert q["abnormal_termination"] == 0.25
+    assert q["end_reasons"] == {END_TOKEN: 2, MAX_TURNS: 1, EMPTY: 1}
+    assert q["missing_final_action"] == 0.5      # the max-turns and the chatty records
+    assert q["teacher_action_format"] == 0.75
+    assert q["student_action_format"] == 0.25
+    assert q["agent_turns_in_action_format"] == 0.875  # 7 of 8 agent turns
+    assert q["truncated_outputs"] == {"student": 0.25, "teacher": 0.0, "reason": 0.0, "agent_turns": 0.25}
+    assert q["gold_turns_in_prompt"] == 2 and q["max_turns"] == 3
+    assert q["inputs"]["kept"] == 4
+    assert q["avg_chars"] == {"input": 10.0, "reason": 20.0}
+
+
+def test_quality_report_without_action_format_or_records() -> None:
+    spec = mini_spec(action_format=dataclasses.replace(SPEC.action_format, actions=(), final=()))
+    q = quality_report(spec, [record(["a"], END_TOKEN)], InputStats(), 2)
+    assert "missing_final_action" not in q and "teacher_action_format" not in q
+    empty = quality_report(SPEC, [], InputStats(), 2)
+    assert empty["records"] == 0 and empty["avg_turns"] == 0.0 and empty["hit_max_turns"] == 0.0
+
+
+def test_split_ids_deterministic_disjoint_complete() -> None:
+    ids = list(range(40))
+    a = split_ids(ids, 0.25, seed=1)
+    assert a == split_ids(list(reversed(ids)), 0.25, seed=1)
+    assert not set(a["train"]) & set(a["val"])
+    assert sorted(a["train"] + a["val"]) == ids
+    assert len(a["val"]) == 10 and a["train"] == sorted(a["train"]) and a["val"] == sorted(a["val"])
+    assert split_ids(ids, 0.25, seed=2)["val"] != a["val"]  # the seed matters
+    assert split_ids(ids, 0.0, seed=1) == {"train": ids, "val": []}
+    assert split_ids([5], 0.5, seed=0) == {"train": [5], "val": []}
+    assert split_ids([3, 4], 0.5, seed=0)["train"] in ([3], [4])
+    assert split_ids([], 0.5, seed=0) == {"train": [], "val": []}
+
+
+# ------------------------------------------------------------------ on the real tiny model
+
+class Recording:
+    """Wraps a real engine and counts its generate calls."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+
+    def generate(self, conversations, params):
+        self.calls.append((len(conversations), params))
+        return self.engine.generate(conversations, params)
+
+    def count_tokens(self, conversations):
+        return self.engine.count_tokens(conversations)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    from genpi.engines.hf import HFEngine
+
+    return HFEngine("tiny-random-llama", batch_size=4)
+
+
+@pytest.mark.timeout(120)
+def test_outputs_and_role_play_on_the_tiny_model(tiny_engine) -> None:
+    target = Recording(tiny_engine)
+    cfg = synth_cfg(output_max_tokens=8, agent_max_tokens=8, env_max_tokens=8, max_turns=2)
+    inputs = [{"id": 0, "input": "Count the files in /tmp."}, {"id": 1, "input": "Print the kernel version."}]
+    outputs = single_turn_outputs(SPEC, cfg, target, inputs)
+    assert [o["id"] for o in outputs] == [0, 1] and target.calls[0][0] == 4
+    assert all(o["teacher_prompt_tokens"] > o["student_prompt_tokens"] for o in outputs)
+    assert all(o["student_finish"] in ("stop", "length") for o in outputs)
+
+    first = role_play(SPEC, cfg, target, inputs)
+    again = role_play(SPEC, cfg, target, inputs)
+    assert first == again  # greedy: reproducible
+    runs = target.calls[1:]
+    assert len(runs) % 2 == 0 and runs[:len(runs) // 2] == runs[len(runs) // 2:]
+    per_run = runs[:len(runs) // 2]
+    assert 1 <= len(per_run) <= 2 * 2  # at most one agent and one environment call per turn
+    assert per_run[0][0] == 2 and all(n <= 2 for n, _ in per_run)  # both conversations in one call
+    assert [p.stop for _, p in per_run[1::2]] == [("<END>",)] * len(per_run[1::2])
+    for r in first:
+        assert 0 <= len(r["turns"]) <= 2 and r["end"] in (END_TOKEN, MAX_TURNS, CONTEXT, EMPTY)
+        assert all(t["agent"] for t in r["turns"])
+        if r["end"] == MAX_TURNS:
+            assert len(r["turns"]) == 2
