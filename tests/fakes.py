@@ -111,7 +111,8 @@ def requested_count(conversation: Conversation) -> int:
 def task_of(conversation: Conversation, spec: PromptSpec) -> str:
     """The pseudo input a role-play conversation (agent or environment) is about."""
     if kind_of(conversation) == "environment":
-        return re.search(r"The agent's current task: (.*)\n", conversation[0]["content"]).group(1)
+        openings = [m["content"] for m in conversation if m["role"] == "user" and "The agent's task: " in m["content"]]
+        return re.search(r"The agent's task: (.*)\n", openings[-1]).group(1)
     n_prompt = len(spec.messages_with_input(""))
     return conversation[n_prompt - 1]["content"].rsplit("\n\n", 1)[-1]
 

@@ -83,3 +83,25 @@ def test_shared_prefix_cache_gives_the_same_outputs() -> None:
     assert shared._shared_prefix([shared.encode(c) for c in conversations[:3]])[0] > 100
     assert [g.text for g in shared.generate(conversations, params)] == \
         [g.text for g in plain.generate(conversations, params)]
+
+
+@pytest.mark.s3
+def test_s3_model_folder_is_downloaded_once(s3_env, monkeypatch, tmp_path) -> None:
+    from genpi.store import open_store
+
+    local = resolve_model(TINY)  # before the cache moves
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env.endpoint_url)
+    monkeypatch.setenv("GENPI_CACHE", str(tmp_path / "cache"))
+    bucket = s3_env.create_bucket()
+    store = open_store(f"s3://{bucket}")
+    store.upload_dir(local, "models/tiny")
+    url = f"s3://{bucket}/models/tiny"
+    folder = resolve_model(url)
+    assert folder.is_relative_to(tmp_path / "cache")
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (folder / name).read_bytes() == (local / name).read_bytes()
+    store.delete_prefix("models/tiny")
+    assert resolve_model(url) == folder  # cached: no second download
+    store.put_text("broken/readme.txt", "not a model")
+    with pytest.raises(ModelError, match=f"s3://{bucket}/broken has no config.json"):
+        resolve_model(f"s3://{bucket}/broken")

@@ -196,7 +196,7 @@ def test_reasons_use_generator_with_reason_sampling() -> None:
 # ------------------------------------------------------------------ environment conversation
 
 def test_environment_conversation_swaps_roles_and_ends_finals() -> None:
-    conv = templates.environment_conversation(SPEC, "Count the users of the machine")
+    conv = templates.environment_conversation(SPEC)
     assert [m["role"] for m in conv] == ["system", "user", "assistant", "user", "assistant"]
     assert conv[1:] == [
         {"role": "user", "content": SPEC.turns[2].content},      # agent's bash action
@@ -205,21 +205,23 @@ def test_environment_conversation_swaps_roles_and_ends_finals() -> None:
         {"role": "assistant", "content": "<END>"},               # ... is answered with the end token,
     ]                                                            # not with the next task's intro
     system = conv[0]["content"]
-    assert "Count the users of the machine" in system and "<END>" in system
+    assert "<END>" in system
     assert SPEC.environment.description in system and SPEC.turns[0].content in system
+    opening = templates.environment_opening("Count the users of the machine", "Act: bash")
+    assert "Count the users of the machine" in opening and opening.endswith("Act: bash")
 
 
 def test_environment_conversation_last_agent_turn_without_observation() -> None:
     spec = mini_spec(turns=SPEC.turns[:5], environment=dataclasses.replace(SPEC.environment, end_token="[[DONE]]"),
                      action_format=dataclasses.replace(SPEC.action_format, final=()))
-    conv = templates.environment_conversation(spec, "x")
+    conv = templates.environment_conversation(spec)
     assert conv[-1] == {"role": "assistant", "content": "[[DONE]]"}
     assert conv[2] == {"role": "assistant", "content": "Output: 42"}
 
 
 def test_environment_conversation_on_shipped_shell_prompt() -> None:
     spec = {s.name: s for s in load_prompts(ROOT / "prompts")}["shell-agent"]
-    conv = templates.environment_conversation(spec, "Count files in /tmp")
+    conv = templates.environment_conversation(spec)
     replies = [m["content"] for m in conv if m["role"] == "assistant"]
     actions = [m["content"] for m in conv if m["role"] == "user"]
     assert len(actions) == spec.gold_turns()
@@ -300,8 +302,8 @@ def test_role_play_conversations_grow_in_both_personas() -> None:
     assert last_agent == SPEC.messages_with_input("task never") + [
         {"role": "assistant", "content": "Think: go.\nAct: step 1"},
         {"role": "user", "content": "Output: ok 1"}]
-    assert last_env == templates.environment_conversation(SPEC, "task never") + [
-        {"role": "user", "content": "Think: go.\nAct: step 1"},
+    assert last_env == templates.environment_conversation(SPEC) + [
+        {"role": "user", "content": templates.environment_opening("task never", "Think: go.\nAct: step 1")},
         {"role": "assistant", "content": "Output: ok 1"},
         {"role": "user", "content": "Think: go.\nAct: step 2"}]
     assert all(m["content"] for m in last_env)  # never an empty message to the environment

@@ -374,6 +374,14 @@ def test_only_lora_parameters_are_trainable() -> None:
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == LORA_PARAMS_PER_RANK * 3
 
 
+def test_lora_layers_puts_adapters_on_the_top_layers_only() -> None:
+    model, _ = load_for_training(tcfg(lora_r=3, lora_layers=1), TINY, "float32")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 7 * 2 and all(".layers.1." in n for n in trainable)  # 7 linears x (A, B)
+    every = load_for_training(tcfg(lora_r=3, lora_layers=5), TINY, "float32")[0]  # more than the model has
+    assert sum(p.requires_grad for p in every.parameters()) == 2 * 7 * 2
+
+
 # ------------------------------------------------------------------ the training stage
 
 @pytest.mark.timeout(240)

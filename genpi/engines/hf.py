@@ -6,8 +6,10 @@ import os
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicCache
 
 from genpi.engines.base import Conversation, Generation, SamplingParams
+from genpi.engines.kv_cache import growing_cache
 from genpi.engines.models import resolve_model
 from genpi.errors import ModelError
 
@@ -59,6 +61,7 @@ class HFEngine:
         self.max_context = min(max_context, own) if max_context else own
         self.batch_size = batch_size
         self.prefix_sharing = prefix_sharing
+        self.growing_kv = True  # False: transformers' DynamicCache (a baseline for bench/synthesis.py)
 
     def encode(self, conversation: Conversation) -> list[int]:
         """Token ids of a conversation followed by the assistant's generation header."""
@@ -89,21 +92,22 @@ class HFEngine:
         return [r for r in results if r is not None]
 
     def _shared_prefix(self, batch: list[list[int]]) -> tuple[int, Any]:
-        """Length and KV cache of the token prefix every conversation in ``batch`` starts with.
+        """Length of the token prefix every conversation in ``batch`` starts with, and a cache holding it.
 
         Conversations that carry the same long prompt (teacher, agent) then pay for its prefill
         once per batch instead of once per conversation. At least one token of each conversation
         stays uncached so that generation has logits to start from.
         """
+        cache = growing_cache(self.model) if self.growing_kv else DynamicCache(config=self.model.config)
         if not self.prefix_sharing or len(batch) < 2:
-            return 0, None
+            return 0, cache
         shortest = min(len(ids) for ids in batch)
         length = next((k for k in range(shortest) if any(ids[k] != batch[0][k] for ids in batch)), shortest)
         length = min(length, shortest - 1)
         if length < _MIN_SHARED_PREFIX:
-            return 0, None
+            return 0, cache
         prefix = torch.tensor([batch[0][:length]], device=self.model.device)
-        cache = self.model(input_ids=prefix, use_cache=True).past_key_values
+        self.model(input_ids=prefix, past_key_values=cache, use_cache=True)
         cache.batch_repeat_interleave(len(batch))
         return length, cache
 
@@ -123,10 +127,8 @@ class HFEngine:
         if params.temperature > 0:
             sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
         extra: dict[str, Any] = {"stop_strings": list(params.stop), "tokenizer": self.tokenizer} if params.stop else {}
-        if cache is not None:
-            extra["past_key_values"] = cache
         out = self.model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=budget,
-                                  pad_token_id=pad, top_k=None, **sampling, **extra)
+                                  pad_token_id=pad, top_k=None, past_key_values=cache, **sampling, **extra)
         eos = set(self._eos_ids())
         gens = []
         for ids, row in zip(batch, out[:, width:].tolist()):

@@ -182,6 +182,10 @@ class ArtifactStore(abc.ABC):
                 ) from e
         return records
 
+    def _local_write_failed(self, dest: Path, key: str, error: OSError) -> StoreError:
+        return StoreError(f"cannot write local file {dest} (copying {key!r} from store {self.url}): "
+                          f"{error.strerror or error}")
+
     def upload_dir(self, local_dir: str | Path, prefix: str) -> None:
         """Store every file below ``local_dir`` under ``prefix``, keeping relative paths."""
         source = Path(local_dir)

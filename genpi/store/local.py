@@ -112,10 +112,7 @@ class LocalStore(ArtifactStore):
             try:
                 atomic_write(dest, lambda f: shutil.copyfileobj(source, f, _COPY_CHUNK))
             except OSError as e:
-                raise StoreError(
-                    f"cannot write local file {dest} (copying {key!r} from store {self.url}): "
-                    f"{e.strerror or e}"
-                ) from e
+                raise self._local_write_failed(dest, key, e) from e
         return dest
 
     def exists(self, key: str) -> bool:

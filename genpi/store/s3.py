@@ -205,10 +205,7 @@ class S3Store(ArtifactStore):
             with self._errors(key):
                 self._client.download_file(self.bucket, s3_key, str(dest), Config=_TRANSFER)
         except OSError as e:
-            raise StoreError(
-                f"cannot write local file {dest} (copying {key!r} from store {self.url}): "
-                f"{e.strerror or e}"
-            ) from e
+            raise self._local_write_failed(dest, key, e) from e
         return dest
 
     def exists(self, key: str) -> bool:

@@ -35,7 +35,7 @@ def role_play(spec: PromptSpec, cfg: SynthConfig, target, inputs: Sequence[dict]
     env_params = SamplingParams(max_new_tokens=cfg.env_max_tokens, temperature=0.0, seed=seed,
                                 stop=(spec.environment.end_token,))
     agents: list[Conversation] = [spec.messages_with_input(r["input"]) for r in inputs]
-    envs: list[Conversation] = [templates.environment_conversation(spec, r["input"]) for r in inputs]
+    envs: list[Conversation] = [templates.environment_conversation(spec) for _ in inputs]
     turns: list[list[dict]] = [[] for _ in inputs]
     ends: list[str] = [""] * len(inputs)
     limit = max_turns_for(spec, cfg)
@@ -48,7 +48,8 @@ def role_play(spec: PromptSpec, cfg: SynthConfig, target, inputs: Sequence[dict]
                 ends[i] = CONTEXT if gen.finish_reason == CONTEXT else EMPTY
                 continue
             agents[i].append({"role": "assistant", "content": gen.text})
-            envs[i].append({"role": "user", "content": gen.text})
+            said = templates.environment_opening(inputs[i]["input"], gen.text) if turn == 0 else gen.text
+            envs[i].append({"role": "user", "content": said})
             turns[i].append({"agent": gen.text, "observation": "", "agent_finish": gen.finish_reason})
         open_ids = [i for i in open_ids if not ends[i]]
         for i, gen in zip(open_ids, target.generate([envs[i] for i in open_ids], env_params)):

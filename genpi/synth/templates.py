@@ -39,7 +39,7 @@ def reason_request(spec: PromptSpec, user_input: str, as_is: str, to_be: str, se
     ]
 
 
-def environment_system(spec: PromptSpec, user_input: str) -> str:
+def environment_system(spec: PromptSpec) -> str:
     """System message that makes the target model play the agent's environment."""
     env = spec.environment
     instructions = spec.turns[0].content
@@ -47,25 +47,31 @@ def environment_system(spec: PromptSpec, user_input: str) -> str:
         "You are not an assistant. You simulate the environment an AI agent acts in. "
         f"{env.description}\n\n"
         f"The agent was given these instructions:\n<<<\n{instructions}\n>>>\n\n"
-        f"The agent's current task: {user_input}\n\n"
         "Every message you receive is the agent's latest action. Reply with exactly what the environment "
         "returns for that action (command output, page text, tool result), without commentary and without "
         f"acting for the agent. The episode is over when {env.end_condition}; then reply with "
         f"{env.end_token} and nothing else.")
 
 
-def environment_conversation(spec: PromptSpec, user_input: str) -> Conversation:
+def environment_conversation(spec: PromptSpec) -> Conversation:
     """The environment persona's context: the prompt's worked examples with the roles swapped.
 
     The agent's example turns become the persona's user turns and the observations that followed
     them become its own (assistant) turns; an episode's final action is answered with the end token.
+    The same for every input, so a batch shares it as one cached prefix; the task comes with the
+    first live turn (:func:`environment_opening`).
     """
-    messages: Conversation = [{"role": "system", "content": environment_system(spec, user_input)}]
+    messages: Conversation = [{"role": "system", "content": environment_system(spec)}]
     for action, observation in spec.example_exchanges():
         final = not observation or spec.action_format.is_final(action)
         messages.append({"role": "user", "content": action})
         messages.append({"role": "assistant", "content": spec.environment.end_token if final else observation})
     return messages
+
+
+def environment_opening(user_input: str, action: str) -> str:
+    """The environment's first live user turn: the new episode's task, then the agent's first action."""
+    return f"A new episode starts. The agent's task: {user_input}\n\n{action}"
 
 
 def prompt_generation_input(user_input: str, student: str, teacher: str) -> str:

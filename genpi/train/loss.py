@@ -14,8 +14,13 @@ from genpi.train.examples import IGNORE
 
 
 def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the label tokens of a padded batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Sum of next-token cross-entropy over the label tokens of a right-padded batch.
+
+    No attention mask is passed: with right padding, causal attention never lets a real token
+    see the pads after it, and pads carry no label. Without a mask, SDPA takes its fused causal
+    kernel instead of materializing a full mask, about twice as fast on CPU.
+    """
+    logits = model(input_ids=batch["input_ids"]).logits
     shifted = batch["labels"][:, 1:]
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE,
                            reduction="sum")

@@ -25,7 +25,7 @@ Pair = tuple[Example | None, Example | None]
 
 
 def collate(examples: list[Example], pad_id: int, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Right-padded tensors; padding carries no loss and no attention."""
+    """Right-padded tensors; padding carries no loss (the mask is for callers that need one)."""
     width = max(len(e.input_ids) for e in examples)
     ids = [e.input_ids + [pad_id] * (width - len(e.input_ids)) for e in examples]
     labels = [e.labels + [IGNORE] * (width - len(e.labels)) for e in examples]
@@ -57,8 +57,15 @@ def load_for_training(cfg: TrainConfig, model_name: str, dtype: str) -> tuple[An
     targets: Any = cfg.target_modules if cfg.target_modules == "all-linear" else \
         [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
     torch.manual_seed(cfg.seed)
+    layers = None
+    if cfg.lora_layers:
+        depth = model.config.num_hidden_layers
+        layers = list(range(max(0, depth - cfg.lora_layers), depth))
+        if targets == "all-linear":  # PEFT takes layer indices only with explicit module names
+            targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                              if isinstance(module, torch.nn.Linear) and ".layers." in name})
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
+                      target_modules=targets, layers_to_transform=layers, task_type="CAUSAL_LM")
     return get_peft_model(model, lora), tokenizer
 
 
