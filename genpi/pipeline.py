@@ -119,8 +119,11 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore) -
             ready.append(spec)
     # Never ask for more CPUs than the cluster has, or the task would wait forever.
     cpus = min(cfg.train.num_cpus, ray.cluster_resources().get("CPU", 1.0))
+    # Workers get the store as resolved here: a relative folder means this process's folder.
+    worker_cfg = cfg.to_dict()
+    worker_cfg["store"]["url"] = store.url
     refs = {s.name: _train_task.options(num_cpus=cpus, num_gpus=cfg.train.num_gpus)
-            .remote(s.to_json(), cfg.to_dict()) for s in ready}
+            .remote(s.to_json(), worker_cfg) for s in ready}
     for name, ref in refs.items():
         try:
             ray.get(ref)
