@@ -2,7 +2,7 @@
 
 With no address (flag, ``RAY_ADDRESS``, or the one ``ray job submit`` gives its driver), start
 an embedded local cluster bound to 127.0.0.1 with a private temp folder; otherwise join.
-The local cluster stops with :func:`disconnect` (by this process, never ``ray stop``).
+The local cluster stops with :func:`disconnect`: this process stops what it started, nothing else.
 """
 
 from __future__ import annotations

@@ -47,7 +47,6 @@ class EnginePool:
         self.actors = [EngineActor.options(**options).remote(dataclasses.asdict(cfg))  # type: ignore[attr-defined]
                        for _ in range(cfg.replicas)]
         self.info = ray.get(self.actors[0].info.remote())  # surfaces load errors now, not mid-stage
-        self.max_context: int = self.info["max_context"]
 
     def _shards(self, items: list[Any]) -> list[tuple[int, int]]:
         n = len(self.actors)
