@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from genpi.train.examples import IGNORE
+from genpi.train.examples import IGNORE, Example
 
 
 def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -26,9 +26,9 @@ def summed_token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
                            reduction="sum")
 
 
-def label_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that carry loss in a batch (labels shifted by one, as in the loss)."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
+def label_tokens(examples: list[Example]) -> int:
+    """Tokens that carry loss in ``examples`` (labels shifted by one, as in the loss)."""
+    return sum(sum(label != IGNORE for label in e.labels[1:]) for e in examples)
 
 
 def joint_loss(sft_sum: torch.Tensor, sft_tokens: int, pg_sum: torch.Tensor, pg_tokens: int,

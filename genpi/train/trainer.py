@@ -95,8 +95,7 @@ def step_loss(model: Any, pairs: list[Pair], cfg: TrainConfig, pad_id: int, back
     device = next(model.parameters()).device
     sft = [s for s, _ in pairs if s is not None]
     pg = [p for _, p in pairs if p is not None]
-    n_sft = label_tokens(collate(sft, pad_id, "cpu")) if sft else 0
-    n_pg = label_tokens(collate(pg, pad_id, "cpu")) if pg else 0
+    n_sft, n_pg = label_tokens(sft), label_tokens(pg)
     totals = {"loss": 0.0, "sft_loss": 0.0, "pg_loss": 0.0}
     for start in range(0, len(pairs), cfg.micro_batch_size):
         micro = pairs[start:start + cfg.micro_batch_size]
