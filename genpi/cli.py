@@ -1,8 +1,9 @@
 """The ``genpi`` command (and ``jobs/internalize.py``): internalize a folder of prompts.
 
-Bad input ends with one line naming the input and the fix, and exit code 2; a prompt that
-fails mid-run is reported while the others finish (exit code 1); finished work stays in the
-store and a rerun resumes it.
+``genpi [flags]`` runs the job; ``genpi report [BATCH]`` prints a batch's fidelity table (the
+newest batch by default); ``genpi ls`` lists the published adapters. Bad input ends with one
+line naming the input and the fix, and exit code 2; a prompt that fails mid-run is reported
+while the others finish (exit code 1); finished work stays in the store and a rerun resumes it.
 """
 
 from __future__ import annotations
@@ -22,9 +23,14 @@ DESCRIPTION = """\
 Internalize long, fixed LLM prompts into per-prompt LoRA adapters (Generative Prompt
 Internalization). For every prompt in --prompts: synthesize pseudo inputs, student and
 teacher outputs, reasons and role-played conversations; train one LoRA adapter with the
-joint loss (1 - lambda) * SFT + lambda * Prompt Generation; store the adapter (PEFT format),
-the records and a summary in the artifact store. Runs on Ray: joins RAY_ADDRESS (as under
-`ray job submit`) or starts a local cluster on 127.0.0.1."""
+joint loss (1 - lambda) * SFT + lambda * Prompt Generation; evaluate it without the prompt
+against the teacher (with the prompt) and the base model on held-out inputs; publish it
+when it passes the fidelity gate. Runs on Ray: joins RAY_ADDRESS (as under `ray job submit`)
+or starts a local cluster on 127.0.0.1.
+
+Other commands:
+  genpi report [BATCH] [--store.url URL]   print a batch's fidelity table (default: newest)
+  genpi ls [--store.url URL]               list the published adapters"""
 
 
 def build_parser(prog: str = "genpi") -> argparse.ArgumentParser:
@@ -38,6 +44,9 @@ def build_parser(prog: str = "genpi") -> argparse.ArgumentParser:
                         help="settings to start from: paper = the paper's settings for a GPU cluster, local = "
                              "sized for 2 CPU cores, auto = paper when the Ray cluster has GPUs, else local "
                              "(default: auto)")
+    parser.add_argument("--eval-inputs", metavar="DIR",
+                        help="folder of real user inputs to evaluate each adapter on as well: one "
+                             "<prompt name>.jsonl per prompt, one {\"input\": ...} object per line")
     parser.add_argument("--config", metavar="YAML", help="YAML file of config values, applied over the profile")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit without running")
@@ -50,8 +59,30 @@ def _resolve(args: argparse.Namespace, profile: str) -> GenPIConfig:
     return load_config(profile, args.config, overrides_from_args(args))
 
 
+def build_store_parser(command: str, prog: str) -> argparse.ArgumentParser:
+    """Parser of the commands that read the store (``report``, ``ls``)."""
+    parser = argparse.ArgumentParser(prog=f"{prog} {command}")
+    if command == "report":
+        parser.add_argument("batch", nargs="?", help="batch id (default: the newest batch in the store)")
+    parser.add_argument("--store.url", dest="url", default="artifacts", help="artifact store (default: artifacts)")
+    parser.add_argument("--store.endpoint-url", dest="endpoint_url", default="", help="S3 endpoint")
+    return parser
+
+
 def main(argv: list[str] | None = None, prog: str = "genpi") -> int:
-    """Run the job; returns the process exit code."""
+    """Run the job (or ``report`` / ``ls``); returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("report", "ls"):
+        args = build_store_parser(argv[0], prog).parse_args(argv[1:])
+        try:
+            from genpi.commands import list_published, print_report
+            from genpi.store import open_store
+
+            store = open_store(args.url, endpoint_url=args.endpoint_url or None)
+            return print_report(store, args.batch) if argv[0] == "report" else list_published(store)
+        except GenPIError as e:
+            print(f"{prog} {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s genpi %(message)s", stream=sys.stdout)
@@ -76,6 +107,11 @@ def _run(args: argparse.Namespace) -> int:
     from genpi.ray_runtime import connect, disconnect
 
     specs = load_prompts(args.prompts)
+    user_inputs = {}
+    if args.eval_inputs:
+        from genpi.user_inputs import load_user_inputs
+
+        user_inputs = load_user_inputs(args.eval_inputs, [s.name for s in specs])
     if args.only:
         unknown = sorted(set(args.only) - {s.name for s in specs})
         if unknown:
@@ -94,21 +130,28 @@ def _run(args: argparse.Namespace) -> int:
             profile = "paper" if gpus else "local"
             cfg = _resolve(args, profile)
             log.info("profile %s (the cluster has %g GPUs)", profile, gpus)
-        results = run_batch(specs, cfg, store)
+        results = run_batch(specs, cfg, store, {s.name: user_inputs[s.name] for s in specs if s.name in user_inputs})
     finally:
         disconnect()
 
     failed = [r for r in results if r.status == "failed"]
     print("\nGenPI results")
     for r in results:
+        pad = " " * len(r.name)
         if r.status == "failed":
             print(f"  {r.name}: FAILED in {r.stage}: {r.error}")
-        else:
-            print(f"  {r.name}: adapter {r.artifacts['adapter']}")
-            print(f"  {' ' * len(r.name)}  records {r.artifacts['records']}")
+            continue
+        print(f"  {r.name}: {'published ' + str(r.published) if r.passed else 'NOT published (gate failed)'}")
+        print(f"  {pad}  gate: {r.gate}")
+        print(f"  {pad}  report {r.artifacts['report']}")
+    print(f"\n`genpi report --store.url {store.url}` prints the batch table; `genpi ls` lists published adapters.")
     return 1 if failed else 0
 
 
 def entrypoint() -> None:
     """Console script ``genpi``."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

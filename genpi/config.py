@@ -24,8 +24,9 @@ from genpi.fingerprint import fingerprint
 
 # Bump when the code changes what a stage produces (wording, algorithm), so stored results of
 # the old code are not reused.
-SYNTH_VERSION = 1
-TRAIN_VERSION = 1
+SYNTH_VERSION = 2
+TRAIN_VERSION = 2
+EVAL_VERSION = 1
 
 
 def _f(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
@@ -86,8 +87,23 @@ class SynthConfig:
     env_max_tokens: int = _f(512, "max new tokens of an environment turn in role play", low=8)
     max_turns: int = _f(0, "cap on role-play turns for every prompt; 0 uses each prompt's max_turns", low=0, high=50)
     part_size: int = _f(64, "records per stored part file; finished parts survive a failure", low=1)
-    val_fraction: float = _f(0.1, "share of records held out for validation (fidelity, lambda choice)", low=0, high=0.5)
-    seed: int = _f(0, "seed for sampling and the train/validation split", low=0)
+    filter_off_format: bool = _f(True, "end a role-played conversation at its first agent turn that breaks the "
+                                 "prompt's action format, so such turns are never trained on (counted in the "
+                                 "quality report)")
+    seed: int = _f(0, "seed for sampling", low=0)
+
+
+@dataclass
+class SplitConfig:
+    """Train / validation / test split of the synthesized records, derived from record ids.
+
+    Not part of the synthesis key: changing the split never regenerates data.
+    """
+
+    val_fraction: float = _f(0.1, "share of records held out for validation (lambda and method choice)",
+                             low=0, high=0.5)
+    test_fraction: float = _f(0.1, "share of records held out for the final evaluation", low=0, high=0.5)
+    seed: int = _f(0, "seed of the split", low=0)
 
 
 @dataclass
@@ -96,6 +112,9 @@ class TrainConfig:
 
     pg_lambda: float = _f(0.3, "weight of the Prompt Generation loss; SFT gets 1 - pg_lambda (the authors' "
                           "scripts weight SFT by 0.7, i.e. pg_lambda 0.3)", low=0, high=1)
+    pg_fraction: float = _f(1.0, "share of each step's records whose Prompt Generation example is used (a PG "
+                            "example carries the whole prompt as its target, ~5x an SFT example's tokens; "
+                            "the paper uses every one)", low=0, high=1)
     lora_r: int = _f(16, "LoRA rank", low=1, high=1024)
     lora_alpha: int = _f(32, "LoRA alpha", low=1)
     lora_dropout: float = _f(0.05, "LoRA dropout", low=0, high=0.9)
@@ -123,10 +142,24 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation of adapters against teacher and base (used by the evaluate stage)."""
+    """Evaluation of each adapter (no prompt) against the teacher (prompt) and the base (neither)."""
 
-    max_samples: int = _f(100, "held-out records to evaluate per prompt", low=1)
-    max_tokens: int = _f(512, "max new tokens per evaluated turn", low=8)
+    max_samples: int = _f(100, "held-out test inputs evaluated per prompt (and as many user inputs)", low=1)
+    max_tokens: int = _f(512, "max new tokens of an evaluated agent turn", low=8)
+    env_max_tokens: int = _f(512, "max new tokens of an environment turn in evaluation episodes", low=8)
+    max_turns: int = _f(0, "agent turns per evaluation episode; 0 uses each prompt's max_turns", low=0, high=50)
+    top_k: int = _f(20, "teacher tokens kept per position for the top-k KL (the rest form one tail bucket)",
+                    low=1, high=1000)
+    min_retention: float = _f(0.8, "publish an adapter only if its action-format validity is at least this "
+                              "share of the teacher's", low=0, high=1)
+    min_gap_closed: float = _f(0.5, "publish an adapter only if it closes at least this share of the "
+                               "teacher-forced NLL gap between base and teacher", low=0, high=1)
+    latency_turns: int = _f(5, "turns of the timed episode in the efficiency measurement", low=1, high=50)
+    latency_tokens: int = _f(32, "tokens generated per timed turn in the efficiency measurement", low=1)
+    batch_size: int = _f(16, "conversations per generate call in evaluation", low=1)
+    num_gpus: float = _f(1.0, "GPUs per evaluation task (0 on CPU-only clusters)", low=0)
+    num_cpus: float = _f(1.0, "CPUs reserved per evaluation task", low=0)
+    threads: int = _f(0, "torch CPU threads of an evaluation task; 0 uses every core", low=0)
 
 
 @dataclass
@@ -163,6 +196,7 @@ class GenPIConfig:
 
     models: ModelsConfig = _f(ModelsConfig, "model roles", factory=True)
     synth: SynthConfig = _f(SynthConfig, "data synthesis", factory=True)
+    split: SplitConfig = _f(SplitConfig, "train / validation / test split", factory=True)
     train: TrainConfig = _f(TrainConfig, "adapter training", factory=True)
     eval: EvalConfig = _f(EvalConfig, "evaluation", factory=True)
     serve: ServeConfig = _f(ServeConfig, "serving", factory=True)
@@ -184,13 +218,25 @@ class GenPIConfig:
         train = dataclasses.asdict(self.train)
         for resource in ("num_gpus", "num_cpus", "threads"):
             train.pop(resource)
-        return {"version": TRAIN_VERSION, "train": train, "target": _model_identity(self.models.target)}
+        return {"version": TRAIN_VERSION, "train": train, "split": dataclasses.asdict(self.split),
+                "target": _model_identity(self.models.target)}
+
+    def eval_key(self) -> dict[str, Any]:
+        """Everything an evaluation depends on besides the adapter it scores (hashed into its key)."""
+        evaluation = dataclasses.asdict(self.eval)
+        for resource in ("num_gpus", "num_cpus", "threads", "batch_size"):
+            evaluation.pop(resource)
+        return {"version": EVAL_VERSION, "eval": evaluation, "split": dataclasses.asdict(self.split),
+                "target": _model_identity(self.models.target)}
 
     def synth_hash(self) -> str:
         return fingerprint(self.synth_key())
 
     def train_hash(self) -> str:
         return fingerprint(self.train_key())
+
+    def eval_hash(self) -> str:
+        return fingerprint(self.eval_key())
 
 
 def _model_identity(model: ModelConfig) -> dict[str, Any]:
@@ -212,11 +258,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         },
         "synth": {"num_inputs": 32, "min_inputs": 8, "max_input_rounds": 6, "inputs_per_request": 5,
                   "input_max_tokens": 160, "output_max_tokens": 80, "reason_max_tokens": 64,
-                  "agent_max_tokens": 80, "env_max_tokens": 48, "max_turns": 2, "part_size": 32,
-                  "val_fraction": 0.125},
-        "train": {"epochs": 1, "batch_size": 8, "micro_batch_size": 2, "max_seq_len": 2048,
-                  "num_gpus": 0, "num_cpus": 2, "gradient_checkpointing": False, "learning_rate": 3e-4,
-                  "lora_dropout": 0.0, "lora_layers": 15},
+                  "agent_max_tokens": 80, "env_max_tokens": 48, "max_turns": 2, "part_size": 32},
+        "split": {"val_fraction": 0.125, "test_fraction": 0.25},
+        "train": {"epochs": 10, "batch_size": 4, "micro_batch_size": 4, "max_seq_len": 2048,
+                  "num_gpus": 0, "num_cpus": 2, "gradient_checkpointing": False, "learning_rate": 5e-4,
+                  "lora_dropout": 0.0, "lora_layers": 15, "pg_fraction": 0.25},
+        "eval": {"num_gpus": 0, "num_cpus": 2, "max_turns": 2, "max_tokens": 80, "env_max_tokens": 48},
     },
 }
 

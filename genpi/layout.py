@@ -5,7 +5,9 @@ prompts/<name>/<prompt_hash>/prompt.json
 prompts/<name>/<prompt_hash>/synth/<synth_hash>/...          (inputs, outputs, reasons, conversations,
                                                                records.jsonl, quality.json, split.json)
 prompts/<name>/<prompt_hash>/train/<run_hash>/...             (adapter/, metrics.json, summary.json)
-batches/<batch_hash>/manifest.json
+prompts/<name>/<prompt_hash>/eval/<eval_key>/...               (episodes/, scores/, report.json|md, *.png)
+adapters/<name>/<prompt_hash8>-<run_hash8>/...                 (published adapter + manifest.json)
+batches/<batch_hash>/manifest.json, report.json, report.md
 ```
 ``synth_hash`` covers the synthesis config and both models; ``run_hash`` covers the data it
 trained on (``synth_hash``) and the training config. Every stage folder is finished when its
@@ -35,5 +37,17 @@ def train_prefix(spec: PromptSpec, cfg: GenPIConfig) -> str:
     return f"{prompt_root(spec)}/train/{run_hash(cfg)}"
 
 
-def batch_prefix(specs: list[PromptSpec], cfg: GenPIConfig) -> str:
-    return f"batches/{fingerprint({'prompts': [s.prompt_hash for s in specs], 'run': run_hash(cfg)})}"
+def eval_prefix(spec: PromptSpec, cfg: GenPIConfig, user_inputs: list[str]) -> str:
+    """An evaluation depends on the adapter's run, the eval config and split, and the user's inputs."""
+    key = fingerprint({"run": run_hash(cfg), "eval": cfg.eval_hash(), "user_inputs": user_inputs})
+    return f"{prompt_root(spec)}/eval/{key}"
+
+
+def published_prefix(spec: PromptSpec, cfg: GenPIConfig) -> str:
+    """The immutable name a passing adapter is published under."""
+    return f"adapters/{spec.name}/{spec.prompt_hash[:8]}-{run_hash(cfg)[:8]}"
+
+
+def batch_prefix(specs: list[PromptSpec], cfg: GenPIConfig, user_inputs: dict[str, list[str]]) -> str:
+    return "batches/" + fingerprint({"prompts": [s.prompt_hash for s in specs], "run": run_hash(cfg),
+                                     "eval": cfg.eval_hash(), "user_inputs": user_inputs})

@@ -1,23 +1,26 @@
-"""A batch of prompts through the stages, on Ray: synthesize → train → manifest.
+"""A batch of prompts through the stages, on Ray: synthesize → train → evaluate → manifest.
 
 Stage-major: the engine actors (generator and target) are started once and serve every
 prompt's synthesis; then they are released and one training task per prompt is scheduled
-by Ray on the resources it asks for. A prompt that fails is reported and the others go on;
-everything finished is in the store, so a rerun resumes where the last one stopped.
+by Ray on the resources it asks for, then one evaluation task per prompt (which gates and
+publishes the adapter). A prompt that fails is reported and the others go on; everything
+finished is in the store, so a rerun resumes where the last one stopped.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import ray
 
 from genpi import layout
 from genpi.config import GenPIConfig, config_from_dict
-from genpi.errors import GenPIError
+from genpi.errors import ConfigError, GenPIError
 from genpi.prompts import PromptSpec, check_prompt_lengths
 from genpi.store import ArtifactStore, open_store
 from genpi.synth.stage import synthesize
@@ -35,6 +38,9 @@ class PromptResult:
     stage: str = ""
     error: str = ""
     artifacts: dict[str, str] = field(default_factory=dict)
+    passed: bool | None = None  # the fidelity gate's decision, once evaluated
+    gate: str = ""
+    published: str | None = None
 
 
 def store_for(cfg: GenPIConfig) -> ArtifactStore:
@@ -51,6 +57,15 @@ def _train_task(spec_json: dict[str, Any], cfg_dict: dict[str, Any]) -> str:
     return train_prompt(PromptSpec.from_json(spec_json), cfg, store_for(cfg))
 
 
+@ray.remote
+def _evaluate_task(spec_json: dict[str, Any], cfg_dict: dict[str, Any], user_inputs: list[str]) -> dict:
+    from genpi.evaluate.stage import evaluate_prompt
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s genpi %(message)s")
+    cfg = config_from_dict(cfg_dict)
+    return evaluate_prompt(PromptSpec.from_json(spec_json), cfg, store_for(cfg), user_inputs)
+
+
 def _fail(result: PromptResult, stage: str, error: BaseException) -> None:
     result.status, result.stage = "failed", stage
     if isinstance(error, ray.exceptions.RayTaskError):
@@ -59,6 +74,16 @@ def _fail(result: PromptResult, stage: str, error: BaseException) -> None:
     log.error("[%s] %s failed: %s", result.name, stage, result.error)
     if not isinstance(error, GenPIError):
         log.debug("".join(traceback.format_exception(error)))
+
+
+def task_resources(section: str, num_cpus: float, num_gpus: float) -> tuple[float, float]:
+    """What a stage's tasks may ask for: never more CPUs than the cluster has (the task would wait
+    forever), and GPUs only where the cluster has them, else a clear error before waiting."""
+    cluster = ray.cluster_resources()
+    if num_gpus and not cluster.get("GPU"):
+        raise ConfigError(f"config '{section}.num_gpus' is {num_gpus:g} but the Ray cluster has no GPUs; "
+                          f"set {section}.num_gpus 0 (or use --profile local / auto on a CPU-only cluster)")
+    return min(num_cpus, cluster.get("CPU", 1.0)), num_gpus
 
 
 def check_lengths(specs: list[PromptSpec], cfg: GenPIConfig) -> None:
@@ -81,11 +106,9 @@ def check_lengths(specs: list[PromptSpec], cfg: GenPIConfig) -> None:
     check_prompt_lengths(specs, count, context - room, target.name)
 
 
-def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore) -> list[PromptResult]:
-    """Run every prompt through synthesis and training; returns one result per prompt."""
-    results = {s.name: PromptResult(s.name, s.prompt_hash) for s in specs}
-    check_lengths(specs, cfg)
-
+def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore) -> dict[str, Exception]:
+    """Synthesize (or find) every prompt's records on one set of engine actors; returns the failures."""
+    failures: dict[str, Exception] = {}
     todo = []
     for spec in specs:
         prefix = layout.synth_prefix(spec, cfg)
@@ -93,20 +116,37 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore) -
             log.info("[%s] synthesis found at %s", spec.name, store.location(prefix))
         else:
             todo.append(spec)
-    if todo:
-        from genpi.engines.actors import start_pools
+    if not todo:
+        return failures
+    from genpi.engines.actors import start_pools
 
-        log.info("starting engines: generator %s, target %s", cfg.models.generator.name, cfg.models.target.name)
-        generator, target = start_pools(cfg.models.generator, cfg.models.target)
-        try:
-            for spec in todo:
-                try:
-                    synthesize(spec, cfg, generator, target, store)
-                except Exception as e:  # one prompt's failure must not stop the batch
-                    _fail(results[spec.name], "synthesis", e)
-        finally:
-            for pool in {id(generator): generator, id(target): target}.values():
-                pool.shutdown()
+    log.info("starting engines: generator %s, target %s", cfg.models.generator.name, cfg.models.target.name)
+    generator, target = start_pools(cfg.models.generator, cfg.models.target)
+    try:
+        for spec in todo:
+            try:
+                synthesize(spec, cfg, generator, target, store)
+            except Exception as e:  # one prompt's failure must not stop the batch
+                failures[spec.name] = e
+    finally:
+        for pool in {id(generator): generator, id(target): target}.values():
+            pool.shutdown()
+    return failures
+
+
+def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
+              user_inputs: dict[str, list[str]] | None = None) -> list[PromptResult]:
+    """Run every prompt through synthesis, training and evaluation; returns one result per prompt.
+
+    ``user_inputs`` maps prompt names to real inputs evaluated beside the synthesized test split.
+    """
+    user_inputs = user_inputs or {}
+    started = time.time()
+    results = {s.name: PromptResult(s.name, s.prompt_hash) for s in specs}
+    check_lengths(specs, cfg)
+
+    for name, error in synthesize_all(specs, cfg, store).items():
+        _fail(results[name], "synthesis", error)
 
     ready = []
     for spec in specs:
@@ -117,12 +157,11 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore) -
             log.info("[%s] adapter found at %s", spec.name, store.location(f"{train}/adapter"))
         else:
             ready.append(spec)
-    # Never ask for more CPUs than the cluster has, or the task would wait forever.
-    cpus = min(cfg.train.num_cpus, ray.cluster_resources().get("CPU", 1.0))
+    cpus, gpus = task_resources("train", cfg.train.num_cpus, cfg.train.num_gpus)
     # Workers get the store as resolved here: a relative folder means this process's folder.
     worker_cfg = cfg.to_dict()
     worker_cfg["store"]["url"] = store.url
-    refs = {s.name: _train_task.options(num_cpus=cpus, num_gpus=cfg.train.num_gpus)
+    refs = {s.name: _train_task.options(num_cpus=cpus, num_gpus=gpus)
             .remote(s.to_json(), worker_cfg) for s in ready}
     for name, ref in refs.items():
         try:
@@ -130,16 +169,45 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore) -
         except Exception as e:
             _fail(results[name], "training", e)
 
+    evaluated = [s for s in specs if results[s.name].status != "failed"]
+    eval_cpus, eval_gpus = task_resources("eval", cfg.eval.num_cpus, cfg.eval.num_gpus)
+    eval_refs = {s.name: _evaluate_task.options(num_cpus=eval_cpus, num_gpus=eval_gpus)
+                 .remote(s.to_json(), worker_cfg, user_inputs.get(s.name, [])) for s in evaluated}
+    reports = []
     for spec in specs:
         result = results[spec.name]
-        if result.status != "failed":
-            result.status, result.stage = "done", "trained"
-            train = layout.train_prefix(spec, cfg)
-            result.artifacts = {"adapter": store.location(f"{train}/adapter"),
-                                "summary": store.location(f"{train}/summary.json"),
-                                "records": store.location(f"{layout.synth_prefix(spec, cfg)}/records.jsonl"),
-                                "quality": store.location(f"{layout.synth_prefix(spec, cfg)}/quality.json")}
-    manifest = f"{layout.batch_prefix(specs, cfg)}/manifest.json"
-    store.put_json(manifest, {"config": cfg.to_dict(), "prompts": [vars(r) for r in results.values()]})
-    log.info("batch manifest: %s", store.location(manifest))
+        if spec.name not in eval_refs:
+            continue
+        try:
+            report = ray.get(eval_refs[spec.name])
+        except Exception as e:
+            _fail(result, "evaluation", e)
+            continue
+        reports.append(report)
+        train = layout.train_prefix(spec, cfg)
+        result.status, result.stage = "done", "evaluated"
+        result.passed, result.gate, result.published = report["gate"]["passed"], report["gate"]["summary"], \
+            report["published"]
+        result.artifacts = {"adapter": store.location(f"{train}/adapter"),
+                            "report": report["location"],
+                            "records": store.location(f"{layout.synth_prefix(spec, cfg)}/records.jsonl"),
+                            "quality": store.location(f"{layout.synth_prefix(spec, cfg)}/quality.json")}
+    write_batch(specs, cfg, store, list(results.values()), reports, user_inputs, time.time() - started)
     return list(results.values())
+
+
+def write_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore, results: list[PromptResult],
+                reports: list[dict], user_inputs: dict[str, list[str]], seconds: float) -> str:
+    """The batch manifest and report (JSON and Markdown); returns the batch's store prefix."""
+    from genpi.evaluate.report import batch_rows, batch_table
+
+    prefix = layout.batch_prefix(specs, cfg, user_inputs)
+    rows = batch_rows(reports)
+    finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    store.put_json(f"{prefix}/report.json", {"finished_at": finished, "prompts": rows})
+    store.put_text(f"{prefix}/report.md", f"# genpi batch {prefix.rsplit('/', 1)[-1]}\n\nFinished {finished} "
+                   f"in {seconds / 60:.1f} min.\n\n{batch_table(rows)}\n")
+    store.put_json(f"{prefix}/manifest.json", {"finished_at": finished, "seconds": round(seconds, 1),
+                                               "config": cfg.to_dict(), "prompts": [vars(r) for r in results]})
+    log.info("batch report: %s", store.location(f"{prefix}/report.md"))
+    return prefix

@@ -127,11 +127,15 @@ class World:
     - input requests: a numbered list of the requested count of fresh, unique tasks;
     - reasons: a fixed explanation naming the task;
     - student: a plain-prose reply; agent/teacher: a bash action first, ``Act: finish`` after;
+      on agent turn ``chatty_turn(task)`` (1-based; 0 never) a chatty reply out of the action format;
     - environment: ``Output: ...`` for a bash action, the end token (as a stop string) after finish.
     """
 
-    def __init__(self, spec: PromptSpec):
+    CHATTY = "Sure! I measured the folder for you."
+
+    def __init__(self, spec: PromptSpec, chatty_turn: Callable[[str], int] = lambda task: 0):
         self.spec = spec
+        self.chatty_turn = chatty_turn
         self.next_task = 0
 
     def __call__(self, conversation: Conversation, params: SamplingParams) -> str | Generation:
@@ -151,6 +155,9 @@ class World:
             if "Act: finish" in conversation[-1]["content"]:
                 return Generation("", "stop", 10, 1, stop_string=self.spec.environment.end_token)
             return "Output: 4096"
-        if agent_turns_so_far(conversation, self.spec) == 0:
+        turn = agent_turns_so_far(conversation, self.spec) + 1
+        if turn == self.chatty_turn(task_of(conversation, self.spec)):
+            return self.CHATTY
+        if turn == 1:
             return "Think: measure it.\nAct: bash\n```bash\ndu -sb /data\n```"
         return "Think: the shell printed it.\nAct: finish"

@@ -19,9 +19,16 @@ TINY_RUN = [
     "--models.generator.name", "tiny-random-llama", "--models.target.name", "tiny-random-llama",
     "--synth.num-inputs", "6", "--synth.min-inputs", "4", "--synth.part-size", "4", "--synth.max-turns", "2",
     "--synth.input-max-tokens", "48", "--synth.output-max-tokens", "12", "--synth.reason-max-tokens", "12",
-    "--synth.agent-max-tokens", "12", "--synth.env-max-tokens", "12",
+    "--synth.agent-max-tokens", "12", "--synth.env-max-tokens", "12", "--synth.filter-off-format", "false",
     "--train.epochs", "1", "--train.batch-size", "4", "--train.micro-batch-size", "2",
+    "--eval.max-turns", "2", "--eval.max-tokens", "12", "--eval.env-max-tokens", "12",
+    "--eval.latency-turns", "2", "--eval.latency-tokens", "4",
 ]
+
+
+def genpi_command(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "genpi.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def run_job(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
@@ -59,12 +66,30 @@ def test_job_end_to_end_and_rerun(tmp_path: Path) -> None:
         assert provenance["prompt_name"] in key and provenance["base_model"] == "tiny-random-llama"
     records = [k for k in store.list_keys("prompts") if k.endswith("/records.jsonl")]
     assert len(records) == 3 and all(len(store.get_jsonl(k)) == 6 for k in records)
+
+    # Every prompt has a fidelity report of three systems on its test inputs, with plots and a gate.
+    reports = [k for k in store.list_keys("prompts") if "/eval/" in k and k.endswith("/report.json")]
+    assert len(reports) == 3
+    for key in reports:
+        report = store.get_json(key)
+        test = report["sets"]["test"]
+        assert test["n"] == 2 and set(test["systems"]) == {"teacher", "base", "adapter"}
+        assert {"format_valid", "nll", "kl_topk", "token_f1", "embedding_similarity"} <= set(test["comparison"])
+        assert report["efficiency"]["prompt_tokens"] > 500 and len(report["efficiency"]["latency_s"]["adapter"]) == 2
+        assert report["gate"]["summary"] and report["gate"]["passed"] is False  # a random model keeps no format
+        for name in ("report.md", "retention.png", "efficiency.png"):
+            assert store.exists(key.replace("report.json", name))
+        assert f"{report['prompt']}:" in first.stdout and "NOT published (gate failed)" in first.stdout
+    table = genpi_command("report", "--store.url", str(store_dir))
+    assert table.returncode == 0 and table.stdout.count("FAILED: format_valid") == 3, table.stdout + table.stderr
+    listing = genpi_command("ls", "--store.url", str(store_dir))
+    assert listing.returncode == 0 and "no published adapters" in listing.stdout
     markers = {k: store.get_bytes(k) for k in store.list_keys("prompts") if k.endswith("_SUCCESS")}
 
     second = run_job("--prompts", str(prompts), "--store.url", str(store_dir), *TINY_RUN)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "starting engines" not in second.stdout  # nothing to synthesize
-    assert second.stdout.count("adapter found at") == 3
+    assert second.stdout.count("adapter found at") == 3 and second.stdout.count("evaluation found at") == 3
     assert {k: store.get_bytes(k) for k in store.list_keys("prompts") if k.endswith("_SUCCESS")} == markers
 
 

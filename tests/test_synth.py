@@ -1,5 +1,6 @@
-"""Data synthesis on a scripted fake engine: inputs, outputs, reasons, role play, parts,
-quality report, split, and the resumable synthesis stage in a local store."""
+"""Data synthesis on a scripted fake engine: inputs, outputs, reasons, role play and the shared
+episode loop, the action-format filter, parts, quality report, the id-derived split, and the
+resumable synthesis stage in a local store."""
 
 from __future__ import annotations
 
@@ -10,28 +11,22 @@ import pytest
 
 from genpi import layout
 from genpi.config import GenPIConfig, SynthConfig, load_config
-from genpi.engines.base import Generation
-from genpi.prompts import load_prompts
+from genpi.conversations import environment_conversation, environment_opening, teacher_messages
+from genpi.engines.base import Generation, SamplingParams
+from genpi.fingerprint import fingerprint
+from genpi.episodes import CONTEXT, EMPTY, END_TOKEN, MAX_TURNS, play_episodes
+from genpi.splits import assign_splits
 from genpi.store import LocalStore
-from genpi.synth import templates
+from genpi.synth.format_filter import cut_at_off_format, filter_record
 from genpi.synth.inputs import InputStats, generate_inputs, normalize, parse_candidates
 from genpi.synth.outputs import single_turn_outputs
 from genpi.synth.parts import run_in_parts
 from genpi.synth.quality import quality_report
 from genpi.synth.reasons import reasons
-from genpi.synth.roleplay import (
-    CONTEXT,
-    EMPTY,
-    END_TOKEN,
-    MAX_TURNS,
-    max_turns_for,
-    role_play,
-    student_messages,
-)
-from genpi.synth.stage import TooFewInputs, split_ids, synthesize
+from genpi.synth.roleplay import max_turns_for, role_play
+from genpi.synth.stage import TooFewInputs, synthesize
 from tests.fakes import FakeEngine, ScriptedFailure, World, agent_turns_so_far, kind_of, mini_spec, task_of
 
-ROOT = Path(__file__).resolve().parents[1]
 SPEC = mini_spec()
 
 
@@ -170,7 +165,7 @@ def test_single_turn_outputs_student_has_no_prompt_teacher_has_it() -> None:
     assert len(target.calls) == 1  # one batched call for students and teachers
     convs, params = target.calls[0]
     assert convs[:2] == [[{"role": "user", "content": x["input"]}] for x in inputs]
-    assert convs[2:] == [SPEC.messages_with_input(x["input"]) for x in inputs]
+    assert convs[2:] == [teacher_messages(SPEC, x["input"]) for x in inputs]
     assert SPEC.turns[0].content in convs[2][0]["content"]
     assert params.temperature == 0.0 and params.max_new_tokens == 77
     assert [r["id"] for r in rows] == [7, 9]
@@ -191,44 +186,6 @@ def test_reasons_use_generator_with_reason_sampling() -> None:
     assert "In about 3 sentences" in text and "AS-IS answer" in text and "Think: x\nAct: bash" in text
     assert rows == [{"id": 0, "reason": "The prompt demands Think/Act lines, so for 'Show the uptime of the "
                                         "machine' the answer becomes an action.", "reason_finish": "stop"}]
-
-
-# ------------------------------------------------------------------ environment conversation
-
-def test_environment_conversation_swaps_roles_and_ends_finals() -> None:
-    conv = templates.environment_conversation(SPEC)
-    assert [m["role"] for m in conv] == ["system", "user", "assistant", "user", "assistant"]
-    assert conv[1:] == [
-        {"role": "user", "content": SPEC.turns[2].content},      # agent's bash action
-        {"role": "assistant", "content": "Output: 42"},          # its observation
-        {"role": "user", "content": SPEC.turns[4].content},      # the final answer ...
-        {"role": "assistant", "content": "<END>"},               # ... is answered with the end token,
-    ]                                                            # not with the next task's intro
-    system = conv[0]["content"]
-    assert "<END>" in system
-    assert SPEC.environment.description in system and SPEC.turns[0].content in system
-    opening = templates.environment_opening("Count the users of the machine", "Act: bash")
-    assert "Count the users of the machine" in opening and opening.endswith("Act: bash")
-
-
-def test_environment_conversation_last_agent_turn_without_observation() -> None:
-    spec = mini_spec(turns=SPEC.turns[:5], environment=dataclasses.replace(SPEC.environment, end_token="[[DONE]]"),
-                     action_format=dataclasses.replace(SPEC.action_format, final=()))
-    conv = templates.environment_conversation(spec)
-    assert conv[-1] == {"role": "assistant", "content": "[[DONE]]"}
-    assert conv[2] == {"role": "assistant", "content": "Output: 42"}
-
-
-def test_environment_conversation_on_shipped_shell_prompt() -> None:
-    spec = {s.name: s for s in load_prompts(ROOT / "prompts")}["shell-agent"]
-    conv = templates.environment_conversation(spec)
-    replies = [m["content"] for m in conv if m["role"] == "assistant"]
-    actions = [m["content"] for m in conv if m["role"] == "user"]
-    assert len(actions) == spec.gold_turns()
-    assert all(r.startswith("Output:") or r == spec.environment.end_token for r in replies)
-    # every final action is answered with the end token, every other with an observation
-    assert [r == "<END>" for r in replies] == [spec.action_format.is_final(a) for a in actions]
-    assert replies[-1] == "<END>"
 
 
 # ------------------------------------------------------------------ role play
@@ -302,8 +259,8 @@ def test_role_play_conversations_grow_in_both_personas() -> None:
     assert last_agent == SPEC.messages_with_input("task never") + [
         {"role": "assistant", "content": "Think: go.\nAct: step 1"},
         {"role": "user", "content": "Output: ok 1"}]
-    assert last_env == templates.environment_conversation(SPEC) + [
-        {"role": "user", "content": templates.environment_opening("task never", "Think: go.\nAct: step 1")},
+    assert last_env == environment_conversation(SPEC) + [
+        {"role": "user", "content": environment_opening("task never", "Think: go.\nAct: step 1")},
         {"role": "assistant", "content": "Output: ok 1"},
         {"role": "user", "content": "Think: go.\nAct: step 2"}]
     assert all(m["content"] for m in last_env)  # never an empty message to the environment
@@ -328,12 +285,34 @@ def test_role_play_empty_part_makes_no_calls() -> None:
     assert role_play(SPEC, synth_cfg(), target, []) == []
 
 
-def test_student_messages_drop_prompt_and_trailing_observation() -> None:
-    turns = [{"agent": "a1", "observation": "o1"}, {"agent": "a2", "observation": "o2"}]
-    assert student_messages("do x", turns) == [
-        {"role": "user", "content": "do x"}, {"role": "assistant", "content": "a1"},
-        {"role": "user", "content": "o1"}, {"role": "assistant", "content": "a2"}]
-    assert student_messages("do x", []) == [{"role": "user", "content": "do x"}]
+def test_play_episodes_student_view_and_separate_generators() -> None:
+    """The evaluate stage's use: an agent without the prompt, and its own generate function."""
+    agent = FakeEngine(lambda conv, params: f"Think: go.\nAct: step {(len(conv) + 1) // 2}")
+    env = FakeEngine(lambda conv, params: (Generation("", "stop", 5, 1, stop_string="<END>")
+                                           if conv[-1]["content"].endswith("step 2") else "Output: ok"))
+    views = [[{"role": "user", "content": "task a"}], [{"role": "user", "content": "task b"}]]
+    before = [list(v) for v in views]
+    agent_params, env_params = SamplingParams(max_new_tokens=9), SamplingParams(max_new_tokens=7, stop=("<END>",))
+    out = play_episodes(SPEC, ["task a", "task b"], views, agent.generate, env.generate, 3, agent_params, env_params)
+    assert views == before  # the opening conversations are not modified
+    assert out == [{"turns": [{"agent": "Think: go.\nAct: step 1", "observation": "Output: ok", "agent_finish": "stop"},
+                              {"agent": "Think: go.\nAct: step 2", "observation": "", "agent_finish": "stop"}],
+                    "end": END_TOKEN}] * 2
+    assert [len(c) for c, _ in agent.calls] == [2, 2] and [len(c) for c, _ in env.calls] == [2, 2]
+    assert all(p is agent_params for _, p in agent.calls) and all(p is env_params for _, p in env.calls)
+    # the agent never sees the prompt; the environment gets the task with the first action
+    assert agent.calls[1][0][0] == [{"role": "user", "content": "task a"},
+                                    {"role": "assistant", "content": "Think: go.\nAct: step 1"},
+                                    {"role": "user", "content": "Output: ok"}]
+    assert env.calls[0][0][1][-1]["content"] == environment_opening("task b", "Think: go.\nAct: step 1")
+
+
+def test_play_episodes_blank_agent_reply_ends_the_episode() -> None:
+    agent = FakeEngine(lambda conv, params: " \n ")
+    env = FakeEngine(lambda conv, params: pytest.fail("a blank action must not reach the environment"))
+    out = play_episodes(SPEC, ["t"], [[{"role": "user", "content": "t"}]], agent.generate, env.generate, 3,
+                        SamplingParams(), SamplingParams())
+    assert out == [{"turns": [], "end": EMPTY}]
 
 
 # ------------------------------------------------------------------ parts
@@ -371,7 +350,7 @@ def test_run_in_parts_resumes_after_a_crash(tmp_path: Path) -> None:
 
 def tiny_config(**synth) -> GenPIConfig:
     overrides = {"synth.num_inputs": 6, "synth.min_inputs": 4, "synth.part_size": 4, "synth.max_turns": 3,
-                 "synth.inputs_per_request": 3, "synth.val_fraction": 0.2,
+                 "synth.inputs_per_request": 3,
                  "models.generator.name": "tiny-random-llama", "models.target.name": "tiny-random-llama"}
     overrides.update({f"synth.{k}": v for k, v in synth.items()})
     return load_config("local", overrides=overrides)
@@ -384,8 +363,9 @@ def test_synthesize_end_to_end_and_rerun(tmp_path: Path) -> None:
     generator, target = FakeEngine(world), FakeEngine(world)
     prefix = synthesize(SPEC, cfg, generator, target, store)
     assert prefix == layout.synth_prefix(SPEC, cfg)
-    for name in ("records.jsonl", "quality.json", "split.json", "_SUCCESS", "inputs/inputs.jsonl"):
+    for name in ("records.jsonl", "quality.json", "_SUCCESS", "inputs/inputs.jsonl"):
         assert store.exists(f"{prefix}/{name}"), name
+    assert not store.exists(f"{prefix}/split.json")  # the split is derived from ids by each stage
     assert store.is_done(prefix) and store.done_info(prefix)["records"] == 6
     assert store.get_json(f"{layout.prompt_root(SPEC)}/prompt.json") == SPEC.to_json()
 
@@ -399,13 +379,14 @@ def test_synthesize_end_to_end_and_rerun(tmp_path: Path) -> None:
         {"agent": "Think: measure it.\nAct: bash\n```bash\ndu -sb /data\n```", "observation": "Output: 4096",
          "agent_finish": "stop"},
         {"agent": "Think: the shell printed it.\nAct: finish", "observation": "", "agent_finish": "stop"}]
-    split = store.get_json(f"{prefix}/split.json")
-    assert sorted(split["train"] + split["val"]) == list(range(6)) and len(split["val"]) == 1
-    assert {r["id"] for r in records if r["split"] == "val"} == set(split["val"])
+    assert all("split" not in r and r["turns_generated"] == 2 for r in records)
     quality = store.get_json(f"{prefix}/quality.json")
     assert quality["records"] == 6 and quality["avg_turns"] == 2.0 and quality["hit_max_turns"] == 0.0
     assert quality["missing_final_action"] == 0.0 and quality["max_turns"] == 3
     assert quality["inputs"]["kept"] == 6
+    assert (quality["off_format_turns_removed"], quality["records_cut_by_format_filter"],
+            quality["records_without_valid_turns"]) == (0, 0, 0)
+    assert quality["agent_turns_in_action_format"] == quality["agent_turns_in_action_format_after_filter"] == 1.0
 
     # generator: 1 input round + 2 reason parts; target: 2 output parts + 2 role-play parts x 2 turns x 2 calls
     assert len(generator.calls) == 3
@@ -415,6 +396,40 @@ def test_synthesize_end_to_end_and_rerun(tmp_path: Path) -> None:
     idle = FakeEngine(lambda c, p: pytest.fail("a finished synthesis must not generate"))
     assert synthesize(SPEC, cfg, idle, idle, store) == prefix
     assert idle.calls == []
+
+
+@pytest.mark.parametrize("filter_on", [True, False])
+def test_synthesize_filters_off_format_turns(tmp_path: Path, filter_on: bool) -> None:
+    """Odd inputs get a chatty (off-format) second agent turn: bash, chatty, finish."""
+    store = LocalStore(tmp_path)
+    cfg = tiny_config(filter_off_format=filter_on)
+    world = World(SPEC, chatty_turn=lambda task: 2 if task.endswith(("1 in bytes.", "3 in bytes.")) else 0)
+    prefix = synthesize(SPEC, cfg, FakeEngine(world), FakeEngine(world), store)
+    raw = [c for key in store.list_keys(f"{prefix}/conversations") for c in store.get_jsonl(key)]
+    assert [len(c["turns"]) for c in raw] == [2, 3, 2, 3, 2, 2]  # the stored parts keep every turn
+    records = store.get_jsonl(f"{prefix}/records.jsonl")
+    assert [r["turns_generated"] for r in records] == [2, 3, 2, 3, 2, 2]
+    quality = store.get_json(f"{prefix}/quality.json")
+    assert quality["agent_turns_in_action_format"] == round(12 / 14, 4)  # before the filter
+    if filter_on:
+        assert [len(r["turns"]) for r in records] == [2, 1, 2, 1, 2, 2]
+        assert records[1]["turns"] == raw[1]["turns"][:1]
+        assert (quality["off_format_turns_removed"], quality["records_cut_by_format_filter"]) == (4, 2)
+        assert quality["agent_turns_in_action_format_after_filter"] == 1.0
+    else:
+        assert [r["turns"] for r in records] == [c["turns"] for c in raw]
+        assert (quality["off_format_turns_removed"], quality["records_cut_by_format_filter"]) == (0, 0)
+        assert quality["agent_turns_in_action_format_after_filter"] == round(12 / 14, 4)
+    assert quality["records_without_valid_turns"] == 0
+
+
+def test_split_config_is_not_part_of_the_synthesis_key() -> None:
+    cfg = tiny_config()
+    other = dataclasses.replace(cfg, split=dataclasses.replace(cfg.split, val_fraction=0.3, test_fraction=0.05,
+                                                               seed=9))
+    assert other.synth_hash() == cfg.synth_hash()
+    assert layout.run_hash(other) != layout.run_hash(cfg)  # an adapter does depend on its training split
+    assert tiny_config(filter_off_format=False).synth_hash() != cfg.synth_hash()
 
 
 def test_synthesize_resumes_after_a_crash_in_role_play(tmp_path: Path) -> None:
@@ -463,7 +478,7 @@ def test_too_few_inputs_names_the_prompt_file(tmp_path: Path) -> None:
     assert not store.is_done(layout.synth_prefix(SPEC, cfg))
 
 
-# ------------------------------------------------------------------ quality report and split
+# ------------------------------------------------------------------ format filter, quality report, split
 
 def record(turns: list[str], end: str, teacher: str = "Think: a\nAct: finish", student: str = "plain",
            finishes: tuple[str, str, str] = ("stop", "stop", "stop"), agent_finish: str = "stop") -> dict:
@@ -472,51 +487,78 @@ def record(turns: list[str], end: str, teacher: str = "Think: a\nAct: finish", s
             "turns": [{"agent": a, "observation": "o", "agent_finish": agent_finish} for a in turns], "end": end}
 
 
+BASH = "Think: look\nAct: bash"
+
+
+def test_format_filter_cuts_before_the_first_off_format_turn() -> None:
+    turns = record([BASH, "I looked.", BASH, "Think: ok\nAct: finish"], MAX_TURNS)["turns"]
+    assert cut_at_off_format(SPEC, turns) == turns[:1]
+    assert cut_at_off_format(SPEC, turns[:1]) == turns[:1]
+    assert cut_at_off_format(SPEC, [{"agent": "hello", "observation": "", "agent_finish": "stop"}]) == []
+    no_regexes = mini_spec(action_format=dataclasses.replace(SPEC.action_format, actions=()))
+    assert cut_at_off_format(no_regexes, turns) == turns
+    r = record([BASH, "I looked.", BASH], MAX_TURNS)
+    assert filter_record(SPEC, r, True) == {**r, "turns": r["turns"][:1], "turns_generated": 3}
+    assert filter_record(SPEC, r, False) == {**r, "turns_generated": 3}
+    assert len(r["turns"]) == 3  # the input record is not modified
+
+
 def test_quality_report_numbers() -> None:
-    bash = "Think: look\nAct: bash"
-    records = [
-        record([bash, "Think: ok\nAct: answer(3)"], END_TOKEN),
-        record([bash, bash, bash], MAX_TURNS, student="Think: s\nAct: finish", finishes=("length", "stop", "stop")),
-        record([bash, "Think: done\nAct: finish"], END_TOKEN, teacher="no format", agent_finish="length"),
+    raw = [
+        record([BASH, "Think: ok\nAct: answer(3)"], END_TOKEN),
+        record([BASH, BASH, BASH], MAX_TURNS, student="Think: s\nAct: finish", finishes=("length", "stop", "stop")),
+        record([BASH, "Think: done\nAct: finish"], END_TOKEN, teacher="no format", agent_finish="length"),
         record(["chatty reply"], EMPTY),
+        record([BASH, "I am done.", "Think: done\nAct: finish"], END_TOKEN),
     ]
-    stats = InputStats(requests=3, candidates=9, kept=4, rounds=1)
-    q = quality_report(SPEC, records, stats, 3)
-    assert q["records"] == 4
-    assert q["avg_turns"] == 2.0                 # (2 + 3 + 2 + 1) / 4
-    assert q["hit_max_turns"] == 0.25
-    assert q["abnormal_termination"] == 0.25
-    assert q["end_reasons"] == {END_TOKEN: 2, MAX_TURNS: 1, EMPTY: 1}
-    assert q["missing_final_action"] == 0.5      # the max-turns and the chatty records
-    assert q["teacher_action_format"] == 0.75
-    assert q["student_action_format"] == 0.25
-    assert q["agent_turns_in_action_format"] == 0.875  # 7 of 8 agent turns
-    assert q["truncated_outputs"] == {"student": 0.25, "teacher": 0.0, "reason": 0.0, "agent_turns": 0.25}
+    records = [filter_record(SPEC, r, True) for r in raw]
+    stats = InputStats(requests=3, candidates=9, kept=5, rounds=1)
+    q = quality_report(SPEC, records, raw, stats, 3)
+    assert q["records"] == 5
+    assert q["avg_turns"] == 2.2                 # (2 + 3 + 2 + 1 + 3) / 5, as generated
+    assert q["hit_max_turns"] == 0.2
+    assert q["abnormal_termination"] == 0.2
+    assert q["end_reasons"] == {END_TOKEN: 3, MAX_TURNS: 1, EMPTY: 1}
+    assert q["missing_final_action"] == 0.4      # the max-turns and the chatty records
+    assert q["teacher_action_format"] == 0.8
+    assert q["student_action_format"] == 0.2
+    assert q["agent_turns_in_action_format"] == round(9 / 11, 4)  # before the filter
+    assert q["agent_turns_in_action_format_after_filter"] == 1.0  # 8 of 8 kept turns
+    assert q["off_format_turns_removed"] == 3    # "chatty reply"; "I am done." and the finish after it
+    assert q["records_cut_by_format_filter"] == 2 and q["records_without_valid_turns"] == 1
+    assert q["avg_turns_after_filter"] == 1.6    # (2 + 3 + 2 + 0 + 1) / 5
+    assert q["truncated_outputs"] == {"student": 0.2, "teacher": 0.0, "reason": 0.0, "agent_turns": round(2 / 11, 4)}
     assert q["gold_turns_in_prompt"] == 2 and q["max_turns"] == 3
-    assert q["inputs"]["kept"] == 4
+    assert q["inputs"]["kept"] == 5
     assert q["avg_chars"] == {"input": 10.0, "reason": 20.0}
 
 
 def test_quality_report_without_action_format_or_records() -> None:
     spec = mini_spec(action_format=dataclasses.replace(SPEC.action_format, actions=(), final=()))
-    q = quality_report(spec, [record(["a"], END_TOKEN)], InputStats(), 2)
+    raw = [record(["a"], END_TOKEN)]
+    q = quality_report(spec, [filter_record(spec, r, True) for r in raw], raw, InputStats(), 2)
     assert "missing_final_action" not in q and "teacher_action_format" not in q
-    empty = quality_report(SPEC, [], InputStats(), 2)
+    assert "agent_turns_in_action_format_after_filter" not in q and q["off_format_turns_removed"] == 0
+    empty = quality_report(SPEC, [], [], InputStats(), 2)
     assert empty["records"] == 0 and empty["avg_turns"] == 0.0 and empty["hit_max_turns"] == 0.0
 
 
-def test_split_ids_deterministic_disjoint_complete() -> None:
+def test_assign_splits_deterministic_disjoint_complete() -> None:
     ids = list(range(40))
-    a = split_ids(ids, 0.25, seed=1)
-    assert a == split_ids(list(reversed(ids)), 0.25, seed=1)
-    assert not set(a["train"]) & set(a["val"])
-    assert sorted(a["train"] + a["val"]) == ids
-    assert len(a["val"]) == 10 and a["train"] == sorted(a["train"]) and a["val"] == sorted(a["val"])
-    assert split_ids(ids, 0.25, seed=2)["val"] != a["val"]  # the seed matters
-    assert split_ids(ids, 0.0, seed=1) == {"train": ids, "val": []}
-    assert split_ids([5], 0.5, seed=0) == {"train": [5], "val": []}
-    assert split_ids([3, 4], 0.5, seed=0)["train"] in ([3], [4])
-    assert split_ids([], 0.5, seed=0) == {"train": [], "val": []}
+    a = assign_splits(ids, 0.25, 0.1, seed=1)
+    assert a == assign_splits(list(reversed(ids)), 0.25, 0.1, seed=1)
+    assert sorted(a) == ids and set(a.values()) == {"train", "val", "test"}  # every id in exactly one set
+    sets = {name: {i for i, v in a.items() if v == name} for name in ("train", "val", "test")}
+    assert [len(sets[n]) for n in ("train", "val", "test")] == [26, 10, 4]
+    # the first ids by fingerprint([seed, id]) are test, the next val
+    order = sorted(ids, key=lambda i: fingerprint([1, i]))
+    assert sets["test"] == set(order[:4]) and sets["val"] == set(order[4:14])
+    assert assign_splits(ids, 0.25, 0.1, seed=2) != a  # the seed matters
+    assert set(assign_splits(ids, 0.0, 0.0, seed=1).values()) == {"train"}
+    assert assign_splits([5], 0.5, 0.5, seed=0) == {5: "train"}  # at least one training record
+    assert sorted(assign_splits([3, 4], 0.5, 0.5, seed=0).values()) == ["test", "train"]
+    assert sorted(assign_splits([3, 4, 8, 9], 0.5, 0.5, seed=0).values()) == ["test", "test", "train", "val"]
+    assert assign_splits([], 0.5, 0.5, seed=0) == {}
 
 
 # ------------------------------------------------------------------ on the real tiny model

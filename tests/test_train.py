@@ -14,14 +14,25 @@ import torch
 
 from genpi import layout
 from genpi.config import TrainConfig, load_config
+from genpi.conversations import prompt_generation_input, prompt_generation_target, student_messages
 from genpi.engines.models import TINY, resolve_model
+from genpi.errors import ArtifactNotFound, GenPIError, PromptError
 from genpi.prompts import load_prompts
+from genpi.splits import assign_splits
 from genpi.store import LocalStore
-from genpi.synth import templates
-from genpi.synth.roleplay import student_messages
 from genpi.synth.stage import synthesize
 from genpi.train import stage as train_stage
-from genpi.train.examples import IGNORE, Example, ExampleReport, build_examples, pg_example, sft_example, tokenize_chat
+from genpi.train.examples import (
+    IGNORE,
+    Example,
+    ExampleReport,
+    build_examples,
+    check_pg_fits,
+    complete_sentences,
+    pg_example,
+    sft_example,
+    tokenize_chat,
+)
 from genpi.train.trainer import collate, load_for_training, lr_factor, step_loss, train_adapter
 from tests.fakes import FakeEngine, World, mini_spec
 
@@ -94,11 +105,20 @@ RECORD = {
     "student": "I am a language model and cannot run commands.",
     "teacher": "Think: count.\nAct: bash\n```bash\nwc -l /etc/hosts\n```",
     "reason": " ".join(f"Sentence {i} says the prompt asks for Think and Act lines." for i in range(30)),
-    "turns": [{"agent": "Think: count.\nAct: bash\n```bash\nwc -l /etc/hosts\n```", "observation": "Output: 7"},
+    "reason_finish": "stop",
+    "turns": [{"agent": "Think: count.\nAct: bash\n```bash\nwc -l /etc/hosts\n```", "observation": "Output: 7",
+               "agent_finish": "stop"},
               {"agent": "Think: check again.\nAct: bash\n```bash\ncat /etc/hosts | wc -l\n```",
-               "observation": "Output: 7"},
-              {"agent": "Think: it is 7.\nAct: answer(7)", "observation": ""}],
+               "observation": "Output: 7", "agent_finish": "stop"},
+              {"agent": "Think: it is 7.\nAct: answer(7)", "observation": "", "agent_finish": "stop"}],
 }
+
+
+def with_turn(k: int, **changes) -> dict:
+    """RECORD with turn ``k`` changed."""
+    turns = [dict(t) for t in RECORD["turns"]]
+    turns[k].update(changes)
+    return {**RECORD, "turns": turns}
 
 
 def test_sft_example_learns_agent_turns_without_prompt(tokenizer) -> None:
@@ -125,78 +145,148 @@ def test_sft_example_drops_trailing_turns_and_counts(tokenizer) -> None:
     assert sft_example(tokenizer, {**RECORD, "turns": []}, 4096, ExampleReport()) is None
 
 
-def pg_target_len(tokenizer, record, prompt_text) -> int:
-    return len(tokenize_chat(tokenizer, [
-        {"role": "user", "content": templates.prompt_generation_input(record["input"], record["student"],
-                                                                      record["teacher"])},
-        {"role": "assistant", "content": templates.prompt_generation_target(prompt_text, record["reason"])}]).input_ids)
+def test_sft_example_never_labels_the_end_of_a_turn_cut_at_the_token_limit(tokenizer) -> None:
+    cut_text = "Think: check again.\nAct: bash\n```bash\ncat /etc/hosts | wc"
+    record = with_turn(1, agent=cut_text, agent_finish="length")
+    report = ExampleReport()
+    ex = sft_example(tokenizer, record, 4096, report)
+    # The cut turn is learned, but without its end of turn, and the turn after it is left out.
+    assert ex.input_ids == tokenize_chat(tokenizer, student_messages(RECORD["input"], record["turns"][:2])).input_ids
+    assert [tokenizer.decode(s) for s in spans(ex)] == [RECORD["turns"][0]["agent"] + END, cut_text]
+    assert report.sft_cut_turns_open == 1 and report.sft_cut_turns_dropped == 1
+    report = ExampleReport()
+    first = sft_example(tokenizer, with_turn(0, agent_finish="length"), 4096, report)
+    assert [tokenizer.decode(s) for s in spans(first)] == [RECORD["turns"][0]["agent"]]
+    assert report.sft_cut_turns_open == 1 and report.sft_cut_turns_dropped == 2
+
+
+def test_sft_example_never_learns_an_empty_agent_turn(tokenizer) -> None:
+    report = ExampleReport()
+    ex = sft_example(tokenizer, with_turn(2, agent=" \n"), 4096, report)
+    assert ex == tokenize_chat(tokenizer, student_messages(RECORD["input"], RECORD["turns"][:2]))
+    assert report.sft_empty_turns_dropped == 1 and report.sft_cut_turns_dropped == 0
+
+
+def pg_messages(record, spec):
+    return [{"role": "user", "content": prompt_generation_input(record["input"], record["student"], record["teacher"])},
+            {"role": "assistant", "content": prompt_generation_target(spec, record["reason"])}]
+
+
+def pg_target_len(tokenizer, record, spec) -> int:
+    return len(tokenize_chat(tokenizer, pg_messages(record, spec)).input_ids)
 
 
 @pytest.fixture(scope="module")
-def shell_prompt_text() -> str:
-    return {s.name: s for s in load_prompts(ROOT / "prompts")}["shell-agent"].text()
+def shell_spec():
+    return {s.name: s for s in load_prompts(ROOT / "prompts")}["shell-agent"]
 
 
-def test_pg_example_full_when_it_fits(tokenizer, shell_prompt_text) -> None:
+def test_pg_example_full_when_it_fits(tokenizer, shell_spec) -> None:
     report = ExampleReport()
-    ex = pg_example(tokenizer, RECORD, shell_prompt_text, 8192, report)
-    assert labelled_text(tokenizer, ex) == templates.prompt_generation_target(shell_prompt_text, RECORD["reason"]) + END
+    ex = pg_example(tokenizer, RECORD, shell_spec, 8192, report)
+    assert labelled_text(tokenizer, ex) == prompt_generation_target(shell_spec, RECORD["reason"]) + END
     seen = tokenizer.decode(ex.input_ids)
     assert RECORD["student"] in seen and RECORD["teacher"] in seen and RECORD["input"] in seen
     assert report == ExampleReport()
 
 
-def test_pg_example_shortens_the_reason_never_the_prompt(tokenizer, shell_prompt_text) -> None:
-    full = pg_target_len(tokenizer, RECORD, shell_prompt_text)
+def test_pg_example_shortens_the_reason_at_a_sentence_never_the_prompt(tokenizer, shell_spec) -> None:
+    full = pg_target_len(tokenizer, RECORD, shell_spec)
     reason_tokens = len(tokenizer.encode(RECORD["reason"], add_special_tokens=False))
     max_len = full - reason_tokens // 3  # fits once a third of the reason is gone
     report = ExampleReport()
-    ex = pg_example(tokenizer, RECORD, shell_prompt_text, max_len, report)
+    ex = pg_example(tokenizer, RECORD, shell_spec, max_len, report)
     assert ex is not None and len(ex.input_ids) <= max_len
     target = labelled_text(tokenizer, ex)
-    head = shell_prompt_text + "\n\n### Why the answer changes\n"
+    head = shell_spec.text() + "\n\n### Why the answer changes\n"
     assert target.startswith(head)  # the whole prompt, uncut, comes first
     kept_reason = target[len(head):-len(END)]
     assert 0 < len(kept_reason) < len(RECORD["reason"]) and RECORD["reason"].startswith(kept_reason)
+    assert kept_reason.endswith("Act lines.")  # whole sentences only
     assert report.pg_reasons_shortened == 1 and report.pg_answers_shortened == 0 and report.pg_examples_dropped == 0
     seen = tokenizer.decode(ex.input_ids)
     assert RECORD["student"] in seen and RECORD["teacher"] in seen  # the answers were not touched
 
 
-def test_pg_example_dropped_and_reported_when_the_prompt_cannot_fit(tokenizer, shell_prompt_text) -> None:
-    prompt_tokens = len(tokenizer.encode(shell_prompt_text, add_special_tokens=False))
+def test_pg_example_dropped_and_reported_when_the_prompt_cannot_fit(tokenizer, shell_spec) -> None:
+    prompt_tokens = len(tokenizer.encode(shell_spec.text(), add_special_tokens=False))
     report = ExampleReport()
-    assert pg_example(tokenizer, RECORD, shell_prompt_text, prompt_tokens, report) is None
+    assert pg_example(tokenizer, RECORD, shell_spec, prompt_tokens, report) is None
     assert report.pg_examples_dropped == 1 and report.pg_reasons_shortened == 1
 
-    pairs, report = build_examples(tokenizer, [RECORD, {**RECORD, "turns": []}], shell_prompt_text, prompt_tokens)
+    pairs, report = build_examples(tokenizer, [RECORD, {**RECORD, "turns": []}], shell_spec, prompt_tokens)
     assert [(s is not None, p is not None) for s, p in pairs] == [(True, False), (False, False)]
     assert (report.sft, report.pg, report.pg_examples_dropped, report.max_len) == (1, 0, 2, prompt_tokens)
     assert report.sft_records_without_turns == 1
-    assert report.notes == ["1 records have no agent turn (the role play ended before the agent spoke) and give "
-                            "no SFT example",
+    assert report.notes == ["1 records have no learnable agent turn (none was kept by the format filter, or the "
+                            "first was empty) and give no SFT example",
                             f"0 SFT and 2 PG examples did not fit in {prompt_tokens} tokens and were left out"]
 
 
 def test_pg_example_cuts_one_long_answer_enough(tokenizer) -> None:
     record = {**RECORD, "student": "I think that " * 150, "reason": "The prompt asks for actions."}
-    prompt_text = SPEC.text()
-    full = pg_target_len(tokenizer, record, prompt_text)
+    full = pg_target_len(tokenizer, record, SPEC)
     max_len = full - 60  # the 450-token student answer can give up 60 tokens easily
     report = ExampleReport()
-    ex = pg_example(tokenizer, record, prompt_text, max_len, report)
+    ex = pg_example(tokenizer, record, SPEC, max_len, report)
     assert ex is not None and len(ex.input_ids) <= max_len
-    assert report.pg_answers_shortened == 1 and report.pg_examples_dropped == 0
+    assert labelled_text(tokenizer, ex).endswith("The prompt asks for actions." + END)  # the one sentence stays
+    assert report.pg_answers_shortened == 1 and report.pg_examples_dropped == 0 and report.pg_reasons_shortened == 0
 
 
-def test_pg_example_shortens_the_reason_as_far_as_needed(tokenizer, shell_prompt_text) -> None:
-    full = pg_target_len(tokenizer, RECORD, shell_prompt_text)
+def test_pg_example_shortens_the_reason_as_far_as_needed(tokenizer, shell_spec) -> None:
+    full = pg_target_len(tokenizer, RECORD, shell_spec)
     reason_tokens = len(tokenizer.encode(RECORD["reason"], add_special_tokens=False))
     max_len = full - (reason_tokens * 3) // 4  # fits with a quarter of the reason (answers untouched)
     report = ExampleReport()
-    ex = pg_example(tokenizer, RECORD, shell_prompt_text, max_len, report)
+    ex = pg_example(tokenizer, RECORD, shell_spec, max_len, report)
     assert ex is not None and len(ex.input_ids) <= max_len
-    assert labelled_text(tokenizer, ex).startswith(shell_prompt_text)
+    assert labelled_text(tokenizer, ex).startswith(shell_spec.text())
+    assert report.pg_answers_shortened == 0
+
+
+@pytest.mark.parametrize("field", ["student", "teacher", "reason"])
+def test_pg_example_never_built_from_an_empty_answer_or_reason(tokenizer, field: str) -> None:
+    report = ExampleReport()
+    assert pg_example(tokenizer, {**RECORD, field: "  \n"}, SPEC, 8192, report) is None
+    assert report.pg_empty_dropped == 1 and report.pg_examples_dropped == 0
+
+
+def test_complete_sentences() -> None:
+    assert complete_sentences("One. Two! Three? Four is cut") == "One. Two! Three?"
+    assert complete_sentences('He said "stop." Then') == 'He said "stop."'
+    assert complete_sentences("Version 3.5 is cut") == ""
+    assert complete_sentences("All done.") == "All done."
+
+
+def test_pg_example_trims_a_cut_reason_to_its_last_full_sentence(tokenizer) -> None:
+    cut = {**RECORD, "reason": "The prompt wants Think lines. It also wants one Act line per re", "reason_finish": "length"}
+    report = ExampleReport()
+    ex = pg_example(tokenizer, cut, SPEC, 8192, report)
+    assert labelled_text(tokenizer, ex) == prompt_generation_target(SPEC, "The prompt wants Think lines.") + END
+    assert report.pg_cut_reasons_trimmed == 1 and report.pg_cut_reasons_open == 0
+    report = ExampleReport()
+    bare = pg_example(tokenizer, {**cut, "reason": "The prompt wants Think lines and"}, SPEC, 8192, report)
+    # no full sentence left: learned as it is, without the end of turn
+    assert labelled_text(tokenizer, bare) == prompt_generation_target(SPEC, "The prompt wants Think lines and")
+    assert report.pg_cut_reasons_open == 1 and report.pg_cut_reasons_trimmed == 0
+    # a reason that ended by itself is kept whole, sentence end or not
+    report = ExampleReport()
+    whole = pg_example(tokenizer, {**cut, "reason_finish": "stop"}, SPEC, 8192, report)
+    assert labelled_text(tokenizer, whole) == prompt_generation_target(SPEC, cut["reason"]) + END
+
+
+def test_check_pg_fits_names_the_prompt_its_size_and_the_fix(tokenizer, shell_spec) -> None:
+    smallest = len(tokenize_chat(tokenizer, pg_messages({"input": "", "student": "", "teacher": "", "reason": ""},
+                                                        shell_spec)).input_ids)
+    assert check_pg_fits(tokenizer, shell_spec, smallest) == smallest
+    prompt_tokens = len(tokenizer.encode(shell_spec.text(), add_special_tokens=False))
+    with pytest.raises(PromptError) as error:
+        check_pg_fits(tokenizer, shell_spec, smallest - 1)
+    message = str(error.value)
+    assert message.startswith(f"{shell_spec.source}: the prompt is {prompt_tokens:,} tokens")
+    assert f"at least {smallest:,} tokens" in message and f"max_len={smallest - 1:,}" in message
+    assert "raise train.max_seq_len or use a target model with a longer context" in message
 
 
 # ------------------------------------------------------------------ the joint loss
@@ -385,16 +475,24 @@ def test_lora_layers_puts_adapters_on_the_top_layers_only() -> None:
 # ------------------------------------------------------------------ the training stage
 
 @pytest.mark.timeout(240)
-def test_train_prompt_from_a_synthesized_store(tmp_path: Path, monkeypatch) -> None:
+def test_train_prompt_from_a_synthesized_store(tmp_path: Path, monkeypatch, tokenizer) -> None:
     store = LocalStore(tmp_path)
     cfg = load_config("local", overrides={
         "synth.num_inputs": 5, "synth.min_inputs": 4, "synth.part_size": 8, "synth.max_turns": 2,
-        "synth.val_fraction": 0.2, "models.target.name": TINY, "models.generator.name": TINY,
+        "split.val_fraction": 0.2, "split.test_fraction": 0.2, "models.target.name": TINY,
+        "models.generator.name": TINY,
         "models.target.dtype": "float32", "train.epochs": 1, "train.batch_size": 2, "train.micro_batch_size": 2,
         "train.lora_r": 2, "train.pg_lambda": 0.4, "train.quantization": "none", "train.threads": 2})
     world = World(SPEC)
     synthesize(SPEC, cfg, FakeEngine(world), FakeEngine(world), store)
+    seen: dict[str, list] = {}
+    real_train_adapter = train_stage.train_adapter
 
+    def spy(train_cfg, model, dtype, train, val, out, log):
+        seen.update(train=train, val=val)
+        return real_train_adapter(train_cfg, model, dtype, train, val, out, log)
+
+    monkeypatch.setattr(train_stage, "train_adapter", spy)
     prefix = train_stage.train_prompt(SPEC, cfg, store)
     assert prefix == layout.train_prefix(SPEC, cfg)
     keys = store.list_keys(prefix)
@@ -407,11 +505,17 @@ def test_train_prompt_from_a_synthesized_store(tmp_path: Path, monkeypatch) -> N
     assert provenance["pg_lambda"] == 0.4 and provenance["base_model"] == TINY
     metrics = store.get_json(f"{prefix}/metrics.json")
     examples = metrics["examples"]
-    assert (examples["sft"], examples["pg"], examples["max_len"]) == (5, 5, 2048)
+    assert (examples["sft"], examples["pg"], examples["max_len"]) == (4, 4, 2048)  # the test record is left out
     assert examples["sft_examples_dropped"] == 0 and examples["pg_examples_dropped"] == 0
-    assert metrics["steps"] == 2  # 4 training records, batch 2, 1 epoch
+    assert metrics["steps"] == 2  # 3 training records, batch 2, 1 epoch
     summary = store.get_json(f"{prefix}/summary.json")
-    assert summary["records"] == {"train": 4, "val": 1} and summary["run_hash"] == layout.run_hash(cfg)
+    assert summary["records"] == {"train": 3, "val": 1, "test": 1} and summary["run_hash"] == layout.run_hash(cfg)
+    # trained on exactly the "train" records and validated on the "val" ones, never on "test"
+    records = store.get_jsonl(f"{layout.synth_prefix(SPEC, cfg)}/records.jsonl")
+    split = assign_splits([r["id"] for r in records], 0.2, 0.2, cfg.split.seed)
+    for name in ("train", "val"):
+        expected, _ = build_examples(tokenizer, [r for r in records if split[r["id"]] == name], SPEC, 2048)
+        assert seen[name] == expected, name
     assert summary["adapter"] == store.location(f"{prefix}/adapter")
     assert store.done_info(prefix)["run_hash"] == layout.run_hash(cfg)
 
@@ -424,3 +528,30 @@ def test_train_prompt_from_a_synthesized_store(tmp_path: Path, monkeypatch) -> N
     other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pg_lambda=0.5))
     with pytest.raises(AssertionError, match="must not train again"):
         train_stage.train_prompt(SPEC, other, store)
+
+
+def test_train_prompt_fails_before_training_when_pg_cannot_fit(tmp_path: Path, monkeypatch) -> None:
+    cfg = load_config("local", overrides={"models.target.name": TINY, "models.generator.name": TINY,
+                                          "train.max_seq_len": 64, "train.threads": 2})
+    monkeypatch.setattr(train_stage, "train_adapter", lambda *a, **k: pytest.fail("must fail before training"))
+    empty = LocalStore(tmp_path)  # the check comes before the records are even read
+    with pytest.raises(PromptError, match=r"prompts/mini-shell\.md: the prompt is [\d,]+ tokens .* "
+                                          r"max_len=64, .* raise train\.max_seq_len"):
+        train_stage.train_prompt(SPEC, cfg, empty)
+    # with lambda 0 no PG example is trained, so the check does not apply: the stage goes on to the records
+    sft_only = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pg_lambda=0.0))
+    with pytest.raises(ArtifactNotFound):
+        train_stage.train_prompt(SPEC, sft_only, empty)
+
+
+def test_train_prompt_names_why_no_example_could_be_built(tmp_path: Path) -> None:
+    cfg = load_config("local", overrides={"models.target.name": TINY, "models.generator.name": TINY,
+                                          "train.threads": 2})
+    store = LocalStore(tmp_path)
+    cut = with_turn(0, agent=" ")
+    store.put_jsonl(f"{layout.synth_prefix(SPEC, cfg)}/records.jsonl",
+                    [{**cut, "id": i, "student": ""} for i in range(4)])
+    with pytest.raises(GenPIError, match=r"prompts/mini-shell\.md: no training example could be built within "
+                                         r"2048 tokens .*records have no learnable agent turn.* PG examples with an "
+                                         r"empty answer or reason"):
+        train_stage.train_prompt(SPEC, cfg, store)

@@ -31,8 +31,12 @@ class EngineActor:
     def info(self) -> dict[str, Any]:
         return {"model": self.engine.model_name, "max_context": self.engine.max_context}
 
-    def generate(self, conversations: list[Conversation], params: SamplingParams) -> list[Generation]:
-        return self.engine.generate(conversations, params)
+    def generate(self, conversations: list[Conversation], params: SamplingParams,
+                 adapters: list[str | None] | None = None) -> list[Generation]:
+        return self.engine.generate(conversations, params, adapters)
+
+    def add_adapter(self, folder: str) -> str:
+        return self.engine.add_adapter(folder)
 
     def count_tokens(self, conversations: list[Conversation]) -> list[int]:
         return self.engine.count_tokens(conversations)
@@ -53,10 +57,15 @@ class EnginePool:
         size = -(-len(items) // n) if items else 0
         return [(k * size, min(len(items), (k + 1) * size)) for k in range(n) if k * size < len(items)]
 
-    def generate(self, conversations: list[Conversation], params: SamplingParams) -> list[Generation]:
-        refs = [actor.generate.remote(conversations[a:b], params)
+    def generate(self, conversations: list[Conversation], params: SamplingParams,
+                 adapters: list[str | None] | None = None) -> list[Generation]:
+        refs = [actor.generate.remote(conversations[a:b], params, adapters[a:b] if adapters else None)
                 for actor, (a, b) in zip(self.actors, self._shards(conversations))]
         return [g for shard in ray.get(refs) for g in shard]
+
+    def add_adapter(self, folder: str) -> str:
+        """Load an adapter on every replica; returns its request name."""
+        return ray.get([actor.add_adapter.remote(folder) for actor in self.actors])[0]
 
     def count_tokens(self, conversations: list[Conversation]) -> list[int]:
         refs = [actor.count_tokens.remote(conversations[a:b])

@@ -38,12 +38,20 @@ class Generation:
 
 
 class Engine(Protocol):
-    """Chat conversations in, one generation per conversation out, in order."""
+    """Chat conversations in, one generation per conversation out, in order.
+
+    ``adapters[i]``, when given, names the LoRA adapter (a PEFT folder added with
+    ``add_adapter``) that serves request i; None serves it with the base model.
+    """
 
     model_name: str
     max_context: int
 
-    def generate(self, conversations: list[Conversation], params: SamplingParams) -> list[Generation]:
+    def generate(self, conversations: list[Conversation], params: SamplingParams,
+                 adapters: list[str | None] | None = None) -> list[Generation]:
+        ...
+
+    def add_adapter(self, folder: str) -> str:
         ...
 
     def count_tokens(self, conversations: list[Conversation]) -> list[int]:

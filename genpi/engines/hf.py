@@ -1,9 +1,15 @@
-"""Transformers backend: left-padded batched generation (bf16 on CPU, any dtype on CUDA)."""
+"""Transformers backend: left-padded batched generation (bf16 on CPU, any dtype on CUDA).
+
+Requests may name a LoRA adapter (a PEFT folder): adapters are loaded once into the one copy of
+the base weights, and a batch is served adapter by adapter (no adapter = the base model).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -62,6 +68,39 @@ class HFEngine:
         self.batch_size = batch_size
         self.prefix_sharing = prefix_sharing
         self.growing_kv = True  # False: transformers' DynamicCache (a baseline for bench/synthesis.py)
+        self.adapters: dict[str, str] = {}  # adapter name -> folder it was loaded from
+
+    def add_adapter(self, folder: str | Path) -> str:
+        """Load the PEFT adapter in ``folder`` (once); returns the name requests use for it: the folder."""
+        name = str(folder)
+        if name in self.adapters:
+            return name
+        from peft import PeftModel
+
+        if not (Path(folder) / "adapter_config.json").is_file():
+            raise ModelError(f"adapter folder {folder} has no adapter_config.json; point at a PEFT adapter "
+                             f"folder (save_pretrained output)")
+        key = f"a{len(self.adapters)}"  # PEFT adapter names may not contain dots or slashes
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(str(folder), adapter_name=key)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=key).eval()
+        self.adapters[name] = key
+        return name
+
+    @contextlib.contextmanager
+    def adapter_scope(self, adapter: str | None) -> Iterator[Any]:
+        """The model with ``adapter`` active, or the plain base model when ``adapter`` is None."""
+        if adapter is not None and adapter not in self.adapters:
+            raise ModelError(f"adapter {adapter} was not loaded; call add_adapter first")
+        if not self.adapters:
+            yield self.model
+        elif adapter is None:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            self.model.set_adapter(self.adapters[adapter])
+            yield self.model
 
     def encode(self, conversation: Conversation) -> list[int]:
         """Token ids of a conversation followed by the assistant's generation header."""
@@ -72,7 +111,23 @@ class HFEngine:
         return [len(self.encode(c)) for c in conversations]
 
     @torch.inference_mode()
-    def generate(self, conversations: list[Conversation], params: SamplingParams) -> list[Generation]:
+    def generate(self, conversations: list[Conversation], params: SamplingParams,
+                 adapters: list[str | None] | None = None) -> list[Generation]:
+        """One generation per conversation; ``adapters[i]`` names the LoRA adapter for request i (None: base)."""
+        if adapters is None or not any(adapters):
+            with self.adapter_scope(None):
+                return self._generate_all(conversations, params)
+        if len(adapters) != len(conversations):
+            raise ValueError("generate: one adapter entry per conversation")
+        results: list[Generation | None] = [None] * len(conversations)
+        for adapter in dict.fromkeys(adapters):
+            picked = [i for i, a in enumerate(adapters) if a == adapter]
+            with self.adapter_scope(adapter):
+                for i, gen in zip(picked, self._generate_all([conversations[i] for i in picked], params)):
+                    results[i] = gen
+        return [r for r in results if r is not None]
+
+    def _generate_all(self, conversations: list[Conversation], params: SamplingParams) -> list[Generation]:
         encoded = [self.encode(c) for c in conversations]
         results: list[Generation | None] = [None] * len(encoded)
         fits = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from genpi.config import SynthConfig
+from genpi.conversations import student_messages, teacher_messages
 from genpi.engines.base import SamplingParams
 from genpi.prompts import PromptSpec
 
@@ -12,8 +13,8 @@ from genpi.prompts import PromptSpec
 def single_turn_outputs(spec: PromptSpec, cfg: SynthConfig, target, inputs: Sequence[dict]) -> list[dict]:
     """For each ``{"id", "input"}``: the student's and the teacher's reply, in one batched call."""
     params = SamplingParams(max_new_tokens=cfg.output_max_tokens, temperature=0.0, seed=cfg.seed)
-    student = [[{"role": "user", "content": r["input"]}] for r in inputs]
-    teacher = [spec.messages_with_input(r["input"]) for r in inputs]
+    student = [student_messages(r["input"]) for r in inputs]
+    teacher = [teacher_messages(spec, r["input"]) for r in inputs]
     gens = target.generate(student + teacher, params)
     n = len(inputs)
     return [{"id": r["id"], "student": s.text, "teacher": t.text,

@@ -6,29 +6,36 @@ from collections import Counter
 from statistics import mean
 from typing import Any
 
+from genpi.episodes import END_TOKEN, MAX_TURNS
 from genpi.prompts import PromptSpec
 from genpi.synth.inputs import InputStats
-from genpi.synth.roleplay import END_TOKEN, MAX_TURNS
 
 
 def _share(n: int, total: int) -> float:
     return round(n / total, 4) if total else 0.0
 
 
-def quality_report(spec: PromptSpec, records: list[dict], input_stats: InputStats, max_turns: int) -> dict[str, Any]:
+def quality_report(spec: PromptSpec, records: list[dict], conversations: list[dict], input_stats: InputStats,
+                   max_turns: int) -> dict[str, Any]:
     """Counts and shares that tell whether the synthetic data looks like the prompt's examples.
 
-    ``records`` are joined records: input, student, teacher, reason, turns, end.
+    ``records`` are joined records (input, student, teacher, reason, filtered turns);
+    ``conversations`` the role play as generated (turns, end), in the same order. Role-play
+    statistics describe the generated conversations; ``*_after_filter`` and the filter counts
+    describe what the action-format filter kept (``off_format_turns_removed`` counts every turn
+    it dropped: a conversation's first off-format turn and the turns after it).
     """
     n = len(records)
     fmt = spec.action_format
-    ends = Counter(r["end"] for r in records)
-    agent_turns = [t["agent"] for r in records for t in r["turns"]]
+    ends = Counter(c["end"] for c in conversations)
+    generated = [t for c in conversations for t in c["turns"]]
+    kept = [t for r in records for t in r["turns"]]
+    removed = [len(c["turns"]) - len(r["turns"]) for r, c in zip(records, conversations)]
     report: dict[str, Any] = {
         "records": n,
         "inputs": vars(input_stats),
         "gold_turns_in_prompt": spec.gold_turns(),
-        "avg_turns": round(mean(len(r["turns"]) for r in records), 3) if n else 0.0,
+        "avg_turns": round(mean(len(c["turns"]) for c in conversations), 3) if conversations else 0.0,
         "max_turns": max_turns,
         "hit_max_turns": _share(ends[MAX_TURNS], n),
         "abnormal_termination": _share(n - ends[END_TOKEN] - ends[MAX_TURNS], n),
@@ -37,19 +44,25 @@ def quality_report(spec: PromptSpec, records: list[dict], input_stats: InputStat
             "student": _share(sum(r["student_finish"] == "length" for r in records), n),
             "teacher": _share(sum(r["teacher_finish"] == "length" for r in records), n),
             "reason": _share(sum(r["reason_finish"] == "length" for r in records), n),
-            "agent_turns": _share(sum(t["agent_finish"] == "length" for r in records for t in r["turns"]),
-                                  len(agent_turns)),
+            "agent_turns": _share(sum(t["agent_finish"] == "length" for t in generated), len(generated)),
         },
         "avg_chars": {
             "input": round(mean(len(r["input"]) for r in records), 1) if n else 0.0,
             "reason": round(mean(len(r["reason"]) for r in records), 1) if n else 0.0,
         },
+        "off_format_turns_removed": sum(removed),
+        "records_cut_by_format_filter": sum(k > 0 for k in removed),
+        "records_without_valid_turns": sum(not r["turns"] for r in records),
+        "avg_turns_after_filter": round(mean(len(r["turns"]) for r in records), 3) if n else 0.0,
     }
-    if fmt.actions:
+    if fmt.has_actions:
         report["teacher_action_format"] = _share(sum(fmt.is_action(r["teacher"]) for r in records), n)
         report["student_action_format"] = _share(sum(fmt.is_action(r["student"]) for r in records), n)
-        report["agent_turns_in_action_format"] = _share(sum(fmt.is_action(t) for t in agent_turns), len(agent_turns))
-    if fmt.final:
+        report["agent_turns_in_action_format"] = _share(sum(fmt.is_action(t["agent"]) for t in generated),
+                                                        len(generated))
+        report["agent_turns_in_action_format_after_filter"] = _share(sum(fmt.is_action(t["agent"]) for t in kept),
+                                                                     len(kept))
+    if fmt.has_final:
         report["missing_final_action"] = _share(
-            sum(not (r["turns"] and fmt.is_final(r["turns"][-1]["agent"])) for r in records), n)
+            sum(not (c["turns"] and fmt.is_final(c["turns"][-1]["agent"])) for c in conversations), n)
     return report

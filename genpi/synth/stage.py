@@ -1,5 +1,8 @@
 """The synthesis stage for one prompt, with a fixed lifecycle: inputs → outputs → reasons →
-role-played conversations → joined records, split and quality report.
+role-played conversations → joined records (action-format filter applied) and quality report.
+
+The train / validation / test split is not made here: stages derive it from the record ids
+(:mod:`genpi.splits`), so the split config is not part of the synthesis key.
 
 Each step stores its results under the prompt's synth key and marks itself done, so a rerun
 skips finished steps and finished parts of an interrupted one.
@@ -12,9 +15,9 @@ import logging
 from genpi import layout
 from genpi.config import GenPIConfig
 from genpi.errors import GenPIError
-from genpi.fingerprint import fingerprint
 from genpi.prompts import PromptSpec
 from genpi.store import ArtifactStore
+from genpi.synth.format_filter import filter_record
 from genpi.synth.inputs import InputStats, generate_inputs
 from genpi.synth.outputs import single_turn_outputs
 from genpi.synth.parts import run_in_parts
@@ -61,24 +64,14 @@ def synthesize(spec: PromptSpec, cfg: GenPIConfig, generator, target, store: Art
                                lambda part: reasons(spec, s, generator, part), f"[{spec.name}] reasons")
     conversations = run_in_parts(store, f"{prefix}/conversations", inputs, s.part_size,
                                  lambda part: role_play(spec, s, target, part), f"[{spec.name}] role play")
-    records = [{**j, **r, **c} for j, r, c in zip(joined, reason_rows, conversations)]
+    records = [filter_record(spec, {**j, **r, **c}, s.filter_off_format)
+               for j, r, c in zip(joined, reason_rows, conversations)]
 
-    split = split_ids([r["id"] for r in records], s.val_fraction, s.seed)
-    for r in records:
-        r["split"] = "val" if r["id"] in split["val"] else "train"
-    quality = quality_report(spec, records, stats, max_turns_for(spec, s))
+    quality = quality_report(spec, records, conversations, stats, max_turns_for(spec, s))
     store.put_jsonl(f"{prefix}/records.jsonl", records)
-    store.put_json(f"{prefix}/split.json", split)
     store.put_json(f"{prefix}/quality.json", quality)
     store.mark_done(prefix, {"records": len(records), "config": cfg.synth_key()})
     log.info("[%s] synthesis done: %d records, avg %.2f turns, %s", spec.name, len(records),
              quality["avg_turns"], store.location(prefix))
     return prefix
 
-
-def split_ids(ids: list[int], val_fraction: float, seed: int) -> dict[str, list[int]]:
-    """A seeded train/validation split; at least one training record is always kept."""
-    order = sorted(ids, key=lambda i: fingerprint([seed, i]))
-    n_val = min(len(ids) - 1, round(len(ids) * val_fraction)) if ids else 0
-    val = sorted(order[:n_val])
-    return {"train": sorted(set(ids) - set(val)), "val": val}

@@ -1,8 +1,10 @@
 """The training stage for one prompt: records → examples → adapter (PEFT format) → store.
 
-Fixed lifecycle: find a finished run and return, or read the prompt's synthesized records,
-build SFT and PG examples sized to the model's context, train, upload the adapter with its
-provenance (``genpi.json``), write metrics and a summary, and mark the run done.
+Fixed lifecycle: find a finished run and return, or check that the prompt's PG examples fit
+the training length, read the prompt's synthesized records, split them by id (train / val /
+test; test records are never trained on), build SFT and PG examples sized to the model's
+context, train, upload the adapter with its provenance (``genpi.json``), write metrics and a
+summary, and mark the run done.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from genpi.config import GenPIConfig
 from genpi.engines.models import resolve_model
 from genpi.errors import GenPIError
 from genpi.prompts import PromptSpec
+from genpi.splits import TEST, TRAIN, VAL, assign_splits
 from genpi.store import ArtifactStore
-from genpi.train.examples import build_examples
+from genpi.train.examples import build_examples, check_pg_fits
 from genpi.train.trainer import train_adapter
 
 log = logging.getLogger(__name__)
@@ -39,21 +42,27 @@ def train_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore) -> st
     if cfg.train.threads or not torch.cuda.is_available():
         torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
     target = cfg.models.target
-    synth = layout.synth_prefix(spec, cfg)
-    records = store.get_jsonl(f"{synth}/records.jsonl")
     folder = resolve_model(target.name)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     context = int(getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", cfg.train.max_seq_len))
     max_len = min(cfg.train.max_seq_len, target.max_context or context, context)
-    pairs, report = build_examples(tokenizer, records, spec.text(), max_len)
+    if cfg.train.pg_lambda > 0:
+        check_pg_fits(tokenizer, spec, max_len)
+    records = store.get_jsonl(f"{layout.synth_prefix(spec, cfg)}/records.jsonl")
+    split = assign_splits([r["id"] for r in records], cfg.split.val_fraction, cfg.split.test_fraction,
+                          cfg.split.seed)
+    records = [r for r in records if split[r["id"]] != TEST]
+    pairs, report = build_examples(tokenizer, records, spec, max_len)
     for note in report.notes:
         log.warning("[%s] %s", spec.name, note)
     usable = [(p, r) for p, r in zip(pairs, records) if p != (None, None)]
-    train = [p for p, r in usable if r["split"] == "train"]
-    val = [p for p, r in usable if r["split"] == "val"]
+    train = [p for p, r in usable if split[r["id"]] == TRAIN]
+    val = [p for p, r in usable if split[r["id"]] == VAL]
     if not train:
-        raise GenPIError(f"{spec.source}: no training example fits in {max_len} tokens "
-                         f"(train.max_seq_len={cfg.train.max_seq_len}); raise train.max_seq_len or shorten the prompt")
+        why = "; ".join(report.notes) or "the split left no training records"
+        raise GenPIError(f"{spec.source}: no training example could be built within {max_len} tokens "
+                         f"(train.max_seq_len={cfg.train.max_seq_len}): {why}; raise train.max_seq_len, "
+                         f"or check the synthesized data's quality.json")
     log.info("[%s] training on %d records (%d validation), lambda %.2f", spec.name, len(train), len(val),
              cfg.train.pg_lambda)
     with tempfile.TemporaryDirectory(prefix="genpi-adapter-") as tmp:
@@ -67,7 +76,8 @@ def train_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore) -> st
     store.put_json(f"{prefix}/metrics.json", metrics)
     store.put_json(f"{prefix}/summary.json", {
         **provenance, "adapter": store.location(f"{prefix}/adapter"),
-        "records": {"train": len(train), "val": len(val)}, "final": metrics["final"],
+        "records": {"train": len(train), "val": len(val), "test": sum(v == TEST for v in split.values())},
+        "final": metrics["final"],
         "seconds": metrics["seconds"], "trainable_params": metrics["trainable_params"]})
     store.mark_done(prefix, {"run_hash": layout.run_hash(cfg)})
     log.info("[%s] adapter saved at %s", spec.name, store.location(f"{prefix}/adapter"))

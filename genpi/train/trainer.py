@@ -90,6 +90,12 @@ def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
     return 1.0
 
 
+def with_pg_fraction(pairs: list[Pair], fraction: float) -> list[Pair]:
+    """Keep the PG examples of the first ``ceil(fraction * len(pairs))`` pairs of a (shuffled) step."""
+    keep = math.ceil(fraction * len(pairs))
+    return [(s, p if k < keep else None) for k, (s, p) in enumerate(pairs)]
+
+
 def step_loss(model: Any, pairs: list[Pair], cfg: TrainConfig, pad_id: int, backward: bool) -> dict[str, float]:
     """Joint loss of one optimizer step over ``pairs``, accumulated over micro-batches."""
     device = next(model.parameters()).device
@@ -134,7 +140,7 @@ def train_adapter(cfg: TrainConfig, model_name: str, dtype: str, train_pairs: li
         rng.shuffle(order)
         model.train()
         for start in range(0, len(order), cfg.batch_size):
-            batch = [train_pairs[i] for i in order[start:start + cfg.batch_size]]
+            batch = with_pg_fraction([train_pairs[i] for i in order[start:start + cfg.batch_size]], cfg.pg_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.learning_rate * lr_factor(cfg, step, total)
             losses = step_loss(model, batch, cfg, pad_id, backward=True)
@@ -144,8 +150,10 @@ def train_adapter(cfg: TrainConfig, model_name: str, dtype: str, train_pairs: li
             step += 1
             history.append({"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                             "grad_norm": float(grad_norm), **losses})
+            rate = (time.time() - started) / step
             log(f"step {step}/{total} epoch {epoch + 1} loss {losses['loss']:.4f} "
-                f"(sft {losses['sft_loss']:.4f}, pg {losses['pg_loss']:.4f})")
+                f"(sft {losses['sft_loss']:.4f}, pg {losses['pg_loss']:.4f}) {rate:.1f}s/step, "
+                f"{rate * (total - step):.0f}s left")
         if val_pairs:
             model.eval()
             with torch.no_grad():

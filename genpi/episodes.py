@@ -1,0 +1,68 @@
+"""Agent episodes against the simulated environment, batched turn by turn.
+
+An agent (any view: the teacher with the prompt, a student without it) acts, the environment
+persona (:func:`genpi.conversations.environment_conversation`) answers. Every turn, all open
+episodes advance together: one generate call for the agents, one for the environments. An
+episode ends when the environment answers with the end token, when a context is full, on an
+empty reply, or after ``limit`` agent turns.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from genpi.conversations import environment_conversation, environment_opening
+from genpi.engines.base import Conversation, Generation, SamplingParams
+from genpi.prompts import PromptSpec
+
+END_TOKEN, MAX_TURNS, CONTEXT, EMPTY = "end_token", "max_turns", "context", "empty_reply"
+
+Generate = Callable[[list[Conversation], SamplingParams], list[Generation]]
+
+
+def _stopped(gen: Generation) -> str:
+    """CONTEXT or EMPTY (blank text) when a generation ends its episode, else ""."""
+    if gen.finish_reason == CONTEXT:
+        return CONTEXT
+    return "" if gen.text.strip() else EMPTY
+
+
+def play_episodes(spec: PromptSpec, user_inputs: list[str], agent_views: list[Conversation],
+                  agent_generate: Generate, env_generate: Generate, limit: int,
+                  agent_params: SamplingParams, env_params: SamplingParams) -> list[dict]:
+    """One episode per input, the agent starting from its opening conversation in ``agent_views``.
+
+    Returns ``{"turns": [{"agent", "observation", "agent_finish"}...], "end"}`` per input, in
+    order; the last turn's observation is empty when the episode ended there. ``agent_views``
+    are not modified.
+    """
+    agents = [list(view) for view in agent_views]
+    envs = [environment_conversation(spec) for _ in user_inputs]
+    turns: list[list[dict]] = [[] for _ in user_inputs]
+    ends = [""] * len(user_inputs)
+    for turn in range(limit):
+        open_ids = [i for i, end in enumerate(ends) if not end]
+        if not open_ids:
+            break
+        for i, gen in zip(open_ids, agent_generate([agents[i] for i in open_ids], agent_params)):
+            ends[i] = _stopped(gen)
+            if ends[i]:
+                continue
+            agents[i].append({"role": "assistant", "content": gen.text})
+            said = environment_opening(user_inputs[i], gen.text) if turn == 0 else gen.text
+            envs[i].append({"role": "user", "content": said})
+            turns[i].append({"agent": gen.text, "observation": "", "agent_finish": gen.finish_reason})
+        open_ids = [i for i in open_ids if not ends[i]]
+        if not open_ids:
+            break
+        for i, gen in zip(open_ids, env_generate([envs[i] for i in open_ids], env_params)):
+            if gen.stop_string or gen.text.strip() == spec.environment.end_token:
+                ends[i] = END_TOKEN
+                continue
+            ends[i] = _stopped(gen)
+            if ends[i]:
+                continue
+            envs[i].append({"role": "assistant", "content": gen.text})
+            agents[i].append({"role": "user", "content": gen.text})
+            turns[i][-1]["observation"] = gen.text
+    return [{"turns": t, "end": end or MAX_TURNS} for t, end in zip(turns, ends)]

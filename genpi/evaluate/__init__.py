@@ -1,0 +1,1 @@
+"""Evaluation of internalized-prompt adapters: metrics, efficiency, plots and the publish gate."""

@@ -1,0 +1,191 @@
+"""Fidelity figures from stored episodes and scores, and the reports people and machines read.
+
+Per input set and system: action-format validity of the first turn, of every turn and per turn
+index (drift), valid final actions; agreement with the teacher's first turn (same action type,
+exact action, token F1, embedding similarity); teacher-forced NLL and top-k KL. Every figure
+carries its count. **Retention** is adapter ÷ teacher (teacher ÷ adapter for lower-is-better
+NLL); **gap closed** is (adapter − base) ÷ (teacher − base), which reads the same way for
+lower-is-better metrics because both differences change sign.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from genpi.evaluate import metrics
+from genpi.prompts import PromptSpec
+
+STUDENTS = ("base", "adapter")
+LOWER_IS_BETTER = ("nll", "kl_topk")
+TITLES = {
+    "format_valid": "action format, first turn",
+    "format_valid_all_turns": "action format, every turn",
+    "final_valid": "valid final action",
+    "same_action_type": "same action type as teacher",
+    "exact_action": "same action as teacher",
+    "token_f1": "token F1 with teacher",
+    "embedding_similarity": "embedding similarity with teacher",
+    "nll": "NLL of teacher replies (per token)",
+    "kl_topk": "top-k KL to teacher (per token)",
+}
+
+
+def _first(episode: dict) -> str:
+    return episode["turns"][0]["agent"] if episode["turns"] else ""
+
+
+def _token_mean(rows: list[dict], system: str, field: str) -> dict[str, Any]:
+    tokens = sum(r[system]["tokens"] for r in rows)
+    value = sum(r[system][field] for r in rows) / tokens if tokens else None
+    return {"value": None if value is None else round(value, 4), "n": len(rows), "tokens": tokens}
+
+
+def system_figures(spec: PromptSpec, episodes: list[dict], teacher: list[dict], scores: list[dict],
+                   system: str, similarity: list[float] | None) -> dict[str, dict[str, Any]]:
+    """Every metric of one system on one input set."""
+    fmt = spec.action_format
+    out: dict[str, dict[str, Any]] = {}
+    if fmt.has_actions:
+        out["format_valid"] = metrics.mean_figure([metrics.format_valid(fmt, _first(e)) for e in episodes])
+        out["format_valid_all_turns"] = metrics.mean_figure(
+            [metrics.format_valid(fmt, t["agent"]) for e in episodes for t in e["turns"]])
+    if fmt.has_final:
+        out["final_valid"] = metrics.mean_figure(
+            [bool(e["turns"]) and metrics.final_valid(fmt, e["turns"][-1]["agent"]) for e in episodes])
+    if fmt.has_actions:
+        out["same_action_type"] = metrics.mean_figure(
+            [metrics.action_type(fmt, _first(e)) is not None
+             and metrics.action_type(fmt, _first(e)) == metrics.action_type(fmt, _first(t))
+             for e, t in zip(episodes, teacher)])
+        out["exact_action"] = metrics.mean_figure(
+            [metrics.exact_action_match(fmt, _first(e), _first(t)) for e, t in zip(episodes, teacher)])
+    out["token_f1"] = metrics.mean_figure([metrics.token_f1(_first(e), _first(t)) for e, t in zip(episodes, teacher)])
+    if similarity is not None:
+        out["embedding_similarity"] = metrics.mean_figure(similarity)
+    out["nll"] = _token_mean(scores, system, "nll_sum")
+    out["kl_topk"] = _token_mean(scores, system, "kl_sum")
+    out["avg_turns"] = metrics.mean_figure([len(e["turns"]) for e in episodes])
+    return out
+
+
+def per_turn_validity(spec: PromptSpec, episodes: list[dict], turns: int) -> list[dict[str, Any]]:
+    """Action-format validity at each turn index, over the episodes that reached it."""
+    return [metrics.mean_figure([metrics.format_valid(spec.action_format, e["turns"][k]["agent"])
+                                 for e in episodes if len(e["turns"]) > k]) for k in range(turns)]
+
+
+def summarize_set(spec: PromptSpec, episodes: dict[str, list[dict]], scores: list[dict],
+                  embed: Any = None) -> dict[str, Any]:
+    """Figures of all three systems on one input set, and the adapter's retention and gap closed."""
+    teacher = episodes["teacher"]
+    similarity: dict[str, list[float] | None] = {"teacher": None, "base": None, "adapter": None}
+    if embed is not None:
+        similarity = {s: embed.similarity([_first(e) for e in episodes[s]], [_first(t) for t in teacher])
+                      for s in episodes}
+    systems = {s: system_figures(spec, episodes[s], teacher, scores, s, similarity[s]) for s in episodes}
+    longest = max((len(e["turns"]) for eps in episodes.values() for e in eps), default=0)
+    per_turn = ({s: per_turn_validity(spec, episodes[s], longest) for s in episodes}
+                if spec.action_format.has_actions else {})
+    comparison = {}
+    for metric in systems["adapter"]:
+        if metric == "avg_turns":
+            continue
+        values = {s: systems[s][metric]["value"] for s in systems}
+        lower = metric in LOWER_IS_BETTER
+        kept = (metrics.retention(values["teacher"], values["adapter"]) if lower
+                else metrics.retention(values["adapter"], values["teacher"]))
+        comparison[metric] = {**values, "n": systems["adapter"][metric]["n"], "lower_is_better": lower,
+                              "retention": None if kept is None else round(kept, 4),
+                              "gap_closed": _round(metrics.gap_closed(values["adapter"], values["base"],
+                                                                      values["teacher"]))}
+    return {"n": len(teacher), "systems": systems, "per_turn_format_valid": per_turn, "comparison": comparison}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _cell(metric: str, value: float | None) -> str:
+    return _num(value) if metric in LOWER_IS_BETTER else _pct(value)
+
+
+def prompt_report_markdown(report: dict[str, Any]) -> str:
+    """The per-prompt report for people."""
+    gate = report["gate"]
+    lines = [f"# Fidelity report: {report['prompt']}", "",
+             f"Adapter `{report['adapter']}` (run {report['run_hash']}), episodes of up to "
+             f"{report['max_turns']} agent turns, greedy.", "",
+             f"**Gate: {'PASSED' if gate['passed'] else 'FAILED'}** ({gate['summary']})"
+             + (f"; published as `{report['published']}`" if report.get("published") else ""), ""]
+    for set_name, figures in report["sets"].items():
+        lines += [f"## {set_name} inputs (n = {figures['n']})", "",
+                  "| metric | teacher (prompt) | base (no prompt) | adapter (no prompt) | retention | gap closed | n |",
+                  "|---|---|---|---|---|---|---|"]
+        for metric, row in figures["comparison"].items():
+            lines.append(f"| {TITLES.get(metric, metric)} | {_cell(metric, row['teacher'])} | "
+                         f"{_cell(metric, row['base'])} | {_cell(metric, row['adapter'])} | "
+                         f"{_pct(row['retention'])} | {_pct(row['gap_closed'])} | {row['n']} |")
+        per_turn = figures.get("per_turn_format_valid") or {}
+        if per_turn:
+            width = max(len(v) for v in per_turn.values())
+            lines += ["", "Action-format validity per turn (episodes that reached the turn):", "",
+                      "| system | " + " | ".join(f"turn {k + 1}" for k in range(width)) + " |",
+                      "|---|" + "---|" * width]
+            for system, row in per_turn.items():
+                cells = [f"{_pct(f['value'])} ({f['n']})" for f in row] + [""] * (width - len(row))
+                lines.append(f"| {system} | " + " | ".join(cells) + " |")
+        lines.append("")
+    eff = report.get("efficiency") or {}
+    if eff:
+        flops = eff["flops"]
+        lines += ["## Efficiency per turn", "",
+                  f"Prompt tokens avoided per turn: {eff['prompt_tokens']}. Timed episode: {eff['turns']} turns "
+                  f"on {eff['device']} ({eff['threads']} threads).", "",
+                  "| turn | prefill FLOPs, prompt recomputed | prompt KV cache reused | adapter, no prompt | "
+                  "latency recomputed (s) | latency KV reused (s) | latency adapter (s) |",
+                  "|---|---|---|---|---|---|---|"]
+        for t in range(eff["turns"]):
+            lines.append(f"| {t + 1} | {flops['per_turn']['recompute'][t]:.3g} | {flops['per_turn']['kv_reuse'][t]:.3g} | "
+                         f"{flops['per_turn']['adapter'][t]:.3g} | {eff['latency_s']['recompute'][t]:.3f} | "
+                         f"{eff['latency_s']['kv_reuse'][t]:.3f} | {eff['latency_s']['adapter'][t]:.3f} |")
+        lines += ["", f"Theoretical prefill saving of the adapter: {_pct(flops.get('theoretical_saving'))} vs the "
+                  f"reused prompt cache, {_pct(flops.get('theoretical_saving_vs_recompute'))} vs recomputing; "
+                  f"measured latency saving: {_pct(eff['measured_saving_vs_kv_reuse'])} vs the reused cache, "
+                  f"{_pct(eff['measured_saving_vs_recompute'])} vs recomputing.", ""]
+    return "\n".join(lines)
+
+
+def batch_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per prompt: the gate metrics of the test set, retention, gap closed and the decision."""
+    rows = []
+    for r in reports:
+        test = r["sets"].get("test", {}).get("comparison", {})
+        fv, nll = test.get("format_valid", {}), test.get("nll", {})
+        rows.append({"prompt": r["prompt"], "n": r["sets"].get("test", {}).get("n", 0),
+                     "teacher_format": fv.get("teacher"), "base_format": fv.get("base"),
+                     "adapter_format": fv.get("adapter"), "format_retention": fv.get("retention"),
+                     "nll_teacher": nll.get("teacher"), "nll_base": nll.get("base"), "nll_adapter": nll.get("adapter"),
+                     "nll_gap_closed": nll.get("gap_closed"),
+                     "prompt_tokens": (r.get("efficiency") or {}).get("prompt_tokens"),
+                     "passed": r["gate"]["passed"], "gate": r["gate"]["summary"], "published": r.get("published")})
+    return rows
+
+
+def batch_table(rows: list[dict[str, Any]]) -> str:
+    """The batch table as Markdown (also what ``genpi report`` prints)."""
+    lines = ["| prompt | n | format: teacher | base | adapter | retention | NLL: teacher | base | adapter | "
+             "gap closed | gate |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['prompt']} | {r['n']} | {_pct(r['teacher_format'])} | {_pct(r['base_format'])} | "
+                     f"{_pct(r['adapter_format'])} | {_pct(r['format_retention'])} | {_num(r['nll_teacher'])} | "
+                     f"{_num(r['nll_base'])} | {_num(r['nll_adapter'])} | {_pct(r['nll_gap_closed'])} | "
+                     f"{'passed' if r['passed'] else 'FAILED: ' + r['gate']} |")
+    return "\n".join(lines)

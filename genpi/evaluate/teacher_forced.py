@@ -1,0 +1,91 @@
+"""Teacher-forced fidelity: how likely each system finds the teacher's own replies.
+
+For every agent turn the teacher wrote, the same reply tokens are scored in three contexts:
+the teacher's (prompt present, no adapter), the base model's and the adapter's (no prompt).
+Reported per turn: the mean per-token NLL of the reply under each system, and the KL from the
+teacher's next-token distribution to each student's, over the teacher's top-k tokens plus one
+tail bucket holding the rest of the probability mass (a proper KL over k + 1 outcomes: zero
+exactly when both put the same mass on those tokens and on the tail).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from genpi.engines.base import Conversation
+
+
+@dataclass
+class ReplyScore:
+    """Per-token sums over one reply's tokens (divide by ``tokens`` for means)."""
+
+    tokens: int
+    nll_sum: float
+    kl_sum: float
+
+
+def chat_ids(tokenizer: Any, messages: Conversation, generation_prompt: bool) -> list[int]:
+    """Token ids of a chat rendered with the model's template."""
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+                                              tokenize=True, return_dict=True)["input_ids"])
+
+
+def reply_ids(tokenizer: Any, context: Conversation, reply: str) -> list[int]:
+    """The tokens of ``reply`` as the assistant's turn after ``context``, end of turn included."""
+    head = chat_ids(tokenizer, context, generation_prompt=True)
+    full = chat_ids(tokenizer, [*context, {"role": "assistant", "content": reply}], generation_prompt=False)
+    if full[:len(head)] != head:
+        raise ValueError("the chat template does not render the reply after its context")
+    return full[len(head):]
+
+
+def _reply_logprobs(model: Any, context_ids: list[int], reply: list[int]) -> torch.Tensor:
+    """Log-softmax over the vocabulary at each position that predicts a reply token: [len(reply), vocab]."""
+    ids = torch.tensor([context_ids + reply], device=model.device)
+    logits = model(input_ids=ids, logits_to_keep=len(reply) + 1).logits[0, :-1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def topk_tail_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, k: int) -> torch.Tensor:
+    """KL(teacher || student) per position over the teacher's top-k tokens plus a tail bucket."""
+    top, index = teacher_logprobs.topk(min(k, teacher_logprobs.shape[-1]), dim=-1)
+    p = top.exp()
+    q = student_logprobs.gather(-1, index).exp()
+    p_tail = (1 - p.sum(-1)).clamp_min(0)
+    q_tail = (1 - q.sum(-1)).clamp_min(0)
+    tiny = torch.finfo(torch.float32).tiny
+    kl = (p * (top - q.clamp_min(tiny).log())).sum(-1)
+    tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(tiny).log() - q_tail.clamp_min(tiny).log()),
+                       torch.zeros_like(p_tail))
+    return (kl + tail).clamp_min(0)
+
+
+@torch.inference_mode()
+def score_replies(engine: Any, teacher_contexts: list[Conversation], student_contexts: list[Conversation],
+                  replies: list[str], student_adapters: dict[str, str | None], top_k: int) -> dict[str, list[ReplyScore]]:
+    """Score each teacher reply under the teacher and every named student system.
+
+    ``student_adapters`` maps a system name (``base``, ``adapter``) to the adapter that serves
+    it (None for the base model). Returns one list of :class:`ReplyScore` per system, ``teacher``
+    included (its KL to itself is 0 by construction).
+    """
+    tokenizer = engine.tokenizer
+    scores: dict[str, list[ReplyScore]] = {"teacher": [], **{name: [] for name in student_adapters}}
+    for teacher_ctx, student_ctx, reply in zip(teacher_contexts, student_contexts, replies):
+        target = reply_ids(tokenizer, teacher_ctx, reply)
+        labels = torch.tensor(target)
+        with engine.adapter_scope(None) as model:
+            teacher = _reply_logprobs(model, chat_ids(tokenizer, teacher_ctx, True), target)
+        nll = -teacher.gather(-1, labels[:, None].to(teacher.device)).squeeze(-1)
+        scores["teacher"].append(ReplyScore(len(target), float(nll.sum()), 0.0))
+        student_ids = chat_ids(tokenizer, student_ctx, True)
+        for name, adapter in student_adapters.items():
+            with engine.adapter_scope(adapter) as model:
+                student = _reply_logprobs(model, student_ids, target)
+            nll = -student.gather(-1, labels[:, None].to(student.device)).squeeze(-1)
+            kl = topk_tail_kl(teacher, student, top_k)
+            scores[name].append(ReplyScore(len(target), float(nll.sum()), float(kl.sum())))
+    return scores

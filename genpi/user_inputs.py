@@ -1,0 +1,48 @@
+"""Real user inputs for evaluation: ``--eval-inputs DIR`` holds ``<prompt name>.jsonl`` files.
+
+Each line is a JSON object ``{"input": "..."}``. A file whose name matches no prompt, a line that
+is not such an object, or an empty file is an error naming the file (and line) and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from genpi.errors import GenPIError
+
+
+class UserInputError(GenPIError):
+    """An evaluation-inputs folder or file cannot be used."""
+
+
+def load_user_inputs(folder: str | Path, prompt_names: list[str]) -> dict[str, list[str]]:
+    """Inputs per prompt name from ``folder``; prompts without a file get none."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserInputError(f"--eval-inputs {folder} is not a folder; pass a folder of <prompt name>.jsonl files")
+    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    unknown = [p.name for p in files if p.suffix != ".jsonl" or p.stem not in prompt_names]
+    if unknown:
+        raise UserInputError(
+            f"--eval-inputs {folder}: {', '.join(unknown)} match(es) no prompt; name each file "
+            f"<prompt name>.jsonl with one of: {', '.join(prompt_names)}")
+    out: dict[str, list[str]] = {}
+    for path in files:
+        inputs = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserInputError(f"{path}:{number}: not valid JSON ({e.msg}); write one "
+                                     '{"input": "..."} object per line') from None
+            if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not row["input"].strip():
+                raise UserInputError(f'{path}:{number}: expected an object with a non-empty "input" string, '
+                                     f"got {line.strip()[:80]!r}")
+            inputs.append(row["input"].strip())
+        if not inputs:
+            raise UserInputError(f"{path} has no inputs; add lines like {{\"input\": \"...\"}} or remove the file")
+        out[path.stem] = inputs
+    return out

@@ -1,0 +1,156 @@
+"""The evaluate stage's parts: teacher-forced scores, adapters per request, the gate, user inputs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from genpi.config import EvalConfig
+from genpi.engines.base import SamplingParams
+from genpi.engines.hf import HFEngine
+from genpi.engines.models import TINY, resolve_model
+from genpi.errors import GenPIError
+from genpi.evaluate.gate import gate_decision
+from genpi.evaluate.teacher_forced import reply_ids, score_replies, topk_tail_kl
+from genpi.user_inputs import load_user_inputs
+
+pytestmark = pytest.mark.timeout(180)
+
+CHATS = [[{"role": "user", "content": "List the files in /tmp."}],
+         [{"role": "user", "content": "How much disk space is free?"}],
+         [{"role": "user", "content": "hi"}]]
+
+
+def _logp(probs: list[float]) -> torch.Tensor:
+    return torch.tensor([probs]).clamp_min(1e-30).log()
+
+
+def test_topk_tail_kl_known_answers() -> None:
+    p = _logp([0.5, 0.5, 0.0, 0.0])
+    q = _logp([0.25, 0.25, 0.25, 0.25])
+    assert topk_tail_kl(p, p, 2).item() == pytest.approx(0.0, abs=1e-6)
+    assert topk_tail_kl(p, q, 2).item() == pytest.approx(math.log(2), rel=1e-5)
+    # k = 1: the top token, then a tail bucket of 0.5 (teacher) vs 0.75 (student)
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert topk_tail_kl(p, q, 1).item() == pytest.approx(expected, rel=1e-5)
+    assert topk_tail_kl(q, p, 4).item() > 1  # the student puts no mass where the teacher does
+
+
+@pytest.fixture(scope="module")
+def engine_and_adapter(tmp_path_factory: pytest.TempPathFactory) -> tuple[HFEngine, str]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("adapter")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(str(folder))
+    engine = HFEngine(TINY, dtype="float32", batch_size=4)
+    return engine, engine.add_adapter(folder)
+
+
+def test_adapters_per_request_match_single_adapter_runs(engine_and_adapter) -> None:
+    engine, adapter = engine_and_adapter
+    params = SamplingParams(max_new_tokens=10)
+    base = [g.text for g in engine.generate(CHATS, params)]
+    tuned = [g.text for g in engine.generate(CHATS, params, [adapter] * 3)]
+    mixed = [g.text for g in engine.generate(CHATS, params, [None, adapter, None])]
+    assert mixed == [base[0], tuned[1], base[2]]
+    assert tuned != base  # the adapter changes what the model says
+    with pytest.raises(GenPIError, match="was not loaded"):
+        engine.generate(CHATS[:1], params, ["/no/such/adapter"])
+
+
+def test_teacher_forced_scores(engine_and_adapter) -> None:
+    engine, adapter = engine_and_adapter
+    prompt = [{"role": "system", "content": "Answer with Act: bash and one command."}]
+    replies = [g.text for g in engine.generate([prompt + c for c in CHATS], SamplingParams(max_new_tokens=8))]
+    scores = score_replies(engine, [prompt + c for c in CHATS], CHATS, replies,
+                           {"base": None, "same": None, "adapter": adapter}, top_k=5)
+    assert [s.tokens for s in scores["teacher"]] == [len(reply_ids(engine.tokenizer, prompt + c, r))
+                                                     for c, r in zip(CHATS, replies)]
+    for t, b, same in zip(scores["teacher"], scores["base"], scores["same"]):
+        assert t.kl_sum == 0 and b.kl_sum > 0 and b == same  # deterministic, and context matters
+    # The teacher's greedy tokens are its most likely ones: it finds them likelier than the students do.
+    assert sum(s.nll_sum for s in scores["teacher"]) < sum(s.nll_sum for s in scores["adapter"])
+    # With the teacher's own context, a student without adapter is the teacher: KL 0, same NLL.
+    own = score_replies(engine, [prompt + c for c in CHATS], [prompt + c for c in CHATS], replies,
+                        {"base": None}, top_k=5)
+    assert all(b.kl_sum == pytest.approx(0, abs=1e-5) and b.nll_sum == pytest.approx(t.nll_sum, rel=1e-5)
+               for t, b in zip(own["teacher"], own["base"]))
+
+
+def _report(fv_retention: float | None, nll_gap: float | None) -> dict:
+    comparison = {"format_valid": {"retention": fv_retention, "gap_closed": None},
+                  "nll": {"retention": None, "gap_closed": nll_gap}}
+    return {"sets": {"test": {"comparison": comparison}}}
+
+
+def test_gate_both_ways() -> None:
+    cfg = EvalConfig(min_retention=0.8, min_gap_closed=0.5)
+    assert gate_decision(_report(0.9, 0.6), cfg)["passed"]
+    failed = gate_decision(_report(0.5, 0.6), cfg)
+    assert not failed["passed"] and "format_valid retention 50% < 80% (short by 30%)" in failed["summary"]
+    assert not gate_decision(_report(0.9, 0.2), cfg)["passed"]
+    assert not gate_decision(_report(None, 0.9), cfg)["passed"]  # an undefined figure never passes
+    assert not gate_decision({"sets": {}}, cfg)["passed"]
+
+
+def test_user_inputs_errors_name_the_file(tmp_path: Path) -> None:
+    (tmp_path / "shell-agent.jsonl").write_text('{"input": "Count files in /etc."}\n\n{"input": "Free space?"}\n')
+    assert load_user_inputs(tmp_path, ["shell-agent", "web"]) == {"shell-agent": ["Count files in /etc.", "Free space?"]}
+    (tmp_path / "nobody.jsonl").write_text('{"input": "x"}\n')
+    with pytest.raises(GenPIError, match="nobody.jsonl match\\(es\\) no prompt.*shell-agent"):
+        load_user_inputs(tmp_path, ["shell-agent"])
+    (tmp_path / "nobody.jsonl").unlink()
+    (tmp_path / "shell-agent.jsonl").write_text('{"input": "ok"}\n{"text": "wrong key"}\n')
+    with pytest.raises(GenPIError, match="shell-agent.jsonl:2: expected an object"):
+        load_user_inputs(tmp_path, ["shell-agent"])
+    with pytest.raises(GenPIError, match="is not a folder"):
+        load_user_inputs(tmp_path / "missing", ["shell-agent"])
+
+
+def test_publish_is_immutable_and_listed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from genpi import layout
+    from genpi.cli import main
+    from genpi.config import load_config
+    from genpi.evaluate.gate import publish, published_adapters
+    from genpi.evaluate.report import batch_rows
+    from genpi.store import open_store
+    from tests.fakes import mini_spec
+
+    spec, store = mini_spec(), open_store(str(tmp_path / "store"))
+    cfg = load_config("local", overrides={"store.url": str(tmp_path / "store")})
+    source = f"{layout.train_prefix(spec, cfg)}/adapter"
+    store.put_text(f"{source}/adapter_config.json", "{}")
+    store.put_bytes(f"{source}/adapter_model.safetensors", b"weights")
+    comparison = {"format_valid": {"teacher": 0.75, "base": 0.0, "adapter": 0.75, "retention": 1.0, "gap_closed": 1.0},
+                  "nll": {"teacher": 0.5, "base": 2.5, "adapter": 1.0, "retention": 0.5, "gap_closed": 0.75}}
+    report = {"prompt": spec.name, "location": "somewhere/report.md", "efficiency": {"prompt_tokens": 900},
+              "sets": {"test": {"n": 4, "comparison": comparison}}}
+    report["gate"] = gate_decision(report, cfg.eval)
+    where = publish(spec, cfg, store, report)
+    assert report["gate"]["passed"] and where == store.location(layout.published_prefix(spec, cfg))
+    name = layout.published_prefix(spec, cfg)
+    assert store.get_bytes(f"{name}/adapter_model.safetensors") == b"weights"
+    store.put_bytes(f"{source}/adapter_model.safetensors", b"retrained")
+    assert publish(spec, cfg, store, report) == where  # the published name is never overwritten
+    assert store.get_bytes(f"{name}/adapter_model.safetensors") == b"weights"
+    [listed] = published_adapters(store)
+    assert listed["retention"]["format_valid"] == 1.0 and listed["gap_closed"]["nll"] == 0.75
+
+    assert main(["ls", "--store.url", str(tmp_path / "store")]) == 0
+    out = capsys.readouterr().out
+    assert name.split("/", 1)[1] in out and "format retention 100%" in out and "NLL gap closed 75%" in out
+    assert main(["report", "--store.url", str(tmp_path / "store")]) == 2  # no batch yet: one clear line
+    assert "has no batch reports yet" in capsys.readouterr().err
+    report["published"] = where
+    store.put_json("batches/abc/report.json", {"finished_at": "2026-01-01T00:00:00+00:00",
+                                               "prompts": batch_rows([report])})
+    assert main(["report", "--store.url", str(tmp_path / "store")]) == 0
+    out = capsys.readouterr().out
+    assert "batch abc" in out and f"| {spec.name} | 4 | 75% | 0% | 75% | 100% |" in out and "passed" in out
