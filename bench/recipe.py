@@ -57,17 +57,17 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     recipes = dict(parse_recipe(r) for r in args.recipe) if args.recipe else RECIPES
-    specs = [s for s in load_prompts(args.prompts) if not args.only or s.name in args.only]
-    user = load_user_inputs(args.eval_inputs, [s.name for s in specs]) if args.eval_inputs else {}
-    base_cfg = load_config(args.profile, overrides={"store.url": args.store})
-    store = store_for(base_cfg)
-    print(connect(base_cfg.ray))
-    failures = synthesize_all(specs, base_cfg, store)
-    if failures:
-        raise SystemExit(f"synthesis failed: {failures}")
+    every = load_prompts(args.prompts)
+    user = load_user_inputs(args.eval_inputs, [s.name for s in every]) if args.eval_inputs else {}
+    specs = [s for s in every if not args.only or s.name in args.only]
+    store = store_for(load_config(args.profile, overrides={"store.url": args.store}))
+    print(connect(load_config(args.profile).ray))
     figures: dict[str, dict] = {}
     for name, overrides in recipes.items():
         cfg = load_config(args.profile, overrides={"store.url": args.store, **overrides})
+        failures = synthesize_all(specs, cfg, store)  # found in the store when a recipe changes training only
+        if failures:
+            raise SystemExit(f"synthesis failed: {failures}")
         reports, seconds = [], {}
         for spec in specs:
             started = time.time()

@@ -112,9 +112,9 @@ class TrainConfig:
 
     pg_lambda: float = _f(0.3, "weight of the Prompt Generation loss; SFT gets 1 - pg_lambda (the authors' "
                           "scripts weight SFT by 0.7, i.e. pg_lambda 0.3)", low=0, high=1)
-    pg_fraction: float = _f(1.0, "share of each step's records whose Prompt Generation example is used (a PG "
-                            "example carries the whole prompt as its target, ~5x an SFT example's tokens; "
-                            "the paper uses every one)", low=0, high=1)
+    pg_fraction: float = _f(1.0, "share of the records' Prompt Generation examples used, spread evenly over the "
+                            "steps (a PG example carries the whole prompt as its target, ~5x an SFT example's "
+                            "tokens; the paper uses every one)", low=0, high=1)
     lora_r: int = _f(16, "LoRA rank", low=1, high=1024)
     lora_alpha: int = _f(32, "LoRA alpha", low=1)
     lora_dropout: float = _f(0.05, "LoRA dropout", low=0, high=0.9)
@@ -256,14 +256,15 @@ PROFILES: dict[str, dict[str, Any]] = {
             "generator": {"batch_size": 32, "num_gpus": 0},
             "target": {"batch_size": 32, "num_gpus": 0},
         },
-        "synth": {"num_inputs": 32, "min_inputs": 8, "max_input_rounds": 6, "inputs_per_request": 5,
-                  "input_max_tokens": 160, "output_max_tokens": 80, "reason_max_tokens": 64,
+        "synth": {"num_inputs": 28, "min_inputs": 8, "max_input_rounds": 6, "inputs_per_request": 5,
+                  "input_max_tokens": 128, "output_max_tokens": 80, "reason_max_tokens": 48,
                   "agent_max_tokens": 80, "env_max_tokens": 48, "max_turns": 2, "part_size": 32},
-        "split": {"val_fraction": 0.125, "test_fraction": 0.25},
-        "train": {"epochs": 10, "batch_size": 4, "micro_batch_size": 4, "max_seq_len": 2048,
-                  "num_gpus": 0, "num_cpus": 2, "gradient_checkpointing": False, "learning_rate": 5e-4,
-                  "lora_dropout": 0.0, "lora_layers": 15, "pg_fraction": 0.25},
-        "eval": {"num_gpus": 0, "num_cpus": 2, "max_turns": 2, "max_tokens": 80, "env_max_tokens": 48},
+        "split": {"val_fraction": 0.1, "test_fraction": 0.29},
+        "train": {"epochs": 5, "batch_size": 4, "micro_batch_size": 4, "max_seq_len": 2048,
+                  "num_gpus": 0, "num_cpus": 2, "gradient_checkpointing": False, "learning_rate": 1e-3,
+                  "lora_dropout": 0.0, "lora_layers": 15, "pg_fraction": 0.1},
+        "eval": {"num_gpus": 0, "num_cpus": 2, "max_turns": 1, "max_tokens": 80, "env_max_tokens": 48,
+                 "max_samples": 8, "latency_tokens": 16},
     },
 }
 

@@ -29,12 +29,16 @@ def _stopped(gen: Generation) -> str:
 
 def play_episodes(spec: PromptSpec, user_inputs: list[str], agent_views: list[Conversation],
                   agent_generate: Generate, env_generate: Generate, limit: int,
-                  agent_params: SamplingParams, env_params: SamplingParams) -> list[dict]:
+                  agent_params: SamplingParams, env_params: SamplingParams,
+                  last_observation: bool = True, first_turns: list[Generation] | None = None) -> list[dict]:
     """One episode per input, the agent starting from its opening conversation in ``agent_views``.
 
     Returns ``{"turns": [{"agent", "observation", "agent_finish"}...], "end"}`` per input, in
     order; the last turn's observation is empty when the episode ended there. ``agent_views``
-    are not modified.
+    are not modified. ``last_observation=False`` skips the environment's answer to the agent's
+    ``limit``-th turn (no agent reads it; such episodes end as MAX_TURNS, even if that answer
+    would have been the end token). ``first_turns``: the agents' first replies, already generated
+    elsewhere with the same view and settings (greedy single-turn outputs); they are not asked again.
     """
     agents = [list(view) for view in agent_views]
     envs = [environment_conversation(spec) for _ in user_inputs]
@@ -44,7 +48,11 @@ def play_episodes(spec: PromptSpec, user_inputs: list[str], agent_views: list[Co
         open_ids = [i for i, end in enumerate(ends) if not end]
         if not open_ids:
             break
-        for i, gen in zip(open_ids, agent_generate([agents[i] for i in open_ids], agent_params)):
+        if turn == 0 and first_turns is not None:
+            replies = list(first_turns)
+        else:
+            replies = agent_generate([agents[i] for i in open_ids], agent_params)
+        for i, gen in zip(open_ids, replies):
             ends[i] = _stopped(gen)
             if ends[i]:
                 continue
@@ -53,7 +61,7 @@ def play_episodes(spec: PromptSpec, user_inputs: list[str], agent_views: list[Co
             envs[i].append({"role": "user", "content": said})
             turns[i].append({"agent": gen.text, "observation": "", "agent_finish": gen.finish_reason})
         open_ids = [i for i in open_ids if not ends[i]]
-        if not open_ids:
+        if not open_ids or (turn == limit - 1 and not last_observation):
             break
         for i, gen in zip(open_ids, env_generate([envs[i] for i in open_ids], env_params)):
             if gen.stop_string or gen.text.strip() == spec.environment.end_token:

@@ -199,10 +199,16 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
 def write_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore, results: list[PromptResult],
                 reports: list[dict], user_inputs: dict[str, list[str]], seconds: float) -> str:
     """The batch manifest and report (JSON and Markdown); returns the batch's store prefix."""
+    from genpi.evaluate.plots import retention_plot
     from genpi.evaluate.report import batch_rows, batch_table
 
     prefix = layout.batch_prefix(specs, cfg, user_inputs)
     rows = batch_rows(reports)
+    if rows:
+        store.put_bytes(f"{prefix}/retention.png", retention_plot(
+            "batch: first-turn action-format retention per prompt",
+            [{"metric": r["prompt"], "retention": r["format_retention"], "n": r["n"]} for r in rows],
+            cfg.eval.min_retention))
     finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
     store.put_json(f"{prefix}/report.json", {"finished_at": finished, "prompts": rows})
     store.put_text(f"{prefix}/report.md", f"# genpi batch {prefix.rsplit('/', 1)[-1]}\n\nFinished {finished} "

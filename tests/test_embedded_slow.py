@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,32 +9,26 @@ import pytest
 from genpi.store import open_store
 from tests.test_job import ROOT, run_job
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
-def test_embedded_model_shows_the_prompt_gap_and_trains_an_adapter(tmp_path: Path) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from genpi.engines.models import resolve_model
-
+def test_embedded_adapter_internalizes_the_prompt(tmp_path: Path) -> None:
+    """The first test that shows internalization: without the prompt, the adapter answers in the
+    prompt's action format far more often than the base model, on held-out inputs."""
     store_dir = tmp_path / "artifacts"
     result = run_job("--prompts", str(ROOT / "prompts"), "--only", "shell-agent", "--profile", "local",
-                     "--ray.dashboard", "false", "--store.url", str(store_dir), "--synth.num-inputs", "16",
-                     "--synth.max-turns", "2", "--train.epochs", "1", timeout=1400)
+                     "--eval-inputs", str(ROOT / "inputs"), "--ray.dashboard", "false",
+                     "--store.url", str(store_dir), timeout=1700)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     store = open_store(str(store_dir))
     [quality_key] = [k for k in store.list_keys("prompts") if k.endswith("quality.json")]
     quality = store.get_json(quality_key)
     # With the prompt the model answers in the prompt's action format far more often than without it.
-    # The 135M generator's pseudo inputs are rough, so the teacher's rate varies with the sample
-    # (31-91% seen here); the student's stays at 0.
     assert quality["teacher_action_format"] - quality["student_action_format"] >= 0.2, quality
-    assert quality["student_action_format"] <= 0.1, quality
-    assert quality["records"] == 16 and quality["avg_turns"] >= 1
-    [summary_key] = [k for k in store.list_keys("prompts") if k.endswith("summary.json")]
-    summary = store.get_json(summary_key)
-    base = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m-instruct"))
-    PeftModel.from_pretrained(base, summary["adapter"])
-    metrics = store.get_json(summary_key.replace("summary.json", "metrics.json"))
-    assert metrics["examples"]["pg"] == 16 and json.dumps(metrics["final"])
+    [report_key] = [k for k in store.list_keys("prompts") if "/eval/" in k and k.endswith("report.json")]
+    report = store.get_json(report_key)
+    for set_name in ("test", "user"):
+        fmt = report["sets"][set_name]["comparison"]["format_valid"]
+        assert fmt["base"] <= 0.1 and fmt["adapter"] - fmt["base"] >= 0.5, (set_name, fmt)
+    nll = report["sets"]["test"]["comparison"]["nll"]
+    assert nll["adapter"] < nll["base"], nll

@@ -105,3 +105,12 @@ def test_s3_model_folder_is_downloaded_once(s3_env, monkeypatch, tmp_path) -> No
     store.put_text("broken/readme.txt", "not a model")
     with pytest.raises(ModelError, match=f"s3://{bucket}/broken has no config.json"):
         resolve_model(f"s3://{bucket}/broken")
+
+
+def test_short_and_long_conversations_are_not_batched_together(engine: HFEngine) -> None:
+    short = [[{"role": "user", "content": f"hi {k}"}] for k in range(3)]
+    long = [[{"role": "system", "content": "You operate a Linux shell. " * 40}, {"role": "user", "content": "ls"}]]
+    encoded = [engine.encode(c) for c in short + long]
+    assert engine._chunks(encoded, [0, 1, 2, 3]) == [[0, 1], [2], [3]]  # batch_size 2, and the long one alone
+    assert [g.text for g in engine.generate(short + long, SamplingParams(max_new_tokens=6))] == \
+        [engine.generate([c], SamplingParams(max_new_tokens=6))[0].text for c in short + long]

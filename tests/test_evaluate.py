@@ -77,6 +77,12 @@ def test_teacher_forced_scores(engine_and_adapter) -> None:
         assert t.kl_sum == 0 and b.kl_sum > 0 and b == same  # deterministic, and context matters
     # The teacher's greedy tokens are its most likely ones: it finds them likelier than the students do.
     assert sum(s.nll_sum for s in scores["teacher"]) < sum(s.nll_sum for s in scores["adapter"])
+    # Computing the shared prompt once gives the same figures as computing it for every reply.
+    plain = score_replies(engine, [prompt * 20 + c for c in CHATS], CHATS, replies, {"base": None}, 5, share_prefix=False)
+    shared = score_replies(engine, [prompt * 20 + c for c in CHATS], CHATS, replies, {"base": None}, 5)
+    for a, b in zip(plain["teacher"] + plain["base"], shared["teacher"] + shared["base"]):
+        assert a.tokens == b.tokens and a.nll_sum == pytest.approx(b.nll_sum, rel=1e-4, abs=1e-4)
+        assert a.kl_sum == pytest.approx(b.kl_sum, rel=1e-3, abs=1e-4)
     # With the teacher's own context, a student without adapter is the teacher: KL 0, same NLL.
     own = score_replies(engine, [prompt + c for c in CHATS], [prompt + c for c in CHATS], replies,
                         {"base": None}, top_k=5)

@@ -80,6 +80,8 @@ def test_job_end_to_end_and_rerun(tmp_path: Path) -> None:
         for name in ("report.md", "retention.png", "efficiency.png"):
             assert store.exists(key.replace("report.json", name))
         assert f"{report['prompt']}:" in first.stdout and "NOT published (gate failed)" in first.stdout
+    batch_files = {k.rsplit("/", 1)[-1] for k in store.list_keys("batches")}
+    assert {"manifest.json", "report.json", "report.md", "retention.png"} <= batch_files
     table = genpi_command("report", "--store.url", str(store_dir))
     assert table.returncode == 0 and table.stdout.count("FAILED: format_valid") == 3, table.stdout + table.stderr
     listing = genpi_command("ls", "--store.url", str(store_dir))

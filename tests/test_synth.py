@@ -315,6 +315,29 @@ def test_play_episodes_blank_agent_reply_ends_the_episode() -> None:
     assert out == [{"turns": [], "end": EMPTY}]
 
 
+def test_play_episodes_reuses_given_first_turns_and_can_skip_the_last_observation() -> None:
+    agent = FakeEngine(lambda conv, params: f"Think: go.\nAct: step {(len(conv) + 1) // 2}")
+    env = FakeEngine(lambda conv, params: "Output: ok")
+    first = [Generation("Think: known.\nAct: step 1", "stop", 0, 0)]
+    out = play_episodes(SPEC, ["t"], [[{"role": "user", "content": "t"}]], agent.generate, env.generate, 2,
+                        SamplingParams(), SamplingParams(), last_observation=False, first_turns=first)
+    assert len(agent.calls) == 1 and len(env.calls) == 1  # turn 1 was given; no answer to the last turn
+    assert [t["agent"] for t in out[0]["turns"]] == ["Think: known.\nAct: step 1", "Think: go.\nAct: step 2"]
+    assert out[0]["turns"][0]["observation"] == "Output: ok" and out[0]["end"] == MAX_TURNS
+    assert agent.calls[0][0][0][1] == {"role": "assistant", "content": "Think: known.\nAct: step 1"}
+
+
+def test_role_play_takes_the_teacher_output_as_its_first_turn() -> None:
+    world = World(SPEC)
+    target = FakeEngine(world)
+    inputs = [{"id": 0, "input": "Count files in /etc", "teacher": "Think: given.\nAct: finish",
+               "teacher_finish": "stop"}]
+    [same] = role_play(SPEC, synth_cfg(output_max_tokens=64, agent_max_tokens=64), target, inputs)
+    assert same["turns"][0]["agent"] == "Think: given.\nAct: finish"
+    [own] = role_play(SPEC, synth_cfg(output_max_tokens=32, agent_max_tokens=64), FakeEngine(world), inputs)
+    assert own["turns"][0]["agent"] != "Think: given.\nAct: finish"  # other limit: generated anew
+
+
 # ------------------------------------------------------------------ parts
 
 def test_run_in_parts_resumes_after_a_crash(tmp_path: Path) -> None:

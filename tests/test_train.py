@@ -555,3 +555,15 @@ def test_train_prompt_names_why_no_example_could_be_built(tmp_path: Path) -> Non
                                          r"2048 tokens .*records have no learnable agent turn.* PG examples with an "
                                          r"empty answer or reason"):
         train_stage.train_prompt(SPEC, cfg, store)
+
+
+def test_pg_fraction_spreads_the_kept_pg_examples_evenly() -> None:
+    from genpi.train.trainer import pg_kept, with_pg_fraction
+
+    assert [pg_kept(1.0, s, 4) for s in range(5)] == [4] * 5  # the paper: every PG example
+    assert [pg_kept(0.0, s, 4) for s in range(5)] == [0] * 5
+    kept = [pg_kept(0.1, s, 4) for s in range(50)]
+    assert sum(kept) == 20 and max(kept) == 1 and kept[:5] == [0, 0, 1, 0, 1]
+    pairs = [("s1", "p1"), ("s2", "p2"), (None, "p3")]
+    assert with_pg_fraction(pairs, 1) == [("s1", "p1"), ("s2", None), (None, None)]
+    assert with_pg_fraction(pairs, 4) == pairs

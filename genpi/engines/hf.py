@@ -140,11 +140,23 @@ class HFEngine:
         # prefixes get long and padding stays small.
         fits.sort(key=lambda i: (encoded[i][:_GROUP_BY], len(encoded[i])))
         torch.manual_seed(params.seed)
-        for start in range(0, len(fits), self.batch_size):
-            chunk = fits[start:start + self.batch_size]
+        for chunk in self._chunks([encoded[i] for i in fits], fits):
             for i, gen in zip(chunk, self._generate_batch([encoded[i] for i in chunk], params)):
                 results[i] = gen
         return [r for r in results if r is not None]
+
+    def _chunks(self, ordered: list[list[int]], indexes: list[int]) -> list[list[int]]:
+        """Batches of at most ``batch_size`` in the sorted order, never mixing short conversations
+        with ones much longer: a batch of 28 students (no prompt) and 4 teachers would pad every
+        student to the prompt's length and share no prefix (measured: 3x slower outputs)."""
+        chunks: list[list[int]] = []
+        first = 0
+        for k, ids in enumerate(ordered):
+            if not chunks or len(chunks[-1]) == self.batch_size or len(ids) > 2 * len(ordered[first]) + _GROUP_BY:
+                chunks.append([])
+                first = k
+            chunks[-1].append(indexes[k])
+        return chunks
 
     def _shared_prefix(self, batch: list[list[int]]) -> tuple[int, Any]:
         """Length of the token prefix every conversation in ``batch`` starts with, and a cache holding it.

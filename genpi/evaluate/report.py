@@ -92,7 +92,9 @@ def summarize_set(spec: PromptSpec, episodes: dict[str, list[dict]], scores: lis
             continue
         values = {s: systems[s][metric]["value"] for s in systems}
         lower = metric in LOWER_IS_BETTER
-        kept = (metrics.retention(values["teacher"], values["adapter"]) if lower
+        # Lower is better: retention is teacher / adapter, undefined when the teacher's value is 0
+        # (the KL of the teacher to itself), where gap closed still tells the story.
+        kept = ((metrics.retention(values["teacher"], values["adapter"]) if values["teacher"] else None) if lower
                 else metrics.retention(values["adapter"], values["teacher"]))
         comparison[metric] = {**values, "n": systems["adapter"][metric]["n"], "lower_is_better": lower,
                               "retention": None if kept is None else round(kept, 4),

@@ -42,11 +42,35 @@ def reply_ids(tokenizer: Any, context: Conversation, reply: str) -> list[int]:
     return full[len(head):]
 
 
-def _reply_logprobs(model: Any, context_ids: list[int], reply: list[int]) -> torch.Tensor:
-    """Log-softmax over the vocabulary at each position that predicts a reply token: [len(reply), vocab]."""
-    ids = torch.tensor([context_ids + reply], device=model.device)
-    logits = model(input_ids=ids, logits_to_keep=len(reply) + 1).logits[0, :-1]
+def _reply_logprobs(model: Any, context_ids: list[int], reply: list[int], cache: Any = None,
+                    cached: int = 0) -> torch.Tensor:
+    """Log-softmax over the vocabulary at each position that predicts a reply token: [len(reply), vocab].
+
+    With ``cache`` holding the KV of the first ``cached`` context tokens, only the rest is computed,
+    and the cache is cut back to those tokens afterwards.
+    """
+    ids = torch.tensor([(context_ids + reply)[cached:]], device=model.device)
+    logits = model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
+                   logits_to_keep=len(reply) + 1).logits[0, :-1]
+    if cache is not None:
+        cache.crop(cached - cache.get_seq_length())  # a negative count: tokens to drop from the end
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _prefix_cache(model: Any, contexts: list[list[int]]) -> tuple[Any, int]:
+    """A KV cache of the tokens every context starts with (the prompt), and their count."""
+    from transformers.cache_utils import DynamicCache
+
+    if len(contexts) < 2:
+        return None, 0
+    shortest = min(len(c) for c in contexts)
+    length = next((k for k in range(shortest) if any(c[k] != contexts[0][k] for c in contexts)), shortest)
+    length = min(length, shortest - 1)  # keep a token of each context to compute
+    if length < 32:
+        return None, 0
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([contexts[0][:length]], device=model.device), past_key_values=cache, use_cache=True)
+    return cache, length
 
 
 def topk_tail_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, k: int) -> torch.Tensor:
@@ -65,20 +89,25 @@ def topk_tail_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor,
 
 @torch.inference_mode()
 def score_replies(engine: Any, teacher_contexts: list[Conversation], student_contexts: list[Conversation],
-                  replies: list[str], student_adapters: dict[str, str | None], top_k: int) -> dict[str, list[ReplyScore]]:
+                  replies: list[str], student_adapters: dict[str, str | None], top_k: int,
+                  share_prefix: bool = True) -> dict[str, list[ReplyScore]]:
     """Score each teacher reply under the teacher and every named student system.
 
     ``student_adapters`` maps a system name (``base``, ``adapter``) to the adapter that serves
     it (None for the base model). Returns one list of :class:`ReplyScore` per system, ``teacher``
-    included (its KL to itself is 0 by construction).
+    included (its KL to itself is 0 by construction). With ``share_prefix`` the teacher contexts'
+    common opening (the prompt) is computed once, not once per reply.
     """
     tokenizer = engine.tokenizer
     scores: dict[str, list[ReplyScore]] = {"teacher": [], **{name: [] for name in student_adapters}}
-    for teacher_ctx, student_ctx, reply in zip(teacher_contexts, student_contexts, replies):
+    teacher_ids = [chat_ids(tokenizer, c, True) for c in teacher_contexts]
+    with engine.adapter_scope(None) as model:
+        cache, cached = _prefix_cache(model, teacher_ids) if share_prefix else (None, 0)
+    for teacher_ctx, context_ids, student_ctx, reply in zip(teacher_contexts, teacher_ids, student_contexts, replies):
         target = reply_ids(tokenizer, teacher_ctx, reply)
         labels = torch.tensor(target)
         with engine.adapter_scope(None) as model:
-            teacher = _reply_logprobs(model, chat_ids(tokenizer, teacher_ctx, True), target)
+            teacher = _reply_logprobs(model, context_ids, target, cache, cached)
         nll = -teacher.gather(-1, labels[:, None].to(teacher.device)).squeeze(-1)
         scores["teacher"].append(ReplyScore(len(target), float(nll.sum()), 0.0))
         student_ids = chat_ids(tokenizer, student_ctx, True)

@@ -10,7 +10,7 @@ from typing import Sequence
 
 from genpi.config import SynthConfig
 from genpi.conversations import teacher_messages
-from genpi.engines.base import SamplingParams
+from genpi.engines.base import Generation, SamplingParams
 from genpi.episodes import play_episodes
 from genpi.prompts import PromptSpec
 
@@ -24,13 +24,19 @@ def role_play(spec: PromptSpec, cfg: SynthConfig, target, inputs: Sequence[dict]
     """For each ``{"id", "input"}``: the agent's turns and the environment's observations.
 
     Returns ``{"id", "turns": [{"agent", "observation", "agent_finish"}...], "end"}``; the last
-    turn's observation is empty when the episode ended there.
+    turn's observation is empty when the episode ended there. When the inputs carry the teacher's
+    single-turn output (``teacher``, ``teacher_finish``) and it was generated with the agent's
+    token limit, it is the agent's first turn (same view, greedy): it is not generated again.
     """
     seed = cfg.seed + (inputs[0]["id"] if inputs else 0)
     agent_params = SamplingParams(max_new_tokens=cfg.agent_max_tokens, temperature=0.0, seed=seed)
     env_params = SamplingParams(max_new_tokens=cfg.env_max_tokens, temperature=0.0, seed=seed,
                                 stop=(spec.environment.end_token,))
     texts = [r["input"] for r in inputs]
+    first = None
+    if cfg.output_max_tokens == cfg.agent_max_tokens and all("teacher" in r for r in inputs):
+        first = [Generation(r["teacher"], r["teacher_finish"], 0, 0) for r in inputs]
     episodes = play_episodes(spec, texts, [teacher_messages(spec, x) for x in texts], target.generate,
-                             target.generate, max_turns_for(spec, cfg), agent_params, env_params)
+                             target.generate, max_turns_for(spec, cfg), agent_params, env_params,
+                             first_turns=first)
     return [{"id": r["id"], **episode} for r, episode in zip(inputs, episodes)]

@@ -62,7 +62,7 @@ def synthesize(spec: PromptSpec, cfg: GenPIConfig, generator, target, store: Art
     joined = [{**i, **o} for i, o in zip(inputs, outputs)]
     reason_rows = run_in_parts(store, f"{prefix}/reasons", joined, s.part_size,
                                lambda part: reasons(spec, s, generator, part), f"[{spec.name}] reasons")
-    conversations = run_in_parts(store, f"{prefix}/conversations", inputs, s.part_size,
+    conversations = run_in_parts(store, f"{prefix}/conversations", joined, s.part_size,
                                  lambda part: role_play(spec, s, target, part), f"[{spec.name}] role play")
     records = [filter_record(spec, {**j, **r, **c}, s.filter_off_format)
                for j, r, c in zip(joined, reason_rows, conversations)]

@@ -90,9 +90,14 @@ def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
     return 1.0
 
 
-def with_pg_fraction(pairs: list[Pair], fraction: float) -> list[Pair]:
-    """Keep the PG examples of the first ``ceil(fraction * len(pairs))`` pairs of a (shuffled) step."""
-    keep = math.ceil(fraction * len(pairs))
+def pg_kept(fraction: float, step: int, batch_size: int) -> int:
+    """How many PG examples step ``step`` keeps so that, over the run, ``fraction`` of all records'
+    PG examples are used, spread evenly over the steps (0.1 at batch 4: one every 2-3 steps)."""
+    return math.floor(fraction * (step + 1) * batch_size + 1e-9) - math.floor(fraction * step * batch_size + 1e-9)
+
+
+def with_pg_fraction(pairs: list[Pair], keep: int) -> list[Pair]:
+    """Keep the PG examples of the first ``keep`` pairs of a (shuffled) step, drop the others'."""
     return [(s, p if k < keep else None) for k, (s, p) in enumerate(pairs)]
 
 
@@ -140,12 +145,14 @@ def train_adapter(cfg: TrainConfig, model_name: str, dtype: str, train_pairs: li
         rng.shuffle(order)
         model.train()
         for start in range(0, len(order), cfg.batch_size):
-            batch = with_pg_fraction([train_pairs[i] for i in order[start:start + cfg.batch_size]], cfg.pg_fraction)
+            batch = with_pg_fraction([train_pairs[i] for i in order[start:start + cfg.batch_size]],
+                                     pg_kept(cfg.pg_fraction, step, cfg.batch_size))
             for group in optimizer.param_groups:
                 group["lr"] = cfg.learning_rate * lr_factor(cfg, step, total)
             losses = step_loss(model, batch, cfg, pad_id, backward=True)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm else float("inf"))
-            optimizer.step()
+            if any(s is not None or p is not None for s, p in batch):
+                optimizer.step()  # a step left with no example (no SFT turn, PG not drawn) must not move Adam
             optimizer.zero_grad(set_to_none=True)
             step += 1
             history.append({"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
@@ -154,7 +161,7 @@ def train_adapter(cfg: TrainConfig, model_name: str, dtype: str, train_pairs: li
             log(f"step {step}/{total} epoch {epoch + 1} loss {losses['loss']:.4f} "
                 f"(sft {losses['sft_loss']:.4f}, pg {losses['pg_loss']:.4f}) {rate:.1f}s/step, "
                 f"{rate * (total - step):.0f}s left")
-        if val_pairs:
+        if val_pairs and epoch == cfg.epochs - 1:  # held-out fidelity is the evaluate stage's; one loss here
             model.eval()
             with torch.no_grad():
                 val = step_loss(model, val_pairs, cfg, pad_id, backward=False)
