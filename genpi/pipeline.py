@@ -144,6 +144,9 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
     started = time.time()
     results = {s.name: PromptResult(s.name, s.prompt_hash) for s in specs}
     check_lengths(specs, cfg)
+    # Before any work: a stage asking for GPUs the cluster lacks would fail only after synthesis.
+    cpus, gpus = task_resources("train", cfg.train.num_cpus, cfg.train.num_gpus)
+    eval_cpus, eval_gpus = task_resources("eval", cfg.eval.num_cpus, cfg.eval.num_gpus)
 
     for name, error in synthesize_all(specs, cfg, store).items():
         _fail(results[name], "synthesis", error)
@@ -157,7 +160,6 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
             log.info("[%s] adapter found at %s", spec.name, store.location(f"{train}/adapter"))
         else:
             ready.append(spec)
-    cpus, gpus = task_resources("train", cfg.train.num_cpus, cfg.train.num_gpus)
     # Workers get the store as resolved here: a relative folder means this process's folder.
     worker_cfg = cfg.to_dict()
     worker_cfg["store"]["url"] = store.url
@@ -170,7 +172,6 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
             _fail(results[name], "training", e)
 
     evaluated = [s for s in specs if results[s.name].status != "failed"]
-    eval_cpus, eval_gpus = task_resources("eval", cfg.eval.num_cpus, cfg.eval.num_gpus)
     eval_refs = {s.name: _evaluate_task.options(num_cpus=eval_cpus, num_gpus=eval_gpus)
                  .remote(s.to_json(), worker_cfg, user_inputs.get(s.name, [])) for s in evaluated}
     reports = []

@@ -26,8 +26,20 @@ def test_defaults_are_the_papers() -> None:
 def test_local_profile_is_small() -> None:
     cfg = load_config("local")
     assert 16 <= cfg.synth.num_inputs <= 64
-    assert cfg.train.epochs <= 2 and cfg.train.num_gpus == 0
+    assert cfg.train.num_gpus == 0 and cfg.eval.num_gpus == 0
+    # small enough for 2 CPU cores: few steps, few PG examples (each carries the whole prompt)
+    steps = -(-cfg.synth.num_inputs // cfg.train.batch_size) * cfg.train.epochs
+    assert steps <= 40 and cfg.train.pg_fraction <= 0.25
     assert cfg.store.url == "artifacts"
+
+
+def test_split_and_eval_are_not_part_of_the_synthesis_key() -> None:
+    base = load_config("local")
+    changed = load_config("local", overrides={"split.test_fraction": 0.4, "eval.max_turns": 3})
+    assert base.synth_hash() == changed.synth_hash()
+    assert base.train_hash() != changed.train_hash() and base.eval_hash() != changed.eval_hash()
+    placement = load_config("local", overrides={"eval.num_cpus": 1, "eval.batch_size": 3})
+    assert placement.eval_hash() == base.eval_hash()
 
 
 def test_precedence_defaults_profile_yaml_flags(tmp_path) -> None:

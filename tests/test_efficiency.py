@@ -186,7 +186,8 @@ def episodes(tiny: tuple[Any, Any]) -> dict[str, dict[str, Any]]:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(model, "forward", recording)
             seconds, tokens = play_timed_episode(model, tokenizer, prompt, TURNS, NEW_TOKENS, mode)
-        out[name] = {"seconds": seconds, "tokens": tokens, "prefill": lengths[::NEW_TOKENS]}
+        ahead = lengths.pop(0) if mode == "kv_reuse" else 0  # the prompt's cache, computed before the episode
+        out[name] = {"seconds": seconds, "tokens": tokens, "prefill": lengths[::NEW_TOKENS], "ahead": ahead}
     torch.set_num_threads(threads)
     return out
 
@@ -222,7 +223,12 @@ def test_kv_reuse_prefills_only_unseen_tokens(tiny: tuple[Any, Any], episodes: d
         messages.append({"role": "assistant", "content": reply})
     assert episodes["recompute"]["prefill"] == full
     reuse = episodes["kv_reuse"]["prefill"]
-    assert reuse[0] == full[0]
+    # the prompt's KV cache is computed ahead of the episode: turn 1 prefills only what follows it
+    prompt_ids = tokenizer.apply_chat_template([dict(m) for m in PROMPT], tokenize=True, return_dict=True)["input_ids"]
+    first = tokenizer.apply_chat_template([*PROMPT, {"role": "user", "content": TURNS[0][0]}],
+                                          add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    shared = next((k for k, (a, b) in enumerate(zip(prompt_ids, first)) if a != b), len(prompt_ids))
+    assert episodes["kv_reuse"]["ahead"] == len(prompt_ids) and reuse[0] == full[0] - shared < full[0]
     # later turns prefill only what the conversation gained since the last turn: the reply and the new input
     assert reuse[1:] == [full[t] - full[t - 1] for t in range(1, len(TURNS))]
     assert episodes["adapter"]["prefill"][1:] == reuse[1:]  # the same turns, without the prompt before them

@@ -91,7 +91,7 @@ def test_job_end_to_end_and_rerun(tmp_path: Path) -> None:
     second = run_job("--prompts", str(prompts), "--store.url", str(store_dir), *TINY_RUN)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "starting engines" not in second.stdout  # nothing to synthesize
-    assert second.stdout.count("adapter found at") == 3 and second.stdout.count("evaluation found at") == 3
+    assert second.stdout.count("adapter found at") == 3 and (second.stdout + second.stderr).count("evaluation found at") == 3
     assert {k: store.get_bytes(k) for k in store.list_keys("prompts") if k.endswith("_SUCCESS")} == markers
 
 

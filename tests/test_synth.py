@@ -411,9 +411,10 @@ def test_synthesize_end_to_end_and_rerun(tmp_path: Path) -> None:
             quality["records_without_valid_turns"]) == (0, 0, 0)
     assert quality["agent_turns_in_action_format"] == quality["agent_turns_in_action_format_after_filter"] == 1.0
 
-    # generator: 1 input round + 2 reason parts; target: 2 output parts + 2 role-play parts x 2 turns x 2 calls
+    # generator: 1 input round + 2 reason parts; target: 2 output parts + 2 role-play parts x (2 turns x 2
+    # calls - 1): the agent's first turn is the teacher's single-turn output, not generated again
     assert len(generator.calls) == 3
-    assert len(target.calls) == 2 + 2 * 4
+    assert len(target.calls) == 2 + 2 * 3
     assert [len(c) for c, _ in target.calls[:2]] == [8, 4]  # students + teachers, per part
 
     idle = FakeEngine(lambda c, p: pytest.fail("a finished synthesis must not generate"))
@@ -482,7 +483,7 @@ def test_synthesize_resumes_after_a_crash_in_role_play(tmp_path: Path) -> None:
     synthesize(SPEC, cfg, generator2, target2, store)
     assert generator2.calls == []
     # only the missing role-play part (2 records, 2 turns): agent, env, agent, env; no single-turn outputs
-    assert [kind_of(c[0]) for c, _ in target2.calls] == ["agent", "environment", "agent", "environment"]
+    assert [kind_of(c[0]) for c, _ in target2.calls] == ["environment", "agent", "environment"]
     assert all(len(c) == 2 for c, _ in target2.calls)
     assert {task_of(c, SPEC) for convs, _ in target2.calls for c in convs} == {x["input"] for x in inputs_before[4:]}
     records = store.get_jsonl(f"{prefix}/records.jsonl")

@@ -566,4 +566,5 @@ def test_pg_fraction_spreads_the_kept_pg_examples_evenly() -> None:
     assert sum(kept) == 20 and max(kept) == 1 and kept[:5] == [0, 0, 1, 0, 1]
     pairs = [("s1", "p1"), ("s2", "p2"), (None, "p3")]
     assert with_pg_fraction(pairs, 1) == [("s1", "p1"), ("s2", None), (None, None)]
+    assert with_pg_fraction([("s0", None)] + pairs, 1)[:2] == [("s0", None), ("s1", "p1")]  # quota spent on real PG
     assert with_pg_fraction(pairs, 4) == pairs

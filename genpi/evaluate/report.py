@@ -15,7 +15,6 @@ from typing import Any
 from genpi.evaluate import metrics
 from genpi.prompts import PromptSpec
 
-STUDENTS = ("base", "adapter")
 LOWER_IS_BETTER = ("nll", "kl_topk")
 TITLES = {
     "format_valid": "action format, first turn",
@@ -81,7 +80,8 @@ def summarize_set(spec: PromptSpec, episodes: dict[str, list[dict]], scores: lis
     similarity: dict[str, list[float] | None] = {"teacher": None, "base": None, "adapter": None}
     if embed is not None:
         similarity = {s: embed.similarity([_first(e) for e in episodes[s]], [_first(t) for t in teacher])
-                      for s in episodes}
+                      for s in episodes if s != "teacher"}
+        similarity["teacher"] = [1.0] * len(teacher)  # the teacher's reply is its own reference
     systems = {s: system_figures(spec, episodes[s], teacher, scores, s, similarity[s]) for s in episodes}
     longest = max((len(e["turns"]) for eps in episodes.values() for e in eps), default=0)
     per_turn = ({s: per_turn_validity(spec, episodes[s], longest) for s in episodes}

@@ -32,6 +32,7 @@ from genpi.evaluate.gate import gate_decision, publish
 from genpi.evaluate.plots import efficiency_plot, retention_plot
 from genpi.evaluate.report import prompt_report_markdown, summarize_set
 from genpi.evaluate.teacher_forced import score_replies
+from genpi.errors import ModelError
 from genpi.prompts import PromptSpec
 from genpi.splits import TEST, assign_splits
 from genpi.store import ArtifactStore
@@ -206,11 +207,21 @@ def measure_efficiency(spec: PromptSpec, cfg: GenPIConfig, engine: Any, adapter:
             "device": str(engine.model.device), "threads": torch.get_num_threads()}
 
 
+def _embedder() -> Any:
+    """The MiniLM embedder, or None (no embedding-similarity figure) when its package is missing."""
+    try:
+        return load_embedder()
+    except ModelError as e:
+        log.warning("no embedding similarity in this evaluation: %s", e)
+        return None
+
+
 def _lora_shape(engine: Any, adapter: str) -> dict[str, Any]:
     """LoRA rank and adapted layer count of a loaded adapter, for the FLOPs formula."""
     config = engine.model.peft_config[engine.adapters[adapter]]
     layers = config.layers_to_transform
-    return {"lora_rank": int(config.r), "lora_layers": len(layers) if layers else None}
+    count = 1 if isinstance(layers, int) else len(layers) if layers else None
+    return {"lora_rank": int(config.r), "lora_layers": count}
 
 
 def evaluate_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, user_inputs: list[str]) -> dict:
@@ -239,7 +250,7 @@ def evaluate_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, us
                 continue
             episodes = {system: run.episodes(set_name, system) for system in SYSTEMS}
             scores = run.scores(set_name, episodes["teacher"])
-            sets[set_name] = summarize_set(spec, episodes, scores, load_embedder())
+            sets[set_name] = summarize_set(spec, episodes, scores, _embedder())
             if set_name == "test" or not efficiency_figures:
                 efficiency_figures = run.efficiency(episodes["teacher"])
     report: dict[str, Any] = {

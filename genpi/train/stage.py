@@ -46,7 +46,7 @@ def train_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore) -> st
     tokenizer = AutoTokenizer.from_pretrained(folder)
     context = int(getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", cfg.train.max_seq_len))
     max_len = min(cfg.train.max_seq_len, target.max_context or context, context)
-    if cfg.train.pg_lambda > 0:
+    if cfg.train.pg_lambda > 0 and cfg.train.pg_fraction > 0:
         check_pg_fits(tokenizer, spec, max_len)
     records = store.get_jsonl(f"{layout.synth_prefix(spec, cfg)}/records.jsonl")
     split = assign_splits([r["id"] for r in records], cfg.split.val_fraction, cfg.split.test_fraction,

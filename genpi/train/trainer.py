@@ -97,8 +97,12 @@ def pg_kept(fraction: float, step: int, batch_size: int) -> int:
 
 
 def with_pg_fraction(pairs: list[Pair], keep: int) -> list[Pair]:
-    """Keep the PG examples of the first ``keep`` pairs of a (shuffled) step, drop the others'."""
-    return [(s, p if k < keep else None) for k, (s, p) in enumerate(pairs)]
+    """Keep the first ``keep`` PG examples of a (shuffled) step, drop the others'."""
+    out: list[Pair] = []
+    for s, p in pairs:
+        out.append((s, p if keep > 0 else None))
+        keep -= p is not None
+    return out
 
 
 def step_loss(model: Any, pairs: list[Pair], cfg: TrainConfig, pad_id: int, backward: bool) -> dict[str, float]:
