@@ -26,7 +26,7 @@ from genpi.fingerprint import fingerprint
 # the old code are not reused.
 SYNTH_VERSION = 2
 TRAIN_VERSION = 2
-EVAL_VERSION = 1
+EVAL_VERSION = 2
 
 
 def _f(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
