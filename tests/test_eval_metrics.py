@@ -167,11 +167,11 @@ def test_gap_closed_when_higher_is_better() -> None:
 
 def test_gap_closed_when_lower_is_better() -> None:
     # NLL: base 2.0, teacher 1.0
-    assert gap_closed(1.25, 2.0, 1.0, lower_is_better=True) == pytest.approx(0.75)
-    assert gap_closed(1.0, 2.0, 1.0, lower_is_better=True) == pytest.approx(1.0)
-    assert gap_closed(2.5, 2.0, 1.0, lower_is_better=True) == pytest.approx(-0.5)  # worse than the base
-    assert gap_closed(0.5, 2.0, 1.0, lower_is_better=True) == pytest.approx(1.5)  # beyond the teacher
-    assert gap_closed(1.0, 1.5, 1.5, lower_is_better=True) is None
+    assert gap_closed(1.25, 2.0, 1.0) == pytest.approx(0.75)
+    assert gap_closed(1.0, 2.0, 1.0) == pytest.approx(1.0)
+    assert gap_closed(2.5, 2.0, 1.0) == pytest.approx(-0.5)  # worse than the base
+    assert gap_closed(0.5, 2.0, 1.0) == pytest.approx(1.5)  # beyond the teacher
+    assert gap_closed(1.0, 1.5, 1.5) is None
 
 
 # ---------------------------------------------------------------------------- embeddings

@@ -102,16 +102,14 @@ def retention(adapter: float | None, teacher: float | None) -> float | None:
     return adapter / teacher
 
 
-def gap_closed(adapter: float | None, base: float | None, teacher: float | None, *,
-               lower_is_better: bool = False) -> float | None:
+def gap_closed(adapter: float | None, base: float | None, teacher: float | None) -> float | None:
     """Share of the base-to-teacher gap the adapter closes: ``(adapter - base) / (teacher - base)``.
 
     1 means the adapter matches the teacher, 0 the base, below 0 worse than the base. The same
     formula holds when lower is better (NLL, KL): numerator and denominator are then both
-    negative for an improvement, so the signs cancel; ``lower_is_better`` only documents the
-    direction at the call site. None when ``teacher == base`` or any value is None.
+    negative for an improvement, so the signs cancel. None when ``teacher == base`` or any value
+    is None.
     """
-    del lower_is_better  # the formula is direction-free (see above)
     if adapter is None or base is None or teacher is None or teacher == base:
         return None
     return (adapter - base) / (teacher - base)

@@ -72,9 +72,9 @@ class Evaluation:
     """One prompt's evaluation of one adapter, step by step, each step stored."""
 
     def __init__(self, spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, engine: Any,
-                 adapter: str, user_inputs: list[str], log_line: Callable[[str], None]) -> None:
+                 adapter: str, prefix: str, user_inputs: list[str], log_line: Callable[[str], None]) -> None:
         self.spec, self.cfg, self.store, self.engine, self.adapter = spec, cfg, store, engine, adapter
-        self.prefix = layout.eval_prefix(spec, cfg, user_inputs)
+        self.prefix = prefix
         self.sets = evaluation_inputs(spec, cfg, store, user_inputs)
         self.log = log_line
         limit = cfg.eval.max_turns or spec.max_turns
@@ -241,7 +241,7 @@ def evaluate_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, us
     with tempfile.TemporaryDirectory(prefix="genpi-eval-") as tmp:
         folder = store.download_dir(f"{train}/adapter", Path(tmp) / "adapter")
         adapter = engine.add_adapter(folder)
-        run = Evaluation(spec, cfg, store, engine, adapter, user_inputs,
+        run = Evaluation(spec, cfg, store, engine, adapter, prefix, user_inputs,
                          lambda line: log.info("[%s] %s", spec.name, line))
         sets: dict[str, Any] = {}
         efficiency_figures: dict[str, Any] = {}
