@@ -143,6 +143,7 @@ def _run(args: argparse.Namespace) -> int:
             continue
         print(f"  {r.name}: {'published ' + str(r.published) if r.passed else 'NOT published (gate failed)'}")
         print(f"  {pad}  gate: {r.gate}")
+        print(f"  {pad}  run: {r.run}")
         print(f"  {pad}  adapter {r.artifacts['adapter']}")
         print(f"  {pad}  report {r.artifacts['report']}")
     print(f"\n`genpi report --store.url {store.url}` prints the batch table; `genpi ls` lists published adapters.")

@@ -86,6 +86,14 @@ class SynthConfig:
     agent_max_tokens: int = _f(512, "max new tokens of an agent turn in role play", low=8)
     env_max_tokens: int = _f(512, "max new tokens of an environment turn in role play", low=8)
     max_turns: int = _f(0, "cap on role-play turns for every prompt; 0 uses each prompt's max_turns", low=0, high=50)
+    agent_resamples: int = _f(4, "rounds of sampling a role-played agent turn that breaks the prompt's action "
+                              "format, one sample per round; the first in format replaces it, so a target that "
+                              "follows its prompt only some of the time still yields training turns (0: greedy "
+                              "turns only, as in the paper)", low=0, high=64)
+    resample_temperature: float = _f(0.8, "sampling temperature of those samples", low=0.01, high=5)
+    resample_turns: int = _f(1, "agent turns of an episode, from the first, that are resampled (the first decides "
+                             "whether a record teaches anything; a later off-format turn is cut by the filter "
+                             "and leaves the turns before it)", low=1, high=50)
     part_size: int = _f(64, "records per stored part file; finished parts survive a failure", low=1)
     filter_off_format: bool = _f(True, "end a role-played conversation at its first agent turn that breaks the "
                                  "prompt's action format, so such turns are never trained on (counted in the "
@@ -108,10 +116,23 @@ class SplitConfig:
 
 @dataclass
 class TrainConfig:
-    """One LoRA adapter per prompt with the joint loss L = (1 - pg_lambda) * L_SFT + pg_lambda * L_PG."""
+    """One LoRA adapter per prompt, trained with ``method`` (the paper's joint loss
+    L = (1 - pg_lambda) * L_SFT + pg_lambda * L_PG by default)."""
 
+    method: str = _f("genpi", "training objective: genpi (SFT + pg_lambda * Prompt Generation), sft (role-played "
+                     "conversations only), prepend (SFT with the prompt before prepend_fraction of the examples), "
+                     "seqkd-kld (SFT plus KL to the teacher's distributions with the prompt)",
+                     choices=("genpi", "sft", "prepend", "seqkd-kld"))
+    prepend_fraction: float = _f(1.0, "share of the records trained with the prompt before them (method prepend; "
+                                 "the paper's baselines use 1.0 and 0.5)", low=0, high=1)
+    kl_weight: float = _f(1.0, "weight of the KL term (method seqkd-kld)", low=0)
     pg_lambda: float = _f(0.3, "weight of the Prompt Generation loss; SFT gets 1 - pg_lambda (the authors' "
                           "scripts weight SFT by 0.7, i.e. pg_lambda 0.3)", low=0, high=1)
+    methods: list[str] = _f(list, "sweep: one run per method (overrides method; empty: just method)",
+                            choices=("genpi", "sft", "prepend", "seqkd-kld"), factory=True)
+    lambdas: list[float] = _f(list, "sweep: one genpi run per value (overrides pg_lambda; empty: just pg_lambda; "
+                              "the paper profile sweeps 0.3, 0.5, 0.7)", low=0, high=1, factory=True)
+    seeds: list[int] = _f(list, "sweep: one run per seed (overrides seed; empty: just seed)", low=0, factory=True)
     pg_fraction: float = _f(1.0, "share of the records' Prompt Generation examples used, spread evenly over the "
                             "steps (a PG example carries the whole prompt as its target, ~5x an SFT example's "
                             "tokens; the paper uses every one)", low=0, high=1)
@@ -136,6 +157,7 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory")
     num_gpus: float = _f(1.0, "GPUs per training run (0 on CPU-only clusters)", low=0)
     num_cpus: float = _f(1.0, "CPUs reserved per training run", low=0)
+    max_failures: int = _f(2, "times Ray Train restarts a run's failed worker from its last checkpoint", low=0)
     threads: int = _f(0, "torch CPU threads of a training run; 0 uses every core", low=0)
     seed: int = _f(0, "seed for LoRA init, dropout and shuffling", low=0)
 
@@ -214,10 +236,20 @@ class GenPIConfig:
                 "target": _model_identity(self.models.target)}
 
     def train_key(self) -> dict[str, Any]:
-        """Everything an adapter depends on besides its data (hashed into its store key)."""
+        """Everything one run's adapter depends on besides its data (hashed into its store key).
+
+        Settings its method does not read are left out, so e.g. an ``sft`` run is the same run
+        whatever ``pg_lambda`` says, and a sweep reuses every run it shares with an earlier one.
+        """
         train = dataclasses.asdict(self.train)
-        for resource in ("num_gpus", "num_cpus", "threads"):
+        for resource in ("num_gpus", "num_cpus", "threads", "max_failures", "methods", "lambdas", "seeds"):
             train.pop(resource)
+        unread = {"genpi": ("prepend_fraction", "kl_weight"), "sft": ("pg_lambda", "pg_fraction", "prepend_fraction",
+                                                                      "kl_weight"),
+                  "prepend": ("pg_lambda", "pg_fraction", "kl_weight"),
+                  "seqkd-kld": ("pg_lambda", "pg_fraction", "prepend_fraction")}[self.train.method]
+        for name in unread:
+            train.pop(name)
         return {"version": TRAIN_VERSION, "train": train, "split": dataclasses.asdict(self.split),
                 "target": _model_identity(self.models.target)}
 
@@ -228,6 +260,20 @@ class GenPIConfig:
             evaluation.pop(resource)
         return {"version": EVAL_VERSION, "eval": evaluation, "split": dataclasses.asdict(self.split),
                 "target": _model_identity(self.models.target)}
+
+    def train_runs(self) -> list[GenPIConfig]:
+        """One config per training run of the sweep (methods × lambdas for genpi × seeds), each
+        with its own method, pg_lambda and seed and no sweep lists; just this run without a sweep."""
+        t = self.train
+        runs: dict[str, GenPIConfig] = {}
+        for method in t.methods or [t.method]:
+            for pg_lambda in (t.lambdas or [t.pg_lambda]) if method == "genpi" else [t.pg_lambda]:
+                for seed in t.seeds or [t.seed]:
+                    train = dataclasses.replace(t, method=method, pg_lambda=pg_lambda, seed=seed, methods=[],
+                                                lambdas=[], seeds=[])
+                    run = dataclasses.replace(self, train=train)
+                    runs.setdefault(fingerprint(run.train_key()), run)
+        return list(runs.values())
 
     def synth_hash(self) -> str:
         return fingerprint(self.synth_key())
@@ -246,8 +292,8 @@ def _model_identity(model: ModelConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- profiles
 PROFILES: dict[str, dict[str, Any]] = {
-    # The dataclass defaults: the paper's settings, for a GPU cluster.
-    "paper": {},
+    # The dataclass defaults: the paper's settings, for a GPU cluster, sweeping the paper's lambdas.
+    "paper": {"train": {"lambdas": [0.3, 0.5, 0.7]}},
     # Sized for 2 CPU cores: the main job over the shipped prompts finishes in about a quarter
     # of an hour. Fewer, shorter generations; LoRA without dropout (random masks cost ~30% of a
     # CPU step) on the top 15 layers only (backward stops there: ~1.7x faster per step).
@@ -294,8 +340,17 @@ def _merge(obj: Any, updates: dict[str, Any], path: str, origin: str) -> None:
             setattr(obj, name, _coerce(value, typing.get_type_hints(type(obj))[name], where, origin))
 
 
-def _coerce(value: Any, kind: type, where: str, origin: str) -> Any:
-    """Convert a YAML or flag value to the field's type, or name the field and the expected type."""
+def _coerce(value: Any, kind: Any, where: str, origin: str) -> Any:
+    """Convert a YAML or flag value to the field's type, or name the field and the expected type.
+
+    A list field takes a YAML list or a comma-separated string (``--train.lambdas 0.3,0.5``)."""
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        items = [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{origin}: '{where}' must be a list of {item.__name__} (YAML list or comma-separated), "
+                              f"got {value!r}")
+        return [_coerce(x, item, f"{where}[{k}]", origin) for k, x in enumerate(items)]
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -332,14 +387,21 @@ def validate(cfg: GenPIConfig) -> GenPIConfig:
                 walk(value, where)
                 continue
             meta = f.metadata
-            if meta.get("choices") and value not in meta["choices"]:
-                raise ConfigError(f"config '{where}' is {value!r}; allowed: {', '.join(map(str, meta['choices']))}")
-            if meta.get("low") is not None and value < meta["low"]:
-                raise ConfigError(f"config '{where}' is {value!r}; it must be at least {meta['low']}"
-                                  + (f" and at most {meta['high']}" if meta.get("high") is not None else ""))
-            if meta.get("high") is not None and value > meta["high"]:
-                raise ConfigError(f"config '{where}' is {value!r}; it must be at most {meta['high']}"
-                                  + (f" and at least {meta['low']}" if meta.get("low") is not None else ""))
+            if isinstance(value, list):
+                for k, item in enumerate(value):
+                    check(meta, item, f"{where}[{k}]")
+            else:
+                check(meta, value, where)
+
+    def check(meta: Any, value: Any, where: str) -> None:
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(f"config '{where}' is {value!r}; allowed: {', '.join(map(str, meta['choices']))}")
+        if meta.get("low") is not None and value < meta["low"]:
+            raise ConfigError(f"config '{where}' is {value!r}; it must be at least {meta['low']}"
+                              + (f" and at most {meta['high']}" if meta.get("high") is not None else ""))
+        if meta.get("high") is not None and value > meta["high"]:
+            raise ConfigError(f"config '{where}' is {value!r}; it must be at most {meta['high']}"
+                              + (f" and at least {meta['low']}" if meta.get("low") is not None else ""))
 
     walk(cfg, "")
     if cfg.synth.min_inputs > cfg.synth.num_inputs:
@@ -413,7 +475,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             allowed = f"; one of: {', '.join(map(str, meta['choices']))}" if meta.get("choices") else ""
             assert group is not None
             group.add_argument(f"--{where.replace('_', '-')}", dest=f"cfg:{where}", default=None,
-                               metavar=type(value).__name__.upper(),
+                               metavar="A,B,..." if isinstance(value, list) else type(value).__name__.upper(),
                                help=f"{meta['help']}{allowed} (default: {value!r}, before the profile)")
 
     walk(defaults, "", None)

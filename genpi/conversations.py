@@ -1,6 +1,7 @@
 """The conversations built from a prompt, one copy for synthesis, training and evaluation.
 
 - teacher: the prompt's turns with the input appended (what the model sees with the prompt);
+  with role-played turns after it, the teacher view of a training conversation;
 - student: the input alone, no prompt (what the adapter must answer from);
 - environment persona: the prompt's instructions and worked examples, roles swapped;
 - Prompt Generation: the input and both answers in, the prompt (verbatim) and the reason out.
@@ -18,18 +19,21 @@ from genpi.prompts import PromptSpec
 PG_REASON_HEADER = "### Why the answer changes"
 
 
-def teacher_messages(spec: PromptSpec, user_input: str) -> Conversation:
-    """The prompt's turns with ``user_input`` appended to its last user turn (or as a new one)."""
-    return spec.messages_with_input(user_input)
+def teacher_messages(spec: PromptSpec, user_input: str, turns: Sequence[dict] = ()) -> Conversation:
+    """The prompt's turns with ``user_input`` appended to its last user turn (or as a new one),
+    then role-played ``turns`` (as :func:`student_messages` lays them out)."""
+    return with_turns(spec.messages_with_input(user_input), turns)
 
 
 def student_messages(user_input: str, turns: Sequence[dict] = ()) -> Conversation:
-    """The input alone, no prompt, then role-played ``turns`` as training uses them.
+    """The input alone, no prompt, then role-played ``turns`` as training uses them."""
+    return with_turns([{"role": "user", "content": user_input}], turns)
 
-    Each turn's agent text is an assistant turn and its observation the next user turn; the
-    last turn's observation is left out (nothing answers it).
-    """
-    messages: Conversation = [{"role": "user", "content": user_input}]
+
+def with_turns(opening: Conversation, turns: Sequence[dict]) -> Conversation:
+    """``opening`` followed by ``turns``: each turn's agent text is an assistant turn and its
+    observation the next user turn; the last turn's observation is left out (nothing answers it)."""
+    messages: Conversation = list(opening)
     for k, turn in enumerate(turns):
         messages.append({"role": "assistant", "content": turn["agent"]})
         if turn["observation"] and k + 1 < len(turns):

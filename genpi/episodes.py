@@ -9,6 +9,8 @@ empty reply, or after ``limit`` agent turns.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Callable
 
 from genpi.conversations import environment_conversation, environment_opening
@@ -18,6 +20,40 @@ from genpi.prompts import PromptSpec
 END_TOKEN, MAX_TURNS, CONTEXT, EMPTY = "end_token", "max_turns", "context", "empty_reply"
 
 Generate = Callable[[list[Conversation], SamplingParams], list[Generation]]
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """Agent turns that ``accept`` rejects are sampled again with ``params`` (temperature > 0), in
+    up to ``tries`` rounds of one sample per still-rejected turn (round r uses seed + r); the
+    first accepted sample replaces the turn before the environment answers. Only the first
+    ``turns`` agent turns of an episode are resampled; rejected turns with no accepted sample stay.
+    """
+
+    tries: int
+    params: SamplingParams
+    accept: Callable[[str], bool]
+    turns: int = 1
+
+
+def _resample(views: list[Conversation], replies: list[Generation], generate: Generate,
+              resampling: Resampling) -> tuple[list[Generation], set[int]]:
+    """``replies`` with rejected ones replaced where a sample was accepted; the replaced positions."""
+    def rejected(gen: Generation) -> bool:
+        return gen.finish_reason != CONTEXT and not (gen.text.strip() and resampling.accept(gen.text))
+
+    out, replaced = list(replies), set()
+    todo = [k for k, gen in enumerate(replies) if rejected(gen)]
+    for round_no in range(resampling.tries):
+        if not todo:
+            break
+        params = dataclasses.replace(resampling.params, seed=resampling.params.seed + round_no)
+        for k, gen in zip(todo, generate([views[k] for k in todo], params)):
+            if not rejected(gen):
+                out[k] = gen
+                replaced.add(k)
+        todo = [k for k in todo if k not in replaced]
+    return out, replaced
 
 
 def _stopped(gen: Generation) -> str:
@@ -30,7 +66,8 @@ def _stopped(gen: Generation) -> str:
 def play_episodes(spec: PromptSpec, user_inputs: list[str], agent_views: list[Conversation],
                   agent_generate: Generate, env_generate: Generate, limit: int,
                   agent_params: SamplingParams, env_params: SamplingParams,
-                  last_observation: bool = True, first_turns: list[Generation] | None = None) -> list[dict]:
+                  last_observation: bool = True, first_turns: list[Generation] | None = None,
+                  resampling: Resampling | None = None) -> list[dict]:
     """One episode per input, the agent starting from its opening conversation in ``agent_views``.
 
     Returns ``{"turns": [{"agent", "observation", "agent_finish"}...], "end"}`` per input, in
@@ -39,6 +76,8 @@ def play_episodes(spec: PromptSpec, user_inputs: list[str], agent_views: list[Co
     ``limit``-th turn (no agent reads it; such episodes end as MAX_TURNS, even if that answer
     would have been the end token). ``first_turns``: the agents' first replies, already generated
     elsewhere with the same view and settings (greedy single-turn outputs); they are not asked again.
+    ``resampling`` (synthesis only: evaluation scores what a system says greedily) replaces agent
+    turns it rejects by accepted samples; such turns are marked ``"resampled": True``.
     """
     agents = [list(view) for view in agent_views]
     envs = [environment_conversation(spec) for _ in user_inputs]
@@ -52,7 +91,10 @@ def play_episodes(spec: PromptSpec, user_inputs: list[str], agent_views: list[Co
             replies = list(first_turns)
         else:
             replies = agent_generate([agents[i] for i in open_ids], agent_params)
-        for i, gen in zip(open_ids, replies):
+        replaced: set[int] = set()
+        if resampling is not None and turn < resampling.turns:
+            replies, replaced = _resample([agents[i] for i in open_ids], replies, agent_generate, resampling)
+        for k, (i, gen) in enumerate(zip(open_ids, replies)):
             ends[i] = _stopped(gen)
             if ends[i]:
                 continue
@@ -60,6 +102,8 @@ def play_episodes(spec: PromptSpec, user_inputs: list[str], agent_views: list[Co
             said = environment_opening(user_inputs[i], gen.text) if turn == 0 else gen.text
             envs[i].append({"role": "user", "content": said})
             turns[i].append({"agent": gen.text, "observation": "", "agent_finish": gen.finish_reason})
+            if k in replaced:
+                turns[i][-1]["resampled"] = True
         open_ids = [i for i in open_ids if not ends[i]]
         if not open_ids or (turn == limit - 1 and not last_observation):
             break

@@ -5,7 +5,9 @@ prompts/<name>/<prompt_hash>/prompt.json
 prompts/<name>/<prompt_hash>/synth/<synth_hash>/...          (inputs, outputs, reasons, conversations,
                                                                records.jsonl, quality.json, split.json)
 prompts/<name>/<prompt_hash>/train/<run_hash>/...             (adapter/, metrics.json, summary.json)
-prompts/<name>/<prompt_hash>/eval/<eval_key>/...               (episodes/, scores/, report.json|md, *.png)
+prompts/<name>/<prompt_hash>/eval/<eval_key>/...               (episodes/, scores/, report.json|md, *.png;
+                                                               a run's validation figures: summary.json)
+prompts/<name>/<prompt_hash>/selection/<key>/selection.json   (a sweep's runs side by side, the one chosen)
 adapters/<name>/<prompt_hash8>-<run_hash8>/...                 (published adapter + manifest.json)
 batches/<batch_hash>/manifest.json, report.json, report.md
 ```
@@ -43,11 +45,25 @@ def eval_prefix(spec: PromptSpec, cfg: GenPIConfig, user_inputs: list[str]) -> s
     return f"{prompt_root(spec)}/eval/{key}"
 
 
+def validation_prefix(spec: PromptSpec, cfg: GenPIConfig) -> str:
+    """One run's figures on the validation split, which a sweep chooses its run by."""
+    key = fingerprint({"run": run_hash(cfg), "eval": cfg.eval_hash(), "set": "val"})
+    return f"{prompt_root(spec)}/eval/{key}"
+
+
+def selection_prefix(spec: PromptSpec, runs: list[GenPIConfig]) -> str:
+    """The choice among a sweep's runs of one prompt."""
+    key = fingerprint({"runs": [run_hash(r) for r in runs], "eval": runs[0].eval_hash()})
+    return f"{prompt_root(spec)}/selection/{key}"
+
+
 def published_prefix(spec: PromptSpec, cfg: GenPIConfig) -> str:
     """The immutable name a passing adapter is published under."""
     return f"adapters/{spec.name}/{spec.prompt_hash[:8]}-{run_hash(cfg)[:8]}"
 
 
 def batch_prefix(specs: list[PromptSpec], cfg: GenPIConfig, user_inputs: dict[str, list[str]]) -> str:
-    return "batches/" + fingerprint({"prompts": [s.prompt_hash for s in specs], "run": run_hash(cfg),
+    runs = [run_hash(r) for r in cfg.train_runs()]
+    return "batches/" + fingerprint({"prompts": [s.prompt_hash for s in specs],
+                                     "run": runs[0] if len(runs) == 1 else runs,
                                      "eval": cfg.eval_hash(), "user_inputs": user_inputs})

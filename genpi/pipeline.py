@@ -1,8 +1,10 @@
 """A batch of prompts through the stages, on Ray: synthesize → train → evaluate → manifest.
 
 Stage-major: the engine actors (generator and target) are started once and serve every
-prompt's synthesis; then they are released and one training task per prompt is scheduled
-by Ray on the resources it asks for, then one evaluation task per prompt (which gates and
+prompt's synthesis; then they are released and one Ray Train run per (prompt, method, λ, seed)
+of the sweep is submitted (all at once; Ray schedules their workers as resources free up); with
+several runs, one selection task per prompt chooses a run on the validation split; then one
+evaluation task per prompt (which gates and
 publishes the adapter). A prompt that fails is reported and the others go on; everything
 finished is in the store, so a rerun resumes where the last one stopped.
 """
@@ -41,6 +43,7 @@ class PromptResult:
     passed: bool | None = None  # the fidelity gate's decision, once evaluated
     gate: str = ""
     published: str | None = None
+    run: str = ""  # the evaluated run: method, lambda, seed (and how it was chosen)
 
 
 def store_for(cfg: GenPIConfig) -> ArtifactStore:
@@ -48,13 +51,23 @@ def store_for(cfg: GenPIConfig) -> ArtifactStore:
     return open_store(cfg.store.url, endpoint_url=cfg.store.endpoint_url or None, region=cfg.store.region or None)
 
 
-@ray.remote
-def _train_task(spec_json: dict[str, Any], cfg_dict: dict[str, Any]) -> str:
-    from genpi.train.stage import train_prompt
+@ray.remote(num_cpus=0)
+def _train_run(spec_json: dict[str, Any], cfg_dict: dict[str, Any], cpus: float, gpus: float) -> str:
+    """Launches one Ray Train run and waits for it (the run's worker holds the resources)."""
+    from genpi.train.ray_run import fit_run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s genpi %(message)s")
     cfg = config_from_dict(cfg_dict)
-    return train_prompt(PromptSpec.from_json(spec_json), cfg, store_for(cfg))
+    return fit_run(PromptSpec.from_json(spec_json), cfg, store_for(cfg), cpus, gpus)
+
+
+@ray.remote
+def _select_task(spec_json: dict[str, Any], run_dicts: list[dict[str, Any]]) -> dict:
+    from genpi.evaluate.selection import select_run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s genpi %(message)s")
+    runs = [config_from_dict(r) for r in run_dicts]
+    return select_run(PromptSpec.from_json(spec_json), runs, store_for(runs[0]))
 
 
 @ray.remote
@@ -90,7 +103,7 @@ def check_lengths(specs: list[PromptSpec], cfg: GenPIConfig) -> None:
     """Fail fast, before any work, when a prompt leaves no room in the target's context."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from genpi.engines.models import resolve_model
+    from genpi.models import resolve_model
 
     target = cfg.models.target
     folder = resolve_model(target.name)
@@ -134,6 +147,40 @@ def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactSto
     return failures
 
 
+def train_all(specs: list[PromptSpec], runs: list[GenPIConfig], store: ArtifactStore, cpus: float,
+              gpus: float) -> dict[str, Any]:
+    """Every (prompt, run) as a Ray Train run, all submitted at once; a failing run stops no other.
+
+    Returns, per prompt name, ``{"runs": [the run configs that finished, in sweep order]}``, and
+    under ``"<name>:error"`` the first failure of a prompt none of whose runs finished.
+    """
+    refs = {}
+    for spec in specs:
+        for k, run in enumerate(runs):
+            prefix = layout.train_prefix(spec, run)
+            if store.is_done(prefix):
+                log.info("[%s] adapter found at %s", spec.name, store.location(f"{prefix}/adapter"))
+                continue
+            refs[(spec.name, k)] = _train_run.remote(spec.to_json(), run.to_dict(), cpus, gpus)
+    out: dict[str, Any] = {}
+    for spec in specs:
+        finished = []
+        for k, run in enumerate(runs):
+            try:
+                if (spec.name, k) in refs:
+                    ray.get(refs[(spec.name, k)])
+                finished.append(run)
+            except Exception as e:  # reported; the prompt's other runs go on
+                if isinstance(e, ray.exceptions.RayTaskError):
+                    e = e.as_instanceof_cause()
+                log.error("[%s] training run %s (lambda %.2f, seed %d) failed: %s", spec.name, run.train.method,
+                          run.train.pg_lambda, run.train.seed, e)
+                out.setdefault(f"{spec.name}:error", e)
+        if finished:
+            out[spec.name] = {"runs": finished}
+    return out
+
+
 def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
               user_inputs: dict[str, list[str]] | None = None) -> list[PromptResult]:
     """Run every prompt through synthesis, training and evaluation; returns one result per prompt.
@@ -151,29 +198,36 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
     for name, error in synthesize_all(specs, cfg, store).items():
         _fail(results[name], "synthesis", error)
 
-    ready = []
-    for spec in specs:
-        if results[spec.name].status == "failed":
-            continue
-        train = layout.train_prefix(spec, cfg)
-        if store.is_done(train):
-            log.info("[%s] adapter found at %s", spec.name, store.location(f"{train}/adapter"))
-        else:
-            ready.append(spec)
     # Workers get the store as resolved here: a relative folder means this process's folder.
     worker_cfg = cfg.to_dict()
     worker_cfg["store"]["url"] = store.url
-    refs = {s.name: _train_task.options(num_cpus=cpus, num_gpus=gpus)
-            .remote(s.to_json(), worker_cfg) for s in ready}
-    for name, ref in refs.items():
+    runs = [config_from_dict(r.to_dict() | {"store": worker_cfg["store"]}) for r in cfg.train_runs()]
+    trained = train_all([s for s in specs if results[s.name].status != "failed"], runs, store, cpus, gpus)
+    chosen: dict[str, GenPIConfig] = {}
+    selections: dict[str, dict] = {}
+    for spec in specs:
+        finished = trained.get(spec.name, {})
+        if results[spec.name].status == "failed":
+            continue
+        if not finished:
+            _fail(results[spec.name], "training", trained.get(f"{spec.name}:error") or GenPIError("no run finished"))
+            continue
+        chosen[spec.name] = finished["runs"][0]
+    by_name = {s.name: s for s in specs}
+    select_refs = {name: _select_task.options(num_cpus=eval_cpus, num_gpus=eval_gpus)
+                   .remote(by_name[name].to_json(), [r.to_dict() for r in trained[name]["runs"]])
+                   for name in chosen if len(trained[name]["runs"]) > 1}
+    for name, ref in select_refs.items():
         try:
-            ray.get(ref)
+            selections[name] = ray.get(ref)
+            chosen[name] = trained[name]["runs"][selections[name]["chosen"]]
         except Exception as e:
-            _fail(results[name], "training", e)
+            _fail(results[name], "selection", e)
+            chosen.pop(name)
 
-    evaluated = [s for s in specs if results[s.name].status != "failed"]
-    eval_refs = {s.name: _evaluate_task.options(num_cpus=eval_cpus, num_gpus=eval_gpus)
-                 .remote(s.to_json(), worker_cfg, user_inputs.get(s.name, [])) for s in evaluated}
+    eval_refs = {name: _evaluate_task.options(num_cpus=eval_cpus, num_gpus=eval_gpus)
+                 .remote(by_name[name].to_json(), run.to_dict(), user_inputs.get(name, []))
+                 for name, run in chosen.items()}
     reports = []
     for spec in specs:
         result = results[spec.name]
@@ -184,9 +238,14 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
         except Exception as e:
             _fail(result, "evaluation", e)
             continue
+        if spec.name in selections:
+            report = {**report, "selection": selections[spec.name]}
         reports.append(report)
-        train = layout.train_prefix(spec, cfg)
+        train = layout.train_prefix(spec, chosen[spec.name])
         result.status, result.stage = "done", "evaluated"
+        t = chosen[spec.name].train
+        result.run = f"{t.method}" + (f" lambda {t.pg_lambda:g}" if t.method == "genpi" else "") + f" seed {t.seed}" + \
+            (f" (best of {len(selections[spec.name]['runs'])} on validation)" if spec.name in selections else "")
         result.passed, result.gate, result.published = report["gate"]["passed"], report["gate"]["summary"], \
             report["published"]
         result.artifacts = {"adapter": store.location(f"{train}/adapter"),
@@ -201,7 +260,7 @@ def write_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
                 reports: list[dict], user_inputs: dict[str, list[str]], seconds: float) -> str:
     """The batch manifest and report (JSON and Markdown); returns the batch's store prefix."""
     from genpi.evaluate.plots import retention_plot
-    from genpi.evaluate.report import batch_rows, batch_table
+    from genpi.evaluate.report import batch_rows, batch_table, selection_table
 
     prefix = layout.batch_prefix(specs, cfg, user_inputs)
     rows = batch_rows(reports)
@@ -211,9 +270,11 @@ def write_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
             [{"metric": r["prompt"], "retention": r["format_retention"], "n": r["n"]} for r in rows],
             cfg.eval.min_retention))
     finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    store.put_json(f"{prefix}/report.json", {"finished_at": finished, "prompts": rows})
+    selections = [r["selection"] for r in reports if r.get("selection")]
+    store.put_json(f"{prefix}/report.json", {"finished_at": finished, "prompts": rows, "selections": selections})
+    methods = "".join(f"\n{selection_table(s)}\n" for s in selections)
     store.put_text(f"{prefix}/report.md", f"# genpi batch {prefix.rsplit('/', 1)[-1]}\n\nFinished {finished} "
-                   f"in {seconds / 60:.1f} min.\n\n{batch_table(rows)}\n")
+                   f"in {seconds / 60:.1f} min.\n\n{batch_table(rows)}\n{methods}")
     store.put_json(f"{prefix}/manifest.json", {"finished_at": finished, "seconds": round(seconds, 1),
                                                "config": cfg.to_dict(), "prompts": [vars(r) for r in results]})
     log.info("batch report: %s", store.location(f"{prefix}/report.md"))

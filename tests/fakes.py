@@ -127,15 +127,18 @@ class World:
     - input requests: a numbered list of the requested count of fresh, unique tasks;
     - reasons: a fixed explanation naming the task;
     - student: a plain-prose reply; agent/teacher: a bash action first, ``Act: finish`` after;
-      on agent turn ``chatty_turn(task)`` (1-based; 0 never) a chatty reply out of the action format;
+      on agent turn ``chatty_turn(task)`` (1-based; 0 never) a chatty reply out of the action format
+      (only when decoding greedily if ``sampling_fixes_chatty``);
     - environment: ``Output: ...`` for a bash action, the end token (as a stop string) after finish.
     """
 
     CHATTY = "Sure! I measured the folder for you."
 
-    def __init__(self, spec: PromptSpec, chatty_turn: Callable[[str], int] = lambda task: 0):
+    def __init__(self, spec: PromptSpec, chatty_turn: Callable[[str], int] = lambda task: 0,
+                 sampling_fixes_chatty: bool = False):
         self.spec = spec
         self.chatty_turn = chatty_turn
+        self.sampling_fixes_chatty = sampling_fixes_chatty
         self.next_task = 0
 
     def __call__(self, conversation: Conversation, params: SamplingParams) -> str | Generation:
@@ -157,7 +160,8 @@ class World:
             return "Output: 4096"
         turn = agent_turns_so_far(conversation, self.spec) + 1
         if turn == self.chatty_turn(task_of(conversation, self.spec)):
-            return self.CHATTY
+            if not (self.sampling_fixes_chatty and params.temperature > 0):
+                return self.CHATTY
         if turn == 1:
             return "Think: measure it.\nAct: bash\n```bash\ndu -sb /data\n```"
         return "Think: the shell printed it.\nAct: finish"

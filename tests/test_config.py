@@ -125,3 +125,44 @@ def test_every_field_has_a_flag_with_help() -> None:
         assert f"--{where.replace('_', '-')}" in text
     args = parser.parse_args(["--train.pg-lambda", "0.5", "--synth.seed", "2"])
     assert overrides_from_args(args) == {"train.pg_lambda": "0.5", "synth.seed": "2"}
+
+
+def test_sweep_lists_from_flags_and_yaml_and_their_runs(tmp_path) -> None:
+    cfg = load_config("local", overrides={"train.methods": "genpi, sft,prepend", "train.lambdas": "0.3,0.5",
+                                          "train.seeds": "0,1"})
+    assert (cfg.train.methods, cfg.train.lambdas, cfg.train.seeds) == (["genpi", "sft", "prepend"], [0.3, 0.5], [0, 1])
+    runs = cfg.train_runs()
+    assert [(r.train.method, r.train.pg_lambda, r.train.seed) for r in runs] == [
+        ("genpi", 0.3, 0), ("genpi", 0.3, 1), ("genpi", 0.5, 0), ("genpi", 0.5, 1),
+        ("sft", cfg.train.pg_lambda, 0), ("sft", cfg.train.pg_lambda, 1),
+        ("prepend", cfg.train.pg_lambda, 0), ("prepend", cfg.train.pg_lambda, 1)]
+    assert all(r.train.methods == r.train.lambdas == r.train.seeds == [] for r in runs)
+    assert len({r.train_hash() for r in runs}) == 8 and config_from_dict(cfg.to_dict()) == cfg
+    # no sweep: the one run the scalars describe, with the same key as the config itself
+    single = load_config("local")
+    assert [r.train_hash() for r in single.train_runs()] == [single.train_hash()]
+    # the paper profile sweeps the paper's lambdas
+    assert [r.train.pg_lambda for r in load_config("paper").train_runs()] == [0.3, 0.5, 0.7]
+    path = tmp_path / "sweep.yaml"
+    path.write_text("train:\n  methods: [sft, seqkd-kld]\n  seeds: [3]\n")
+    assert [(r.train.method, r.train.seed) for r in load_config("local", path).train_runs()] == [("sft", 3),
+                                                                                                 ("seqkd-kld", 3)]
+    with pytest.raises(ConfigError, match=r"'train.methods\[1\]' is 'dpo'; allowed: genpi, sft"):
+        load_config("local", overrides={"train.methods": "sft,dpo"})
+    with pytest.raises(ConfigError, match=r"'train.lambdas\[0\]' is 1.5; it must be at most 1"):
+        load_config("local", overrides={"train.lambdas": "1.5"})
+    with pytest.raises(ConfigError, match=r"'train.seeds' must be a list of int"):
+        load_config("local", path.write_text("train:\n  seeds: {a: 1}\n") and path)
+
+
+def test_a_run_key_ignores_settings_its_method_does_not_read() -> None:
+    sft = load_config("local", overrides={"train.method": "sft"})
+    assert load_config("local", overrides={"train.method": "sft", "train.pg_lambda": 0.9}).train_hash() == sft.train_hash()
+    assert load_config("local", overrides={"train.method": "sft", "train.kl_weight": 2}).train_hash() == sft.train_hash()
+    prepend = load_config("local", overrides={"train.method": "prepend"})
+    assert load_config("local", overrides={"train.method": "prepend", "train.prepend_fraction": 0.5}).train_hash() \
+        != prepend.train_hash()
+    genpi = load_config("local")
+    assert load_config("local", overrides={"train.pg_lambda": 0.5}).train_hash() != genpi.train_hash()
+    assert load_config("local", overrides={"train.kl_weight": 3}).train_hash() == genpi.train_hash()
+    assert load_config("local", overrides={"train.max_failures": 5}).train_hash() == genpi.train_hash()

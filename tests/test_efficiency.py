@@ -160,7 +160,7 @@ NEW_TOKENS = 3
 @pytest.fixture(scope="module")
 def tiny() -> tuple[Any, Any]:
     from genpi.engines.hf import load_model_and_tokenizer
-    from genpi.engines.models import TINY
+    from genpi.models import TINY
 
     return load_model_and_tokenizer(TINY, dtype="float32", device="cpu")
 

@@ -8,7 +8,7 @@ import pytest
 
 from genpi.engines.base import SamplingParams
 from genpi.engines.hf import HFEngine
-from genpi.engines.models import TINY, resolve_model
+from genpi.models import TINY, resolve_model
 from genpi.errors import ModelError
 
 pytestmark = pytest.mark.timeout(180)
@@ -112,5 +112,7 @@ def test_short_and_long_conversations_are_not_batched_together(engine: HFEngine)
     long = [[{"role": "system", "content": "You operate a Linux shell. " * 40}, {"role": "user", "content": "ls"}]]
     encoded = [engine.encode(c) for c in short + long]
     assert engine._chunks(encoded, [0, 1, 2, 3]) == [[0, 1], [2], [3]]  # batch_size 2, and the long one alone
+    long_first = [encoded[3], encoded[0], encoded[1]]
+    assert engine._chunks(long_first, [3, 0, 1]) == [[3], [0, 1]]  # a short one never joins a long one's batch
     assert [g.text for g in engine.generate(short + long, SamplingParams(max_new_tokens=6))] == \
         [engine.generate([c], SamplingParams(max_new_tokens=6))[0].text for c in short + long]

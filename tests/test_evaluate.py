@@ -11,7 +11,7 @@ import torch
 from genpi.config import EvalConfig
 from genpi.engines.base import SamplingParams
 from genpi.engines.hf import HFEngine
-from genpi.engines.models import TINY, resolve_model
+from genpi.models import TINY, resolve_model
 from genpi.errors import GenPIError
 from genpi.evaluate.gate import gate_decision
 from genpi.evaluate.teacher_forced import reply_ids, score_replies, topk_tail_kl

@@ -42,24 +42,28 @@ def test_job_end_to_end_and_rerun(tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from genpi.engines.models import resolve_model
+    from genpi.models import resolve_model
     from genpi.store import open_store
 
     prompts = tmp_path / "prompts"
     shutil.copytree(ROOT / "prompts", prompts)
     store_dir = tmp_path / "artifacts"
-    first = run_job("--prompts", str(prompts), "--store.url", str(store_dir), *TINY_RUN)
+    sweep = ["--train.methods", "genpi,sft"]  # two Ray Train runs per prompt; validation chooses one
+    first = run_job("--prompts", str(prompts), "--store.url", str(store_dir), *TINY_RUN, *sweep)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "started a local Ray cluster on 127.0.0.1" in first.stdout
 
     store = open_store(str(store_dir))
-    summaries = [k for k in store.list_keys("prompts") if k.endswith("/summary.json")]
-    assert len(summaries) == 3
+    summaries = [k for k in store.list_keys("prompts") if "/train/" in k and k.endswith("/summary.json")]
+    assert len(summaries) == 6
+    assert sorted(store.get_json(k)["method"] for k in summaries) == ["genpi"] * 3 + ["sft"] * 3
+    assert not [k for k in store.list_keys("prompts") if "/checkpoints/" in k or "/ray/" in k]  # dropped when done
+    assert first.stdout.count("(best of 2 on validation)") == 3
     base = resolve_model("tiny-random-llama")
     for key in summaries:
         summary = store.get_json(key)
         adapter = Path(summary["adapter"])
-        assert adapter.name == "adapter" and summary["adapter"] in first.stdout
+        assert adapter.name == "adapter"
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter))
         assert any("lora_A" in name for name, _ in model.named_parameters())
         provenance = json.loads((adapter / "genpi.json").read_text())
@@ -82,16 +86,18 @@ def test_job_end_to_end_and_rerun(tmp_path: Path) -> None:
         assert f"{report['prompt']}:" in first.stdout and "NOT published (gate failed)" in first.stdout
     batch_files = {k.rsplit("/", 1)[-1] for k in store.list_keys("batches")}
     assert {"manifest.json", "report.json", "report.md", "retention.png"} <= batch_files
+    batch_md = next(store.get_text(k) for k in store.list_keys("batches") if k.endswith("report.md"))
+    assert batch_md.count("runs on the validation split") == 3 and "| sft | - | 1 |" in batch_md
     table = genpi_command("report", "--store.url", str(store_dir))
     assert table.returncode == 0 and table.stdout.count("FAILED: format_valid") == 3, table.stdout + table.stderr
     listing = genpi_command("ls", "--store.url", str(store_dir))
     assert listing.returncode == 0 and "no published adapters" in listing.stdout
     markers = {k: store.get_bytes(k) for k in store.list_keys("prompts") if k.endswith("_SUCCESS")}
 
-    second = run_job("--prompts", str(prompts), "--store.url", str(store_dir), *TINY_RUN)
+    second = run_job("--prompts", str(prompts), "--store.url", str(store_dir), *TINY_RUN, *sweep)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "starting engines" not in second.stdout  # nothing to synthesize
-    assert second.stdout.count("adapter found at") == 3 and (second.stdout + second.stderr).count("evaluation found at") == 3
+    assert second.stdout.count("adapter found at") == 6 and (second.stdout + second.stderr).count("evaluation found at") == 3
     assert {k: store.get_bytes(k) for k in store.list_keys("prompts") if k.endswith("_SUCCESS")} == markers
 
 

@@ -14,7 +14,7 @@ from genpi.config import GenPIConfig, SynthConfig, load_config
 from genpi.conversations import environment_conversation, environment_opening, teacher_messages
 from genpi.engines.base import Generation, SamplingParams
 from genpi.fingerprint import fingerprint
-from genpi.episodes import CONTEXT, EMPTY, END_TOKEN, MAX_TURNS, play_episodes
+from genpi.episodes import CONTEXT, EMPTY, END_TOKEN, MAX_TURNS, Resampling, play_episodes
 from genpi.splits import assign_splits
 from genpi.store import LocalStore
 from genpi.synth.format_filter import cut_at_off_format, filter_record
@@ -220,7 +220,7 @@ def test_role_play_ends_and_batches_turn_by_turn() -> None:
                   "task empty2": "empty2", "task ctx1": "ctx1"}
     target = FakeEngine(roleplay_world(SPEC, behaviours))
     inputs = [{"id": 10 + k, "input": x} for k, x in enumerate(behaviours)]
-    cfg = synth_cfg(max_turns=3, agent_max_tokens=55, env_max_tokens=44, seed=2)
+    cfg = synth_cfg(max_turns=3, agent_max_tokens=55, env_max_tokens=44, seed=2, agent_resamples=0)
     out = role_play(SPEC, cfg, target, inputs)
 
     assert [r["id"] for r in out] == [10, 11, 12, 13, 14]
@@ -254,7 +254,7 @@ def test_role_play_ends_and_batches_turn_by_turn() -> None:
 
 def test_role_play_conversations_grow_in_both_personas() -> None:
     target = FakeEngine(roleplay_world(SPEC, {"task never": "never"}))
-    role_play(SPEC, synth_cfg(max_turns=2), target, [{"id": 0, "input": "task never"}])
+    role_play(SPEC, synth_cfg(max_turns=2, agent_resamples=0), target, [{"id": 0, "input": "task never"}])
     last_agent, last_env = target.calls[2][0][0], target.calls[3][0][0]
     assert last_agent == SPEC.messages_with_input("task never") + [
         {"role": "assistant", "content": "Think: go.\nAct: step 1"},
@@ -268,7 +268,7 @@ def test_role_play_conversations_grow_in_both_personas() -> None:
 
 def test_role_play_uses_prompt_max_turns_capped_by_config() -> None:
     target = FakeEngine(roleplay_world(SPEC, {"t": "never"}))
-    out = role_play(SPEC, synth_cfg(max_turns=0), target, [{"id": 0, "input": "t"}])
+    out = role_play(SPEC, synth_cfg(max_turns=0, agent_resamples=0), target, [{"id": 0, "input": "t"}])
     assert len(out[0]["turns"]) == SPEC.max_turns == 4 and out[0]["end"] == MAX_TURNS
     assert len(target.calls) == 8
 
@@ -325,6 +325,46 @@ def test_play_episodes_reuses_given_first_turns_and_can_skip_the_last_observatio
     assert [t["agent"] for t in out[0]["turns"]] == ["Think: known.\nAct: step 1", "Think: go.\nAct: step 2"]
     assert out[0]["turns"][0]["observation"] == "Output: ok" and out[0]["end"] == MAX_TURNS
     assert agent.calls[0][0][0][1] == {"role": "assistant", "content": "Think: known.\nAct: step 1"}
+
+
+def test_play_episodes_resamples_rejected_agent_turns() -> None:
+    """Greedy turns out of format are sampled again, one sample per round while rejected; the
+    first accepted sample replaces the turn before the environment answers; without one the
+    turn stays. Later turns are not resampled (``turns=1``)."""
+    samples = {"fixable": ["chat", "Act: cut", "Act: whole"], "hopeless": ["chat"] * 3}
+    served: dict[str, int] = {}
+
+    def reply(conv, params):
+        task = conv[0]["content"]
+        if params.temperature == 0:
+            return "Act: fine" if task == "good" and len(conv) == 1 else "chat"
+        served[task] = served.get(task, -1) + 1
+        return Generation(samples[task][served[task]], "length", 0, 0)
+
+    agent = FakeEngine(reply)
+    env = FakeEngine(lambda conv, params: "Output: ok")
+    tasks = ["good", "fixable", "hopeless"]
+    params = SamplingParams(max_new_tokens=9, temperature=0.8, seed=3)
+    out = play_episodes(SPEC, tasks, [[{"role": "user", "content": t}] for t in tasks], agent.generate,
+                        env.generate, 2, SamplingParams(), SamplingParams(), last_observation=False,
+                        resampling=Resampling(3, params, lambda text: text.startswith("Act:")))
+    assert [t["turns"][0]["agent"] for t in out] == ["Act: fine", "Act: cut", "chat"]
+    assert [t["turns"][0].get("resampled", False) for t in out] == [False, True, False]
+    assert out[1]["turns"][0]["agent_finish"] == "length"
+    assert all(t["turns"][1]["agent"] == "chat" and "resampled" not in t["turns"][1] for t in out)
+    # turn 1: greedy, then rounds over the still-rejected views (seed + round); turn 2: greedy only
+    assert [len(c) for c, _ in agent.calls] == [3, 2, 2, 1, 3]
+    assert [p.seed for _, p in agent.calls[1:4]] == [3, 4, 5] and agent.calls[1][1].temperature == 0.8
+    assert [c[0]["content"] for c in agent.calls[2][0]] == ["fixable", "hopeless"]
+    assert env.calls[0][0][1][-1]["content"] == environment_opening("fixable", "Act: cut")
+
+
+def test_play_episodes_never_resamples_a_full_context() -> None:
+    agent = FakeEngine(lambda conv, params: Generation("", "context", 9, 0))
+    out = play_episodes(SPEC, ["t"], [[{"role": "user", "content": "t"}]], agent.generate,
+                        FakeEngine(lambda c, p: "x").generate, 2, SamplingParams(), SamplingParams(),
+                        resampling=Resampling(4, SamplingParams(temperature=1.0), lambda text: True))
+    assert out == [{"turns": [], "end": CONTEXT}] and len(agent.calls) == 1
 
 
 def test_role_play_takes_the_teacher_output_as_its_first_turn() -> None:
@@ -445,6 +485,26 @@ def test_synthesize_filters_off_format_turns(tmp_path: Path, filter_on: bool) ->
         assert (quality["off_format_turns_removed"], quality["records_cut_by_format_filter"]) == (0, 0)
         assert quality["agent_turns_in_action_format_after_filter"] == round(12 / 14, 4)
     assert quality["records_without_valid_turns"] == 0
+
+
+@pytest.mark.parametrize("resamples", [2, 0])
+def test_synthesize_resamples_off_format_turns(tmp_path: Path, resamples: int) -> None:
+    """A target that follows its prompt only when sampling: resampled first turns replace the
+    chatty ones (counted), so the filter keeps every conversation whole; with 0 tries it cuts them."""
+    store = LocalStore(tmp_path)
+    world = World(SPEC, chatty_turn=lambda task: 1 if task.endswith(("1 in bytes.", "3 in bytes.")) else 0,
+                  sampling_fixes_chatty=True)
+    prefix = synthesize(SPEC, tiny_config(agent_resamples=resamples), FakeEngine(world), FakeEngine(world), store)
+    records = store.get_jsonl(f"{prefix}/records.jsonl")
+    quality = store.get_json(f"{prefix}/quality.json")
+    if resamples:
+        assert [len(r["turns"]) for r in records] == [2] * 6
+        assert [any(t.get("resampled") for t in r["turns"]) for r in records] == [False, True, False, True, False, False]
+        assert quality["agent_turns_resampled_into_format"] == 2 and quality["off_format_turns_removed"] == 0
+    else:
+        assert [len(r["turns"]) for r in records] == [2, 0, 2, 0, 2, 2]
+        assert quality["agent_turns_resampled_into_format"] == 0 and quality["off_format_turns_removed"] == 4
+    assert quality["teacher_action_format"] == round(4 / 6, 4)  # the greedy single-turn outputs are kept
 
 
 def test_split_config_is_not_part_of_the_synthesis_key() -> None:
@@ -611,7 +671,7 @@ def tiny_engine():
 @pytest.mark.timeout(120)
 def test_outputs_and_role_play_on_the_tiny_model(tiny_engine) -> None:
     target = Recording(tiny_engine)
-    cfg = synth_cfg(output_max_tokens=8, agent_max_tokens=8, env_max_tokens=8, max_turns=2)
+    cfg = synth_cfg(output_max_tokens=8, agent_max_tokens=8, env_max_tokens=8, max_turns=2, agent_resamples=0)
     inputs = [{"id": 0, "input": "Count the files in /tmp."}, {"id": 1, "input": "Print the kernel version."}]
     outputs = single_turn_outputs(SPEC, cfg, target, inputs)
     assert [o["id"] for o in outputs] == [0, 1] and target.calls[0][0] == 4
@@ -632,3 +692,7 @@ def test_outputs_and_role_play_on_the_tiny_model(tiny_engine) -> None:
         assert all(t["agent"] for t in r["turns"])
         if r["end"] == MAX_TURNS:
             assert len(r["turns"]) == 2
+    # the random model never writes the action format: every turn is resampled, reproducibly
+    resampling = dataclasses.replace(cfg, agent_resamples=2)
+    sampled = role_play(SPEC, resampling, tiny_engine, inputs)
+    assert sampled == role_play(SPEC, resampling, tiny_engine, inputs)

@@ -15,17 +15,19 @@ import torch
 from genpi import layout
 from genpi.config import TrainConfig, load_config
 from genpi.conversations import prompt_generation_input, prompt_generation_target, student_messages
-from genpi.engines.models import TINY, resolve_model
+from genpi.models import TINY, resolve_model
 from genpi.errors import ArtifactNotFound, GenPIError, PromptError
 from genpi.prompts import load_prompts
 from genpi.splits import assign_splits
 from genpi.store import LocalStore
 from genpi.synth.stage import synthesize
 from genpi.train import stage as train_stage
+from genpi.train.batches import collate
 from genpi.train.examples import (
     IGNORE,
     Example,
     ExampleReport,
+    RecordExamples,
     build_examples,
     check_pg_fits,
     complete_sentences,
@@ -33,7 +35,7 @@ from genpi.train.examples import (
     sft_example,
     tokenize_chat,
 )
-from genpi.train.trainer import collate, load_for_training, lr_factor, step_loss, train_adapter
+from genpi.train.trainer import load_for_training, lr_factor, step_loss, train_adapter
 from tests.fakes import FakeEngine, World, mini_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,8 +216,8 @@ def test_pg_example_dropped_and_reported_when_the_prompt_cannot_fit(tokenizer, s
     assert pg_example(tokenizer, RECORD, shell_spec, prompt_tokens, report) is None
     assert report.pg_examples_dropped == 1 and report.pg_reasons_shortened == 1
 
-    pairs, report = build_examples(tokenizer, [RECORD, {**RECORD, "turns": []}], shell_spec, prompt_tokens)
-    assert [(s is not None, p is not None) for s, p in pairs] == [(True, False), (False, False)]
+    examples, report = build_examples(tokenizer, [RECORD, {**RECORD, "turns": []}], shell_spec, prompt_tokens)
+    assert [(e.sft is not None, e.pg is not None) for e in examples] == [(True, False), (False, False)]
     assert (report.sft, report.pg, report.pg_examples_dropped, report.max_len) == (1, 0, 2, prompt_tokens)
     assert report.sft_records_without_turns == 1
     assert report.notes == ["1 records have no learnable agent turn (none was kept by the format filter, or the "
@@ -305,18 +307,28 @@ def lora_model():
     return model, tok
 
 
-def short_pairs(tok) -> list[tuple[Example | None, Example | None]]:
-    def chat(*contents):
+def short_pairs(tok) -> list[RecordExamples]:
+    """Five records' examples: SFT (student view), PG, and the teacher view (a system prompt before
+    the same turns, labelled on those turns only)."""
+    def chat(*contents, prompt: str = ""):
         roles = ["user", "assistant"] * 3
-        return tokenize_chat(tok, [{"role": r, "content": c} for r, c in zip(roles, contents)])
+        messages = [{"role": r, "content": c} for r, c in zip(roles, contents)]
+        if prompt:
+            return tokenize_chat(tok, [{"role": "system", "content": prompt}] + messages, label_from=1)
+        return tokenize_chat(tok, messages)
+
+    def record(turns, pg):
+        if turns is None:
+            return RecordExamples(None, pg)
+        return RecordExamples(chat(*turns), pg, chat(*turns, prompt="Reply with Act: lines only, then stop."))
 
     return [
-        (chat("count files", "Act: bash ls | wc -l", "Output: 3", "Act: answer(3)"), chat("x? a b", "Prompt: be brief.")),
-        (chat("show date", "Act: bash date"), None),
-        (chat("who am i", "Act: bash whoami", "Output: root", "Act: answer(root)"),
-         chat("why", "Prompt: use Act lines always, then a reason that is a bit longer.")),
-        (None, chat("q", "Prompt: x")),
-        (chat("disk free on the root filesystem please", "Act: bash df -h /"), chat("i", "Prompt: tools.")),
+        record(("count files", "Act: bash ls | wc -l", "Output: 3", "Act: answer(3)"), chat("x? a b", "Prompt: be brief.")),
+        record(("show date", "Act: bash date"), None),
+        record(("who am i", "Act: bash whoami", "Output: root", "Act: answer(root)"),
+               chat("why", "Prompt: use Act lines always, then a reason that is a bit longer.")),
+        record(None, chat("q", "Prompt: x")),
+        record(("disk free on the root filesystem please", "Act: bash df -h /"), chat("i", "Prompt: tools.")),
     ]
 
 
@@ -363,8 +375,8 @@ def test_step_loss_terms_are_token_means(lora_model) -> None:
     model, tok = lora_model
     pairs = short_pairs(tok)
     with torch.no_grad():
-        sft_ref = reference_mean(model, [s for s, _ in pairs if s is not None]).item()
-        pg_ref = reference_mean(model, [p for _, p in pairs if p is not None]).item()
+        sft_ref = reference_mean(model, [e.sft for e in pairs if e.sft is not None]).item()
+        pg_ref = reference_mean(model, [e.pg for e in pairs if e.pg is not None]).item()
         only_sft = step_loss(model, pairs, tcfg(pg_lambda=0.0, micro_batch_size=2), tok.pad_token_id, backward=False)
         only_pg = step_loss(model, pairs, tcfg(pg_lambda=1.0, micro_batch_size=4), tok.pad_token_id, backward=False)
     assert sft_ref != pytest.approx(pg_ref, rel=1e-3)  # the two terms really differ
@@ -381,7 +393,7 @@ def test_step_loss_skips_pairs_without_examples(lora_model) -> None:
     model.zero_grad(set_to_none=True)
     alone = step_loss(model, pairs, tcfg(micro_batch_size=1), tok.pad_token_id, backward=True)
     model.zero_grad(set_to_none=True)
-    with_empty = step_loss(model, pairs + [(None, None)], tcfg(micro_batch_size=1), tok.pad_token_id, backward=True)
+    with_empty = step_loss(model, pairs + [RecordExamples(None, None)], tcfg(micro_batch_size=1), tok.pad_token_id, backward=True)
     model.zero_grad(set_to_none=True)
     assert with_empty["loss"] == pytest.approx(alone["loss"], rel=1e-6)
 
@@ -488,9 +500,9 @@ def test_train_prompt_from_a_synthesized_store(tmp_path: Path, monkeypatch, toke
     seen: dict[str, list] = {}
     real_train_adapter = train_stage.train_adapter
 
-    def spy(train_cfg, model, dtype, train, val, out, log):
-        seen.update(train=train, val=val)
-        return real_train_adapter(train_cfg, model, dtype, train, val, out, log)
+    def spy(train_cfg, model, dtype, train, val, out, log, checkpoints):
+        seen.update(train=train, val=val, checkpoints=checkpoints)
+        return real_train_adapter(train_cfg, model, dtype, train, val, out, log, checkpoints)
 
     monkeypatch.setattr(train_stage, "train_adapter", spy)
     prefix = train_stage.train_prompt(SPEC, cfg, store)
@@ -518,6 +530,8 @@ def test_train_prompt_from_a_synthesized_store(tmp_path: Path, monkeypatch, toke
         assert seen[name] == expected, name
     assert summary["adapter"] == store.location(f"{prefix}/adapter")
     assert store.done_info(prefix)["run_hash"] == layout.run_hash(cfg)
+    assert seen["checkpoints"].prefix == f"{prefix}/checkpoints"  # checkpointed each epoch in the store,
+    assert not store.list_keys(f"{prefix}/checkpoints")  # and dropped once the run was done
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run must not train again")
@@ -558,13 +572,14 @@ def test_train_prompt_names_why_no_example_could_be_built(tmp_path: Path) -> Non
 
 
 def test_pg_fraction_spreads_the_kept_pg_examples_evenly() -> None:
-    from genpi.train.trainer import pg_kept, with_pg_fraction
+    from genpi.train.objectives.genpi import pg_kept, with_pg_fraction
 
     assert [pg_kept(1.0, s, 4) for s in range(5)] == [4] * 5  # the paper: every PG example
     assert [pg_kept(0.0, s, 4) for s in range(5)] == [0] * 5
     kept = [pg_kept(0.1, s, 4) for s in range(50)]
     assert sum(kept) == 20 and max(kept) == 1 and kept[:5] == [0, 0, 1, 0, 1]
-    pairs = [("s1", "p1"), ("s2", "p2"), (None, "p3")]
-    assert with_pg_fraction(pairs, 1) == [("s1", "p1"), ("s2", None), (None, None)]
-    assert with_pg_fraction([("s0", None)] + pairs, 1)[:2] == [("s0", None), ("s1", "p1")]  # quota spent on real PG
+    R = RecordExamples
+    pairs = [R("s1", "p1"), R("s2", "p2"), R(None, "p3")]
+    assert with_pg_fraction(pairs, 1) == [R("s1", "p1"), R("s2", None), R(None, None)]
+    assert with_pg_fraction([R("s0", None)] + pairs, 1)[:2] == [R("s0", None), R("s1", "p1")]  # quota spent on real PG
     assert with_pg_fraction(pairs, 4) == pairs

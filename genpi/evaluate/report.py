@@ -191,3 +191,21 @@ def batch_table(rows: list[dict[str, Any]]) -> str:
                      f"{_num(r['nll_base'])} | {_num(r['nll_adapter'])} | {_pct(r['nll_gap_closed'])} | "
                      f"{'passed' if r['passed'] else 'FAILED: ' + r['gate']} |")
     return "\n".join(lines)
+
+
+def selection_table(selection: dict[str, Any]) -> str:
+    """A prompt's sweep side by side on the validation split (mean ± std over seeds), the chosen run marked."""
+    best = selection["runs"][selection["chosen"]]
+
+    def cell(group: dict[str, Any], figure: str) -> str:
+        std = group[f"{figure}_std"]
+        return _pct(group[figure]) + (f" ± {std * 100:.0f}" if std is not None else "")
+
+    lines = [f"### {selection['prompt']}: runs on the validation split", "",
+             "| method | λ | seeds | format retention | NLL gap closed | chosen |", "|---|---|---|---|---|---|"]
+    for g in selection["groups"]:
+        mark = "yes" if (g["method"], g["pg_lambda"]) == (best["method"], best["pg_lambda"]) else ""
+        lam = f"{g['pg_lambda']:.2f}" if g["method"] == "genpi" else "-"
+        lines.append(f"| {g['method']} | {lam} | {g['seeds']} | {cell(g, 'format_retention')} | "
+                     f"{cell(g, 'nll_gap_closed')} | {mark} |")
+    return "\n".join(lines)

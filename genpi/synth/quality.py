@@ -24,6 +24,8 @@ def quality_report(spec: PromptSpec, records: list[dict], conversations: list[di
     statistics describe the generated conversations; ``*_after_filter`` and the filter counts
     describe what the action-format filter kept (``off_format_turns_removed`` counts every turn
     it dropped: a conversation's first off-format turn and the turns after it).
+    ``agent_turns_resampled_into_format`` counts greedy off-format turns that a sample in format
+    replaced (they are included in ``agent_turns_in_action_format``).
     """
     n = len(records)
     fmt = spec.action_format
@@ -60,6 +62,7 @@ def quality_report(spec: PromptSpec, records: list[dict], conversations: list[di
         report["student_action_format"] = _share(sum(fmt.is_action(r["student"]) for r in records), n)
         report["agent_turns_in_action_format"] = _share(sum(fmt.is_action(t["agent"]) for t in generated),
                                                         len(generated))
+        report["agent_turns_resampled_into_format"] = sum(bool(t.get("resampled")) for t in generated)
         report["agent_turns_in_action_format_after_filter"] = _share(sum(fmt.is_action(t["agent"]) for t in kept),
                                                                      len(kept))
     if fmt.has_final:

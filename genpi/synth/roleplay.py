@@ -11,7 +11,7 @@ from typing import Sequence
 from genpi.config import SynthConfig
 from genpi.conversations import teacher_messages
 from genpi.engines.base import Generation, SamplingParams
-from genpi.episodes import play_episodes
+from genpi.episodes import Resampling, play_episodes
 from genpi.prompts import PromptSpec
 
 
@@ -27,6 +27,7 @@ def role_play(spec: PromptSpec, cfg: SynthConfig, target, inputs: Sequence[dict]
     turn's observation is empty when the episode ended there. When the inputs carry the teacher's
     single-turn output (``teacher``, ``teacher_finish``) and it was generated with the agent's
     token limit, it is the agent's first turn (same view, greedy): it is not generated again.
+    Agent turns out of the prompt's action format are resampled (``synth.agent_resamples``).
     """
     seed = cfg.seed + (inputs[0]["id"] if inputs else 0)
     agent_params = SamplingParams(max_new_tokens=cfg.agent_max_tokens, temperature=0.0, seed=seed)
@@ -36,7 +37,12 @@ def role_play(spec: PromptSpec, cfg: SynthConfig, target, inputs: Sequence[dict]
     first = None
     if cfg.output_max_tokens == cfg.agent_max_tokens and all("teacher" in r for r in inputs):
         first = [Generation(r["teacher"], r["teacher_finish"], 0, 0) for r in inputs]
+    resampling = None
+    if cfg.agent_resamples and spec.action_format.has_actions:
+        resampling = Resampling(cfg.agent_resamples, SamplingParams(
+            max_new_tokens=cfg.agent_max_tokens, temperature=cfg.resample_temperature, seed=seed + 1),
+            spec.action_format.is_action, cfg.resample_turns)
     episodes = play_episodes(spec, texts, [teacher_messages(spec, x) for x in texts], target.generate,
                              target.generate, max_turns_for(spec, cfg), agent_params, env_params,
-                             first_turns=first)
+                             first_turns=first, resampling=resampling)
     return [{"id": r["id"], **episode} for r, episode in zip(inputs, episodes)]

@@ -5,6 +5,9 @@
   turn, and every turn after it, is never learned; a turn cut at the token limit is learned
   without its end-of-turn label (the model must not learn to stop mid-action), and the turns
   after it are left out.
+- teacher view: the same learnable turns after the prompt (what the teacher sees), labelled on
+  those turns only; the ``prepend`` baseline trains on it, ``seqkd-kld`` takes the teacher's
+  distributions from it.
 - PG (Prompt Generation): the student sees the input, its own answer and the teacher's, and
   learns to write the prompt (as the teacher saw it) followed by the reason. Examples with an
   empty answer or reason are left out; a reason cut at the token limit is trimmed to its last
@@ -18,14 +21,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from genpi.conversations import prompt_generation_input, prompt_generation_target, student_messages
+from genpi.conversations import (
+    prompt_generation_input,
+    prompt_generation_target,
+    student_messages,
+    teacher_messages,
+)
 from genpi.engines.base import Conversation
 from genpi.errors import PromptError
 from genpi.prompts import PromptSpec
 
 IGNORE = -100
+EXAMPLES_VERSION = 1  # bump when what build_examples produces changes (stored examples are reused)
 _SLACK = 4
 _SENTENCE_END = re.compile(r"[.!?][\"')\]\u201d\u2019]*(?=\s|$)")
 
@@ -36,6 +45,18 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+
+
+@dataclass
+class RecordExamples:
+    """What one record can teach; None where an example could not be built."""
+
+    sft: Example | None  # the student view of the learnable turns
+    pg: Example | None
+    teacher: Example | None = None  # the teacher view of the same turns
+
+    def any(self) -> bool:
+        return self.sft is not None or self.pg is not None
 
 
 @dataclass
@@ -64,6 +85,8 @@ class ExampleReport:
     pg_reasons_shortened: int = 0
     pg_answers_shortened: int = 0
     pg_examples_dropped: int = 0
+    teacher: int = 0
+    teacher_turns_dropped: int = 0
     max_len: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -73,8 +96,9 @@ def _ids(tokenizer: Any, messages: Conversation, generation_prompt: bool = False
                                               tokenize=True, return_dict=True)["input_ids"])
 
 
-def tokenize_chat(tokenizer: Any, messages: Conversation, open_end: bool = False) -> Example:
-    """Ids of ``messages`` with labels on the assistant turns only (their end-of-turn included).
+def tokenize_chat(tokenizer: Any, messages: Conversation, open_end: bool = False, label_from: int = 0) -> Example:
+    """Ids of ``messages`` with labels on the assistant turns from message ``label_from`` on
+    (their end-of-turn included); nothing else carries a label.
 
     ``open_end``: the last message was cut at the token limit, so its end-of-turn tokens (from
     the tokenizer's end-of-sequence token on) carry no label.
@@ -82,7 +106,7 @@ def tokenize_chat(tokenizer: Any, messages: Conversation, open_end: bool = False
     ids = _ids(tokenizer, messages)
     labels = [IGNORE] * len(ids)
     for k, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or k < label_from:
             continue
         start = len(_ids(tokenizer, messages[:k], generation_prompt=True))
         through = _ids(tokenizer, messages[:k + 1])
@@ -121,6 +145,23 @@ def learnable_turns(turns: list[dict], report: ExampleReport) -> list[dict]:
     return list(turns)
 
 
+def _fitted(build: Callable[[list[dict]], Example], turns: list[dict], max_len: int) -> tuple[Example | None, int]:
+    """The example of ``turns``, dropping trailing turns until it fits ``max_len``; and how many were dropped."""
+    turns = list(turns)
+    dropped = 0
+    while turns:
+        example = build(turns)
+        if len(example.input_ids) <= max_len:
+            return example, dropped
+        turns.pop()
+        dropped += 1
+    return None, dropped
+
+
+def _open(turns: list[dict]) -> bool:
+    return turns[-1].get("agent_finish") == "length"
+
+
 def sft_example(tokenizer: Any, record: dict, max_len: int, report: ExampleReport) -> Example | None:
     """The student-view conversation of the learnable turns; trailing turns that do not fit are
     dropped (counted)."""
@@ -128,19 +169,28 @@ def sft_example(tokenizer: Any, record: dict, max_len: int, report: ExampleRepor
     if not turns:
         report.sft_records_without_turns += 1
         return None
-    dropped = 0
-    while turns:
-        example = tokenize_chat(tokenizer, student_messages(record["input"], turns),
-                                open_end=turns[-1].get("agent_finish") == "length")
-        if len(example.input_ids) <= max_len:
-            if dropped:
-                report.sft_examples_shortened += 1
-                report.sft_turns_dropped += dropped
-            return example
-        turns.pop()
-        dropped += 1
-    report.sft_examples_dropped += 1
-    return None
+    example, dropped = _fitted(lambda kept: tokenize_chat(tokenizer, student_messages(record["input"], kept),
+                                                          open_end=_open(kept)), turns, max_len)
+    if example is None:
+        report.sft_examples_dropped += 1
+    elif dropped:
+        report.sft_examples_shortened += 1
+        report.sft_turns_dropped += dropped
+    return example
+
+
+def teacher_example(tokenizer: Any, record: dict, spec: PromptSpec, max_len: int,
+                    report: ExampleReport) -> Example | None:
+    """The prompt, then the record's learnable turns, labelled on those turns only; trailing turns
+    that do not fit are dropped (counted), None when not even one fits."""
+    turns = learnable_turns(record["turns"], ExampleReport())  # counted once, by sft_example
+    if not turns:
+        return None
+    opening = len(teacher_messages(spec, record["input"]))
+    example, dropped = _fitted(lambda kept: tokenize_chat(tokenizer, teacher_messages(spec, record["input"], kept),
+                                                          open_end=_open(kept), label_from=opening), turns, max_len)
+    report.teacher_turns_dropped += dropped
+    return example
 
 
 def _caps(lengths: list[int], remove: int) -> int:
@@ -224,13 +274,15 @@ def pg_example(tokenizer: Any, record: dict, spec: PromptSpec, max_len: int, rep
 
 
 def build_examples(tokenizer: Any, records: list[dict], spec: PromptSpec,
-                   max_len: int) -> tuple[list[tuple[Example | None, Example | None]], ExampleReport]:
-    """One (SFT, PG) pair per record, either side None when it could not be built."""
+                   max_len: int) -> tuple[list[RecordExamples], ExampleReport]:
+    """Each record's examples (student-view SFT, PG and teacher view), in order."""
     report = ExampleReport(max_len=max_len)
-    pairs = [(sft_example(tokenizer, r, max_len, report), pg_example(tokenizer, r, spec, max_len, report))
-             for r in records]
-    report.sft = sum(s is not None for s, _ in pairs)
-    report.pg = sum(p is not None for _, p in pairs)
+    examples = [RecordExamples(sft_example(tokenizer, r, max_len, report),
+                               pg_example(tokenizer, r, spec, max_len, report),
+                               teacher_example(tokenizer, r, spec, max_len, report)) for r in records]
+    report.sft = sum(e.sft is not None for e in examples)
+    report.pg = sum(e.pg is not None for e in examples)
+    report.teacher = sum(e.teacher is not None for e in examples)
     if report.sft_records_without_turns:
         report.notes.append(f"{report.sft_records_without_turns} records have no learnable agent turn (none was "
                             f"kept by the format filter, or the first was empty) and give no SFT example")
@@ -239,4 +291,4 @@ def build_examples(tokenizer: Any, records: list[dict], spec: PromptSpec,
     if report.sft_examples_dropped or report.pg_examples_dropped:
         report.notes.append(f"{report.sft_examples_dropped} SFT and {report.pg_examples_dropped} PG examples "
                             f"did not fit in {max_len} tokens and were left out")
-    return pairs, report
+    return examples, report

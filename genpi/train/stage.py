@@ -2,13 +2,15 @@
 
 Fixed lifecycle: find a finished run and return, or check that the prompt's PG examples fit
 the training length, read the prompt's synthesized records, split them by id (train / val /
-test; test records are never trained on), build SFT and PG examples sized to the model's
-context, train, upload the adapter with its provenance (``genpi.json``), write metrics and a
-summary, and mark the run done.
+test; test records are never trained on), build the examples sized to the model's context,
+train with the configured objective (checkpointed each epoch; a run that finds a checkpoint
+resumes from it), upload the adapter with its provenance (``genpi.json``), write metrics and
+a summary, mark the run done and drop its checkpoints.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,19 +22,33 @@ import torch
 
 from genpi import layout
 from genpi.config import GenPIConfig
-from genpi.engines.models import resolve_model
 from genpi.errors import GenPIError
+from genpi.fingerprint import fingerprint
+from genpi.models import resolve_model
 from genpi.prompts import PromptSpec
 from genpi.splits import TEST, TRAIN, VAL, assign_splits
 from genpi.store import ArtifactStore
-from genpi.train.examples import build_examples, check_pg_fits
+from genpi.train.checkpoints import Checkpoints, StoreCheckpoints
+from genpi.train.examples import (
+    EXAMPLES_VERSION,
+    Example,
+    ExampleReport,
+    RecordExamples,
+    build_examples,
+    check_pg_fits,
+)
 from genpi.train.trainer import train_adapter
 
 log = logging.getLogger(__name__)
 
 
-def train_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore) -> str:
-    """Train (or find) the adapter of ``spec`` under ``cfg``; returns the run's store prefix."""
+def train_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore,
+                 checkpoints: Checkpoints | None = None) -> str:
+    """Train (or find) the adapter of ``spec`` under ``cfg``; returns the run's store prefix.
+
+    Each epoch's checkpoint goes to ``checkpoints`` (default: ``{run}/checkpoints/`` in the
+    store), and a run that finds one resumes from it.
+    """
     from transformers import AutoConfig, AutoTokenizer
 
     prefix = layout.train_prefix(spec, cfg)
@@ -46,29 +62,30 @@ def train_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore) -> st
     tokenizer = AutoTokenizer.from_pretrained(folder)
     context = int(getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", cfg.train.max_seq_len))
     max_len = min(cfg.train.max_seq_len, target.max_context or context, context)
-    if cfg.train.pg_lambda > 0 and cfg.train.pg_fraction > 0:
+    if cfg.train.method == "genpi" and cfg.train.pg_lambda > 0 and cfg.train.pg_fraction > 0:
         check_pg_fits(tokenizer, spec, max_len)
     records = store.get_jsonl(f"{layout.synth_prefix(spec, cfg)}/records.jsonl")
     split = assign_splits([r["id"] for r in records], cfg.split.val_fraction, cfg.split.test_fraction,
                           cfg.split.seed)
     records = [r for r in records if split[r["id"]] != TEST]
-    pairs, report = build_examples(tokenizer, records, spec, max_len)
+    examples, report = stored_examples(spec, cfg, store, tokenizer, records, max_len)
     for note in report.notes:
         log.warning("[%s] %s", spec.name, note)
-    usable = [(p, r) for p, r in zip(pairs, records) if p != (None, None)]
-    train = [p for p, r in usable if split[r["id"]] == TRAIN]
-    val = [p for p, r in usable if split[r["id"]] == VAL]
+    usable = [(e, r) for e, r in zip(examples, records) if e.any()]
+    train = [e for e, r in usable if split[r["id"]] == TRAIN]
+    val = [e for e, r in usable if split[r["id"]] == VAL]
     if not train:
         why = "; ".join(report.notes) or "the split left no training records"
         raise GenPIError(f"{spec.source}: no training example could be built within {max_len} tokens "
                          f"(train.max_seq_len={cfg.train.max_seq_len}): {why}; raise train.max_seq_len, "
                          f"or check the synthesized data's quality.json")
-    log.info("[%s] training on %d records (%d validation), lambda %.2f", spec.name, len(train), len(val),
-             cfg.train.pg_lambda)
+    log.info("[%s] training %s on %d records (%d validation), lambda %.2f", spec.name, cfg.train.method,
+             len(train), len(val), cfg.train.pg_lambda)
     with tempfile.TemporaryDirectory(prefix="genpi-adapter-") as tmp:
         adapter_dir = Path(tmp) / "adapter"
         metrics = train_adapter(cfg.train, target.name, target.dtype, train, val, adapter_dir,
-                                log=lambda line: log.info("[%s] %s", spec.name, line))
+                                log=lambda line: log.info("[%s] %s", spec.name, line),
+                                checkpoints=checkpoints or StoreCheckpoints(store, f"{prefix}/checkpoints", Path(tmp)))
         provenance = provenance_of(spec, cfg)
         (adapter_dir / "genpi.json").write_text(json.dumps(provenance, indent=2), encoding="utf-8")
         store.upload_dir(adapter_dir, f"{prefix}/adapter")
@@ -80,8 +97,31 @@ def train_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore) -> st
         "final": metrics["final"],
         "seconds": metrics["seconds"], "trainable_params": metrics["trainable_params"]})
     store.mark_done(prefix, {"run_hash": layout.run_hash(cfg)})
+    store.delete_prefix(f"{prefix}/checkpoints")  # only a run still going needs them
     log.info("[%s] adapter saved at %s", spec.name, store.location(f"{prefix}/adapter"))
     return prefix
+
+
+def stored_examples(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, tokenizer: Any, records: list[dict],
+                    max_len: int) -> tuple[list[RecordExamples], ExampleReport]:
+    """The records' examples, built and tokenized once per prompt, data, split and length, and
+    stored beside the records: every run of a sweep reads them instead of tokenizing again."""
+    key = fingerprint({"version": EXAMPLES_VERSION, "split": dataclasses.asdict(cfg.split), "max_len": max_len,
+                       "target": cfg.train_key()["target"]})
+    prefix = f"{layout.synth_prefix(spec, cfg)}/examples/{key}"
+    if store.is_done(prefix):
+        rows = store.get_jsonl(f"{prefix}/examples.jsonl")
+        report = ExampleReport(**store.get_json(f"{prefix}/report.json"))
+        return [RecordExamples(*(None if row[k] is None else Example(*row[k]) for k in ("sft", "pg", "teacher")))
+                for row in rows], report
+    examples, report = build_examples(tokenizer, records, spec, max_len)
+    store.put_jsonl(f"{prefix}/examples.jsonl", [
+        {k: None if e is None else [e.input_ids, e.labels] for k, e in (("sft", x.sft), ("pg", x.pg),
+                                                                     ("teacher", x.teacher))}
+        for x in examples])
+    store.put_json(f"{prefix}/report.json", vars(report))
+    store.mark_done(prefix)
+    return examples, report
 
 
 def provenance_of(spec: PromptSpec, cfg: GenPIConfig) -> dict[str, Any]:
@@ -89,4 +129,4 @@ def provenance_of(spec: PromptSpec, cfg: GenPIConfig) -> dict[str, Any]:
     return {"prompt_name": spec.name, "prompt_hash": spec.prompt_hash, "prompt_id": spec.id,
             "base_model": cfg.models.target.name, "generator_model": cfg.models.generator.name,
             "synth_hash": cfg.synth_hash(), "run_hash": layout.run_hash(cfg), "pg_lambda": cfg.train.pg_lambda,
-            "method": "genpi", "train": cfg.train_key()["train"]}
+            "method": cfg.train.method, "train": cfg.train_key()["train"]}

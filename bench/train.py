@@ -1,0 +1,139 @@
+"""Training speed and memory: our loop against a plain PEFT + transformers loop (a benchmark).
+
+Both loops train the same LoRA (the config's rank, layers and learning rate) on the same
+examples of one prompt, in the same order, for the same number of optimizer steps:
+
+- **ours**: the configured objective through :func:`genpi.train.trainer.step_loss` (logits only
+  where a label is predicted, backward per micro-batch);
+- **plain**: ``model(input_ids, attention_mask, labels).loss`` per micro-batch, the usual
+  transformers recipe (full-vocabulary logits at every position, upcast in the loss).
+
+Each loop runs in its own child process, so each reports its own peak memory (peak RSS on CPU,
+``torch.cuda.max_memory_allocated`` on CUDA). Examples come from the store's synthesized records
+of the prompt when they exist (run ``make run`` first), else from the tiny synthetic set built
+here. The figure compared is supervised (label) tokens per second.
+
+    .venv/bin/python bench/train.py [--prompt shell-agent] [--store.url artifacts] [--steps 12]
+
+The last line is one JSON object with both loops' figures and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from genpi import layout  # noqa: E402
+from genpi.config import load_config  # noqa: E402
+from genpi.models import resolve_model  # noqa: E402
+from genpi.prompts import load_prompts  # noqa: E402
+from genpi.store import open_store  # noqa: E402
+from genpi.train.batches import collate  # noqa: E402
+from genpi.train.examples import Example, RecordExamples, build_examples  # noqa: E402
+from genpi.train.loss import label_tokens  # noqa: E402
+from genpi.train.objectives import objective_for  # noqa: E402
+from genpi.train.trainer import load_for_training, step_loss  # noqa: E402
+
+
+def load_examples(args: argparse.Namespace, cfg: Any) -> tuple[list[RecordExamples], str]:
+    """The prompt's examples from its synthesized records in the store."""
+    from transformers import AutoTokenizer
+
+    spec = next(s for s in load_prompts(args.prompts) if s.name == args.prompt)
+    store = open_store(args.store)
+    key = f"{layout.synth_prefix(spec, cfg)}/records.jsonl"
+    if not store.exists(key):
+        raise SystemExit(f"no synthesized records for {spec.name} under {store.location(key)}: run `make run` "
+                         f"first (same profile), or pass --store.url")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.models.target.name))
+    examples, _ = build_examples(tokenizer, store.get_jsonl(key), spec, cfg.train.max_seq_len)
+    return [e for e in examples if e.any()], store.location(key)
+
+
+def plain_step(model: Any, step: list[RecordExamples], micro: int, pad_id: int) -> None:
+    """The transformers recipe on the same micro-batches as ours (a micro-batch's SFT examples
+    together, its PG examples together), each through ``labels=`` and ``.loss``, token-weighted."""
+    total = label_tokens([x for e in step for x in (e.sft, e.pg) if x is not None])
+    for start in range(0, len(step), micro):
+        records = step[start:start + micro]
+        for examples in ([e.sft for e in records if e.sft is not None], [e.pg for e in records if e.pg is not None]):
+            if not examples:
+                continue
+            batch = collate(examples, pad_id, model.device)
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            (out.loss * label_tokens(examples) / total).backward()
+
+
+def run_loop(kind: str, cfg_dict: dict, steps: list[list[RecordExamples]], queue: Any) -> None:
+    from genpi.config import config_from_dict
+
+    cfg = config_from_dict(cfg_dict)
+    torch.manual_seed(0)
+    model, tokenizer = load_for_training(cfg.train, cfg.models.target.name, cfg.models.target.dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate)
+    objective = objective_for(cfg.train)
+    model.train()
+    tokens, started = 0, 0.0
+    for k, step in enumerate(steps):
+        if k == 1:  # the first step warms up allocators and kernels; timing starts after it
+            started = time.perf_counter()
+        chosen = objective.select(step, k)
+        if kind == "ours":
+            step_loss(model, chosen, cfg.train, tokenizer.pad_token_id, backward=True, objective=objective)
+        else:
+            plain_step(model, chosen, cfg.train.micro_batch_size, tokenizer.pad_token_id)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if k >= 1:
+            tokens += label_tokens([x for e in chosen for x in (e.sft, e.pg) if x is not None])
+    seconds = time.perf_counter() - started
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put({"tokens_per_s": round(tokens / seconds, 1), "supervised_tokens": tokens,
+               "seconds": round(seconds, 2), "peak_mib": round(peak, 1)})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", default="prompts")
+    parser.add_argument("--prompt", default="shell-agent")
+    parser.add_argument("--profile", default="local")
+    parser.add_argument("--store.url", dest="store", default="artifacts")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps timed (after one warm-up step)")
+    args = parser.parse_args()
+    cfg = load_config(args.profile, overrides={"train.pg_fraction": 1.0})  # every step carries PG: the hard case
+    examples, source = load_examples(args, cfg)
+    b = cfg.train.batch_size
+    steps = [[examples[(k * b + i) % len(examples)] for i in range(b)] for k in range(args.steps + 1)]
+    results = {}
+    ctx = mp.get_context("spawn")
+    for kind in ("plain", "ours"):
+        queue = ctx.Queue()
+        child = ctx.Process(target=run_loop, args=(kind, cfg.to_dict(), steps, queue))
+        child.start()
+        results[kind] = queue.get()
+        child.join()
+        print(f"{kind}: {results[kind]}", flush=True)
+    ratio = results["plain"]["tokens_per_s"] / results["ours"]["tokens_per_s"]
+    print(json.dumps({"bench": "train", "device": "cuda" if torch.cuda.is_available() else "cpu",
+                      "model": cfg.models.target.name, "method": cfg.train.method, "examples_from": source,
+                      "steps": args.steps, "batch_size": b, "micro_batch_size": cfg.train.micro_batch_size,
+                      "ours": results["ours"], "plain": results["plain"],
+                      "ours_cost_per_token_vs_plain": round(ratio, 3)}))
+
+
+if __name__ == "__main__":
+    main()

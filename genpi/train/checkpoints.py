@@ -1,0 +1,86 @@
+"""Training checkpoints: the state a run needs to resume exactly, and where it is kept.
+
+A checkpoint is one folder holding ``state.pt``: the LoRA weights, the optimizer state, the
+Python and torch RNG states, the epoch and step reached and the loss history. The learning rate
+is a function of the step (:func:`genpi.train.trainer.lr_factor`), so the step is the
+scheduler's state. Where checkpoints live is a :class:`Checkpoints`: a folder in the artifact
+store (:class:`StoreCheckpoints`), or Ray Train's own storage (:mod:`genpi.train.ray_run`).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from genpi.store import ArtifactStore
+
+STATE_FILE = "state.pt"
+
+
+class Checkpoints(Protocol):
+    """Where a run's checkpoints are saved and found."""
+
+    def latest(self) -> Path | None:
+        """A local folder holding the newest checkpoint, or None."""
+
+    def save(self, folder: Path, epoch: int, metrics: dict[str, Any]) -> None:
+        """Keep the checkpoint in ``folder`` (written after ``epoch`` epochs)."""
+
+
+def save_state(folder: Path, model: Any, optimizer: torch.optim.Optimizer, rng: random.Random,
+               epoch: int, step: int, history: list[dict[str, float]]) -> None:
+    """Write everything a resumed run needs into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"lora": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                "optimizer": optimizer.state_dict(), "python_rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "epoch": epoch, "step": step, "history": history}, folder / STATE_FILE)
+
+
+def load_state(folder: Path, model: Any, optimizer: torch.optim.Optimizer,
+               rng: random.Random) -> tuple[int, int, list[dict[str, float]]]:
+    """Restore a saved state in place; returns (epochs done, steps done, loss history)."""
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["lora"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    rng.setstate(state["python_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["epoch"], state["step"], state["history"]
+
+
+class StoreCheckpoints:
+    """Checkpoints under ``{prefix}/epoch-NNNN/`` in the artifact store; only the newest is kept."""
+
+    def __init__(self, store: ArtifactStore, prefix: str, scratch: Path) -> None:
+        self.store, self.prefix, self.scratch = store, prefix, scratch
+
+    def _epochs(self) -> list[int]:
+        names = {key[len(self.prefix) + 1:].split("/", 1)[0] for key in self.store.list_keys(self.prefix)}
+        return sorted(int(n.split("-")[1]) for n in names
+                      if n.startswith("epoch-") and self.store.exists(f"{self.prefix}/{n}/{STATE_FILE}"))
+
+    def latest(self) -> Path | None:
+        epochs = self._epochs()
+        if not epochs:
+            return None
+        folder = self.scratch / f"epoch-{epochs[-1]:04d}"
+        shutil.rmtree(folder, ignore_errors=True)
+        self.store.download_dir(f"{self.prefix}/epoch-{epochs[-1]:04d}", folder)
+        return folder
+
+    def save(self, folder: Path, epoch: int, metrics: dict[str, Any]) -> None:
+        older = self._epochs()
+        self.store.upload_dir(folder, f"{self.prefix}/epoch-{epoch:04d}")
+        for old in older:
+            if old != epoch:
+                self.store.delete_prefix(f"{self.prefix}/epoch-{old:04d}")

@@ -1,0 +1,27 @@
+"""Training objectives, one module each; :func:`genpi.train.trainer.step_loss` runs any of them.
+
+- ``genpi``: the paper's joint loss, SFT on the role-played conversations plus λ · Prompt Generation;
+- ``sft``: SFT on the role-played conversations only (the paper's ablation);
+- ``prepend``: SFT where a share of the examples keep the prompt before them (the paper's
+  prompt-prepending baselines, 100% and 50%);
+- ``seqkd-kld``: SFT plus token-level KL to the teacher's distributions with the prompt (the
+  paper's SeqKD+KLD baseline); the teacher is the base model (adapter disabled) with the prompt.
+"""
+
+from __future__ import annotations
+
+from genpi.config import TrainConfig
+from genpi.train.objectives.base import Objective
+from genpi.train.objectives.genpi import GenPI, SFT
+from genpi.train.objectives.prepend import Prepend
+from genpi.train.objectives.seqkd_kld import SeqKDKLD
+
+OBJECTIVES: dict[str, type[Objective]] = {"genpi": GenPI, "sft": SFT, "prepend": Prepend, "seqkd-kld": SeqKDKLD}
+
+
+def objective_for(cfg: TrainConfig) -> Objective:
+    """The objective ``cfg.method`` names, configured by ``cfg``."""
+    return OBJECTIVES[cfg.method](cfg)
+
+
+__all__ = ["OBJECTIVES", "Objective", "objective_for"]

@@ -1,0 +1,41 @@
+"""What every objective provides to the shared training loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from genpi.config import TrainConfig
+from genpi.train.examples import RecordExamples
+
+
+class Objective:
+    """Turns one optimizer step's examples into a loss, micro-batch by micro-batch.
+
+    Lifecycle: :meth:`prepare` once per run (which view of each record is trained), then per
+    step :meth:`select` (which examples this step uses), :meth:`token_counts` (the step's
+    normalizers) and :meth:`micro_loss` for each micro-batch.
+    """
+
+    name = ""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    def prepare(self, examples: list[RecordExamples]) -> list[RecordExamples]:
+        """The examples the run trains on, derived once from every record's examples."""
+        return examples
+
+    def select(self, step: list[RecordExamples], step_no: int) -> list[RecordExamples]:
+        """The examples step ``step_no`` uses."""
+        return step
+
+    def token_counts(self, step: list[RecordExamples]) -> dict[str, int]:
+        """Label-token counts of the whole step, one per loss term."""
+        raise NotImplementedError
+
+    def micro_loss(self, model: Any, micro: list[RecordExamples], counts: dict[str, int],
+                   pad_id: int) -> tuple[torch.Tensor, dict[str, float]] | None:
+        """The micro-batch's share of the step loss and of each named term; None when it has no example."""
+        raise NotImplementedError

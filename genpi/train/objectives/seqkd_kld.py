@@ -1,0 +1,45 @@
+"""``seqkd-kld``: SFT on the teacher's turns (sequence-level KD) plus, on the same tokens, the KL
+from the teacher's next-token distribution with the prompt to the student's without it.
+
+The teacher is the same base model with its adapter disabled, reading the teacher view (the
+prompt, then the same turns): no second copy of the model is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from genpi.train.batches import collate
+from genpi.train.examples import RecordExamples
+from genpi.train.loss import label_logits, label_tokens, summed_kl
+from genpi.train.objectives.base import Objective
+
+
+class SeqKDKLD(Objective):
+    name = "seqkd-kld"
+
+    def select(self, step: list[RecordExamples], step_no: int) -> list[RecordExamples]:
+        return [e if e.teacher is not None else RecordExamples(None, None) for e in step]
+
+    def token_counts(self, step: list[RecordExamples]) -> dict[str, int]:
+        return {"sft": label_tokens([e.sft for e in step if e.sft is not None])}
+
+    def micro_loss(self, model: Any, micro: list[RecordExamples], counts: dict[str, int],
+                   pad_id: int) -> tuple[torch.Tensor, dict[str, float]] | None:
+        pairs = [(e.sft, e.teacher) for e in micro if e.sft is not None and e.teacher is not None]
+        if not pairs:
+            return None
+        device = next(model.parameters()).device
+        student_logits, targets = label_logits(model, collate([s for s, _ in pairs], pad_id, device))
+        with torch.no_grad(), model.disable_adapter():
+            teacher_logits, teacher_targets = label_logits(model, collate([t for _, t in pairs], pad_id, device))
+        if not torch.equal(targets, teacher_targets):
+            raise ValueError("the student and teacher views label different tokens; their turns must match")
+        ce = F.cross_entropy(student_logits.float(), targets, reduction="sum")
+        kl = summed_kl(student_logits, teacher_logits)
+        n = counts["sft"]
+        loss = (ce + self.cfg.kl_weight * kl) / n
+        return loss, {"sft_loss": ce.item() / n, "kl_loss": kl.item() / n}

@@ -1,0 +1,126 @@
+"""One adapter = one Ray Train (V2) run.
+
+Each (prompt, run config) becomes a ``TorchTrainer`` with its own ``ScalingConfig`` (one worker
+with the run's CPUs and GPUs). The worker runs the training stage; its epoch checkpoints are
+reported through ``ray.train.report`` into Ray Train's storage, which lives inside the artifact
+store under the run (``{run}/ray/``; an S3 store reaches the workers as a
+``pyarrow.fs.S3FileSystem`` with the configured endpoint). A worker that dies is restarted by
+Ray Train from the latest checkpoint (``train.max_failures`` times); a job started again finds
+the newest checkpoint in the store and resumes from it; a finished run is never redone.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from genpi import layout
+from genpi.config import GenPIConfig, config_from_dict
+from genpi.errors import GenPIError
+from genpi.prompts import PromptSpec
+from genpi.store import ArtifactStore, open_store
+from genpi.train.checkpoints import STATE_FILE
+
+log = logging.getLogger(__name__)
+
+
+class RayTrainCheckpoints:
+    """Checkpoints reported to Ray Train; found again through Ray Train or in the store."""
+
+    def __init__(self, store: ArtifactStore, ray_prefix: str, scratch: Path) -> None:
+        self.store, self.ray_prefix, self.scratch = store, ray_prefix, scratch
+
+    def latest(self) -> Path | None:
+        import ray.train
+
+        saved = ray.train.get_checkpoint()
+        if saved is not None:  # a restarted worker of this run
+            return Path(saved.to_directory(str(self.scratch / "restored")))
+        states = sorted(k for k in self.store.list_keys(self.ray_prefix) if k.endswith(f"/{STATE_FILE}"))
+        if not states:  # a new run
+            return None
+        newest = states[-1].rsplit("/", 1)[0]  # checkpoint folders are named by time: the last is the newest
+        return self.store.download_dir(newest, self.scratch / "from-store")
+
+    def save(self, folder: Path, epoch: int, metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        ray.train.report({**numbers, "epoch": epoch}, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                         checkpoint_dir_name=f"checkpoint_epoch-{epoch:04d}")
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """The worker side: the training stage, checkpointed through Ray Train."""
+    from genpi.train.stage import train_prompt
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s genpi %(message)s")
+    cfg = config_from_dict(config["cfg"])
+    spec = PromptSpec.from_json(config["spec"])
+    store = open_store(cfg.store.url, endpoint_url=cfg.store.endpoint_url or None, region=cfg.store.region or None)
+    with tempfile.TemporaryDirectory(prefix="genpi-ray-ckpt-") as scratch:
+        checkpoints = RayTrainCheckpoints(store, f"{layout.train_prefix(spec, cfg)}/ray", Path(scratch))
+        train_prompt(spec, cfg, store, checkpoints=checkpoints)
+
+
+def ray_storage(cfg: GenPIConfig, store: ArtifactStore, spec: PromptSpec) -> tuple[str, Any]:
+    """Ray Train's ``storage_path`` and ``storage_filesystem`` for a run: its folder in the store."""
+    prefix = f"{layout.train_prefix(spec, cfg)}/ray"
+    if store.url.startswith("s3://"):
+        from pyarrow import fs
+
+        bucket_and_root = store.url[len("s3://"):].rstrip("/")
+        options: dict[str, Any] = {}
+        if cfg.store.endpoint_url:
+            scheme, _, host = cfg.store.endpoint_url.partition("://")
+            options.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+        if cfg.store.region:
+            options["region"] = cfg.store.region
+        return f"{bucket_and_root}/{prefix}", fs.S3FileSystem(**options)
+    return str(Path(store.url).resolve() / prefix), None
+
+
+def _genpi_cause(error: BaseException) -> GenPIError | None:
+    """The GenPIError (a clear message about the user's input) behind a failed run, if any."""
+    seen: list[BaseException] = list(getattr(error, "worker_failures", {}).values())
+    while seen:
+        failure = seen.pop()
+        if hasattr(failure, "as_instanceof_cause"):
+            failure = failure.as_instanceof_cause()
+        if isinstance(failure, GenPIError):
+            return failure
+        seen.extend(e for e in (failure.__cause__, failure.__context__) if e is not None)
+    return None
+
+
+def fit_run(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, cpus: float, gpus: float) -> str:
+    """Train ``spec``'s adapter as a Ray Train run (blocking); returns the run's store prefix."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchTrainer
+
+    prefix = layout.train_prefix(spec, cfg)
+    if store.is_done(prefix):
+        log.info("[%s] adapter found at %s", spec.name, store.location(f"{prefix}/adapter"))
+        return prefix
+    worker_cfg = cfg.to_dict()
+    worker_cfg["store"]["url"] = store.url
+    storage_path, filesystem = ray_storage(cfg, store, spec)
+    resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"cfg": worker_cfg, "spec": spec.to_json()},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=bool(gpus), resources_per_worker=resources),
+        run_config=RunConfig(name=f"{spec.name}-{layout.run_hash(cfg)[:12]}", storage_path=storage_path,
+                             storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)))
+    try:
+        trainer.fit()
+    except TrainingFailedError as e:
+        raise _genpi_cause(e) or e from None
+    if not store.is_done(prefix):
+        raise RuntimeError(f"[{spec.name}] the Ray Train run ended without an adapter at {store.location(prefix)}")
+    store.delete_prefix(f"{prefix}/ray")  # its checkpoints: the adapter is stored and the run is done
+    return prefix

@@ -1,0 +1,182 @@
+"""Invariants of the training objectives on the tiny model: configurations that must give the
+same loss and gradients, the KL of a model with itself, and each objective's own terms."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from genpi.config import TrainConfig
+from genpi.models import TINY
+from genpi.train.examples import RecordExamples, teacher_example
+from genpi.train.loss import summed_kl
+from genpi.train.objectives import OBJECTIVES, objective_for
+from genpi.train.objectives.prepend import prepended
+from genpi.train.trainer import load_for_training, step_loss
+from tests.fakes import mini_spec
+from tests.test_train import grads, lora_model, reference_mean, short_pairs, tcfg, tokenizer  # noqa: F401 (fixtures)
+
+
+def run(model, step, cfg: TrainConfig, pad_id: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """One step's losses and gradients under ``cfg`` (the objective prepares the examples first)."""
+    model.zero_grad(set_to_none=True)
+    objective = objective_for(cfg)
+    chosen = objective.select(objective.prepare(step), 0)
+    losses = step_loss(model, chosen, cfg, pad_id, backward=True, objective=objective)
+    out = grads(model)
+    model.zero_grad(set_to_none=True)
+    return losses, out
+
+
+def assert_same_grads(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool = True) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        if exact:
+            assert torch.equal(a[name], b[name]), name
+        else:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_every_method_is_registered_and_configurable() -> None:
+    assert set(OBJECTIVES) == set(dataclasses.fields(TrainConfig)[0].metadata["choices"])
+    for name in OBJECTIVES:
+        assert objective_for(tcfg(method=name)).name == name
+
+
+@pytest.mark.timeout(120)
+def test_genpi_at_lambda_zero_is_exactly_sft(lora_model) -> None:
+    model, tok = lora_model
+    step = short_pairs(tok)
+    genpi_losses, genpi_grads = run(model, step, tcfg(method="genpi", pg_lambda=0.0, pg_fraction=1.0), tok.pad_token_id)
+    sft_losses, sft_grads = run(model, step, tcfg(method="sft", pg_lambda=0.7), tok.pad_token_id)
+    assert genpi_losses["loss"] == sft_losses["loss"] and sft_losses["pg_loss"] == 0.0
+    assert_same_grads(genpi_grads, sft_grads)
+    # and the PG term really is there at lambda > 0
+    with_pg, _ = run(model, step, tcfg(method="genpi", pg_lambda=0.5, pg_fraction=1.0), tok.pad_token_id)
+    assert with_pg["loss"] != pytest.approx(sft_losses["loss"], rel=1e-3)
+
+
+@pytest.mark.timeout(120)
+def test_gradient_accumulation_1x8_equals_8x1(lora_model) -> None:
+    model, tok = lora_model
+    step = (short_pairs(tok) * 2)[:8]
+    for method in ("genpi", "seqkd-kld"):
+        one, one_grads = run(model, step, tcfg(method=method, batch_size=8, micro_batch_size=8, pg_fraction=1.0),
+                             tok.pad_token_id)
+        eight, eight_grads = run(model, step, tcfg(method=method, batch_size=8, micro_batch_size=1, pg_fraction=1.0),
+                                 tok.pad_token_id)
+        for key in one:
+            assert eight[key] == pytest.approx(one[key], rel=1e-5), (method, key)
+        assert_same_grads(one_grads, eight_grads, exact=False)
+
+
+@pytest.mark.timeout(120)
+def test_prepend_at_fraction_zero_is_exactly_sft_and_at_one_trains_the_teacher_view(lora_model) -> None:
+    model, tok = lora_model
+    step = short_pairs(tok)
+    sft_losses, sft_grads = run(model, step, tcfg(method="sft"), tok.pad_token_id)
+    none, none_grads = run(model, step, tcfg(method="prepend", prepend_fraction=0.0), tok.pad_token_id)
+    assert none["loss"] == sft_losses["loss"]
+    assert_same_grads(none_grads, sft_grads)
+    every, _ = run(model, step, tcfg(method="prepend", prepend_fraction=1.0), tok.pad_token_id)
+    with torch.no_grad():
+        expected = reference_mean(model, [e.teacher for e in step if e.teacher is not None]).item()
+    assert every["loss"] == pytest.approx(expected, rel=1e-5)
+    assert [prepended(k, 0.5) for k in range(6)] == [False, True, False, True, False, True]
+    assert [prepended(k, 1.0) for k in range(3)] == [True] * 3 and not any(prepended(k, 0.0) for k in range(9))
+
+
+def test_kl_of_a_model_with_itself_is_zero_and_has_no_gradient() -> None:
+    logits = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
+    kl = summed_kl(logits, logits.detach())
+    kl.backward()
+    assert kl.item() == pytest.approx(0.0, abs=1e-12)
+    assert logits.grad.abs().max().item() < 1e-6  # float32 inside: rounding only
+    other = torch.randn(5, 11, dtype=torch.float64)
+    assert summed_kl(logits, other).item() > 0
+
+
+@pytest.mark.timeout(120)
+def test_seqkd_kld_is_sft_plus_weighted_kl_and_vanishes_against_itself(tokenizer) -> None:
+    model, tok = load_for_training(tcfg(), TINY, "float32")  # fresh LoRA: B = 0, so adapter on == off
+    step = short_pairs(tok)
+    same = [RecordExamples(e.sft, None, e.sft) for e in step]  # the teacher view without a prompt
+    losses, kl_grads = run(model, same, tcfg(method="seqkd-kld", kl_weight=3.0), tok.pad_token_id)
+    _, sft_grads = run(model, same, tcfg(method="sft"), tok.pad_token_id)
+    assert losses["kl_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert_same_grads(kl_grads, sft_grads, exact=False)
+
+    with_prompt, _ = run(model, step, tcfg(method="seqkd-kld", kl_weight=3.0), tok.pad_token_id)
+    assert with_prompt["kl_loss"] > 1e-4  # the system prompt changes the teacher's distributions
+    assert with_prompt["loss"] == pytest.approx(with_prompt["sft_loss"] + 3.0 * with_prompt["kl_loss"], rel=1e-6)
+
+
+def test_teacher_example_labels_only_the_records_turns(tokenizer) -> None:
+    from genpi.train.examples import ExampleReport
+
+    spec = mini_spec()
+    record = {"input": "List /tmp.", "turns": [{"agent": "Think: list.\nAct: bash", "observation": "a b",
+                                               "agent_finish": "stop"},
+                                              {"agent": "Think: done.\nAct: finish", "observation": "",
+                                               "agent_finish": "stop"}]}
+    example = teacher_example(tokenizer, record, spec, 4096, ExampleReport())
+    labelled = tokenizer.decode([t for t, lab in zip(example.input_ids, example.labels) if lab != -100])
+    assert labelled.count("<|im_end|>") == 2 and "Think: list.\nAct: bash" in labelled
+    assert "Think: done.\nAct: finish" in labelled and "42" not in labelled  # the prompt's own examples: no label
+    assert teacher_example(tokenizer, {**record, "turns": []}, spec, 4096, ExampleReport()) is None
+    report = ExampleReport()
+    shorter = teacher_example(tokenizer, record, spec, len(example.input_ids) - 1, report)
+    assert shorter is not None and report.teacher_turns_dropped == 1
+
+
+# ------------------------------------------------------------------ checkpoints and resume
+
+class Interrupt(RuntimeError):
+    pass
+
+
+class StopAfter:
+    """Checkpoints in a store that raise right after saving epoch ``epoch`` (a killed run)."""
+
+    def __init__(self, inner, epoch: int) -> None:
+        self.inner, self.epoch = inner, epoch
+
+    def latest(self):
+        return self.inner.latest()
+
+    def save(self, folder, epoch, metrics):
+        self.inner.save(folder, epoch, metrics)
+        if epoch == self.epoch:
+            raise Interrupt(f"killed after epoch {epoch}")
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("method", ["genpi", "seqkd-kld"])
+def test_a_resumed_run_ends_with_the_same_losses_and_adapter(tokenizer, tmp_path, method: str) -> None:
+    from safetensors.torch import load_file
+
+    from genpi.store import LocalStore
+    from genpi.train.checkpoints import StoreCheckpoints
+    from genpi.train.trainer import train_adapter
+
+    examples = short_pairs(tokenizer)
+    cfg = tcfg(method=method, epochs=3, batch_size=2, micro_batch_size=1, learning_rate=5e-3, lora_r=2,
+               lora_alpha=4, lora_dropout=0.1, pg_fraction=0.5)  # dropout: the torch RNG state matters too
+    store = LocalStore(tmp_path / "store")
+    whole = train_adapter(cfg, TINY, "float32", examples[:4], examples[4:], tmp_path / "whole", log=lambda _: None,
+                          checkpoints=StoreCheckpoints(store, "a/checkpoints", tmp_path / "scratch-a"))
+    saved = StoreCheckpoints(store, "b/checkpoints", tmp_path / "scratch-b")
+    with pytest.raises(Interrupt):
+        train_adapter(cfg, TINY, "float32", examples[:4], examples[4:], tmp_path / "cut", log=lambda _: None,
+                      checkpoints=StopAfter(saved, 1))
+    assert saved._epochs() == [1]
+    lines: list[str] = []
+    resumed = train_adapter(cfg, TINY, "float32", examples[:4], examples[4:], tmp_path / "resumed",
+                            log=lines.append, checkpoints=saved)
+    assert resumed["resumed_after_epoch"] == 1 and lines[0].startswith("resumed after epoch 1 (step 2/6)")
+    assert resumed["history"] == whole["history"]  # the same loss curve, step for step
+    a, b = load_file(tmp_path / "whole/adapter_model.safetensors"), load_file(tmp_path / "resumed/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert saved._epochs() == [3]  # only the newest checkpoint is kept
