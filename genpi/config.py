@@ -27,6 +27,11 @@ from genpi.fingerprint import fingerprint
 SYNTH_VERSION = 2
 TRAIN_VERSION = 2
 EVAL_VERSION = 2
+METHODS = ("genpi", "sft", "prepend", "seqkd-kld", "onpolicy-kl")
+# The settings each method reads besides the shared ones; a run's key leaves out the others.
+METHOD_SETTINGS = {"genpi": ("pg_lambda", "pg_fraction"), "sft": (), "prepend": ("prepend_fraction",),
+                   "seqkd-kld": ("kl_weight",),
+                   "onpolicy-kl": ("onpolicy_warmup", "onpolicy_max_tokens", "onpolicy_temperature", "kl_top_k")}
 
 
 def _f(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
@@ -121,15 +126,22 @@ class TrainConfig:
 
     method: str = _f("genpi", "training objective: genpi (SFT + pg_lambda * Prompt Generation), sft (role-played "
                      "conversations only), prepend (SFT with the prompt before prepend_fraction of the examples), "
-                     "seqkd-kld (SFT plus KL to the teacher's distributions with the prompt)",
-                     choices=("genpi", "sft", "prepend", "seqkd-kld"))
+                     "seqkd-kld (SFT plus KL to the teacher's distributions with the prompt), onpolicy-kl (SFT "
+                     "warm-up, then reverse top-k KL to the model with the prompt on the adapter's own samples)",
+                     choices=METHODS)
     prepend_fraction: float = _f(1.0, "share of the records trained with the prompt before them (method prepend; "
                                  "the paper's baselines use 1.0 and 0.5)", low=0, high=1)
     kl_weight: float = _f(1.0, "weight of the KL term (method seqkd-kld)", low=0)
+    onpolicy_warmup: float = _f(0.5, "share of the steps trained with SFT before on-policy steps (method onpolicy-kl)",
+                                low=0, high=1)
+    onpolicy_max_tokens: int = _f(64, "tokens the adapter samples per reply (method onpolicy-kl)", low=1)
+    onpolicy_temperature: float = _f(1.0, "sampling temperature of those replies (method onpolicy-kl)", low=0.01, high=5)
+    kl_top_k: int = _f(20, "student tokens kept per position in the reverse KL, the rest in one tail bucket "
+                       "(method onpolicy-kl)", low=1)
     pg_lambda: float = _f(0.3, "weight of the Prompt Generation loss; SFT gets 1 - pg_lambda (the authors' "
                           "scripts weight SFT by 0.7, i.e. pg_lambda 0.3)", low=0, high=1)
     methods: list[str] = _f(list, "sweep: one run per method (overrides method; empty: just method)",
-                            choices=("genpi", "sft", "prepend", "seqkd-kld"), factory=True)
+                            choices=METHODS, factory=True)
     lambdas: list[float] = _f(list, "sweep: one genpi run per value (overrides pg_lambda; empty: just pg_lambda; "
                               "the paper profile sweeps 0.3, 0.5, 0.7)", low=0, high=1, factory=True)
     seeds: list[int] = _f(list, "sweep: one run per seed (overrides seed; empty: just seed)", low=0, factory=True)
@@ -244,12 +256,9 @@ class GenPIConfig:
         train = dataclasses.asdict(self.train)
         for resource in ("num_gpus", "num_cpus", "threads", "max_failures", "methods", "lambdas", "seeds"):
             train.pop(resource)
-        unread = {"genpi": ("prepend_fraction", "kl_weight"), "sft": ("pg_lambda", "pg_fraction", "prepend_fraction",
-                                                                      "kl_weight"),
-                  "prepend": ("pg_lambda", "pg_fraction", "kl_weight"),
-                  "seqkd-kld": ("pg_lambda", "pg_fraction", "prepend_fraction")}[self.train.method]
-        for name in unread:
-            train.pop(name)
+        for method, settings in METHOD_SETTINGS.items():
+            for name in settings if method != self.train.method else ():
+                train.pop(name, None)
         return {"version": TRAIN_VERSION, "train": train, "split": dataclasses.asdict(self.split),
                 "target": _model_identity(self.models.target)}
 

@@ -14,7 +14,8 @@ from genpi.engines.hf import HFEngine
 from genpi.models import TINY, resolve_model
 from genpi.errors import GenPIError
 from genpi.evaluate.gate import gate_decision
-from genpi.evaluate.teacher_forced import reply_ids, score_replies, topk_tail_kl
+from genpi.divergence import topk_tail_kl
+from genpi.evaluate.teacher_forced import reply_ids, score_replies
 from genpi.user_inputs import load_user_inputs
 
 pytestmark = pytest.mark.timeout(180)

@@ -113,6 +113,49 @@ def test_seqkd_kld_is_sft_plus_weighted_kl_and_vanishes_against_itself(tokenizer
     assert with_prompt["loss"] == pytest.approx(with_prompt["sft_loss"] + 3.0 * with_prompt["kl_loss"], rel=1e-6)
 
 
+def onpolicy(model, tok, **changes):
+    cfg = tcfg(method="onpolicy-kl", onpolicy_max_tokens=5, **changes)
+    objective = objective_for(cfg)
+    objective.total_steps = 10
+    objective.start(model, tok)
+    return cfg, objective
+
+
+@pytest.mark.timeout(120)
+def test_onpolicy_kl_warms_up_as_sft_then_learns_reverse_kl_on_its_own_samples(lora_model) -> None:
+    model, tok = lora_model
+    step = short_pairs(tok)
+    sft_losses, sft_grads = run(model, step, tcfg(method="sft"), tok.pad_token_id)
+    cfg, objective = onpolicy(model, tok, onpolicy_warmup=0.5)
+    model.zero_grad(set_to_none=True)
+    warm = step_loss(model, objective.select(step, 4), cfg, tok.pad_token_id, backward=True, objective=objective)
+    assert warm["loss"] == sft_losses["loss"]  # steps 0-4 of 10: SFT
+    assert_same_grads(grads(model), sft_grads)
+
+    torch.manual_seed(0)
+    sampled = objective.select(step, 5)  # on-policy from step 5 on
+    assert len(sampled) == 4 and all(type(e).__name__ == "Sampled" for e in sampled)  # the record without turns has none
+    for e, source in zip(sampled, [x for x in step if x.student_opening]):
+        reply = e.sft.input_ids[len(source.student_opening):]
+        assert e.sft.input_ids[:len(source.student_opening)] == source.student_opening and 1 <= len(reply) <= 5
+        assert e.teacher.input_ids == source.teacher_opening + reply  # the same sample, read with the prompt
+        assert e.sft.labels == [-100] * len(source.student_opening) + reply
+    model.zero_grad(set_to_none=True)
+    losses = step_loss(model, sampled, cfg, tok.pad_token_id, backward=True, objective=objective)
+    assert losses["reverse_kl"] > 0 and losses["loss"] == pytest.approx(losses["reverse_kl"], rel=1e-6)
+    assert any(g.abs().sum() > 0 for g in grads(model).values())
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.timeout(120)
+def test_onpolicy_kl_against_itself_is_zero(tokenizer) -> None:
+    model, tok = load_for_training(tcfg(), TINY, "float32")  # fresh LoRA: adapter on == off
+    same = [dataclasses.replace(e, teacher_opening=e.student_opening) for e in short_pairs(tok)]
+    cfg, objective = onpolicy(model, tok, onpolicy_warmup=0.0)
+    losses = step_loss(model, objective.select(same, 0), cfg, tok.pad_token_id, backward=False, objective=objective)
+    assert losses["reverse_kl"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_teacher_example_labels_only_the_records_turns(tokenizer) -> None:
     from genpi.train.examples import ExampleReport
 
@@ -153,7 +196,7 @@ class StopAfter:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("method", ["genpi", "seqkd-kld"])
+@pytest.mark.parametrize("method", ["genpi", "seqkd-kld", "onpolicy-kl"])
 def test_a_resumed_run_ends_with_the_same_losses_and_adapter(tokenizer, tmp_path, method: str) -> None:
     from safetensors.torch import load_file
 
@@ -163,7 +206,8 @@ def test_a_resumed_run_ends_with_the_same_losses_and_adapter(tokenizer, tmp_path
 
     examples = short_pairs(tokenizer)
     cfg = tcfg(method=method, epochs=3, batch_size=2, micro_batch_size=1, learning_rate=5e-3, lora_r=2,
-               lora_alpha=4, lora_dropout=0.1, pg_fraction=0.5)  # dropout: the torch RNG state matters too
+               lora_alpha=4, lora_dropout=0.1, pg_fraction=0.5, onpolicy_warmup=0.3,
+               onpolicy_max_tokens=6)  # dropout and on-policy sampling: the torch RNG state matters too
     store = LocalStore(tmp_path / "store")
     whole = train_adapter(cfg, TINY, "float32", examples[:4], examples[4:], tmp_path / "whole", log=lambda _: None,
                           checkpoints=StoreCheckpoints(store, "a/checkpoints", tmp_path / "scratch-a"))

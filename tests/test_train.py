@@ -308,8 +308,8 @@ def lora_model():
 
 
 def short_pairs(tok) -> list[RecordExamples]:
-    """Five records' examples: SFT (student view), PG, and the teacher view (a system prompt before
-    the same turns, labelled on those turns only)."""
+    """Five records' examples: SFT (student view), PG, the teacher view (a system prompt before the
+    same turns, labelled on those turns only) and both views' openings."""
     def chat(*contents, prompt: str = ""):
         roles = ["user", "assistant"] * 3
         messages = [{"role": r, "content": c} for r, c in zip(roles, contents)]
@@ -317,10 +317,18 @@ def short_pairs(tok) -> list[RecordExamples]:
             return tokenize_chat(tok, [{"role": "system", "content": prompt}] + messages, label_from=1)
         return tokenize_chat(tok, messages)
 
+    prompt = "Reply with Act: lines only, then stop."
+
+    def opening(text, system=""):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"])
+
     def record(turns, pg):
         if turns is None:
             return RecordExamples(None, pg)
-        return RecordExamples(chat(*turns), pg, chat(*turns, prompt="Reply with Act: lines only, then stop."))
+        return RecordExamples(chat(*turns), pg, chat(*turns, prompt=prompt), opening(turns[0]),
+                              opening(turns[0], prompt))
 
     return [
         record(("count files", "Act: bash ls | wc -l", "Output: 3", "Act: answer(3)"), chat("x? a b", "Prompt: be brief.")),

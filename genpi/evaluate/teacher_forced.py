@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from genpi.divergence import topk_tail_kl
 from genpi.engines.base import Conversation
 
 
@@ -71,20 +72,6 @@ def _prefix_cache(model: Any, contexts: list[list[int]]) -> tuple[Any, int]:
     cache = DynamicCache(config=model.config)
     model(input_ids=torch.tensor([contexts[0][:length]], device=model.device), past_key_values=cache, use_cache=True)
     return cache, length
-
-
-def topk_tail_kl(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor, k: int) -> torch.Tensor:
-    """KL(teacher || student) per position over the teacher's top-k tokens plus a tail bucket."""
-    top, index = teacher_logprobs.topk(min(k, teacher_logprobs.shape[-1]), dim=-1)
-    p = top.exp()
-    q = student_logprobs.gather(-1, index).exp()
-    p_tail = (1 - p.sum(-1)).clamp_min(0)
-    q_tail = (1 - q.sum(-1)).clamp_min(0)
-    tiny = torch.finfo(torch.float32).tiny
-    kl = (p * (top - q.clamp_min(tiny).log())).sum(-1)
-    tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(tiny).log() - q_tail.clamp_min(tiny).log()),
-                       torch.zeros_like(p_tail))
-    return (kl + tail).clamp_min(0)
 
 
 @torch.inference_mode()

@@ -8,6 +8,8 @@
 - teacher view: the same learnable turns after the prompt (what the teacher sees), labelled on
   those turns only; the ``prepend`` baseline trains on it, ``seqkd-kld`` takes the teacher's
   distributions from it.
+- openings: the token ids before the first reply in each view (student, teacher), from which
+  ``onpolicy-kl`` samples the adapter's own replies and scores them under the teacher.
 - PG (Prompt Generation): the student sees the input, its own answer and the teacher's, and
   learns to write the prompt (as the teacher saw it) followed by the reason. Examples with an
   empty answer or reason are left out; a reason cut at the token limit is trimmed to its last
@@ -34,7 +36,7 @@ from genpi.errors import PromptError
 from genpi.prompts import PromptSpec
 
 IGNORE = -100
-EXAMPLES_VERSION = 1  # bump when what build_examples produces changes (stored examples are reused)
+EXAMPLES_VERSION = 2  # bump when what build_examples produces changes (stored examples are reused)
 _SLACK = 4
 _SENTENCE_END = re.compile(r"[.!?][\"')\]\u201d\u2019]*(?=\s|$)")
 
@@ -54,6 +56,8 @@ class RecordExamples:
     sft: Example | None  # the student view of the learnable turns
     pg: Example | None
     teacher: Example | None = None  # the teacher view of the same turns
+    student_opening: list[int] | None = None  # the input alone, up to the reply's header (on-policy sampling)
+    teacher_opening: list[int] | None = None  # the prompt and the input, up to the reply's header
 
     def any(self) -> bool:
         return self.sft is not None or self.pg is not None
@@ -279,7 +283,10 @@ def build_examples(tokenizer: Any, records: list[dict], spec: PromptSpec,
     report = ExampleReport(max_len=max_len)
     examples = [RecordExamples(sft_example(tokenizer, r, max_len, report),
                                pg_example(tokenizer, r, spec, max_len, report),
-                               teacher_example(tokenizer, r, spec, max_len, report)) for r in records]
+                               teacher_example(tokenizer, r, spec, max_len, report),
+                               _ids(tokenizer, student_messages(r["input"]), generation_prompt=True),
+                               _ids(tokenizer, teacher_messages(spec, r["input"]), generation_prompt=True))
+                for r in records]
     report.sft = sum(e.sft is not None for e in examples)
     report.pg = sum(e.pg is not None for e in examples)
     report.teacher = sum(e.teacher is not None for e in examples)

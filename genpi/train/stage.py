@@ -112,12 +112,13 @@ def stored_examples(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, to
     if store.is_done(prefix):
         rows = store.get_jsonl(f"{prefix}/examples.jsonl")
         report = ExampleReport(**store.get_json(f"{prefix}/report.json"))
-        return [RecordExamples(*(None if row[k] is None else Example(*row[k]) for k in ("sft", "pg", "teacher")))
-                for row in rows], report
+        return [RecordExamples(*(None if row[k] is None else Example(*row[k]) for k in ("sft", "pg", "teacher")),
+                               row["student_opening"], row["teacher_opening"]) for row in rows], report
     examples, report = build_examples(tokenizer, records, spec, max_len)
     store.put_jsonl(f"{prefix}/examples.jsonl", [
-        {k: None if e is None else [e.input_ids, e.labels] for k, e in (("sft", x.sft), ("pg", x.pg),
-                                                                     ("teacher", x.teacher))}
+        {**{k: None if e is None else [e.input_ids, e.labels] for k, e in (("sft", x.sft), ("pg", x.pg),
+                                                                        ("teacher", x.teacher))},
+         "student_opening": x.student_opening, "teacher_opening": x.teacher_opening}
         for x in examples])
     store.put_json(f"{prefix}/report.json", vars(report))
     store.mark_done(prefix)

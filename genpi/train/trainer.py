@@ -118,6 +118,8 @@ def train_adapter(cfg: TrainConfig, model_name: str, dtype: str, train_examples:
     pad_id = tokenizer.pad_token_id
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
+    objective.total_steps = total
+    objective.start(model, tokenizer)
     rng = random.Random(cfg.seed)
     history: list[dict[str, float]] = []
     first_epoch, step = 0, 0

@@ -5,7 +5,9 @@
 - ``prepend``: SFT where a share of the examples keep the prompt before them (the paper's
   prompt-prepending baselines, 100% and 50%);
 - ``seqkd-kld``: SFT plus token-level KL to the teacher's distributions with the prompt (the
-  paper's SeqKD+KLD baseline); the teacher is the base model (adapter disabled) with the prompt.
+  paper's SeqKD+KLD baseline); the teacher is the base model (adapter disabled) with the prompt;
+- ``onpolicy-kl``: after SFT warm-up steps, the adapter samples its own replies without the prompt
+  and learns the reverse top-k KL to the same model with the prompt on them.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from __future__ import annotations
 from genpi.config import TrainConfig
 from genpi.train.objectives.base import Objective
 from genpi.train.objectives.genpi import GenPI, SFT
+from genpi.train.objectives.onpolicy_kl import OnPolicyKL
 from genpi.train.objectives.prepend import Prepend
 from genpi.train.objectives.seqkd_kld import SeqKDKLD
 
-OBJECTIVES: dict[str, type[Objective]] = {"genpi": GenPI, "sft": SFT, "prepend": Prepend, "seqkd-kld": SeqKDKLD}
+OBJECTIVES: dict[str, type[Objective]] = {"genpi": GenPI, "sft": SFT, "prepend": Prepend, "seqkd-kld": SeqKDKLD,
+                                          "onpolicy-kl": OnPolicyKL}
 
 
 def objective_for(cfg: TrainConfig) -> Objective:

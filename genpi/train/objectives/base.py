@@ -13,7 +13,8 @@ from genpi.train.examples import RecordExamples
 class Objective:
     """Turns one optimizer step's examples into a loss, micro-batch by micro-batch.
 
-    Lifecycle: :meth:`prepare` once per run (which view of each record is trained), then per
+    Lifecycle: :meth:`prepare` once per run (which view of each record is trained), :meth:`start`
+    once the model is loaded (``total_steps`` is set by then), then per
     step :meth:`select` (which examples this step uses), :meth:`token_counts` (the step's
     normalizers) and :meth:`micro_loss` for each micro-batch.
     """
@@ -22,6 +23,10 @@ class Objective:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        self.total_steps = 0
+
+    def start(self, model: Any, tokenizer: Any) -> None:
+        """Called once the model is loaded, before the first step (objectives that generate keep it)."""
 
     def prepare(self, examples: list[RecordExamples]) -> list[RecordExamples]:
         """The examples the run trains on, derived once from every record's examples."""
