@@ -15,8 +15,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 def test_embedded_adapter_internalizes_the_prompt(tmp_path: Path) -> None:
     """The first test that shows internalization: without the prompt, the adapter answers in the
     prompt's action format far more often than the base model, on held-out inputs. (Web shop: its
-    teacher keeps the format on ~90% of synthesized turns; the shell prompt's fell to 25% in one
-    synthesis, too few examples for this recipe; see the README.)"""
+    teacher keeps the format on ~90% of synthesized turns, so its synthesis needs the fewest
+    resampled turns and is the quickest of the three.)"""
     store_dir = tmp_path / "artifacts"
     result = run_job("--prompts", str(ROOT / "prompts"), "--only", "web-shop-agent", "--profile", "local",
                      "--eval-inputs", str(ROOT / "inputs"), "--ray.dashboard", "false",

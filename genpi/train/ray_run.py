@@ -12,6 +12,7 @@ the newest checkpoint in the store and resumes from it; a finished run is never 
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from genpi.store import ArtifactStore, open_store
 from genpi.train.checkpoints import STATE_FILE
 
 log = logging.getLogger(__name__)
+QUEUE_TIMEOUT_S = 7 * 24 * 3600  # how long a submitted run may wait for its CPUs/GPUs
 
 
 class RayTrainCheckpoints:
@@ -104,6 +106,9 @@ def fit_run(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, cpus: floa
     if store.is_done(prefix):
         log.info("[%s] adapter found at %s", spec.name, store.location(f"{prefix}/adapter"))
         return prefix
+    # Runs are all submitted at once and queue for resources: a run waiting behind others must
+    # not fail after Ray Train's default 60 s (the controller reads this from its launcher).
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(QUEUE_TIMEOUT_S))
     worker_cfg = cfg.to_dict()
     worker_cfg["store"]["url"] = store.url
     storage_path, filesystem = ray_storage(cfg, store, spec)
