@@ -148,11 +148,10 @@ def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactSto
 
 
 def train_all(specs: list[PromptSpec], runs: list[GenPIConfig], store: ArtifactStore, cpus: float,
-              gpus: float) -> dict[str, Any]:
+              gpus: float) -> tuple[dict[str, list[GenPIConfig]], dict[str, Exception]]:
     """Every (prompt, run) as a Ray Train run, all submitted at once; a failing run stops no other.
 
-    Returns, per prompt name, ``{"runs": [the run configs that finished, in sweep order]}``, and
-    under ``"<name>:error"`` the first failure of a prompt none of whose runs finished.
+    Returns each prompt's finished runs (in sweep order) and each prompt's first failure.
     """
     refs = {}
     for spec in specs:
@@ -162,23 +161,21 @@ def train_all(specs: list[PromptSpec], runs: list[GenPIConfig], store: ArtifactS
                 log.info("[%s] adapter found at %s", spec.name, store.location(f"{prefix}/adapter"))
                 continue
             refs[(spec.name, k)] = _train_run.remote(spec.to_json(), run.to_dict(), cpus, gpus)
-    out: dict[str, Any] = {}
+    finished: dict[str, list[GenPIConfig]] = {}
+    errors: dict[str, Exception] = {}
     for spec in specs:
-        finished = []
         for k, run in enumerate(runs):
             try:
                 if (spec.name, k) in refs:
                     ray.get(refs[(spec.name, k)])
-                finished.append(run)
+                finished.setdefault(spec.name, []).append(run)
             except Exception as e:  # reported; the prompt's other runs go on
                 if isinstance(e, ray.exceptions.RayTaskError):
                     e = e.as_instanceof_cause()
                 log.error("[%s] training run %s (lambda %.2f, seed %d) failed: %s", spec.name, run.train.method,
                           run.train.pg_lambda, run.train.seed, e)
-                out.setdefault(f"{spec.name}:error", e)
-        if finished:
-            out[spec.name] = {"runs": finished}
-    return out
+                errors.setdefault(spec.name, e)
+    return finished, errors
 
 
 def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
@@ -202,25 +199,24 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
     worker_cfg = cfg.to_dict()
     worker_cfg["store"]["url"] = store.url
     runs = [config_from_dict(r.to_dict() | {"store": worker_cfg["store"]}) for r in cfg.train_runs()]
-    trained = train_all([s for s in specs if results[s.name].status != "failed"], runs, store, cpus, gpus)
+    trained, errors = train_all([s for s in specs if results[s.name].status != "failed"], runs, store, cpus, gpus)
     chosen: dict[str, GenPIConfig] = {}
     selections: dict[str, dict] = {}
     for spec in specs:
-        finished = trained.get(spec.name, {})
         if results[spec.name].status == "failed":
             continue
-        if not finished:
-            _fail(results[spec.name], "training", trained.get(f"{spec.name}:error") or GenPIError("no run finished"))
+        if spec.name not in trained:
+            _fail(results[spec.name], "training", errors.get(spec.name) or GenPIError("no run finished"))
             continue
-        chosen[spec.name] = finished["runs"][0]
+        chosen[spec.name] = trained[spec.name][0]
     by_name = {s.name: s for s in specs}
     select_refs = {name: _select_task.options(num_cpus=eval_cpus, num_gpus=eval_gpus)
-                   .remote(by_name[name].to_json(), [r.to_dict() for r in trained[name]["runs"]])
-                   for name in chosen if len(trained[name]["runs"]) > 1}
+                   .remote(by_name[name].to_json(), [r.to_dict() for r in trained[name]])
+                   for name in chosen if len(trained[name]) > 1}
     for name, ref in select_refs.items():
         try:
             selections[name] = ray.get(ref)
-            chosen[name] = trained[name]["runs"][selections[name]["chosen"]]
+            chosen[name] = trained[name][selections[name]["chosen"]]
         except Exception as e:
             _fail(results[name], "selection", e)
             chosen.pop(name)

@@ -24,7 +24,6 @@ from genpi.prompts import PromptSpec
 from genpi.store import ArtifactStore, open_store
 from genpi.train.checkpoints import STATE_FILE
 
-log = logging.getLogger(__name__)
 QUEUE_TIMEOUT_S = 7 * 24 * 3600  # how long a submitted run may wait for its CPUs/GPUs
 
 
@@ -102,10 +101,7 @@ def fit_run(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, cpus: floa
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
-    prefix = layout.train_prefix(spec, cfg)
-    if store.is_done(prefix):
-        log.info("[%s] adapter found at %s", spec.name, store.location(f"{prefix}/adapter"))
-        return prefix
+    prefix = layout.train_prefix(spec, cfg)  # a finished run is skipped by the caller and by the stage
     # Runs are all submitted at once and queue for resources: a run waiting behind others must
     # not fail after Ray Train's default 60 s (the controller reads this from its launcher).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(QUEUE_TIMEOUT_S))
