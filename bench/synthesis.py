@@ -1,14 +1,17 @@
-"""Self Role-Playing synthesis on CPU: ours vs the authors' released scripts' way, side by side
-in one run, on the same model, prompt, inputs and settings (greedy, so every variant produces
-the same conversations up to numerics; the bench counts how many agree with ours).
+"""Self Role-Playing synthesis on CPU: the authors' way against both of our backends, side by side
+in one run, on the same model, prompt, inputs and settings (greedy).
 
-- baseline: one conversation at a time, two generate calls per turn (the released scripts),
-  transformers' own KV cache;
-- batched: every open conversation advances together, one call per persona per turn;
-- + shared prefix: the prompt's KV cache computed once per batch, not once per conversation;
-- + growing cache (ours): KV cache written in place instead of concatenated every step.
+- one_at_a_time (the baseline): one conversation at a time, two generate calls per turn, as the
+  authors' released scripts; transformers with its own KV cache;
+- hf (ours): every open conversation advances together, one call per persona per turn; the
+  prompt's KV cache computed once per batch and written in place;
+- vllm (ours): the same episodes on the vLLM backend (continuous batching, prefix caching), in its
+  engine actor on `.venv-vllm` (skipped with a reason when `make install-vllm` has not run).
 
-    .venv/bin/python bench/synthesis.py [--model smollm2-135m-instruct] [--inputs 8] [--turns 2]
+For each backend the bench also times its raw batched generate at the same batch size (one call,
+the agents' first turns) and says what share of that throughput role play keeps.
+
+    .venv/bin/python bench/synthesis.py [--model smollm2-135m-instruct] [--inputs 32] [--turns 2]
 
 The last line is one JSON object with the figures.
 """
@@ -17,13 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from genpi.config import SynthConfig  # noqa: E402
+from genpi.config import ModelConfig, RayConfig, SynthConfig  # noqa: E402
+from genpi.conversations import teacher_messages  # noqa: E402
+from genpi.engines.base import SamplingParams  # noqa: E402
+from genpi.engines.environments import vllm_python  # noqa: E402
 from genpi.engines.hf import HFEngine  # noqa: E402
 from genpi.prompts import load_prompt  # noqa: E402
 from genpi.synth.roleplay import role_play  # noqa: E402
@@ -34,48 +43,95 @@ TASKS = ["Count the regular files under /var/log.", "Which process uses the most
          "List the listening TCP ports.", "What time zone is this machine set to?"]
 
 
+class Counted:
+    """An engine that counts the tokens it generates."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine, self.tokens = engine, 0
+
+    def generate(self, conversations, params, adapters=None):
+        out = self.engine.generate(conversations, params, adapters)
+        self.tokens += sum(g.output_tokens for g in out)
+        return out
+
+
+def timed_role_play(spec, cfg, engine, inputs, batched: bool) -> tuple[float, int, list[dict]]:
+    counted = Counted(engine)
+    start = time.perf_counter()
+    out = role_play(spec, cfg, counted, inputs) if batched else \
+        [role_play(spec, cfg, counted, [record])[0] for record in inputs]
+    return time.perf_counter() - start, counted.tokens, out
+
+
+def raw_throughput(engine: Any, spec, inputs: list[dict], max_tokens: int) -> float:
+    """Generated tokens/s of one batched call: every agent's first turn."""
+    conversations = [teacher_messages(spec, r["input"]) for r in inputs]
+    start = time.perf_counter()
+    out = engine.generate(conversations, SamplingParams(max_new_tokens=max_tokens))
+    return sum(g.output_tokens for g in out) / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompt", default="prompts/shell-agent.md")
-    parser.add_argument("--inputs", type=int, default=8)
+    parser.add_argument("--inputs", type=int, default=32)
     parser.add_argument("--turns", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=48)
     args = parser.parse_args()
 
     spec = load_prompt(args.prompt)
-    cfg = SynthConfig(max_turns=args.turns, agent_max_tokens=args.max_tokens, env_max_tokens=args.max_tokens)
+    cfg = SynthConfig(max_turns=args.turns, agent_max_tokens=args.max_tokens, env_max_tokens=args.max_tokens,
+                      agent_resamples=0)
     inputs = [{"id": i, "input": TASKS[i % len(TASKS)] + ("" if i < len(TASKS) else f" (case {i})")}
               for i in range(args.inputs)]
-    engine = HFEngine(args.model, batch_size=max(1, args.inputs))
-    role_play(spec, cfg, engine, inputs[:2])  # warm-up
+    figures: dict[str, Any] = {"bench": "synthesis", "what": "self role-play on CPU",
+                               "baseline": "one conversation at a time (the authors' scripts), transformers KV cache",
+                               "model": args.model, "conversations": len(inputs), "max_turns": args.turns,
+                               "max_tokens": args.max_tokens}
+    runs: dict[str, tuple[float, int, list[dict]]] = {}
 
-    def timed(sharing: bool, growing: bool, batched: bool) -> tuple[float, list[dict]]:
-        engine.prefix_sharing, engine.growing_kv = sharing, growing
-        start = time.perf_counter()
-        out = role_play(spec, cfg, engine, inputs) if batched else \
-            [role_play(spec, cfg, engine, [record])[0] for record in inputs]
-        return time.perf_counter() - start, out
+    hf = HFEngine(args.model, batch_size=max(1, args.inputs))
+    role_play(spec, cfg, hf, inputs[:2])  # warm-up
+    hf.prefix_sharing, hf.growing_kv = False, False
+    runs["one_at_a_time"] = timed_role_play(spec, cfg, hf, inputs, batched=False)
+    hf.prefix_sharing, hf.growing_kv = True, True
+    runs["hf"] = timed_role_play(spec, cfg, hf, inputs, batched=True)
+    figures["hf_raw_tok_s"] = round(raw_throughput(hf, spec, inputs, args.max_tokens), 1)
+    del hf
 
-    runs = {
-        "baseline": timed(sharing=False, growing=False, batched=False),
-        "batched": timed(sharing=False, growing=False, batched=True),
-        "shared_prefix": timed(sharing=True, growing=False, batched=True),
-        "ours": timed(sharing=True, growing=True, batched=True),
-    }
-    ours_s, ours = runs["ours"]
-    turns = sum(len(c["turns"]) for c in ours)
-    figures: dict[str, object] = {"bench": "synthesis", "what": "self role-play on CPU",
-                                  "baseline": "one conversation at a time, transformers KV cache",
-                                  "model": args.model, "conversations": len(inputs), "max_turns": args.turns,
-                                  "agent_turns": turns}
-    for name, (seconds, out) in runs.items():
-        same = sum(a["turns"] == b["turns"] for a, b in zip(out, ours))
-        print(f"{name:>14}: {seconds:8.2f} s  ({runs['baseline'][0] / seconds:5.2f}x the baseline; "
-              f"{same}/{len(inputs)} conversations identical to ours)")
+    python = vllm_python()
+    if python is None:
+        figures["vllm_skipped"] = "vLLM is not installed: run `make install-vllm`"
+    else:
+        from genpi import ray_runtime
+        from genpi.engines.actors import EnginePool
+
+        ray_runtime.connect(RayConfig(num_cpus=2, dashboard=False))
+        pool = EnginePool(ModelConfig(name=args.model, backend="vllm", num_gpus=0, num_cpus=1,
+                                      batch_size=max(1, args.inputs)), "target")
+        try:
+            role_play(spec, cfg, pool, inputs[:2])  # warm-up
+            runs["vllm"] = timed_role_play(spec, cfg, pool, inputs, batched=True)
+            figures["vllm_raw_tok_s"] = round(raw_throughput(pool, spec, inputs, args.max_tokens), 1)
+        finally:
+            pool.shutdown()
+            ray_runtime.disconnect()
+
+    base_s = runs["one_at_a_time"][0]
+    for name, (seconds, tokens, out) in runs.items():
+        same = sum(a["turns"] == b["turns"] for a, b in zip(out, runs["hf"][2]))
         figures[f"{name}_s"] = round(seconds, 2)
-    figures["ratio"] = round(runs["baseline"][0] / ours_s, 2)
-    figures["ratio_over_batched"] = round(runs["batched"][0] / ours_s, 2)
+        figures[f"{name}_tok_s"] = round(tokens / seconds, 1)
+        figures[f"{name}_speedup"] = round(base_s / seconds, 2)
+        line = (f"{name:>14}: {seconds:8.2f} s, {tokens / seconds:6.1f} tok/s ({base_s / seconds:5.2f}x one at a "
+                f"time; {same}/{len(inputs)} conversations identical to hf)")
+        if f"{name}_raw_tok_s" in figures:
+            figures[f"{name}_share_of_raw"] = round(tokens / seconds / figures[f"{name}_raw_tok_s"], 2)
+            line += f"; {figures[f'{name}_share_of_raw']:.0%} of its raw batched {figures[f'{name}_raw_tok_s']} tok/s"
+        print(line)
+    best = max((n for n in runs if n != "one_at_a_time"), key=lambda n: base_s / runs[n][0])
+    figures["best"], figures["best_speedup"] = best, figures[f"{best}_speedup"]
     print(json.dumps(figures))
 
 

@@ -49,7 +49,10 @@ class ModelConfig:
 
     name: str = _f("smollm2-135m-instruct", "registry name (smollm2-135m-instruct, tiny-random-llama), "
                    "a local Hugging Face model folder, or an s3:// model folder")
-    backend: str = _f("hf", "inference backend", choices=("hf",))
+    backend: str = _f("hf", "inference backend; auto picks vllm where it is installed (make install-vllm)",
+                      choices=("hf", "vllm", "auto"))
+    python: str = _f("", "interpreter for this role's engine actors (a virtual environment with vLLM); "
+                     "empty: the job's own, or the checkout's .venv-vllm for backend vllm")
     device: str = _f("auto", "auto picks cuda when the actor has a GPU, else cpu", choices=("auto", "cpu", "cuda"))
     dtype: str = _f("bfloat16", "weights and compute dtype", choices=("bfloat16", "float16", "float32"))
     batch_size: int = _f(32, "conversations per generate call", low=1, high=4096)
@@ -58,8 +61,15 @@ class ModelConfig:
     num_cpus: float = _f(1.0, "CPUs reserved per engine actor", low=0)
     replicas: int = _f(1, "engine actors for this role; work is split across them", low=1, high=1024)
     threads: int = _f(0, "torch CPU threads per actor; 0 uses every core", low=0)
+    restarts: int = _f(2, "times a dead engine actor is restarted, and its unfinished calls retried, "
+                       "before the prompt it served fails", low=0, high=100)
     prefix_sharing: bool = _f(True, "compute the KV cache of a batch's shared prefix (the prompt) once "
                               "instead of once per conversation (hf backend)")
+    max_lora_rank: int = _f(0, "vllm backend: the largest LoRA rank it serves per request; 0 starts it "
+                            "without LoRA (synthesis needs none, and LoRA costs about 30 percent of CPU throughput)",
+                            low=0, high=512)
+    kv_cache_gb: float = _f(2.0, "KV cache space on CPU, GiB (vllm backend)", low=0.5)
+    gpu_memory_utilization: float = _f(0.85, "share of GPU memory vLLM may take (vllm backend)", low=0.05, high=1)
 
 
 @dataclass
@@ -79,6 +89,9 @@ class SynthConfig:
     min_inputs: int = _f(8, "fail the prompt if fewer unique inputs than this could be generated", low=1)
     inputs_per_request: int = _f(5, "inputs the generator is asked to write per request", low=1, high=50)
     demos_per_request: int = _f(5, "example inputs shown to the generator per request", low=0, high=50)
+    near_duplicate_threshold: float = _f(0.95, "drop a pseudo input whose MiniLM embedding has at least this "
+                                         "cosine similarity to one kept before or to an example input; 0 "
+                                         "keeps near duplicates", low=0, high=1)
     max_input_rounds: int = _f(8, "generation rounds before giving up on reaching num_inputs", low=1)
     input_temperature: float = _f(1.0, "sampling temperature for pseudo inputs", low=0, high=5)
     input_top_p: float = _f(0.9, "nucleus threshold for pseudo inputs", low=0.01, high=1)
@@ -100,6 +113,9 @@ class SynthConfig:
                              "whether a record teaches anything; a later off-format turn is cut by the filter "
                              "and leaves the turns before it)", low=1, high=50)
     part_size: int = _f(64, "records per stored part file; finished parts survive a failure", low=1)
+    prompts_in_flight: int = _f(2, "prompts synthesized at once on the shared engines, so the generator "
+                                "and target pools both have work (placement only: not in the synthesis key)",
+                                low=1, high=64)
     filter_off_format: bool = _f(True, "end a role-played conversation at its first agent turn that breaks the "
                                  "prompt's action format, so such turns are never trained on (counted in the "
                                  "quality report)")
@@ -243,7 +259,8 @@ class GenPIConfig:
 
     def synth_key(self) -> dict[str, Any]:
         """Everything synthesized data depends on (hashed into its store key)."""
-        return {"version": SYNTH_VERSION, "synth": dataclasses.asdict(self.synth),
+        synth = {k: v for k, v in dataclasses.asdict(self.synth).items() if k != "prompts_in_flight"}
+        return {"version": SYNTH_VERSION, "synth": synth,
                 "generator": _model_identity(self.models.generator),
                 "target": _model_identity(self.models.target)}
 
@@ -296,7 +313,8 @@ class GenPIConfig:
 
 def _model_identity(model: ModelConfig) -> dict[str, Any]:
     # Placement (replicas, devices, batch size) changes speed, not the data; leave it out.
-    return {"name": model.name, "dtype": model.dtype, "max_context": model.max_context}
+    # The backend stays: two engines give different bf16 numerics, hence different records.
+    return {"name": model.name, "backend": model.backend, "dtype": model.dtype, "max_context": model.max_context}
 
 
 # ---------------------------------------------------------------- profiles
@@ -424,6 +442,10 @@ def validate(cfg: GenPIConfig) -> GenPIConfig:
                           "silently stops gradients); set train.num_gpus >= 1 or train.quantization to none")
     for role in ("generator", "target"):
         model = getattr(cfg.models, role)
+        if model.backend == "auto":
+            from genpi.engines.environments import resolve_backend
+
+            model.backend = resolve_backend(model.backend, model.python)
         if model.device == "cuda" and model.num_gpus == 0:
             raise ConfigError(f"config 'models.{role}.device' is cuda but 'models.{role}.num_gpus' is 0; "
                               f"give the actor a GPU or use device auto/cpu")

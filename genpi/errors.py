@@ -30,3 +30,7 @@ class ArtifactNotFound(StoreError):
 
 class ModelError(GenPIError):
     """A model name or folder cannot be resolved or loaded."""
+
+
+class EngineError(GenPIError):
+    """An engine actor died more often than it may be restarted."""

@@ -12,6 +12,7 @@ finished is in the store, so a rerun resumes where the last one stopped.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import ray
 
 from genpi import layout
 from genpi.config import GenPIConfig, config_from_dict
-from genpi.errors import ConfigError, GenPIError
+from genpi.errors import ConfigError, EngineError, GenPIError
 from genpi.prompts import PromptSpec, check_prompt_lengths
 from genpi.store import ArtifactStore, open_store
 from genpi.synth.stage import synthesize
@@ -133,17 +134,28 @@ def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactSto
         return failures
     from genpi.engines.actors import start_pools
 
-    log.info("starting engines: generator %s, target %s", cfg.models.generator.name, cfg.models.target.name)
-    generator, target = start_pools(cfg.models.generator, cfg.models.target)
-    try:
-        for spec in todo:
-            try:
-                synthesize(spec, cfg, generator, target, store)
-            except Exception as e:  # one prompt's failure must not stop the batch
-                failures[spec.name] = e
-    finally:
-        for pool in {id(generator): generator, id(target): target}.values():
+    def stop(pools: tuple[Any, Any]) -> None:
+        for pool in {id(p): p for p in pools}.values():
             pool.shutdown()
+
+    log.info("starting engines: generator %s, target %s", cfg.models.generator.name, cfg.models.target.name)
+    pools = start_pools(cfg.models.generator, cfg.models.target)
+    width = cfg.synth.prompts_in_flight
+    try:
+        # A few prompts at a time, so that while one prompt's role play holds the target, another's
+        # inputs or reasons keep the generator busy. Each call is self-contained: same records.
+        for start in range(0, len(todo), width):
+            wave = todo[start:start + width]
+            with ThreadPoolExecutor(max_workers=len(wave), thread_name_prefix="synth") as prompts:
+                running = {spec.name: prompts.submit(synthesize, spec, cfg, *pools, store) for spec in wave}
+            wave_failures = {name: f.exception() for name, f in running.items() if f.exception() is not None}
+            failures.update(wave_failures)  # one prompt's failure must not stop the batch
+            if any(isinstance(e, EngineError) for e in wave_failures.values()) and start + width < len(todo):
+                stop(pools)  # out of restarts: fresh engines for the prompts left
+                log.info("starting new engines for the prompts left")
+                pools = start_pools(cfg.models.generator, cfg.models.target)
+    finally:
+        stop(pools)
     return failures
 
 

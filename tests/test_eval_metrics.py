@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from genpi.errors import GenPIError
-from genpi.evaluate import embedding
+from genpi import embeddings as embedding
 from genpi.evaluate.metrics import (
     action_text,
     action_type,

@@ -372,3 +372,48 @@ def test_s3_bad_credentials(
     with pytest.raises(StoreError, match="credentials rejected") as caught:
         open_store(url, endpoint_url=s3_env.endpoint_url)
     assert url in str(caught.value) and "AWS_ACCESS_KEY_ID" in str(caught.value)
+
+
+def failing(error: Exception, calls: list):
+    """A put_object that records its key and raises ``error``."""
+    def put_object(**kwargs):
+        calls.append(kwargs["Key"])
+        raise error
+    return put_object
+
+
+@pytest.mark.s3
+def test_s3_write_that_fails_for_a_passing_reason_is_retried(s3_env: S3Server,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from genpi.store import s3 as s3_module
+
+    store = open_store(f"s3://{s3_env.create_bucket()}/runs", endpoint_url=s3_env.endpoint_url)
+    monkeypatch.setattr(s3_module.time, "sleep", lambda seconds: None)
+    real_put, calls = store._client.put_object, []
+
+    def flaky_put(**kwargs):
+        calls.append(kwargs["Key"])
+        if len(calls) <= 2:
+            raise EndpointConnectionError(endpoint_url=s3_env.endpoint_url)
+        return real_put(**kwargs)
+
+    monkeypatch.setattr(store._client, "put_object", flaky_put)
+    store.put_text("a.txt", "kept")
+    assert len(calls) == 3 and store.get_text("a.txt") == "kept"
+
+    calls.clear()
+    denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "no"},
+                          "ResponseMetadata": {"HTTPStatusCode": 403}}, "PutObject")
+    monkeypatch.setattr(store._client, "put_object", failing(denied, calls))
+    with pytest.raises(StoreError, match="credentials rejected"):
+        store.put_text("b.txt", "x")
+    assert len(calls) == 1  # not a passing failure: no second try
+
+    calls.clear()
+    monkeypatch.setattr(store._client, "put_object",
+                        failing(EndpointConnectionError(endpoint_url=s3_env.endpoint_url), calls))
+    with pytest.raises(StoreError, match="cannot reach the S3 endpoint"):
+        store.put_text("c.txt", "x")
+    assert len(calls) == s3_module._WRITE_ATTEMPTS

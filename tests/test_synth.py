@@ -24,7 +24,7 @@ from genpi.synth.parts import run_in_parts
 from genpi.synth.quality import quality_report
 from genpi.synth.reasons import reasons
 from genpi.synth.roleplay import max_turns_for, role_play
-from genpi.synth.stage import TooFewInputs, synthesize
+from genpi.synth.stage import TooFewInputs, join_by_id, synthesize
 from tests.fakes import FakeEngine, ScriptedFailure, World, agent_turns_so_far, kind_of, mini_spec, task_of
 
 SPEC = mini_spec()
@@ -91,6 +91,25 @@ def test_generate_inputs_dedups_rejects_and_counts(tmp_path: Path) -> None:
     assert all(SPEC.text() in c[-1]["content"] for c in convs)
     # the shown demos are the prompt's example inputs
     assert any(d in convs[0][-1]["content"] for d in SPEC.example_inputs)
+
+
+def test_generate_inputs_drops_near_duplicates_by_sentence_embedding(tmp_path: Path) -> None:
+    from genpi.embeddings import load_embedder
+
+    gen = scripted_replies(
+        "1. Find the five largest files in /var.\n"
+        "2. Find the 5 biggest files in /var.\n"                 # a paraphrase of the first
+        "3. Show which process listens on port 80.\n"
+        "4. Count the lines of the file /etc/passwd.\n",          # a paraphrase of an example input
+    )
+    cfg = synth_cfg(num_inputs=10, inputs_per_request=5, max_input_rounds=1, near_duplicate_threshold=0.9)
+    kept, stats = generate_inputs(SPEC, cfg, gen, LocalStore(tmp_path), "p/inputs", load_embedder().embed)
+    assert kept == ["Find the five largest files in /var.", "Show which process listens on port 80."]
+    assert stats.near_duplicates == 2 and stats.duplicates == 0 and stats.kept == 2
+    off = synth_cfg(num_inputs=10, inputs_per_request=5, max_input_rounds=1, near_duplicate_threshold=0.0)
+    again = scripted_replies("1. Find the five largest files in /var.\n2. Find the 5 biggest files in /var.")
+    kept, stats = generate_inputs(SPEC, off, again, LocalStore(tmp_path / "off"), "p/inputs", load_embedder().embed)
+    assert len(kept) == 2 and stats.near_duplicates == 0
 
 
 def test_generate_inputs_stops_at_num_inputs(tmp_path: Path) -> None:
@@ -411,12 +430,44 @@ def test_run_in_parts_resumes_after_a_crash(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------ synthesize end to end
 
+def test_join_by_id_never_by_position() -> None:
+    inputs = [{"id": 0, "input": "a"}, {"id": 1, "input": "b"}]
+    outputs = [{"id": 1, "teacher": "B"}, {"id": 0, "teacher": "A"}]  # e.g. from replicas in another order
+    assert join_by_id(inputs, outputs) == [{"id": 0, "input": "a", "teacher": "A"},
+                                           {"id": 1, "input": "b", "teacher": "B"}]
+    with pytest.raises(ValueError, match=r"lack ids \[1\]"):
+        join_by_id(inputs, outputs[1:])
+
+
 def tiny_config(**synth) -> GenPIConfig:
     overrides = {"synth.num_inputs": 6, "synth.min_inputs": 4, "synth.part_size": 4, "synth.max_turns": 3,
                  "synth.inputs_per_request": 3,
+                 # the scripted inputs differ in one number: near duplicates by design (tested apart)
+                 "synth.near_duplicate_threshold": 0.0,
                  "models.generator.name": "tiny-random-llama", "models.target.name": "tiny-random-llama"}
     overrides.update({f"synth.{k}": v for k, v in synth.items()})
     return load_config("local", overrides=overrides)
+
+
+def test_reasons_and_role_play_run_side_by_side(tmp_path: Path) -> None:
+    """Reasons (generator) and role play (target) overlap: each waits for the other to have started."""
+    import threading
+
+    world, both_started = World(SPEC), threading.Barrier(2, timeout=30)
+
+    def meet_once(kind: str):
+        met = []
+
+        def reply(conversation, params):
+            if kind_of(conversation) == kind and not met:
+                met.append(True)
+                both_started.wait()  # raises BrokenBarrierError if the other side never comes
+            return world(conversation, params)
+        return reply
+
+    generator, target = FakeEngine(meet_once("reason")), FakeEngine(meet_once("environment"))
+    prefix = synthesize(SPEC, tiny_config(), generator, target, LocalStore(tmp_path))
+    assert LocalStore(tmp_path).is_done(prefix)
 
 
 def test_synthesize_end_to_end_and_rerun(tmp_path: Path) -> None:

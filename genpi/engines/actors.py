@@ -1,14 +1,29 @@
-"""Ray actors that host engines, and a pool that splits a batch across a role's replicas."""
+"""Ray actors that host engines, and a pool that splits a batch across a role's replicas.
+
+An engine actor whose process dies (out of memory, a killed node, a crashed kernel) is started
+again by Ray and its unfinished calls are retried, up to ``models.<role>.restarts`` times; calls
+are pure functions of their arguments, so a retried call gives the same replies. Beyond that the
+pool raises :class:`EngineError` and the caller starts new pools for the prompts still to do.
+A request names its adapter by folder, and an actor loads a folder it has not seen on first use,
+so a restarted actor serves the same adapters without being told again.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import warnings
 from typing import Any
 
 import ray
 
 from genpi.config import ModelConfig
 from genpi.engines.base import Conversation, Generation, SamplingParams
+from genpi.engines.environments import engine_runtime_env
+from genpi.errors import EngineError
+
+log = logging.getLogger("genpi")
 
 
 def build_engine(cfg: ModelConfig) -> Any:
@@ -18,6 +33,13 @@ def build_engine(cfg: ModelConfig) -> Any:
 
         return HFEngine(cfg.name, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size,
                         max_context=cfg.max_context, threads=cfg.threads, prefix_sharing=cfg.prefix_sharing)
+    if cfg.backend == "vllm":
+        from genpi.engines.vllm import VLLMEngine
+
+        return VLLMEngine(cfg.name, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size,
+                          max_context=cfg.max_context, threads=cfg.threads, max_lora_rank=cfg.max_lora_rank,
+                          kv_cache_gb=cfg.kv_cache_gb, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                          tensor_parallel=max(1, int(cfg.num_gpus)) if cfg.num_gpus >= 1 else 1)
     raise ValueError(f"unknown backend {cfg.backend!r}")  # config validation lists the allowed ones
 
 
@@ -27,12 +49,21 @@ class EngineActor:
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.engine = build_engine(ModelConfig(**cfg))
+        with warnings.catch_warnings():  # Ray warns about an API its own property uses
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if restarted:
+            log.warning("engine actor for %s restarted after its process died (pid %d now); "
+                        "unfinished calls are retried", cfg["name"], os.getpid())
 
     def info(self) -> dict[str, Any]:
-        return {"model": self.engine.model_name, "max_context": self.engine.max_context}
+        return {"model": self.engine.model_name, "max_context": self.engine.max_context, "pid": os.getpid()}
 
     def generate(self, conversations: list[Conversation], params: SamplingParams,
                  adapters: list[str | None] | None = None) -> list[Generation]:
+        for folder in dict.fromkeys(adapters or []):
+            if folder is not None:
+                self.engine.add_adapter(folder)  # loads each folder once
         return self.engine.generate(conversations, params, adapters)
 
     def add_adapter(self, folder: str) -> str:
@@ -47,10 +78,20 @@ class EnginePool:
 
     def __init__(self, cfg: ModelConfig, role: str) -> None:
         self.cfg, self.role = cfg, role
-        options = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "name": None}
+        options = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "name": None,
+                   "runtime_env": engine_runtime_env(cfg.backend, cfg.python),
+                   "max_restarts": cfg.restarts, "max_task_retries": cfg.restarts}
         self.actors = [EngineActor.options(**options).remote(dataclasses.asdict(cfg))  # type: ignore[attr-defined]
                        for _ in range(cfg.replicas)]
-        self.info = ray.get(self.actors[0].info.remote())  # surfaces load errors now, not mid-stage
+        self.info = self._get([actor.info.remote() for actor in self.actors])[0]  # load errors now, not mid-stage
+
+    def _get(self, refs: list[Any]) -> list[Any]:
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayActorError as e:
+            raise EngineError(f"the {self.role} engine ({self.cfg.name}, backend {self.cfg.backend}) died and "
+                              f"was restarted {self.cfg.restarts} times (models.{self.role}.restarts); "
+                              f"last cause: {str(e).splitlines()[0]}") from None
 
     def _shards(self, items: list[Any]) -> list[tuple[int, int]]:
         n = len(self.actors)
@@ -61,16 +102,20 @@ class EnginePool:
                  adapters: list[str | None] | None = None) -> list[Generation]:
         refs = [actor.generate.remote(conversations[a:b], params, adapters[a:b] if adapters else None)
                 for actor, (a, b) in zip(self.actors, self._shards(conversations))]
-        return [g for shard in ray.get(refs) for g in shard]
+        return [g for shard in self._get(refs) for g in shard]
 
     def add_adapter(self, folder: str) -> str:
         """Load an adapter on every replica; returns its request name."""
-        return ray.get([actor.add_adapter.remote(folder) for actor in self.actors])[0]
+        return self._get([actor.add_adapter.remote(folder) for actor in self.actors])[0]
 
     def count_tokens(self, conversations: list[Conversation]) -> list[int]:
         refs = [actor.count_tokens.remote(conversations[a:b])
                 for actor, (a, b) in zip(self.actors, self._shards(conversations))]
-        return [n for shard in ray.get(refs) for n in shard]
+        return [n for shard in self._get(refs) for n in shard]
+
+    def pids(self) -> list[int]:
+        """The process id of each replica (a restarted replica has a new one)."""
+        return [info["pid"] for info in self._get([actor.info.remote() for actor in self.actors])]
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -35,6 +36,33 @@ class Generation:
     prompt_tokens: int
     output_tokens: int
     stop_string: str = ""
+
+
+_MIN_ROOM = 8  # new tokens below which a reply cannot say anything useful
+
+
+def chat_token_ids(tokenizer: Any, conversation: Conversation) -> list[int]:
+    """Token ids of a conversation followed by the assistant's generation header (every backend's view)."""
+    return list(tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])
+
+
+def leaves_no_room(prompt_tokens: int, max_context: int) -> bool:
+    """True when a conversation this long leaves no room for a reply (finish reason ``context``)."""
+    return prompt_tokens + _MIN_ROOM > max_context
+
+
+def request_seeds(seed: int, encoded: list[list[int]]) -> list[int]:
+    """A seed per request from the call's seed, the request's tokens and its rank among identical
+    requests of the call: a sample then depends on neither the batch it shares nor its position."""
+    seen: dict[bytes, int] = {}
+    seeds = []
+    for ids in encoded:
+        digest = hashlib.sha256(str(ids).encode()).digest()
+        rank = seen[digest] = seen.get(digest, -1) + 1
+        mixed = hashlib.sha256(digest + f"{seed}/{rank}".encode()).digest()
+        seeds.append(int.from_bytes(mixed[:4], "little") & 0x7FFFFFFF)
+    return seeds
 
 
 class Engine(Protocol):

@@ -15,7 +15,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from genpi.devices import DTYPES, pick_device
-from genpi.engines.base import Conversation, Generation, SamplingParams
+from genpi.engines.base import Conversation, Generation, SamplingParams, chat_token_ids, leaves_no_room
 from genpi.engines.kv_cache import growing_cache
 from genpi.models import resolve_model
 from genpi.errors import ModelError
@@ -96,8 +96,7 @@ class HFEngine:
 
     def encode(self, conversation: Conversation) -> list[int]:
         """Token ids of a conversation followed by the assistant's generation header."""
-        return list(self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True,
-                                                       tokenize=True, return_dict=True)["input_ids"])
+        return chat_token_ids(self.tokenizer, conversation)
 
     def count_tokens(self, conversations: list[Conversation]) -> list[int]:
         return [len(self.encode(c)) for c in conversations]
@@ -124,7 +123,7 @@ class HFEngine:
         results: list[Generation | None] = [None] * len(encoded)
         fits = []
         for i, ids in enumerate(encoded):
-            if len(ids) + 8 > self.max_context:  # no room to say anything useful
+            if leaves_no_room(len(ids), self.max_context):
                 results[i] = Generation("", "context", len(ids), 0)
             else:
                 fits.append(i)

@@ -27,7 +27,7 @@ from genpi.conversations import student_messages, teacher_messages
 from genpi.engines.base import Generation, SamplingParams
 from genpi.episodes import play_episodes
 from genpi.evaluate import efficiency
-from genpi.evaluate.embedding import load_embedder
+from genpi.embeddings import load_embedder
 from genpi.evaluate.gate import gate_decision, publish
 from genpi.evaluate.plots import efficiency_plot, retention_plot
 from genpi.evaluate.report import prompt_report_markdown, summarize_set

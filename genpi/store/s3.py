@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,12 @@ _CLIENT_CONFIG = dict(
     request_checksum_calculation="when_required",
     response_checksum_validation="when_required",
 )
+# A write that fails for a passing reason (connection dropped, 5xx, throttling) is tried again,
+# 0.5 s, 1 s and 2 s apart; anything else (credentials, a missing bucket) fails at once.
+_WRITE_ATTEMPTS = 4
+_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
+                    "ThrottlingException", "RequestTimeTooSkewed"}
+log = logging.getLogger("genpi")
 _TRANSFER = TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20)
 _BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _CREDENTIAL_CODES = {
@@ -178,10 +186,22 @@ class S3Store(ArtifactStore):
             f"S3 request to {self.endpoint_url} failed for store {self.url}: {code} {message}"
         )
 
+    def _write(self, key: str, action: Any) -> None:
+        """Run one write, again on a passing failure (up to ``_WRITE_ATTEMPTS`` tries)."""
+        for attempt in range(_WRITE_ATTEMPTS):
+            try:
+                with self._errors(key):
+                    action()
+                return
+            except StoreError as e:
+                if attempt + 1 == _WRITE_ATTEMPTS or not _transient(e.__cause__):
+                    raise
+                log.warning("writing %s failed (%s); trying again", self.location(key), e)
+                time.sleep(0.5 * 2 ** attempt)
+
     def put_bytes(self, key: str, data: bytes) -> None:
         s3_key = self._key(key)
-        with self._errors(key):
-            self._client.put_object(Bucket=self.bucket, Key=s3_key, Body=data)
+        self._write(key, lambda: self._client.put_object(Bucket=self.bucket, Key=s3_key, Body=data))
 
     def get_bytes(self, key: str) -> bytes:
         s3_key = self._key(key)
@@ -193,8 +213,7 @@ class S3Store(ArtifactStore):
         s3_key = self._key(key)
         if not os.path.isfile(path):
             raise StoreError(f"cannot store {path} in {self.url}: it is not a readable file")
-        with self._errors(key):
-            self._client.upload_file(str(path), self.bucket, s3_key, Config=_TRANSFER)
+        self._write(key, lambda: self._client.upload_file(str(path), self.bucket, s3_key, Config=_TRANSFER))
 
     def get_file(self, key: str, path: str | Path) -> Path:
         s3_key = self._key(key)
@@ -247,3 +266,15 @@ class S3Store(ArtifactStore):
                     f"{self.location(prefix)} ({first.get('Code')}: {first.get('Message')}): "
                     "check that the credentials may delete in this bucket"
                 )
+
+
+def _transient(error: BaseException | None) -> bool:
+    """Whether a boto3 failure may pass if the request is sent again."""
+    if isinstance(error, S3UploadFailedError):
+        error = error.__context__
+    if isinstance(error, (BotoConnectionError, HTTPClientError)):
+        return True
+    if isinstance(error, ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or str(error.response.get("Error", {}).get("Code", "")) in _TRANSIENT_CODES
+    return False

@@ -2,7 +2,9 @@
 
 Requests are sampled (T=1.0, top-p 0.9 in the paper), several inputs per request; each round's
 raw candidates are stored, so a rerun reuses finished rounds. Candidates are cleaned and
-deduplicated (case and whitespace folded) in round order until ``num_inputs`` are kept.
+deduplicated in round order until ``num_inputs`` are kept: exact duplicates (case and whitespace
+folded), then near duplicates, whose sentence embedding is within ``near_duplicate_threshold``
+cosine of an input already kept or of the prompt's examples (paraphrases teach nothing new).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from genpi.config import SynthConfig
 from genpi.engines.base import SamplingParams
@@ -30,6 +33,7 @@ class InputStats:
     candidates: int = 0
     rejected: int = 0
     duplicates: int = 0
+    near_duplicates: int = 0
     kept: int = 0
     rounds: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
@@ -49,6 +53,28 @@ def normalize(text: str) -> str:
     return " ".join(_NUMBERING.sub("", text).lower().split())
 
 
+class NearDuplicates:
+    """Texts within ``threshold`` cosine similarity of one seen before, by unit-length embeddings."""
+
+    def __init__(self, threshold: float, embed: Callable[[list[str]], Any], references: list[str]) -> None:
+        self.threshold, self.embed = threshold, embed
+        self.seen = embed(references) if references else None
+
+    def keep(self, texts: list[str]) -> list[bool]:
+        """For each text in order: kept (and remembered) unless near one seen or kept before it."""
+        if not texts:
+            return []
+        import torch
+
+        vectors, kept = self.embed(texts), []
+        for vector in vectors:
+            near = self.seen is not None and bool((self.seen @ vector).max() >= self.threshold)
+            if not near:
+                self.seen = vector[None] if self.seen is None else torch.cat([self.seen, vector[None]])
+            kept.append(not near)
+        return kept
+
+
 def _rejection(candidate: str, seen_demos: set[str]) -> str:
     if len(candidate) < _MIN_CHARS:
         return "too_short"
@@ -59,14 +85,19 @@ def _rejection(candidate: str, seen_demos: set[str]) -> str:
     return ""
 
 
-def generate_inputs(spec: PromptSpec, cfg: SynthConfig, generator, store: ArtifactStore,
-                    prefix: str) -> tuple[list[str], InputStats]:
-    """Up to ``cfg.num_inputs`` unique pseudo inputs for ``spec``, and how they were obtained."""
+def generate_inputs(spec: PromptSpec, cfg: SynthConfig, generator, store: ArtifactStore, prefix: str,
+                    embed: Callable[[list[str]], Any] | None = None) -> tuple[list[str], InputStats]:
+    """Up to ``cfg.num_inputs`` unique pseudo inputs for ``spec``, and how they were obtained.
+
+    ``embed`` (texts → unit-length embeddings) enables the near-duplicate filter when
+    ``cfg.near_duplicate_threshold`` is above 0."""
     stats = InputStats()
     kept: list[str] = []
     seen: set[str] = set()
     demos = list(spec.example_inputs)
     demo_keys = {normalize(d) for d in demos}
+    near = NearDuplicates(cfg.near_duplicate_threshold, embed, demos) \
+        if embed is not None and cfg.near_duplicate_threshold > 0 else None
     for round_no in range(cfg.max_input_rounds):
         if len(kept) >= cfg.num_inputs:
             break
@@ -88,6 +119,7 @@ def generate_inputs(spec: PromptSpec, cfg: SynthConfig, generator, store: Artifa
             store.put_jsonl(key, replies)
         stats.rounds += 1
         stats.requests += len(replies)
+        fresh: list[str] = []
         for reply in replies:
             for candidate in parse_candidates(reply["reply"]):
                 stats.candidates += 1
@@ -97,8 +129,11 @@ def generate_inputs(spec: PromptSpec, cfg: SynthConfig, generator, store: Artifa
                     stats.reasons[why] = stats.reasons.get(why, 0) + 1
                 elif normalize(candidate) in seen:
                     stats.duplicates += 1
-                elif len(kept) < cfg.num_inputs:
+                else:
                     seen.add(normalize(candidate))
-                    kept.append(candidate)
+                    fresh.append(candidate)
+        verdicts = near.keep(fresh) if near else [True] * len(fresh)
+        stats.near_duplicates += verdicts.count(False)
+        kept.extend([c for c, ok in zip(fresh, verdicts) if ok][:cfg.num_inputs - len(kept)])
     stats.kept = len(kept)
     return kept, stats

@@ -11,6 +11,7 @@ skips finished steps and finished parts of an interrupted one.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 from genpi import layout
 from genpi.config import GenPIConfig
@@ -26,6 +27,16 @@ from genpi.synth.reasons import reasons
 from genpi.synth.roleplay import max_turns_for, role_play
 
 log = logging.getLogger(__name__)
+
+
+def join_by_id(rows: list[dict], *others: list[dict]) -> list[dict]:
+    """Each row of ``rows`` merged with the rows of ``others`` that carry its id (never by position)."""
+    indexes = [{o["id"]: o for o in other} for other in others]
+    for index in indexes:
+        missing = [r["id"] for r in rows if r["id"] not in index]
+        if missing:
+            raise ValueError(f"stored synthesis rows lack ids {missing[:5]}; delete the step's parts to redo it")
+    return [{**row, **{k: v for index in indexes for k, v in index[row["id"]].items()}} for row in rows]
 
 
 class TooFewInputs(GenPIError):
@@ -45,7 +56,12 @@ def synthesize(spec: PromptSpec, cfg: GenPIConfig, generator, target, store: Art
         inputs = store.get_jsonl(f"{prefix}/inputs/inputs.jsonl")
         stats = InputStats(**store.done_info(f"{prefix}/inputs")["stats"])
     else:
-        texts, stats = generate_inputs(spec, s, generator, store, f"{prefix}/inputs")
+        embed = None
+        if s.near_duplicate_threshold > 0:
+            from genpi.embeddings import load_embedder
+
+            embed = load_embedder().embed
+        texts, stats = generate_inputs(spec, s, generator, store, f"{prefix}/inputs", embed)
         if len(texts) < s.min_inputs:
             raise TooFewInputs(
                 f"{spec.source}: the generator wrote only {len(texts)} usable unique inputs in "
@@ -54,18 +70,22 @@ def synthesize(spec: PromptSpec, cfg: GenPIConfig, generator, target, store: Art
         inputs = [{"id": i, "input": x} for i, x in enumerate(texts)]
         store.put_jsonl(f"{prefix}/inputs/inputs.jsonl", inputs)
         store.mark_done(f"{prefix}/inputs", {"stats": vars(stats)})
-    log.info("[%s] %d pseudo inputs (%d candidates, %d duplicates removed)",
-             spec.name, len(inputs), stats.candidates, stats.duplicates)
+    log.info("[%s] %d pseudo inputs (%d candidates; removed: %d duplicates, %d near duplicates)",
+             spec.name, len(inputs), stats.candidates, stats.duplicates, stats.near_duplicates)
 
     outputs = run_in_parts(store, f"{prefix}/outputs", inputs, s.part_size,
                            lambda part: single_turn_outputs(spec, s, target, part), f"[{spec.name}] outputs")
-    joined = [{**i, **o} for i, o in zip(inputs, outputs)]
-    reason_rows = run_in_parts(store, f"{prefix}/reasons", joined, s.part_size,
-                               lambda part: reasons(spec, s, generator, part), f"[{spec.name}] reasons")
-    conversations = run_in_parts(store, f"{prefix}/conversations", joined, s.part_size,
-                                 lambda part: role_play(spec, s, target, part), f"[{spec.name}] role play")
-    records = [filter_record(spec, {**j, **r, **c}, s.filter_off_format)
-               for j, r, c in zip(joined, reason_rows, conversations)]
+    joined = join_by_id(inputs, outputs)
+    # Reasons (generator) and role play (target) need only the outputs: run them side by side.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reasons") as side:
+        reasons_done = side.submit(run_in_parts, store, f"{prefix}/reasons", joined, s.part_size,
+                                   lambda part: reasons(spec, s, generator, part), f"[{spec.name}] reasons")
+        conversations = run_in_parts(store, f"{prefix}/conversations", joined, s.part_size,
+                                     lambda part: role_play(spec, s, target, part), f"[{spec.name}] role play")
+        reason_rows = reasons_done.result()
+    conversations = join_by_id(inputs, conversations)  # in the inputs' order, as the records
+    records = [filter_record(spec, row, s.filter_off_format)
+               for row in join_by_id(joined, reason_rows, conversations)]
 
     quality = quality_report(spec, records, conversations, stats, max_turns_for(spec, s))
     store.put_jsonl(f"{prefix}/records.jsonl", records)

