@@ -331,7 +331,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         },
         "synth": {"num_inputs": 28, "min_inputs": 8, "max_input_rounds": 6, "inputs_per_request": 5,
                   "input_max_tokens": 128, "output_max_tokens": 80, "reason_max_tokens": 48,
-                  "agent_max_tokens": 80, "env_max_tokens": 48, "max_turns": 2, "part_size": 32},
+                  "agent_max_tokens": 80, "env_max_tokens": 48, "max_turns": 2, "part_size": 32,
+                  # one engine for both roles on 2 cores: a second prompt in flight only competes for it
+                  "prompts_in_flight": 1},
         "split": {"val_fraction": 0.1, "test_fraction": 0.29},
         "train": {"epochs": 5, "batch_size": 4, "micro_batch_size": 4, "max_seq_len": 2048,
                   "num_gpus": 0, "num_cpus": 2, "gradient_checkpointing": False, "learning_rate": 1e-3,
