@@ -12,9 +12,9 @@ finished is in the store, so a rerun resumes where the last one stopped.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any

@@ -90,3 +90,13 @@ def test_an_engine_out_of_restarts_is_one_clear_error(ray_cluster: None) -> None
             pool.generate([[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=4))
     finally:
         pool.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_an_engine_that_cannot_load_its_model_says_why(ray_cluster: None, tmp_path: Path) -> None:
+    from genpi.config import ModelConfig
+    from genpi.engines.actors import EnginePool
+    from genpi.errors import ModelError
+
+    with pytest.raises(ModelError, match=r"target engine .* could not start: .*has no config.json"):
+        EnginePool(ModelConfig(name=str(tmp_path), num_gpus=0, num_cpus=1), "target")

@@ -21,7 +21,7 @@ import ray
 from genpi.config import ModelConfig
 from genpi.engines.base import Conversation, Generation, SamplingParams
 from genpi.engines.environments import engine_runtime_env
-from genpi.errors import EngineError
+from genpi.errors import EngineError, ModelError
 
 log = logging.getLogger("genpi")
 
@@ -89,9 +89,12 @@ class EnginePool:
         try:
             return ray.get(refs)
         except ray.exceptions.RayActorError as e:
-            raise EngineError(f"the {self.role} engine ({self.cfg.name}, backend {self.cfg.backend}) died and "
-                              f"was restarted {self.cfg.restarts} times (models.{self.role}.restarts); "
-                              f"last cause: {str(e).splitlines()[0]}") from None
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            which = f"the {self.role} engine ({self.cfg.name}, backend {self.cfg.backend})"
+            if e.actor_init_failed:  # the model or its settings, not the machine: the error says which
+                raise ModelError(f"{which} could not start: {lines[-1]}") from None
+            raise EngineError(f"{which} died and was restarted {self.cfg.restarts} times "
+                              f"(models.{self.role}.restarts); last cause: {lines[0]}") from None
 
     def _shards(self, items: list[Any]) -> list[tuple[int, int]]:
         n = len(self.actors)
