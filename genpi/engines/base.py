@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
+
+from genpi.errors import ModelError
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -50,6 +54,15 @@ def chat_token_ids(tokenizer: Any, conversation: Conversation) -> list[int]:
 def leaves_no_room(prompt_tokens: int, max_context: int) -> bool:
     """True when a conversation this long leaves no room for a reply (finish reason ``context``)."""
     return prompt_tokens + _MIN_ROOM > max_context
+
+
+def adapter_config(folder: str | Path) -> dict[str, Any]:
+    """The ``adapter_config.json`` of a PEFT adapter folder, or a ModelError naming the folder."""
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        raise ModelError(f"adapter folder {folder} has no adapter_config.json; point at a PEFT adapter "
+                         f"folder (save_pretrained output)")
+    return json.loads(path.read_text())
 
 
 def request_seeds(seed: int, encoded: list[list[int]]) -> list[int]:

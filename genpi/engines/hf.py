@@ -15,7 +15,8 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from genpi.devices import DTYPES, pick_device
-from genpi.engines.base import Conversation, Generation, SamplingParams, chat_token_ids, leaves_no_room
+from genpi.engines.base import (Conversation, Generation, SamplingParams, adapter_config, chat_token_ids,
+                                leaves_no_room)
 from genpi.engines.kv_cache import growing_cache
 from genpi.models import resolve_model
 from genpi.errors import ModelError
@@ -69,9 +70,7 @@ class HFEngine:
             return name
         from peft import PeftModel
 
-        if not (Path(folder) / "adapter_config.json").is_file():
-            raise ModelError(f"adapter folder {folder} has no adapter_config.json; point at a PEFT adapter "
-                             f"folder (save_pretrained output)")
+        adapter_config(folder)  # a clear error for a folder that is not an adapter
         key = f"a{len(self.adapters)}"  # PEFT adapter names may not contain dots or slashes
         if isinstance(self.model, PeftModel):
             self.model.load_adapter(str(folder), adapter_name=key)

@@ -10,12 +10,13 @@ the batch, on the batch size or on which replica serves it.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
-from genpi.engines.base import (Conversation, Generation, SamplingParams, chat_token_ids, leaves_no_room,
-                                request_seeds)
+from genpi.engines.base import (Conversation, Generation, SamplingParams, adapter_config, chat_token_ids,
+                                leaves_no_room, request_seeds)
 from genpi.errors import ModelError
 from genpi.models import resolve_model
 
@@ -80,13 +81,7 @@ class VLLMEngine:
         if not self.max_lora_rank:
             raise ModelError("this vllm engine was started without LoRA; set models.<role>.max_lora_rank "
                              "to the largest adapter rank it should serve")
-        config = Path(folder) / "adapter_config.json"
-        if not config.is_file():
-            raise ModelError(f"adapter folder {folder} has no adapter_config.json; point at a PEFT adapter "
-                             f"folder (save_pretrained output)")
-        import json
-
-        rank = int(json.loads(config.read_text()).get("r", 0))
+        rank = int(adapter_config(folder).get("r", 0))
         if rank > self.max_lora_rank:
             raise ModelError(f"adapter {folder} has LoRA rank {rank}, above this engine's max_lora_rank "
                              f"{self.max_lora_rank}; raise models.<role>.max_lora_rank")
@@ -157,7 +152,5 @@ def _has_cuda() -> bool:
 
 
 def _model_context(folder: Path) -> int:
-    import json
-
     config = json.loads((folder / "config.json").read_text())
     return int(config.get("max_position_embeddings", 2048))
