@@ -40,11 +40,11 @@ install: $(STAMP) $(VLLM_STAMP)
 
 install-vllm: $(VLLM_STAMP)
 
-run: $(STAMP)
+run: $(STAMP) $(VLLM_STAMP)
 	$(PY) jobs/internalize.py --prompts prompts/ --eval-inputs inputs/ --profile local $(ARGS)
 
 # The same recipe on an agent prompt and real inputs that the shipped prompts never saw.
-heldout: $(STAMP)
+heldout: $(STAMP) $(VLLM_STAMP)
 	$(PY) jobs/internalize.py --prompts bench/heldout/prompts/ --eval-inputs bench/heldout/inputs/ --profile local $(ARGS)
 
 test: $(STAMP) $(VLLM_STAMP)

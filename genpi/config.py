@@ -100,6 +100,11 @@ class SynthConfig:
     reason_temperature: float = _f(0.7, "sampling temperature for reasons", low=0, high=5)
     reason_top_p: float = _f(0.9, "nucleus threshold for reasons", low=0.01, high=1)
     reason_max_tokens: int = _f(256, "max new tokens of a reason", low=8)
+    reason_fraction: float = _f(1.0, "share of the inputs that get a reason from the generator, hence a Prompt "
+                                "Generation example (picked by a hash of the id; the others are trained on their "
+                                "role-played turns only). The paper explains every input; a run that trains on a "
+                                "few PG examples (train.pg_fraction) needs only that many reasons",
+                                low=0, high=1)
     reason_sentences: int = _f(5, "sentences a reason is asked to have", low=1, high=20)
     agent_max_tokens: int = _f(512, "max new tokens of an agent turn in role play", low=8)
     env_max_tokens: int = _f(512, "max new tokens of an environment turn in role play", low=8)
@@ -321,23 +326,25 @@ def _model_identity(model: ModelConfig) -> dict[str, Any]:
 PROFILES: dict[str, dict[str, Any]] = {
     # The dataclass defaults: the paper's settings, for a GPU cluster, sweeping the paper's lambdas.
     "paper": {"train": {"lambdas": [0.3, 0.5, 0.7]}},
-    # Sized for 2 CPU cores: the main job over the shipped prompts finishes in about a quarter
-    # of an hour. Fewer, shorter generations; LoRA without dropout (random masks cost ~30% of a
-    # CPU step) on the top 15 layers only (backward stops there: ~1.7x faster per step).
+    # Sized for 2 CPU cores: the main job over the three shipped prompts within 20 minutes.
+    # The vLLM engine where `make install` built it (about 2x the hf backend's synthesis speed on
+    # these long prompts). Fewer, shorter generations; reasons only for the few records whose PG
+    # examples are trained; LoRA without dropout (random masks cost ~30% of a CPU step) on the
+    # top 15 layers only (backward stops there: ~1.7x faster per step).
     "local": {
         "models": {
-            "generator": {"batch_size": 32, "num_gpus": 0},
-            "target": {"batch_size": 32, "num_gpus": 0},
+            "generator": {"batch_size": 32, "num_gpus": 0, "backend": "auto"},
+            "target": {"batch_size": 32, "num_gpus": 0, "backend": "auto"},
         },
         "synth": {"num_inputs": 28, "min_inputs": 8, "max_input_rounds": 6, "inputs_per_request": 5,
-                  "input_max_tokens": 128, "output_max_tokens": 80, "reason_max_tokens": 48,
+                  "input_max_tokens": 128, "output_max_tokens": 80, "reason_max_tokens": 48, "reason_fraction": 0.35,
                   "agent_max_tokens": 80, "env_max_tokens": 48, "max_turns": 2, "part_size": 32,
                   # one engine for both roles on 2 cores: a second prompt in flight only competes for it
                   "prompts_in_flight": 1},
         "split": {"val_fraction": 0.1, "test_fraction": 0.29},
         "train": {"epochs": 5, "batch_size": 4, "micro_batch_size": 4, "max_seq_len": 2048,
                   "num_gpus": 0, "num_cpus": 2, "gradient_checkpointing": False, "learning_rate": 1e-3,
-                  "lora_dropout": 0.0, "lora_layers": 15, "pg_fraction": 0.1},
+                  "lora_dropout": 0.0, "lora_layers": 15, "pg_fraction": 0.06},
         "eval": {"num_gpus": 0, "num_cpus": 2, "max_turns": 1, "max_tokens": 80, "env_max_tokens": 48,
                  "max_samples": 8, "latency_tokens": 16},
     },

@@ -17,6 +17,7 @@ from genpi.engines.base import Conversation
 from genpi.prompts import PromptSpec
 
 PG_REASON_HEADER = "### Why the answer changes"
+NO_REASON = "none"  # a record's reason_finish when synthesis gave it no reason (synth.reason_fraction)
 
 
 def teacher_messages(spec: PromptSpec, user_input: str, turns: Sequence[dict] = ()) -> Conversation:

@@ -19,6 +19,7 @@ from genpi.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"models.generator.name": "tiny-random-llama", "models.target.name": "tiny-random-llama",
+        "models.generator.backend": "hf", "models.target.backend": "hf",
         "synth.num_inputs": 6, "synth.min_inputs": 4, "synth.part_size": 4, "synth.max_turns": 2,
         "synth.input_max_tokens": 48, "synth.output_max_tokens": 12, "synth.reason_max_tokens": 12,
         "synth.agent_max_tokens": 12, "synth.env_max_tokens": 12, "synth.filter_off_format": False}

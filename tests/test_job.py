@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = [
     "--profile", "local", "--ray.dashboard", "false", "--ray.num-cpus", "2",
     "--models.generator.name", "tiny-random-llama", "--models.target.name", "tiny-random-llama",
+    "--models.generator.backend", "hf", "--models.target.backend", "hf",
     "--synth.num-inputs", "6", "--synth.min-inputs", "4", "--synth.part-size", "4", "--synth.max-turns", "2",
     "--synth.input-max-tokens", "48", "--synth.output-max-tokens", "12", "--synth.reason-max-tokens", "12",
     "--synth.agent-max-tokens", "12", "--synth.env-max-tokens", "12", "--synth.filter-off-format", "false",

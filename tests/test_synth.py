@@ -11,11 +11,11 @@ import pytest
 
 from genpi import layout
 from genpi.config import GenPIConfig, SynthConfig, load_config
-from genpi.conversations import environment_conversation, environment_opening, teacher_messages
+from genpi.conversations import NO_REASON, environment_conversation, environment_opening, teacher_messages
 from genpi.engines.base import Generation, SamplingParams
 from genpi.fingerprint import fingerprint
 from genpi.episodes import CONTEXT, EMPTY, END_TOKEN, MAX_TURNS, Resampling, play_episodes
-from genpi.splits import assign_splits
+from genpi.splits import TEST, TRAIN, VAL, assign_splits
 from genpi.store import LocalStore
 from genpi.synth.format_filter import cut_at_off_format, filter_record
 from genpi.synth.inputs import InputStats, generate_inputs, normalize, parse_candidates
@@ -24,7 +24,7 @@ from genpi.synth.parts import run_in_parts
 from genpi.synth.quality import quality_report
 from genpi.synth.reasons import reasons
 from genpi.synth.roleplay import max_turns_for, role_play
-from genpi.synth.stage import TooFewInputs, join_by_id, synthesize
+from genpi.synth.stage import TooFewInputs, join_by_id, reason_ids, synthesize
 from tests.fakes import FakeEngine, ScriptedFailure, World, agent_turns_so_far, kind_of, mini_spec, task_of
 
 SPEC = mini_spec()
@@ -251,7 +251,8 @@ def test_role_play_ends_and_batches_turn_by_turn() -> None:
         {"agent": "Think: go.\nAct: step 1", "observation": "Output: ok 1", "agent_finish": "stop"},
         {"agent": "Think: go.\nAct: step 2", "observation": "", "agent_finish": "stop"}]
     assert by_task["task token1"] == [{"agent": "Think: go.\nAct: step 1", "observation": "", "agent_finish": "stop"}]
-    assert [t["observation"] for t in by_task["task never"]] == ["Output: ok 1", "Output: ok 2", "Output: ok 3"]
+    # the environment never answers the last allowed turn: nothing would read it
+    assert [t["observation"] for t in by_task["task never"]] == ["Output: ok 1", "Output: ok 2", ""]
     assert by_task["task never"][2]["agent_finish"] == "length"
     assert [t["agent"] for t in by_task["task empty2"]] == ["Think: go.\nAct: step 1"]
     assert by_task["task ctx1"] == []
@@ -264,7 +265,6 @@ def test_role_play_ends_and_batches_turn_by_turn() -> None:
         ("agent", ["task empty2", "task end2", "task never"]),
         ("environment", ["task end2", "task never"]),
         ("agent", ["task never"]),
-        ("environment", ["task never"]),
     ]
     agent_params, env_params = target.calls[0][1], target.calls[1][1]
     assert agent_params.temperature == 0 and agent_params.max_new_tokens == 55 and agent_params.stop == ()
@@ -273,7 +273,7 @@ def test_role_play_ends_and_batches_turn_by_turn() -> None:
 
 def test_role_play_conversations_grow_in_both_personas() -> None:
     target = FakeEngine(roleplay_world(SPEC, {"task never": "never"}))
-    role_play(SPEC, synth_cfg(max_turns=2, agent_resamples=0), target, [{"id": 0, "input": "task never"}])
+    role_play(SPEC, synth_cfg(max_turns=3, agent_resamples=0), target, [{"id": 0, "input": "task never"}])
     last_agent, last_env = target.calls[2][0][0], target.calls[3][0][0]
     assert last_agent == SPEC.messages_with_input("task never") + [
         {"role": "assistant", "content": "Think: go.\nAct: step 1"},
@@ -289,7 +289,7 @@ def test_role_play_uses_prompt_max_turns_capped_by_config() -> None:
     target = FakeEngine(roleplay_world(SPEC, {"t": "never"}))
     out = role_play(SPEC, synth_cfg(max_turns=0, agent_resamples=0), target, [{"id": 0, "input": "t"}])
     assert len(out[0]["turns"]) == SPEC.max_turns == 4 and out[0]["end"] == MAX_TURNS
-    assert len(target.calls) == 8
+    assert len(target.calls) == 7  # 4 agent turns, and no environment answer to the last
 
 
 def test_max_turns_for() -> None:
@@ -443,7 +443,7 @@ def tiny_config(**synth) -> GenPIConfig:
     overrides = {"synth.num_inputs": 6, "synth.min_inputs": 4, "synth.part_size": 4, "synth.max_turns": 3,
                  "synth.inputs_per_request": 3,
                  # the scripted inputs differ in one number: near duplicates by design (tested apart)
-                 "synth.near_duplicate_threshold": 0.0,
+                 "synth.near_duplicate_threshold": 0.0, "synth.reason_fraction": 1.0,
                  "models.generator.name": "tiny-random-llama", "models.target.name": "tiny-random-llama"}
     overrides.update({f"synth.{k}": v for k, v in synth.items()})
     return load_config("local", overrides=overrides)
@@ -511,6 +511,33 @@ def test_synthesize_end_to_end_and_rerun(tmp_path: Path) -> None:
     idle = FakeEngine(lambda c, p: pytest.fail("a finished synthesis must not generate"))
     assert synthesize(SPEC, cfg, idle, idle, store) == prefix
     assert idle.calls == []
+
+
+def test_reason_ids_pick_a_share_apart_from_the_split() -> None:
+    ids = list(range(100))
+    picked = reason_ids(ids, 0.35, seed=0)
+    assert len(picked) == 35 and picked == reason_ids(list(reversed(ids)), 0.35, seed=0)
+    assert reason_ids(ids, 0.35, seed=1) != picked
+    assert reason_ids(ids, 1.0, 0) == set(ids) and reason_ids(ids, 0.0, 0) == set()
+    assert len(reason_ids(ids[:3], 0.01, 0)) == 1  # a fraction above 0 explains at least one
+    # salted apart from the split: the explained records spread over train, validation and test
+    split = assign_splits(ids, 0.1, 0.3, seed=0)
+    assert {split[i] for i in picked} == {TRAIN, VAL, TEST}
+
+
+def test_synthesize_explains_only_reason_fraction(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    cfg = tiny_config(reason_fraction=0.5)
+    world = World(SPEC)
+    generator = FakeEngine(world)
+    prefix = synthesize(SPEC, cfg, generator, FakeEngine(world), store)
+    records = store.get_jsonl(f"{prefix}/records.jsonl")
+    explained = [r["id"] for r in records if r["reason_finish"] != NO_REASON]
+    assert set(explained) == reason_ids(list(range(6)), 0.5, cfg.synth.seed) and len(explained) == 3
+    assert all(r["reason"] == "" for r in records if r["id"] not in explained)
+    assert all(r["reason"] and r["student"] for r in records if r["id"] in explained)
+    assert len(generator.calls[-1][0]) == 3  # one reason request per explained record
+    assert store.get_json(f"{prefix}/quality.json")["reasons"] == 3
 
 
 @pytest.mark.parametrize("filter_on", [True, False])

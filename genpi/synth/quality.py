@@ -6,6 +6,7 @@ from collections import Counter
 from statistics import mean
 from typing import Any
 
+from genpi.conversations import NO_REASON
 from genpi.episodes import END_TOKEN, MAX_TURNS
 from genpi.prompts import PromptSpec
 from genpi.synth.inputs import InputStats
@@ -25,7 +26,8 @@ def quality_report(spec: PromptSpec, records: list[dict], conversations: list[di
     describe what the action-format filter kept (``off_format_turns_removed`` counts every turn
     it dropped: a conversation's first off-format turn and the turns after it).
     ``agent_turns_resampled_into_format`` counts greedy off-format turns that a sample in format
-    replaced (they are included in ``agent_turns_in_action_format``).
+    replaced (they are included in ``agent_turns_in_action_format``). ``reasons`` counts the
+    records given a reason (``synth.reason_fraction``); reason figures describe those.
     """
     n = len(records)
     fmt = spec.action_format
@@ -33,8 +35,10 @@ def quality_report(spec: PromptSpec, records: list[dict], conversations: list[di
     generated = [t for c in conversations for t in c["turns"]]
     kept = [t for r in records for t in r["turns"]]
     removed = [len(c["turns"]) - len(r["turns"]) for r, c in zip(records, conversations)]
+    explained = [r for r in records if r["reason_finish"] != NO_REASON]
     report: dict[str, Any] = {
         "records": n,
+        "reasons": len(explained),
         "inputs": vars(input_stats),
         "gold_turns_in_prompt": spec.gold_turns(),
         "avg_turns": round(mean(len(c["turns"]) for c in conversations), 3) if conversations else 0.0,
@@ -45,12 +49,12 @@ def quality_report(spec: PromptSpec, records: list[dict], conversations: list[di
         "truncated_outputs": {
             "student": _share(sum(r["student_finish"] == "length" for r in records), n),
             "teacher": _share(sum(r["teacher_finish"] == "length" for r in records), n),
-            "reason": _share(sum(r["reason_finish"] == "length" for r in records), n),
+            "reason": _share(sum(r["reason_finish"] == "length" for r in explained), len(explained)),
             "agent_turns": _share(sum(t["agent_finish"] == "length" for t in generated), len(generated)),
         },
         "avg_chars": {
             "input": round(mean(len(r["input"]) for r in records), 1) if n else 0.0,
-            "reason": round(mean(len(r["reason"]) for r in records), 1) if n else 0.0,
+            "reason": round(mean(len(r["reason"]) for r in explained), 1) if explained else 0.0,
         },
         "off_format_turns_removed": sum(removed),
         "records_cut_by_format_filter": sum(k > 0 for k in removed),

@@ -24,7 +24,9 @@ def role_play(spec: PromptSpec, cfg: SynthConfig, target, inputs: Sequence[dict]
     """For each ``{"id", "input"}``: the agent's turns and the environment's observations.
 
     Returns ``{"id", "turns": [{"agent", "observation", "agent_finish"}...], "end"}``; the last
-    turn's observation is empty when the episode ended there. When the inputs carry the teacher's
+    turn's observation is empty: the environment does not answer the agent's last turn, which
+    nothing reads (training and evaluation leave it out), so an episode that ends at the turn
+    limit ends as ``max_turns`` even where that answer would have been the end token. When the inputs carry the teacher's
     single-turn output (``teacher``, ``teacher_finish``) and it was generated with the agent's
     token limit, it is the agent's first turn (same view, greedy): it is not generated again.
     Agent turns out of the prompt's action format are resampled (``synth.agent_resamples``).
@@ -44,5 +46,5 @@ def role_play(spec: PromptSpec, cfg: SynthConfig, target, inputs: Sequence[dict]
             spec.action_format.is_action, cfg.resample_turns)
     episodes = play_episodes(spec, texts, [teacher_messages(spec, x) for x in texts], target.generate,
                              target.generate, max_turns_for(spec, cfg), agent_params, env_params,
-                             first_turns=first, resampling=resampling)
+                             last_observation=False, first_turns=first, resampling=resampling)
     return [{"id": r["id"], **episode} for r, episode in zip(inputs, episodes)]

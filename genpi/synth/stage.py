@@ -1,6 +1,9 @@
 """The synthesis stage for one prompt, with a fixed lifecycle: inputs → outputs → reasons →
 role-played conversations → joined records (action-format filter applied) and quality report.
 
+Reasons are written for ``synth.reason_fraction`` of the inputs (all, as in the paper, by
+default); the other records carry an empty reason and give no Prompt Generation example.
+
 The train / validation / test split is not made here: stages derive it from the record ids
 (:mod:`genpi.splits`), so the split config is not part of the synthesis key.
 
@@ -15,7 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from genpi import layout
 from genpi.config import GenPIConfig
+from genpi.conversations import NO_REASON
 from genpi.errors import GenPIError
+from genpi.fingerprint import fingerprint
 from genpi.prompts import PromptSpec
 from genpi.store import ArtifactStore
 from genpi.synth.format_filter import filter_record
@@ -37,6 +42,21 @@ def join_by_id(rows: list[dict], *others: list[dict]) -> list[dict]:
         if missing:
             raise ValueError(f"stored synthesis rows lack ids {missing[:5]}; delete the step's parts to redo it")
     return [{**row, **{k: v for index in indexes for k, v in index[row["id"]].items()}} for row in rows]
+
+
+def reason_ids(ids: list[int], fraction: float, seed: int) -> set[int]:
+    """The ids that get a reason: ``round(n * fraction)`` of them (at least one when the fraction is
+    above 0), picked by a hash of (seed, id) salted apart from the split's, so that they spread
+    over train, validation and test alike."""
+    order = sorted(ids, key=lambda i: fingerprint(["reason", seed, i]))
+    count = len(order) if fraction >= 1 else max(1 if fraction > 0 else 0, round(len(order) * fraction))
+    return set(order[:count])
+
+
+def with_unexplained(rows: list[dict], reason_rows: list[dict]) -> list[dict]:
+    """``reason_rows`` plus an empty reason (``reason_finish`` ``"none"``) for every other row."""
+    have = {r["id"] for r in reason_rows}
+    return reason_rows + [{"id": r["id"], "reason": "", "reason_finish": NO_REASON} for r in rows if r["id"] not in have]
 
 
 class TooFewInputs(GenPIError):
@@ -76,13 +96,15 @@ def synthesize(spec: PromptSpec, cfg: GenPIConfig, generator, target, store: Art
     outputs = run_in_parts(store, f"{prefix}/outputs", inputs, s.part_size,
                            lambda part: single_turn_outputs(spec, s, target, part), f"[{spec.name}] outputs")
     joined = join_by_id(inputs, outputs)
+    explained = reason_ids([r["id"] for r in inputs], s.reason_fraction, s.seed)
     # Reasons (generator) and role play (target) need only the outputs: run them side by side.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reasons") as side:
-        reasons_done = side.submit(run_in_parts, store, f"{prefix}/reasons", joined, s.part_size,
+        reasons_done = side.submit(run_in_parts, store, f"{prefix}/reasons",
+                                   [r for r in joined if r["id"] in explained], s.part_size,
                                    lambda part: reasons(spec, s, generator, part), f"[{spec.name}] reasons")
         conversations = run_in_parts(store, f"{prefix}/conversations", joined, s.part_size,
                                      lambda part: role_play(spec, s, target, part), f"[{spec.name}] role play")
-        reason_rows = reasons_done.result()
+        reason_rows = with_unexplained(joined, reasons_done.result())
     conversations = join_by_id(inputs, conversations)  # in the inputs' order, as the records
     records = [filter_record(spec, row, s.filter_off_format)
                for row in join_by_id(joined, reason_rows, conversations)]

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from genpi.conversations import (
+    NO_REASON,
     prompt_generation_input,
     prompt_generation_target,
     student_messages,
@@ -36,7 +37,7 @@ from genpi.errors import PromptError
 from genpi.prompts import PromptSpec
 
 IGNORE = -100
-EXAMPLES_VERSION = 2  # bump when what build_examples produces changes (stored examples are reused)
+EXAMPLES_VERSION = 3  # bump when what build_examples produces changes (stored examples are reused)
 _SLACK = 4
 _SENTENCE_END = re.compile(r"[.!?][\"')\]\u201d\u2019]*(?=\s|$)")
 
@@ -71,7 +72,8 @@ class ExampleReport:
     ``sft_cut_turns_dropped``: the turns after them, left out; ``sft_empty_turns_dropped``: turns
     left out from a conversation's first empty agent turn on. ``pg_cut_reasons_trimmed``: reasons
     cut at the token limit, trimmed to their last full sentence (``pg_cut_reasons_open`` when none
-    was left: learned without the end-of-turn label).
+    was left: learned without the end-of-turn label). ``pg_without_reason``: records synthesis gave
+    no reason (``synth.reason_fraction``), which have no PG example.
     """
 
     sft: int = 0
@@ -84,6 +86,7 @@ class ExampleReport:
     sft_cut_turns_dropped: int = 0
     sft_empty_turns_dropped: int = 0
     pg_empty_dropped: int = 0
+    pg_without_reason: int = 0
     pg_cut_reasons_trimmed: int = 0
     pg_cut_reasons_open: int = 0
     pg_reasons_shortened: int = 0
@@ -238,6 +241,9 @@ def pg_example(tokenizer: Any, record: dict, spec: PromptSpec, max_len: int, rep
     loses trailing sentences (down to one), then the longer answer(s) are cut; an example that
     still does not fit is dropped. Every case is counted."""
     student, teacher, reason = record["student"], record["teacher"], record["reason"]
+    if record.get("reason_finish") == NO_REASON:
+        report.pg_without_reason += 1
+        return None
     if not (student.strip() and teacher.strip() and reason.strip()):
         report.pg_empty_dropped += 1
         return None
