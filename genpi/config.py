@@ -58,9 +58,10 @@ class ModelConfig:
     batch_size: int = _f(32, "conversations per generate call", low=1, high=4096)
     max_context: int = _f(0, "token limit for prompt + output; 0 uses the model's own context length", low=0)
     num_gpus: float = _f(1.0, "GPUs per engine actor (0 runs the engine on CPU)", low=0)
-    num_cpus: float = _f(1.0, "CPUs reserved per engine actor", low=0)
+    num_cpus: float = _f(1.0, "CPUs reserved per engine actor (scaled down when both roles' engines "
+                         "together ask for more than the cluster has)", low=0)
     replicas: int = _f(1, "engine actors for this role; work is split across them", low=1, high=1024)
-    threads: int = _f(0, "torch CPU threads per actor; 0 uses every core", low=0)
+    threads: int = _f(0, "torch CPU threads per actor; 0 follows its CPU reservation", low=0)
     restarts: int = _f(2, "times a dead engine actor is restarted, and its unfinished calls retried, "
                        "before the prompt it served fails", low=0, high=100)
     prefix_sharing: bool = _f(True, "compute the KV cache of a batch's shared prefix (the prompt) once "
@@ -191,7 +192,8 @@ class TrainConfig:
     num_gpus: float = _f(1.0, "GPUs per training run (0 on CPU-only clusters)", low=0)
     num_cpus: float = _f(1.0, "CPUs reserved per training run", low=0)
     max_failures: int = _f(2, "times Ray Train restarts a run's failed worker from its last checkpoint", low=0)
-    threads: int = _f(0, "torch CPU threads of a training run; 0 uses every core", low=0)
+    threads: int = _f(0, "torch CPU threads of a training run; 0 follows the run's CPU reservation "
+                      "(train.num_cpus)", low=0)
     seed: int = _f(0, "seed for LoRA init, dropout and shuffling", low=0)
 
 
@@ -214,7 +216,8 @@ class EvalConfig:
     batch_size: int = _f(16, "conversations per generate call in evaluation", low=1)
     num_gpus: float = _f(1.0, "GPUs per evaluation task (0 on CPU-only clusters)", low=0)
     num_cpus: float = _f(1.0, "CPUs reserved per evaluation task", low=0)
-    threads: int = _f(0, "torch CPU threads of an evaluation task; 0 uses every core", low=0)
+    threads: int = _f(0, "torch CPU threads of an evaluation task; 0 follows the task's CPU reservation "
+                      "(eval.num_cpus)", low=0)
 
 
 @dataclass
@@ -333,8 +336,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     # top 15 layers only (backward stops there: ~1.7x faster per step).
     "local": {
         "models": {
-            "generator": {"batch_size": 32, "num_gpus": 0, "backend": "auto"},
-            "target": {"batch_size": 32, "num_gpus": 0, "backend": "auto"},
+            "generator": {"batch_size": 32, "num_gpus": 0, "num_cpus": 2, "backend": "auto"},
+            "target": {"batch_size": 32, "num_gpus": 0, "num_cpus": 2, "backend": "auto"},
         },
         "synth": {"num_inputs": 28, "min_inputs": 8, "max_input_rounds": 6, "inputs_per_request": 5,
                   "input_max_tokens": 128, "output_max_tokens": 80, "reason_max_tokens": 48, "reason_fraction": 0.35,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -12,3 +15,26 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def cpu_threads(configured: int = 0) -> int:
+    """Torch CPU threads for this process: ``configured`` when it is set; inside a Ray task or
+    actor, the CPUs Ray reserved for it (at least one), so that work sharing a node does not
+    oversubscribe its cores; elsewhere every core this process may run on."""
+    if configured:
+        return configured
+    reserved = _ray_reserved_cpus()
+    if reserved is not None:
+        return max(1, int(reserved))
+    return len(os.sched_getaffinity(0)) or 1
+
+
+def _ray_reserved_cpus() -> float | None:
+    """The CPUs Ray assigned to the current task or actor; None in a driver or outside Ray."""
+    ray = sys.modules.get("ray")  # a process that never imported Ray is not a Ray worker
+    if ray is None or not ray.is_initialized():
+        return None
+    context = ray.get_runtime_context()
+    if context.worker.mode != ray.WORKER_MODE:
+        return None
+    return context.get_assigned_resources().get("CPU")

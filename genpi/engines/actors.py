@@ -126,9 +126,28 @@ class EnginePool:
         self.actors = []
 
 
+def fit_engine_cpus(generator: ModelConfig, target: ModelConfig,
+                    cluster_cpus: float) -> tuple[ModelConfig, ModelConfig]:
+    """Both roles' engine actors, with CPU reservations scaled down by one factor where together
+    they ask for more CPUs than the cluster has (the last actor would otherwise wait forever).
+    An engine's torch threads follow its reservation."""
+    shared = dataclasses.asdict(generator) == dataclasses.asdict(target)
+    wanted = target.num_cpus * target.replicas + (0 if shared else generator.num_cpus * generator.replicas)
+    if wanted <= cluster_cpus or not wanted:
+        return generator, target
+    scale = cluster_cpus / wanted
+    log.warning("the engines ask for %g CPUs and the cluster has %g: each engine actor gets %.0f%% of its "
+                "models.<role>.num_cpus", wanted, cluster_cpus, 100 * scale)
+    return (dataclasses.replace(generator, num_cpus=generator.num_cpus * scale),
+            dataclasses.replace(target, num_cpus=target.num_cpus * scale))
+
+
 def start_pools(generator: ModelConfig, target: ModelConfig) -> tuple[EnginePool, EnginePool]:
-    """Pools for both roles; one shared pool when both roles name the same model setup."""
+    """Pools for both roles, sized to fit the cluster together; one shared pool when both roles
+    name the same model setup."""
+    shared = dataclasses.asdict(generator) == dataclasses.asdict(target)
+    generator, target = fit_engine_cpus(generator, target, ray.cluster_resources().get("CPU", 1.0))
     target_pool = EnginePool(target, "target")
-    if dataclasses.asdict(generator) == dataclasses.asdict(target):
+    if shared:
         return target_pool, target_pool
     return EnginePool(generator, "generator"), target_pool

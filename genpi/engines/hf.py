@@ -7,14 +7,13 @@ the base weights, and a batch is served adapter by adapter (no adapter = the bas
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from transformers.cache_utils import DynamicCache
 
-from genpi.devices import DTYPES, pick_device
+from genpi.devices import DTYPES, cpu_threads, pick_device
 from genpi.engines.base import (Conversation, Generation, SamplingParams, adapter_config, chat_token_ids,
                                 leaves_no_room)
 from genpi.engines.kv_cache import growing_cache
@@ -52,8 +51,7 @@ class HFEngine:
     def __init__(self, name: str, dtype: str = "bfloat16", device: str = "auto", batch_size: int = 16,
                  max_context: int = 0, threads: int = 0, prefix_sharing: bool = True) -> None:
         if threads or pick_device(device) == "cpu":
-            # Ray sets OMP_NUM_THREADS to the actor's CPU reservation; use the cores we were told to.
-            torch.set_num_threads(threads or os.cpu_count() or 1)
+            torch.set_num_threads(cpu_threads(threads))  # the actor's CPU reservation, unless configured
         self.model_name = name
         self.model, self.tokenizer = load_model_and_tokenizer(name, dtype, device)
         own = int(getattr(self.model.config, "max_position_embeddings", 2048))

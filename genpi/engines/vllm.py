@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from genpi.devices import cpu_threads
 from genpi.engines.base import (Conversation, Generation, SamplingParams, adapter_config, chat_token_ids,
                                 leaves_no_room, request_seeds)
 from genpi.errors import ModelError
@@ -26,9 +27,9 @@ def _cpu_environment(threads: int, kv_cache_gb: float) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gb))))
     # The engine core in this process: no second process to start (loads in seconds on CPU).
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    # As in the hf backend: ``threads`` cores, or every core this process may run on.
+    # As in the hf backend: ``threads`` cores, or as many as Ray reserved for the actor.
     cores = sorted(os.sched_getaffinity(0))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores[:threads or len(cores)])))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores[:cpu_threads(threads)])))
 
 
 class VLLMEngine:

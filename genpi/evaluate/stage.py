@@ -13,7 +13,6 @@ key, so an interrupted evaluation resumes and a finished one is found and reused
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from genpi import layout
 from genpi.config import GenPIConfig
 from genpi.conversations import student_messages, teacher_messages
+from genpi.devices import cpu_threads
 from genpi.engines.base import Generation, SamplingParams
 from genpi.episodes import play_episodes
 from genpi.evaluate import efficiency
@@ -235,7 +235,7 @@ def evaluation_engine(cfg: GenPIConfig) -> Any:
     from genpi.engines.hf import HFEngine
 
     if cfg.eval.threads or not torch.cuda.is_available():
-        torch.set_num_threads(cfg.eval.threads or os.cpu_count() or 1)
+        torch.set_num_threads(cpu_threads(cfg.eval.threads))
     target = cfg.models.target
     return HFEngine(target.name, dtype=target.dtype, device="auto", batch_size=cfg.eval.batch_size,
                     max_context=target.max_context, prefix_sharing=target.prefix_sharing)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import torch
 
 from genpi import layout
 from genpi.config import GenPIConfig
+from genpi.devices import cpu_threads
 from genpi.errors import GenPIError
 from genpi.fingerprint import fingerprint
 from genpi.models import resolve_model
@@ -56,7 +56,7 @@ def train_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore,
         log.info("[%s] adapter found at %s", spec.name, store.location(f"{prefix}/adapter"))
         return prefix
     if cfg.train.threads or not torch.cuda.is_available():
-        torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+        torch.set_num_threads(cpu_threads(cfg.train.threads))
     target = cfg.models.target
     folder = resolve_model(target.name)
     tokenizer = AutoTokenizer.from_pretrained(folder)
