@@ -108,7 +108,8 @@ def main() -> None:
         from genpi.engines.actors import EnginePool
 
         ray_runtime.connect(RayConfig(num_cpus=2, dashboard=False))
-        pool = EnginePool(ModelConfig(name=args.model, backend="vllm", num_gpus=0, num_cpus=1,
+        # Both cores, as the hf engine above has them (an engine's threads follow its reservation).
+        pool = EnginePool(ModelConfig(name=args.model, backend="vllm", num_gpus=0, num_cpus=2,
                                       batch_size=max(1, args.inputs)), "target")
         try:
             role_play(spec, cfg, pool, inputs[:2])  # warm-up

@@ -24,7 +24,7 @@ from genpi.fingerprint import fingerprint
 
 # Bump when the code changes what a stage produces (wording, algorithm), so stored results of
 # the old code are not reused.
-SYNTH_VERSION = 2
+SYNTH_VERSION = 3  # 3: no environment answer to the last turn; per-request hf seeds; resamples in one call
 TRAIN_VERSION = 2
 EVAL_VERSION = 2
 METHODS = ("genpi", "sft", "prepend", "seqkd-kld", "onpolicy-kl")
@@ -110,8 +110,8 @@ class SynthConfig:
     agent_max_tokens: int = _f(512, "max new tokens of an agent turn in role play", low=8)
     env_max_tokens: int = _f(512, "max new tokens of an environment turn in role play", low=8)
     max_turns: int = _f(0, "cap on role-play turns for every prompt; 0 uses each prompt's max_turns", low=0, high=50)
-    agent_resamples: int = _f(4, "rounds of sampling a role-played agent turn that breaks the prompt's action "
-                              "format, one sample per round; the first in format replaces it, so a target that "
+    agent_resamples: int = _f(4, "samples drawn (in one batched call) for a role-played agent turn that breaks "
+                              "the prompt's action format; the first in format replaces it, so a target that "
                               "follows its prompt only some of the time still yields training turns (0: greedy "
                               "turns only, as in the paper)", low=0, high=64)
     resample_temperature: float = _f(0.8, "sampling temperature of those samples", low=0.01, high=5)

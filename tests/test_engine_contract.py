@@ -60,7 +60,8 @@ def adapter_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
 def pool(request: pytest.FixtureRequest, ray_cluster: None):
     from genpi.engines.actors import EnginePool
 
-    cfg = ModelConfig(name=EMBEDDED, backend=request.param, dtype="float32", num_gpus=0, num_cpus=1,
+    # One CPU reserved (the parity test starts two more engines beside it), both cores used.
+    cfg = ModelConfig(name=EMBEDDED, backend=request.param, dtype="float32", num_gpus=0, num_cpus=1, threads=2,
                       batch_size=4, max_context=1024, kv_cache_gb=1, max_lora_rank=16)
     engines = EnginePool(cfg, "target")
     yield engines
@@ -83,9 +84,7 @@ def test_sampling_is_seeded(pool) -> None:
     assert [g.text for g in first] != [g.text for g in other]
 
 
-def test_vllm_seeds_are_per_request(pool) -> None:
-    if pool.cfg.backend != "vllm":
-        pytest.skip("the hf backend samples a batch from one generator: a reply depends on its batch")
+def test_seeds_are_per_request(pool) -> None:
     together = pool.generate(CONVERSATIONS, SAMPLED)
     alone = [pool.generate([c], SAMPLED)[0] for c in reversed(CONVERSATIONS)][::-1]
     assert [g.text for g in together] == [g.text for g in alone]
@@ -144,8 +143,8 @@ def test_float32_greedy_parity_between_backends(ray_cluster: None, adapter_folde
 
     texts = {}
     for backend in ("hf", "vllm"):
-        cfg = ModelConfig(name=EMBEDDED, backend=backend, dtype="float32", num_gpus=0, num_cpus=1, batch_size=4,
-                          max_context=1024, kv_cache_gb=1, max_lora_rank=16)
+        cfg = ModelConfig(name=EMBEDDED, backend=backend, dtype="float32", num_gpus=0, num_cpus=1, threads=2,
+                          batch_size=4, max_context=1024, kv_cache_gb=1, max_lora_rank=16)
         engines = EnginePool(cfg, "target")
         try:
             name = engines.add_adapter(adapter_folder)
@@ -155,3 +154,16 @@ def test_float32_greedy_parity_between_backends(ray_cluster: None, adapter_folde
         finally:
             engines.shutdown()
     assert texts["vllm"] == texts["hf"]
+
+
+def test_engines_are_sized_to_fit_the_cluster_together() -> None:
+    from genpi.engines.actors import fit_engine_cpus
+
+    gen, tgt = ModelConfig(name="a", num_cpus=2), ModelConfig(name="b", num_cpus=2)
+    assert fit_engine_cpus(gen, tgt, 8) == (gen, tgt)  # they fit: untouched
+    small_gen, small_tgt = fit_engine_cpus(gen, tgt, 2)  # 4 asked of 2: each halved
+    assert (small_gen.num_cpus, small_tgt.num_cpus) == (1, 1) and small_gen.name == "a"
+    shared = ModelConfig(name="a", num_cpus=2)
+    assert fit_engine_cpus(shared, shared, 2) == (shared, shared)  # one shared pool: 2 of 2
+    replicas = ModelConfig(name="b", num_cpus=2, replicas=3)
+    assert [m.num_cpus for m in fit_engine_cpus(shared, replicas, 4)] == [1, 1]  # 8 asked of 4: halved

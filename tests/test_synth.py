@@ -347,9 +347,9 @@ def test_play_episodes_reuses_given_first_turns_and_can_skip_the_last_observatio
 
 
 def test_play_episodes_resamples_rejected_agent_turns() -> None:
-    """Greedy turns out of format are sampled again, one sample per round while rejected; the
-    first accepted sample replaces the turn before the environment answers; without one the
-    turn stays. Later turns are not resampled (``turns=1``)."""
+    """Greedy turns out of format are sampled again, every try in one call; the first accepted
+    sample replaces the turn before the environment answers; without one the turn stays. Later
+    turns are not resampled (``turns=1``)."""
     samples = {"fixable": ["chat", "Act: cut", "Act: whole"], "hopeless": ["chat"] * 3}
     served: dict[str, int] = {}
 
@@ -371,10 +371,10 @@ def test_play_episodes_resamples_rejected_agent_turns() -> None:
     assert [t["turns"][0].get("resampled", False) for t in out] == [False, True, False]
     assert out[1]["turns"][0]["agent_finish"] == "length"
     assert all(t["turns"][1]["agent"] == "chat" and "resampled" not in t["turns"][1] for t in out)
-    # turn 1: greedy, then rounds over the still-rejected views (seed + round); turn 2: greedy only
-    assert [len(c) for c, _ in agent.calls] == [3, 2, 2, 1, 3]
-    assert [p.seed for _, p in agent.calls[1:4]] == [3, 4, 5] and agent.calls[1][1].temperature == 0.8
-    assert [c[0]["content"] for c in agent.calls[2][0]] == ["fixable", "hopeless"]
+    # turn 1: greedy, then one call with 3 tries of each rejected view; turn 2: greedy only
+    assert [len(c) for c, _ in agent.calls] == [3, 6, 3]
+    assert agent.calls[1][1] == params
+    assert [c[0]["content"] for c in agent.calls[1][0]] == ["fixable"] * 3 + ["hopeless"] * 3
     assert env.calls[0][0][1][-1]["content"] == environment_opening("fixable", "Act: cut")
 
 

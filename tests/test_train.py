@@ -14,7 +14,7 @@ import torch
 
 from genpi import layout
 from genpi.config import TrainConfig, load_config
-from genpi.conversations import prompt_generation_input, prompt_generation_target, student_messages
+from genpi.conversations import NO_REASON, prompt_generation_input, prompt_generation_target, student_messages
 from genpi.models import TINY, resolve_model
 from genpi.errors import ArtifactNotFound, GenPIError, PromptError
 from genpi.prompts import load_prompts
@@ -252,6 +252,12 @@ def test_pg_example_never_built_from_an_empty_answer_or_reason(tokenizer, field:
     report = ExampleReport()
     assert pg_example(tokenizer, {**RECORD, field: "  \n"}, SPEC, 8192, report) is None
     assert report.pg_empty_dropped == 1 and report.pg_examples_dropped == 0
+
+
+def test_pg_example_absent_where_synthesis_gave_no_reason(tokenizer) -> None:
+    report = ExampleReport()
+    assert pg_example(tokenizer, {**RECORD, "reason": "", "reason_finish": NO_REASON}, SPEC, 8192, report) is None
+    assert report.pg_without_reason == 1 and report.pg_empty_dropped == 0  # by design, not a defect
 
 
 def test_complete_sentences() -> None:
@@ -499,7 +505,7 @@ def test_train_prompt_from_a_synthesized_store(tmp_path: Path, monkeypatch, toke
     store = LocalStore(tmp_path)
     cfg = load_config("local", overrides={
         "synth.num_inputs": 5, "synth.min_inputs": 4, "synth.part_size": 8, "synth.max_turns": 2,
-        "split.val_fraction": 0.2, "split.test_fraction": 0.2, "models.target.name": TINY,
+        "synth.reason_fraction": 1.0, "split.val_fraction": 0.2, "split.test_fraction": 0.2, "models.target.name": TINY,
         "models.generator.name": TINY,
         "models.target.dtype": "float32", "train.epochs": 1, "train.batch_size": 2, "train.micro_batch_size": 2,
         "train.lora_r": 2, "train.pg_lambda": 0.4, "train.quantization": "none", "train.threads": 2})

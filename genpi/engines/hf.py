@@ -2,6 +2,9 @@
 
 Requests may name a LoRA adapter (a PEFT folder): adapters are loaded once into the one copy of
 the base weights, and a batch is served adapter by adapter (no adapter = the base model).
+Sampling draws each request's tokens from its own generator, seeded from the call's seed and the
+request (:func:`genpi.engines.base.request_seeds`, as the vLLM backend does), so a sampled reply
+does not depend on the batch it shares.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicCache
 
 from genpi.devices import DTYPES, cpu_threads, pick_device
 from genpi.engines.base import (Conversation, Generation, SamplingParams, adapter_config, chat_token_ids,
-                                leaves_no_room)
+                                leaves_no_room, request_seeds)
 from genpi.engines.kv_cache import growing_cache
 from genpi.models import resolve_model
 from genpi.errors import ModelError
@@ -43,6 +47,27 @@ def load_model_and_tokenizer(name: str, dtype: str = "bfloat16", device: str = "
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return (model if spread else model.to(target)).eval(), tokenizer
+
+
+class SeededSampler(LogitsProcessor):
+    """Temperature and top-p sampling with one generator per row, seeded per request: a row's
+    draws do not depend on the rows beside it. Returns scores where only the drawn token is
+    finite, so greedy decoding takes it."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float) -> None:
+        self.seeds, self.temperature, self.top_p = seeds, temperature, top_p
+        self.generators: list[torch.Generator] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.generators:
+            self.generators = [torch.Generator(scores.device).manual_seed(s) for s in self.seeds]
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        ranked, order = probs.sort(dim=-1, descending=True)
+        ranked[(ranked.cumsum(dim=-1) - ranked) > self.top_p] = 0  # keep the smallest set reaching top_p
+        picks = torch.stack([order[row, torch.multinomial(ranked[row], 1, generator=generator)]
+                             for row, generator in enumerate(self.generators)])
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, picks, 0.0)
 
 
 class HFEngine:
@@ -127,9 +152,10 @@ class HFEngine:
         # Conversations with the same opening (the prompt) together, then by length: shared
         # prefixes get long and padding stays small.
         fits.sort(key=lambda i: (encoded[i][:_GROUP_BY], len(encoded[i])))
-        torch.manual_seed(params.seed)
+        seeds = request_seeds(params.seed, encoded)
         for chunk in self._chunks([encoded[i] for i in fits], fits):
-            for i, gen in zip(chunk, self._generate_batch([encoded[i] for i in chunk], params)):
+            batch = [encoded[i] for i in chunk]
+            for i, gen in zip(chunk, self._generate_batch(batch, params, [seeds[i] for i in chunk])):
                 results[i] = gen
         return [r for r in results if r is not None]
 
@@ -169,7 +195,7 @@ class HFEngine:
         cache.batch_repeat_interleave(len(batch))
         return length, cache
 
-    def _generate_batch(self, batch: list[list[int]], params: SamplingParams) -> list[Generation]:
+    def _generate_batch(self, batch: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Generation]:
         shared, cache = self._shared_prefix(batch)
         pad = self.tokenizer.pad_token_id
         # Padding goes between the shared prefix and each suffix; positions come from the mask.
@@ -182,8 +208,9 @@ class HFEngine:
         attention = torch.tensor(masks, device=self.model.device)
         budget = max(1, min(params.max_new_tokens, self.max_context - width))
         sampling: dict[str, Any] = {"do_sample": False}
-        if params.temperature > 0:
-            sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+        if params.temperature > 0:  # sampled by the processor, row by row; greedy then takes its pick
+            sampling["logits_processor"] = LogitsProcessorList([SeededSampler(seeds, params.temperature,
+                                                                               params.top_p)])
         extra: dict[str, Any] = {"stop_strings": list(params.stop), "tokenizer": self.tokenizer} if params.stop else {}
         out = self.model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=budget,
                                   pad_token_id=pad, top_k=None, past_key_values=cache, **sampling, **extra)
