@@ -183,6 +183,9 @@ class TrainConfig:
     lr_scheduler: str = _f("cosine", "learning-rate schedule after warmup", choices=("cosine", "linear", "constant"))
     warmup_ratio: float = _f(0.03, "share of steps for linear warmup", low=0, high=0.5)
     epochs: int = _f(10, "passes over the training records", low=1, high=1000)
+    min_steps: int = _f(0, "optimizer steps a run takes at least: passes are added (the last one possibly "
+                        "partial) until it has, so a prompt whose format filter leaves few records still gets "
+                        "enough updates; 0 = just epochs", low=0)
     batch_size: int = _f(32, "effective batch size (records per optimizer step)", low=1)
     micro_batch_size: int = _f(4, "records per forward pass; gradients accumulate up to batch_size", low=1)
     max_grad_norm: float = _f(1.0, "gradient-norm clip (the paper: 1.0 OS, 0.5 web)", low=0)
@@ -345,9 +348,9 @@ PROFILES: dict[str, dict[str, Any]] = {
                   # one engine for both roles on 2 cores: a second prompt in flight only competes for it
                   "prompts_in_flight": 1},
         "split": {"val_fraction": 0.1, "test_fraction": 0.29},
-        "train": {"epochs": 5, "batch_size": 4, "micro_batch_size": 4, "max_seq_len": 2048,
+        "train": {"epochs": 5, "min_steps": 25, "batch_size": 4, "micro_batch_size": 4, "max_seq_len": 2048,
                   "num_gpus": 0, "num_cpus": 2, "gradient_checkpointing": False, "learning_rate": 1e-3,
-                  "lora_dropout": 0.0, "lora_layers": 15, "pg_fraction": 0.06},
+                  "lora_dropout": 0.0, "lora_layers": 15, "pg_fraction": 0.04},
         "eval": {"num_gpus": 0, "num_cpus": 2, "max_turns": 1, "max_tokens": 80, "env_max_tokens": 48,
                  "max_samples": 8, "latency_tokens": 16},
     },

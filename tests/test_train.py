@@ -462,6 +462,13 @@ def test_train_adapter_writes_a_loadable_lora_adapter(tokenizer, tmp_path: Path)
     assert [h["lr"] for h in metrics["history"]] == pytest.approx([1e-2, 1e-2 * 0.5 * (1 + math.cos(math.pi / 2))])
     assert len(lines) == 3 and lines[0].startswith("step 1/2 epoch 1 loss")
 
+    # min_steps adds passes, the last one partial: 3 records in steps of 2 make 2 steps a pass
+    longer = train_adapter(dataclasses.replace(cfg, min_steps=5), TINY, "float32", pairs[:3], pairs[3:],
+                           tmp_path / "longer", log=lambda line: None)
+    assert longer["steps"] == 5 == len(longer["history"]) and longer["epochs"] == 3
+    assert [h["epoch"] for h in longer["history"]] == [0, 0, 1, 1, 2]
+    assert "val_loss" in longer["final"]  # after the last (partial) pass
+
     out = tmp_path / "adapter"
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     weights = load_file(out / "adapter_model.safetensors")

@@ -117,7 +117,10 @@ def train_adapter(cfg: TrainConfig, model_name: str, dtype: str, train_examples:
     optimizer = _optimizer(cfg, params, quantized)
     pad_id = tokenizer.pad_token_id
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    # Few records (a strict format filter) must not mean few updates: epochs are added, the last
+    # one possibly partial, until the run takes train.min_steps steps.
+    total = max(steps_per_epoch * cfg.epochs, cfg.min_steps)
+    epochs = math.ceil(total / steps_per_epoch)
     objective.total_steps = total
     objective.start(model, tokenizer)
     rng = random.Random(cfg.seed)
@@ -128,11 +131,13 @@ def train_adapter(cfg: TrainConfig, model_name: str, dtype: str, train_examples:
         first_epoch, step, history = load_state(saved, model, optimizer, rng)
         log(f"resumed after epoch {first_epoch} (step {step}/{total}) from {saved}")
     started, start_step = time.time(), step
-    for epoch in range(first_epoch, cfg.epochs):
+    for epoch in range(first_epoch, epochs):
         order = list(range(len(train_examples)))
         rng.shuffle(order)
         model.train()
         for start in range(0, len(order), cfg.batch_size):
+            if step == total:
+                break
             batch = objective.select([train_examples[i] for i in order[start:start + cfg.batch_size]], step)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.learning_rate * lr_factor(cfg, step, total)
@@ -148,7 +153,7 @@ def train_adapter(cfg: TrainConfig, model_name: str, dtype: str, train_examples:
             terms = ", ".join(f"{k.removesuffix('_loss')} {v:.4f}" for k, v in losses.items() if k != "loss")
             log(f"step {step}/{total} epoch {epoch + 1} loss {losses['loss']:.4f} ({terms}) {rate:.1f}s/step, "
                 f"{rate * (total - step):.0f}s left")
-        if val_examples and epoch == cfg.epochs - 1:  # held-out fidelity is the evaluate stage's; one loss here
+        if val_examples and epoch == epochs - 1:  # held-out fidelity is the evaluate stage's; one loss here
             model.eval()
             with torch.no_grad():
                 val = step_loss(model, val_examples, cfg, pad_id, backward=False, objective=objective)
@@ -160,7 +165,7 @@ def train_adapter(cfg: TrainConfig, model_name: str, dtype: str, train_examples:
                 checkpoints.save(Path(tmp), epoch + 1, history[-1] if history else {})
     model.save_pretrained(str(out_dir))
     trainable = sum(p.numel() for p in params)
-    return {"method": objective.name, "steps": step, "epochs": cfg.epochs, "seconds": round(time.time() - started, 2),
+    return {"method": objective.name, "steps": step, "epochs": epochs, "seconds": round(time.time() - started, 2),
             "resumed_after_epoch": first_epoch,
             "trainable_params": trainable, "total_params": sum(p.numel() for p in model.parameters()),
             "quantized_nf4": quantized, "device": str(next(model.parameters()).device),
