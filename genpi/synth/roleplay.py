@@ -26,9 +26,10 @@ def role_play(spec: PromptSpec, cfg: SynthConfig, target, inputs: Sequence[dict]
     Returns ``{"id", "turns": [{"agent", "observation", "agent_finish"}...], "end"}``; the last
     turn's observation is empty: the environment does not answer the agent's last turn, which
     nothing reads (training and evaluation leave it out), so an episode that ends at the turn
-    limit ends as ``max_turns`` even where that answer would have been the end token. When the inputs carry the teacher's
-    single-turn output (``teacher``, ``teacher_finish``) and it was generated with the agent's
-    token limit, it is the agent's first turn (same view, greedy): it is not generated again.
+    limit ends as ``max_turns`` even where that answer would have been the end token. When the
+    inputs carry the teacher's single-turn output (``teacher``, ``teacher_finish``) and it was
+    generated with the agent's token limit, it is the agent's first turn (same view, greedy): it
+    is not generated again.
     Agent turns out of the prompt's action format are resampled (``synth.agent_resamples``).
     """
     seed = cfg.seed + (inputs[0]["id"] if inputs else 0)

@@ -56,7 +56,8 @@ def reason_ids(ids: list[int], fraction: float, seed: int) -> set[int]:
 def with_unexplained(rows: list[dict], reason_rows: list[dict]) -> list[dict]:
     """``reason_rows`` plus an empty reason (``reason_finish`` ``"none"``) for every other row."""
     have = {r["id"] for r in reason_rows}
-    return reason_rows + [{"id": r["id"], "reason": "", "reason_finish": NO_REASON} for r in rows if r["id"] not in have]
+    return reason_rows + [{"id": r["id"], "reason": "", "reason_finish": NO_REASON}
+                          for r in rows if r["id"] not in have]
 
 
 class TooFewInputs(GenPIError):
