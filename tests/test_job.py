@@ -21,7 +21,7 @@ TINY_RUN = [
     "--synth.num-inputs", "6", "--synth.min-inputs", "4", "--synth.part-size", "4", "--synth.max-turns", "2",
     "--synth.input-max-tokens", "48", "--synth.output-max-tokens", "12", "--synth.reason-max-tokens", "12",
     "--synth.agent-max-tokens", "12", "--synth.env-max-tokens", "12", "--synth.filter-off-format", "false",
-    "--train.epochs", "1", "--train.batch-size", "4", "--train.micro-batch-size", "2",
+    "--train.epochs", "1", "--train.min-steps", "0", "--train.batch-size", "4", "--train.micro-batch-size", "2",
     "--eval.max-turns", "2", "--eval.max-tokens", "12", "--eval.env-max-tokens", "12",
     "--eval.latency-turns", "2", "--eval.latency-tokens", "4",
 ]

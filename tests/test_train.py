@@ -512,7 +512,8 @@ def test_train_prompt_from_a_synthesized_store(tmp_path: Path, monkeypatch, toke
     store = LocalStore(tmp_path)
     cfg = load_config("local", overrides={
         "synth.num_inputs": 5, "synth.min_inputs": 4, "synth.part_size": 8, "synth.max_turns": 2,
-        "synth.reason_fraction": 1.0, "split.val_fraction": 0.2, "split.test_fraction": 0.2, "models.target.name": TINY,
+        "synth.reason_fraction": 1.0, "train.min_steps": 0, "split.val_fraction": 0.2, "split.test_fraction": 0.2,
+        "models.target.name": TINY,
         "models.generator.name": TINY,
         "models.target.dtype": "float32", "train.epochs": 1, "train.batch_size": 2, "train.micro_batch_size": 2,
         "train.lora_r": 2, "train.pg_lambda": 0.4, "train.quantization": "none", "train.threads": 2})
