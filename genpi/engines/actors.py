@@ -145,9 +145,8 @@ def fit_engine_cpus(generator: ModelConfig, target: ModelConfig,
 def start_pools(generator: ModelConfig, target: ModelConfig) -> tuple[EnginePool, EnginePool]:
     """Pools for both roles, sized to fit the cluster together; one shared pool when both roles
     name the same model setup."""
-    shared = dataclasses.asdict(generator) == dataclasses.asdict(target)
     generator, target = fit_engine_cpus(generator, target, ray.cluster_resources().get("CPU", 1.0))
     target_pool = EnginePool(target, "target")
-    if shared:
+    if dataclasses.asdict(generator) == dataclasses.asdict(target):  # one scale keeps equal setups equal
         return target_pool, target_pool
     return EnginePool(generator, "generator"), target_pool
