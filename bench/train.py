@@ -83,6 +83,7 @@ def run_loop(kind: str, cfg_dict: dict, steps: list[list[RecordExamples]], queue
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate)
     objective = objective_for(cfg.train)
+    objective.start(model, tokenizer)
     model.train()
     tokens, started = 0, 0.0
     for k, step in enumerate(steps):

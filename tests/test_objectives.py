@@ -10,10 +10,12 @@ import torch
 
 from genpi.config import TrainConfig
 from genpi.models import TINY
-from genpi.train.examples import RecordExamples, teacher_example
-from genpi.train.loss import summed_kl
+from genpi.train.examples import IGNORE, Example, RecordExamples, teacher_example, tokenize_chat
+from genpi.train.batches import collate
+from genpi.train.loss import label_logits, summed_kl
 from genpi.train.objectives import OBJECTIVES, objective_for
 from genpi.train.objectives.prepend import prepended
+from genpi.train.teacher_prefix import TeacherPrefix, shared_opening
 from genpi.train.trainer import load_for_training, step_loss
 from tests.fakes import mini_spec
 from tests.test_train import grads, lora_model, reference_mean, short_pairs, tcfg, tokenizer  # noqa: F401 (fixtures)
@@ -23,7 +25,9 @@ def run(model, step, cfg: TrainConfig, pad_id: int) -> tuple[dict[str, float], d
     """One step's losses and gradients under ``cfg`` (the objective prepares the examples first)."""
     model.zero_grad(set_to_none=True)
     objective = objective_for(cfg)
-    chosen = objective.select(objective.prepare(step), 0)
+    prepared = objective.prepare(step)
+    objective.start(model, None)  # the objectives run() takes need no tokenizer
+    chosen = objective.select(prepared, 0)
     losses = step_loss(model, chosen, cfg, pad_id, backward=True, objective=objective)
     out = grads(model)
     model.zero_grad(set_to_none=True)
@@ -111,6 +115,43 @@ def test_seqkd_kld_is_sft_plus_weighted_kl_and_vanishes_against_itself(tokenizer
     with_prompt, _ = run(model, step, tcfg(method="seqkd-kld", kl_weight=3.0), tok.pad_token_id)
     assert with_prompt["kl_loss"] > 1e-4  # the system prompt changes the teacher's distributions
     assert with_prompt["loss"] == pytest.approx(with_prompt["sft_loss"] + 3.0 * with_prompt["kl_loss"], rel=1e-6)
+
+
+def test_shared_opening_stops_before_the_first_label() -> None:
+    a = Example([1, 2, 3, 4, 5], [IGNORE, IGNORE, IGNORE, 4, 5])
+    b = Example([1, 2, 3, 9, 9], [IGNORE, IGNORE, IGNORE, IGNORE, 9])
+    assert shared_opening([a, b]) == 2  # token 3 predicts a's first label: a's own
+    assert shared_opening([a, Example([1, 7, 3], [IGNORE] * 3)]) == 1
+    assert shared_opening([Example([1, 2, 3], [IGNORE] * 3)]) == 2  # one token left to read
+    assert shared_opening([]) == 0
+
+
+@pytest.mark.timeout(120)
+def test_teacher_logits_from_the_cached_prompt_equal_a_full_forward(lora_model) -> None:
+    model, tok = lora_model
+    prompt = "You run shell commands for the user. Reply with one Act: line, then stop. " * 4
+    views = [tokenize_chat(tok, [{"role": "system", "content": prompt}, {"role": "user", "content": q},
+                                 {"role": "assistant", "content": a}], label_from=1)
+             for q, a in [("count files", "Act: bash ls | wc -l"), ("date?", "Act: bash date"),
+                          ("who am i on this machine", "Act: bash whoami")]]
+    prefix = TeacherPrefix(model, views)
+    assert len(prefix.tokens) >= 32 and all(v.input_ids[:len(prefix.tokens)] == prefix.tokens for v in views)
+    model.train()
+    for batch in (views, views[1:2]):
+        got, got_targets = prefix.label_logits(model, batch, tok.pad_token_id)
+        with torch.no_grad(), model.disable_adapter():
+            want, want_targets = label_logits(model, collate(batch, tok.pad_token_id, model.device))
+        assert torch.equal(got_targets, want_targets) and not got.requires_grad
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert model.training  # the teacher's eval mode is undone
+    with torch.no_grad():
+        adapted, _ = label_logits(model, collate(batch, tok.pad_token_id, model.device))
+    assert (adapted - got).abs().max() > 1e-3  # the adapter was really off for the teacher
+    stranger = tokenize_chat(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Act: x"}])
+    got, _ = prefix.label_logits(model, [stranger], tok.pad_token_id)  # no shared opening: read whole
+    with torch.no_grad(), model.disable_adapter():
+        want, _ = label_logits(model, collate([stranger], tok.pad_token_id, model.device))
+    torch.testing.assert_close(got, want)
 
 
 def onpolicy(model, tok, **changes):

@@ -8,15 +8,19 @@ LM head is skipped at masked positions) and upcast to float32 only there.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from genpi.train.examples import IGNORE, Example
 
 
-def label_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def label_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                 past_key_values: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits that predict each label token of a right-padded batch, ``[n, vocab]``, and
-    those ``n`` labels, row by row in order.
+    those ``n`` labels, row by row in order. With ``past_key_values`` (one row per batch row),
+    the batch continues the tokens that cache holds.
 
     No attention mask is passed: with right padding, causal attention never lets a real token
     see the pads after it, and pads carry no label. Without a mask, SDPA takes its fused causal
@@ -25,7 +29,8 @@ def label_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     labels = batch["labels"]
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE
-    logits = model(input_ids=batch["input_ids"], logits_to_keep=keep).logits
+    logits = model(input_ids=batch["input_ids"], logits_to_keep=keep, past_key_values=past_key_values,
+                   use_cache=past_key_values is not None).logits
     return logits, labels[:, 1:][keep[:, :-1]]
 
 

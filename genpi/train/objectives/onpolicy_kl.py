@@ -16,11 +16,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from genpi.config import TrainConfig
 from genpi.divergence import topk_tail_kl
 from genpi.train.batches import collate
 from genpi.train.examples import IGNORE, Example, RecordExamples
 from genpi.train.loss import label_logits, label_tokens
 from genpi.train.objectives.genpi import SFT
+from genpi.train.teacher_prefix import TeacherPrefix
 
 
 @dataclasses.dataclass
@@ -31,8 +33,18 @@ class Sampled(RecordExamples):
 class OnPolicyKL(SFT):
     name = "onpolicy-kl"
 
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        self.openings: list[Example] = []
+
+    def prepare(self, examples: list[RecordExamples]) -> list[RecordExamples]:
+        self.openings += [Example(e.teacher_opening, [IGNORE] * len(e.teacher_opening))
+                          for e in examples if e.teacher_opening]
+        return super().prepare(examples)
+
     def start(self, model: Any, tokenizer: Any) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.prefix = TeacherPrefix(model, self.openings)  # the prompt's KV cache, once per run
 
     def warm(self, step_no: int, total: int) -> bool:
         return step_no < math.ceil(self.cfg.onpolicy_warmup * total)
@@ -76,8 +88,7 @@ class OnPolicyKL(SFT):
             return super().micro_loss(model, micro, counts, pad_id)
         device = next(model.parameters()).device
         student_logits, targets = label_logits(model, collate([e.sft for e in micro], pad_id, device))
-        with torch.no_grad(), model.disable_adapter():
-            teacher_logits, _ = label_logits(model, collate([e.teacher for e in micro], pad_id, device))
+        teacher_logits, _ = self.prefix.label_logits(model, [e.teacher for e in micro], pad_id)
         kl = topk_tail_kl(F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.float(), -1),
                           self.cfg.kl_top_k).sum()
         n = counts["sft"]

@@ -2,7 +2,8 @@
 from the teacher's next-token distribution with the prompt to the student's without it.
 
 The teacher is the same base model with its adapter disabled, reading the teacher view (the
-prompt, then the same turns): no second copy of the model is loaded.
+prompt, then the same turns): no second copy of the model is loaded, and the prompt's KV cache is
+computed once per run (:mod:`genpi.train.teacher_prefix`).
 """
 
 from __future__ import annotations
@@ -12,14 +13,27 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from genpi.config import TrainConfig
 from genpi.train.batches import collate
-from genpi.train.examples import RecordExamples
+from genpi.train.examples import Example, RecordExamples
 from genpi.train.loss import label_logits, label_tokens, summed_kl
 from genpi.train.objectives.base import Objective
+from genpi.train.teacher_prefix import TeacherPrefix
 
 
 class SeqKDKLD(Objective):
     name = "seqkd-kld"
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        self.teacher_views: list[Example] = []
+
+    def prepare(self, examples: list[RecordExamples]) -> list[RecordExamples]:
+        self.teacher_views += [e.teacher for e in examples if e.teacher is not None]
+        return examples
+
+    def start(self, model: Any, tokenizer: Any) -> None:
+        self.prefix = TeacherPrefix(model, self.teacher_views)
 
     def select(self, step: list[RecordExamples], step_no: int) -> list[RecordExamples]:
         return [e if e.teacher is not None else RecordExamples(None, None) for e in step]
@@ -34,8 +48,7 @@ class SeqKDKLD(Objective):
             return None
         device = next(model.parameters()).device
         student_logits, targets = label_logits(model, collate([s for s, _ in pairs], pad_id, device))
-        with torch.no_grad(), model.disable_adapter():
-            teacher_logits, teacher_targets = label_logits(model, collate([t for _, t in pairs], pad_id, device))
+        teacher_logits, teacher_targets = self.prefix.label_logits(model, [t for _, t in pairs], pad_id)
         if not torch.equal(targets, teacher_targets):
             raise ValueError("the student and teacher views label different tokens; their turns must match")
         ce = F.cross_entropy(student_logits.float(), targets, reduction="sum")
