@@ -27,10 +27,11 @@ from genpi.fingerprint import fingerprint
 SYNTH_VERSION = 3  # 3: no environment answer to the last turn; per-request hf seeds; resamples in one call
 TRAIN_VERSION = 2
 EVAL_VERSION = 2
-METHODS = ("genpi", "sft", "prepend", "seqkd-kld", "onpolicy-kl")
+METHODS = ("genpi", "sft", "prepend", "seqkd-kld", "onpolicy-kl", "genpi-kld")
+PG_METHODS = ("genpi", "genpi-kld")  # the methods with a Prompt Generation term, swept over train.lambdas
 # The settings each method reads besides the shared ones; a run's key leaves out the others.
 METHOD_SETTINGS = {"genpi": ("pg_lambda", "pg_fraction"), "sft": (), "prepend": ("prepend_fraction",),
-                   "seqkd-kld": ("kl_weight",),
+                   "seqkd-kld": ("kl_weight",), "genpi-kld": ("pg_lambda", "pg_fraction", "kl_weight"),
                    "onpolicy-kl": ("onpolicy_warmup", "onpolicy_max_tokens", "onpolicy_temperature", "kl_top_k")}
 
 
@@ -149,11 +150,12 @@ class TrainConfig:
     method: str = _f("genpi", "training objective: genpi (SFT + pg_lambda * Prompt Generation), sft (role-played "
                      "conversations only), prepend (SFT with the prompt before prepend_fraction of the examples), "
                      "seqkd-kld (SFT plus KL to the teacher's distributions with the prompt), onpolicy-kl (SFT "
-                     "warm-up, then reverse top-k KL to the model with the prompt on the adapter's own samples)",
+                     "warm-up, then reverse top-k KL to the model with the prompt on the adapter's own samples), genpi-kld "
+                     "(genpi whose SFT term adds seqkd-kld's KL)",
                      choices=METHODS)
     prepend_fraction: float = _f(1.0, "share of the records trained with the prompt before them (method prepend; "
                                  "the paper's baselines use 1.0 and 0.5)", low=0, high=1)
-    kl_weight: float = _f(1.0, "weight of the KL term (method seqkd-kld)", low=0)
+    kl_weight: float = _f(1.0, "weight of the KL term (methods seqkd-kld, genpi-kld)", low=0)
     onpolicy_warmup: float = _f(0.5, "share of the steps trained with SFT before on-policy steps (method onpolicy-kl)",
                                 low=0, high=1)
     onpolicy_max_tokens: int = _f(64, "tokens the adapter samples per reply (method onpolicy-kl)", low=1)
@@ -284,9 +286,9 @@ class GenPIConfig:
         train = dataclasses.asdict(self.train)
         for resource in ("num_gpus", "num_cpus", "threads", "max_failures", "methods", "lambdas", "seeds"):
             train.pop(resource)
-        for method, settings in METHOD_SETTINGS.items():
-            for name in settings if method != self.train.method else ():
-                train.pop(name, None)
+        read = set(METHOD_SETTINGS[self.train.method])
+        for name in {n for settings in METHOD_SETTINGS.values() for n in settings} - read:
+            train.pop(name)
         return {"version": TRAIN_VERSION, "train": train, "split": dataclasses.asdict(self.split),
                 "target": _model_identity(self.models.target)}
 
@@ -299,12 +301,12 @@ class GenPIConfig:
                 "target": _model_identity(self.models.target)}
 
     def train_runs(self) -> list[GenPIConfig]:
-        """One config per training run of the sweep (methods × lambdas for genpi × seeds), each
+        """One config per training run of the sweep (methods × lambdas for PG methods × seeds), each
         with its own method, pg_lambda and seed and no sweep lists; just this run without a sweep."""
         t = self.train
         runs: dict[str, GenPIConfig] = {}
         for method in t.methods or [t.method]:
-            for pg_lambda in (t.lambdas or [t.pg_lambda]) if method == "genpi" else [t.pg_lambda]:
+            for pg_lambda in (t.lambdas or [t.pg_lambda]) if method in PG_METHODS else [t.pg_lambda]:
                 for seed in t.seeds or [t.seed]:
                     train = dataclasses.replace(t, method=method, pg_lambda=pg_lambda, seed=seed, methods=[],
                                                 lambdas=[], seeds=[])

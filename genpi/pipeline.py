@@ -22,7 +22,7 @@ from typing import Any
 import ray
 
 from genpi import layout
-from genpi.config import GenPIConfig, config_from_dict
+from genpi.config import PG_METHODS, GenPIConfig, config_from_dict
 from genpi.errors import ConfigError, EngineError, GenPIError
 from genpi.prompts import PromptSpec, check_prompt_lengths
 from genpi.store import ArtifactStore, open_store
@@ -252,7 +252,7 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
         train = layout.train_prefix(spec, chosen[spec.name])
         result.status, result.stage = "done", "evaluated"
         t = chosen[spec.name].train
-        result.run = f"{t.method}" + (f" lambda {t.pg_lambda:g}" if t.method == "genpi" else "") + f" seed {t.seed}" + \
+        result.run = f"{t.method}" + (f" lambda {t.pg_lambda:g}" if t.method in PG_METHODS else "") + f" seed {t.seed}" + \
             (f" (best of {len(selections[spec.name]['runs'])} on validation)" if spec.name in selections else "")
         result.passed, result.gate, result.published = report["gate"]["passed"], report["gate"]["summary"], \
             report["published"]

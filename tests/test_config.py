@@ -100,6 +100,11 @@ def test_hashes_follow_what_the_data_depends_on() -> None:
     assert more.synth_hash() != base.synth_hash() and more.train_hash() == base.train_hash()
     lam = load_config("local", overrides={"train.pg_lambda": 0.5})
     assert lam.synth_hash() == base.synth_hash() and lam.train_hash() != base.train_hash()
+    assert load_config("local", overrides={"train.kl_weight": 2}).train_hash() == base.train_hash()  # genpi reads none
+    kld = load_config("local", overrides={"train.method": "genpi-kld"})
+    for setting, value in (("train.kl_weight", 2), ("train.pg_lambda", 0.5)):
+        changed = load_config("local", overrides={"train.method": "genpi-kld", setting: value})
+        assert changed.train_hash() != kld.train_hash(), setting
     other_model = load_config("local", overrides={"models.target.name": "tiny-random-llama"})
     assert other_model.synth_hash() != base.synth_hash() and other_model.train_hash() != base.train_hash()
 

@@ -66,7 +66,7 @@ def test_genpi_at_lambda_zero_is_exactly_sft(lora_model) -> None:
 def test_gradient_accumulation_1x8_equals_8x1(lora_model) -> None:
     model, tok = lora_model
     step = (short_pairs(tok) * 2)[:8]
-    for method in ("genpi", "seqkd-kld"):
+    for method in ("genpi", "seqkd-kld", "genpi-kld"):
         one, one_grads = run(model, step, tcfg(method=method, batch_size=8, micro_batch_size=8, pg_fraction=1.0),
                              tok.pad_token_id)
         eight, eight_grads = run(model, step, tcfg(method=method, batch_size=8, micro_batch_size=1, pg_fraction=1.0),
@@ -115,6 +115,23 @@ def test_seqkd_kld_is_sft_plus_weighted_kl_and_vanishes_against_itself(tokenizer
     with_prompt, _ = run(model, step, tcfg(method="seqkd-kld", kl_weight=3.0), tok.pad_token_id)
     assert with_prompt["kl_loss"] > 1e-4  # the system prompt changes the teacher's distributions
     assert with_prompt["loss"] == pytest.approx(with_prompt["sft_loss"] + 3.0 * with_prompt["kl_loss"], rel=1e-6)
+
+
+@pytest.mark.timeout(120)
+def test_genpi_kld_adds_the_kl_to_the_sft_term_and_at_weight_zero_is_exactly_genpi(lora_model) -> None:
+    model, tok = lora_model
+    step = short_pairs(tok)
+    genpi, genpi_grads = run(model, step, tcfg(method="genpi", pg_lambda=0.4, pg_fraction=1.0), tok.pad_token_id)
+    zero, zero_grads = run(model, step, tcfg(method="genpi-kld", pg_lambda=0.4, pg_fraction=1.0, kl_weight=0.0),
+                           tok.pad_token_id)
+    assert zero["loss"] == pytest.approx(genpi["loss"], rel=1e-6) and zero["kl_loss"] > 1e-4
+    assert zero["sft_loss"] == pytest.approx(genpi["sft_loss"], rel=1e-6)
+    assert zero["pg_loss"] == pytest.approx(genpi["pg_loss"], rel=1e-6)
+    assert_same_grads(genpi_grads, zero_grads, exact=False)
+    two, _ = run(model, step, tcfg(method="genpi-kld", pg_lambda=0.4, pg_fraction=1.0, kl_weight=2.0), tok.pad_token_id)
+    # (1 - λ)(SFT + 2 KL) + λ PG, each term over the whole step's tokens
+    want = 0.6 * (two["sft_loss"] + 2.0 * two["kl_loss"]) + 0.4 * two["pg_loss"]
+    assert two["loss"] == pytest.approx(want, rel=1e-5) and two["kl_loss"] == pytest.approx(zero["kl_loss"], rel=1e-5)
 
 
 def test_shared_opening_stops_before_the_first_label() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from genpi.config import PG_METHODS
 from genpi.evaluate import metrics
 from genpi.prompts import PromptSpec
 
@@ -205,7 +206,7 @@ def selection_table(selection: dict[str, Any]) -> str:
              "| method | λ | seeds | format retention | NLL gap closed | chosen |", "|---|---|---|---|---|---|"]
     for g in selection["groups"]:
         mark = "yes" if (g["method"], g["pg_lambda"]) == (best["method"], best["pg_lambda"]) else ""
-        lam = f"{g['pg_lambda']:.2f}" if g["method"] == "genpi" else "-"
+        lam = f"{g['pg_lambda']:.2f}" if g["method"] in PG_METHODS else "-"
         lines.append(f"| {g['method']} | {lam} | {g['seeds']} | {cell(g, 'format_retention')} | "
                      f"{cell(g, 'nll_gap_closed')} | {mark} |")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from genpi import layout
-from genpi.config import GenPIConfig
+from genpi.config import PG_METHODS, GenPIConfig
 from genpi.devices import cpu_threads
 from genpi.errors import GenPIError
 from genpi.fingerprint import fingerprint
@@ -62,7 +62,7 @@ def train_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore,
     tokenizer = AutoTokenizer.from_pretrained(folder)
     context = int(getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", cfg.train.max_seq_len))
     max_len = min(cfg.train.max_seq_len, target.max_context or context, context)
-    if cfg.train.method == "genpi" and cfg.train.pg_lambda > 0 and cfg.train.pg_fraction > 0:
+    if cfg.train.method in PG_METHODS and cfg.train.pg_lambda > 0 and cfg.train.pg_fraction > 0:
         check_pg_fits(tokenizer, spec, max_len)
     records = store.get_jsonl(f"{layout.synth_prefix(spec, cfg)}/records.jsonl")
     split = assign_splits([r["id"] for r in records], cfg.split.val_fraction, cfg.split.test_fraction,

@@ -7,7 +7,8 @@
 - ``seqkd-kld``: SFT plus token-level KL to the teacher's distributions with the prompt (the
   paper's SeqKD+KLD baseline); the teacher is the base model (adapter disabled) with the prompt;
 - ``onpolicy-kl``: after SFT warm-up steps, the adapter samples its own replies without the prompt
-  and learns the reverse top-k KL to the same model with the prompt on them.
+  and learns the reverse top-k KL to the same model with the prompt on them;
+- ``genpi-kld``: ``genpi`` whose SFT term adds ``seqkd-kld``'s KL to the teacher.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from __future__ import annotations
 from genpi.config import TrainConfig
 from genpi.train.objectives.base import Objective
 from genpi.train.objectives.genpi import GenPI, SFT
+from genpi.train.objectives.genpi_kld import GenPIKLD
 from genpi.train.objectives.onpolicy_kl import OnPolicyKL
 from genpi.train.objectives.prepend import Prepend
 from genpi.train.objectives.seqkd_kld import SeqKDKLD
 
 OBJECTIVES: dict[str, type[Objective]] = {"genpi": GenPI, "sft": SFT, "prepend": Prepend, "seqkd-kld": SeqKDKLD,
-                                          "onpolicy-kl": OnPolicyKL}
+                                          "onpolicy-kl": OnPolicyKL, "genpi-kld": GenPIKLD}
 
 
 def objective_for(cfg: TrainConfig) -> Objective:

@@ -44,19 +44,25 @@ class GenPI(Objective):
         return {"sft": label_tokens([e.sft for e in step if e.sft is not None]),
                 "pg": label_tokens([e.pg for e in step if e.pg is not None])}
 
+    def sft_term(self, model: Any, records: list[RecordExamples],
+                 pad_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The summed SFT term over ``records`` (each has an SFT example), and its named parts."""
+        total = summed_token_loss(model, collate([e.sft for e in records], pad_id, next(model.parameters()).device))
+        return total, {"sft_loss": total}
+
     def micro_loss(self, model: Any, micro: list[RecordExamples], counts: dict[str, int],
                    pad_id: int) -> tuple[torch.Tensor, dict[str, float]] | None:
-        sft = [e.sft for e in micro if e.sft is not None]
+        with_sft = [e for e in micro if e.sft is not None]
         pg = [e.pg for e in micro if e.pg is not None]
-        if not sft and not pg:
+        if not with_sft and not pg:
             return None
         device = next(model.parameters()).device
         zero = torch.zeros((), device=device)
-        sft_sum = summed_token_loss(model, collate(sft, pad_id, device)) if sft else zero
+        sft_sum, parts = self.sft_term(model, with_sft, pad_id) if with_sft else (zero, {"sft_loss": zero})
         pg_sum = summed_token_loss(model, collate(pg, pad_id, device)) if pg else zero
         loss = joint_loss(sft_sum, counts["sft"], pg_sum, counts["pg"], self.pg_lambda)
-        return loss, {"sft_loss": sft_sum.item() / counts["sft"] if counts["sft"] else 0.0,
-                      "pg_loss": pg_sum.item() / counts["pg"] if counts["pg"] else 0.0}
+        terms = {name: value.item() / counts["sft"] if counts["sft"] else 0.0 for name, value in parts.items()}
+        return loss, {**terms, "pg_loss": pg_sum.item() / counts["pg"] if counts["pg"] else 0.0}
 
 
 class SFT(GenPI):

@@ -43,16 +43,21 @@ class SeqKDKLD(Objective):
 
     def micro_loss(self, model: Any, micro: list[RecordExamples], counts: dict[str, int],
                    pad_id: int) -> tuple[torch.Tensor, dict[str, float]] | None:
-        pairs = [(e.sft, e.teacher) for e in micro if e.sft is not None and e.teacher is not None]
+        pairs = [e for e in micro if e.sft is not None and e.teacher is not None]
         if not pairs:
             return None
-        device = next(model.parameters()).device
-        student_logits, targets = label_logits(model, collate([s for s, _ in pairs], pad_id, device))
-        teacher_logits, teacher_targets = self.prefix.label_logits(model, [t for _, t in pairs], pad_id)
-        if not torch.equal(targets, teacher_targets):
-            raise ValueError("the student and teacher views label different tokens; their turns must match")
-        ce = F.cross_entropy(student_logits.float(), targets, reduction="sum")
-        kl = summed_kl(student_logits, teacher_logits)
+        ce, kl = distilled_sums(model, self.prefix, pairs, pad_id)
         n = counts["sft"]
-        loss = (ce + self.cfg.kl_weight * kl) / n
-        return loss, {"sft_loss": ce.item() / n, "kl_loss": kl.item() / n}
+        return (ce + self.cfg.kl_weight * kl) / n, {"sft_loss": ce.item() / n, "kl_loss": kl.item() / n}
+
+
+def distilled_sums(model: Any, prefix: TeacherPrefix, records: list[RecordExamples],
+                   pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of the records' SFT examples, and summed KL from the teacher's
+    distributions (their teacher views) to the student's on the same tokens."""
+    device = next(model.parameters()).device
+    student_logits, targets = label_logits(model, collate([e.sft for e in records], pad_id, device))
+    teacher_logits, teacher_targets = prefix.label_logits(model, [e.teacher for e in records], pad_id)
+    if not torch.equal(targets, teacher_targets):
+        raise ValueError("the student and teacher views label different tokens; their turns must match")
+    return F.cross_entropy(student_logits.float(), targets, reduction="sum"), summed_kl(student_logits, teacher_logits)

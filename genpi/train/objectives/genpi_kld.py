@@ -1,0 +1,45 @@
+"""``genpi-kld`` (beyond the paper): the paper's joint loss with its SFT term distilled token by
+token, ``(1 - λ) · (L_SFT + w · KL) + λ · L_PG``.
+
+KL is seqkd-kld's term: from the teacher's next-token distribution (the base model with the
+prompt, adapter disabled, the prompt's KV cache computed once per run) to the student's, on the
+SFT tokens. The PG term puts the prompt itself in the weights; the KL term carries what the
+teacher would have said besides the token it sampled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from genpi.config import TrainConfig
+from genpi.train.examples import Example, RecordExamples
+from genpi.train.objectives.genpi import GenPI
+from genpi.train.objectives.seqkd_kld import distilled_sums
+from genpi.train.teacher_prefix import TeacherPrefix
+
+
+class GenPIKLD(GenPI):
+    name = "genpi-kld"
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        self.teacher_views: list[Example] = []
+
+    def prepare(self, examples: list[RecordExamples]) -> list[RecordExamples]:
+        self.teacher_views += [e.teacher for e in examples if e.teacher is not None]
+        return examples
+
+    def start(self, model: Any, tokenizer: Any) -> None:
+        self.prefix = TeacherPrefix(model, self.teacher_views)
+
+    def sft_term(self, model: Any, records: list[RecordExamples],
+                 pad_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        distilled = [e for e in records if e.teacher is not None]
+        alone = [e for e in records if e.teacher is None]  # the teacher view did not fit: SFT only
+        ce, kl = distilled_sums(model, self.prefix, distilled, pad_id) if distilled else (0.0, 0.0)
+        if alone:
+            ce = ce + super().sft_term(model, alone, pad_id)[0]
+        total = ce + self.cfg.kl_weight * kl
+        return total, {"sft_loss": torch.as_tensor(ce).detach(), "kl_loss": torch.as_tensor(kl).detach()}
