@@ -79,8 +79,8 @@ def train_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore,
         raise GenPIError(f"{spec.source}: no training example could be built within {max_len} tokens "
                          f"(train.max_seq_len={cfg.train.max_seq_len}): {why}; raise train.max_seq_len, "
                          f"or check the synthesized data's quality.json")
-    log.info("[%s] training %s on %d records (%d validation), lambda %.2f", spec.name, cfg.train.method,
-             len(train), len(val), cfg.train.pg_lambda)
+    lam = f", lambda {cfg.train.pg_lambda:.2f}" if cfg.train.method in PG_METHODS else ""
+    log.info("[%s] training %s on %d records (%d validation)%s", spec.name, cfg.train.method, len(train), len(val), lam)
     with tempfile.TemporaryDirectory(prefix="genpi-adapter-") as tmp:
         adapter_dir = Path(tmp) / "adapter"
         metrics = train_adapter(cfg.train, target.name, target.dtype, train, val, adapter_dir,
