@@ -13,26 +13,13 @@ from typing import Any
 
 import torch
 
-from genpi.config import TrainConfig
-from genpi.train.examples import Example, RecordExamples
+from genpi.train.examples import RecordExamples
 from genpi.train.objectives.genpi import GenPI
-from genpi.train.objectives.seqkd_kld import distilled_sums
-from genpi.train.teacher_prefix import TeacherPrefix
+from genpi.train.objectives.seqkd_kld import FromTeacherViews, distilled_sums
 
 
-class GenPIKLD(GenPI):
+class GenPIKLD(FromTeacherViews, GenPI):
     name = "genpi-kld"
-
-    def __init__(self, cfg: TrainConfig) -> None:
-        super().__init__(cfg)
-        self.teacher_views: list[Example] = []
-
-    def prepare(self, examples: list[RecordExamples]) -> list[RecordExamples]:
-        self.teacher_views += [e.teacher for e in examples if e.teacher is not None]
-        return examples
-
-    def start(self, model: Any, tokenizer: Any) -> None:
-        self.prefix = TeacherPrefix(model, self.teacher_views)
 
     def sft_term(self, model: Any, records: list[RecordExamples],
                  pad_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

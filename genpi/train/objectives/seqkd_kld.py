@@ -21,8 +21,9 @@ from genpi.train.objectives.base import Objective
 from genpi.train.teacher_prefix import TeacherPrefix
 
 
-class SeqKDKLD(Objective):
-    name = "seqkd-kld"
+class FromTeacherViews(Objective):
+    """An objective whose teacher reads the records' teacher views: it collects them in
+    :meth:`prepare` (train and validation) and caches the prompt they open with in :meth:`start`."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
@@ -30,10 +31,15 @@ class SeqKDKLD(Objective):
 
     def prepare(self, examples: list[RecordExamples]) -> list[RecordExamples]:
         self.teacher_views += [e.teacher for e in examples if e.teacher is not None]
-        return examples
+        return super().prepare(examples)
 
     def start(self, model: Any, tokenizer: Any) -> None:
+        super().start(model, tokenizer)
         self.prefix = TeacherPrefix(model, self.teacher_views)
+
+
+class SeqKDKLD(FromTeacherViews):
+    name = "seqkd-kld"
 
     def select(self, step: list[RecordExamples], step_no: int) -> list[RecordExamples]:
         return [e if e.teacher is not None else RecordExamples(None, None) for e in step]
