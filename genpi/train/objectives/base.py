@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from genpi.config import TrainConfig
-from genpi.train.examples import RecordExamples
+from genpi.train.examples import Example, RecordExamples
+from genpi.train.teacher_prefix import TeacherPrefix
 
 
 class Objective:
@@ -44,3 +45,24 @@ class Objective:
                    pad_id: int) -> tuple[torch.Tensor, dict[str, float]] | None:
         """The micro-batch's share of the step loss and of each named term; None when it has no example."""
         raise NotImplementedError
+
+
+class FromTeacherViews(Objective):
+    """An objective whose teacher reads the records' teacher views: :meth:`prepare` collects them
+    (train and validation), :meth:`start` caches the prompt they open with (``self.prefix``)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        self.teacher_views: list[Example] = []
+
+    def views(self, examples: list[RecordExamples]) -> list[Example]:
+        """The teacher views the objective's teacher will read (whole teacher examples by default)."""
+        return [e.teacher for e in examples if e.teacher is not None]
+
+    def prepare(self, examples: list[RecordExamples]) -> list[RecordExamples]:
+        self.teacher_views += self.views(examples)
+        return super().prepare(examples)
+
+    def start(self, model: Any, tokenizer: Any) -> None:
+        super().start(model, tokenizer)
+        self.prefix = TeacherPrefix(model, self.teacher_views)

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from genpi.train.examples import RecordExamples
+from genpi.train.objectives.base import FromTeacherViews
 from genpi.train.objectives.genpi import GenPI
-from genpi.train.objectives.seqkd_kld import FromTeacherViews, distilled_sums
+from genpi.train.objectives.seqkd_kld import distilled_sums
 
 
 class GenPIKLD(FromTeacherViews, GenPI):
@@ -25,8 +26,8 @@ class GenPIKLD(FromTeacherViews, GenPI):
                  pad_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         distilled = [e for e in records if e.teacher is not None]
         alone = [e for e in records if e.teacher is None]  # the teacher view did not fit: SFT only
-        ce, kl = distilled_sums(model, self.prefix, distilled, pad_id) if distilled else (0.0, 0.0)
+        zero = torch.zeros((), device=next(model.parameters()).device)
+        ce, kl = distilled_sums(model, self.prefix, distilled, pad_id) if distilled else (zero, zero)
         if alone:
             ce = ce + super().sft_term(model, alone, pad_id)[0]
-        total = ce + self.cfg.kl_weight * kl
-        return total, {"sft_loss": torch.as_tensor(ce).detach(), "kl_loss": torch.as_tensor(kl).detach()}
+        return ce + self.cfg.kl_weight * kl, {"sft_loss": ce.detach(), "kl_loss": kl.detach()}

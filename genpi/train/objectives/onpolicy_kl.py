@@ -16,13 +16,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from genpi.config import TrainConfig
 from genpi.divergence import topk_tail_kl
 from genpi.train.batches import collate
 from genpi.train.examples import IGNORE, Example, RecordExamples
 from genpi.train.loss import label_logits, label_tokens
+from genpi.train.objectives.base import FromTeacherViews
 from genpi.train.objectives.genpi import SFT
-from genpi.train.teacher_prefix import TeacherPrefix
 
 
 @dataclasses.dataclass
@@ -30,21 +29,16 @@ class Sampled(RecordExamples):
     """A record's on-policy sample: ``sft`` is the student view of it, ``teacher`` the teacher view."""
 
 
-class OnPolicyKL(SFT):
+class OnPolicyKL(FromTeacherViews, SFT):
     name = "onpolicy-kl"
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        super().__init__(cfg)
-        self.openings: list[Example] = []
-
-    def prepare(self, examples: list[RecordExamples]) -> list[RecordExamples]:
-        self.openings += [Example(e.teacher_opening, [IGNORE] * len(e.teacher_opening))
-                          for e in examples if e.teacher_opening]
-        return super().prepare(examples)
+    def views(self, examples: list[RecordExamples]) -> list[Example]:
+        # the teacher reads each opening followed by a sample: the openings hold the shared prompt
+        return [Example(e.teacher_opening, [IGNORE] * len(e.teacher_opening)) for e in examples if e.teacher_opening]
 
     def start(self, model: Any, tokenizer: Any) -> None:
+        super().start(model, tokenizer)
         self.model, self.tokenizer = model, tokenizer
-        self.prefix = TeacherPrefix(model, self.openings)  # the prompt's KV cache, once per run
 
     def warm(self, step_no: int, total: int) -> bool:
         return step_no < math.ceil(self.cfg.onpolicy_warmup * total)

@@ -13,29 +13,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from genpi.config import TrainConfig
 from genpi.train.batches import collate
-from genpi.train.examples import Example, RecordExamples
+from genpi.train.examples import RecordExamples
 from genpi.train.loss import label_logits, label_tokens, summed_kl
-from genpi.train.objectives.base import Objective
+from genpi.train.objectives.base import FromTeacherViews
 from genpi.train.teacher_prefix import TeacherPrefix
-
-
-class FromTeacherViews(Objective):
-    """An objective whose teacher reads the records' teacher views: it collects them in
-    :meth:`prepare` (train and validation) and caches the prompt they open with in :meth:`start`."""
-
-    def __init__(self, cfg: TrainConfig) -> None:
-        super().__init__(cfg)
-        self.teacher_views: list[Example] = []
-
-    def prepare(self, examples: list[RecordExamples]) -> list[RecordExamples]:
-        self.teacher_views += [e.teacher for e in examples if e.teacher is not None]
-        return super().prepare(examples)
-
-    def start(self, model: Any, tokenizer: Any) -> None:
-        super().start(model, tokenizer)
-        self.prefix = TeacherPrefix(model, self.teacher_views)
 
 
 class SeqKDKLD(FromTeacherViews):
