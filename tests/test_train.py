@@ -348,9 +348,9 @@ def short_pairs(tok) -> list[RecordExamples]:
 
 def reference_mean(model, examples: list[Example]) -> torch.Tensor:
     """Mean next-token NLL over every label token of ``examples``, one example at a time."""
-    total, count = torch.zeros(()), 0
+    total, count = torch.zeros((), device=model.device), 0
     for ex in examples:
-        ids = torch.tensor([ex.input_ids])
+        ids = torch.tensor([ex.input_ids], device=model.device)
         logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
         for pos in range(1, len(ex.input_ids)):
             if ex.labels[pos] != IGNORE:

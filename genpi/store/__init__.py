@@ -9,11 +9,19 @@ from urllib.request import url2pathname
 from genpi.errors import StoreError
 from genpi.store.base import ArtifactStore
 from genpi.store.local import LocalStore
-from genpi.store.s3 import S3Store
 
 __all__ = ["ArtifactStore", "LocalStore", "S3Store", "open_store"]
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def __getattr__(name: str) -> object:
+    # boto3 is imported only where S3 is used: a local store starts without it
+    if name == "S3Store":
+        from genpi.store.s3 import S3Store
+
+        return S3Store
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_store(
@@ -33,6 +41,8 @@ def open_store(
     match = _SCHEME_RE.match(url)
     scheme = match.group(1).lower() if match else ""
     if scheme == "s3":
+        from genpi.store.s3 import S3Store
+
         return S3Store(url, endpoint_url=endpoint_url, region=region)
     if scheme == "file":
         parsed = urlparse(url)

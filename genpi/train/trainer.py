@@ -60,7 +60,8 @@ def load_for_training(cfg: TrainConfig, model_name: str, dtype: str) -> tuple[An
     return get_peft_model(model, lora), tokenizer
 
 
-def _optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], quantized: bool) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], quantized: bool) -> torch.optim.Optimizer:
+    """Paged AdamW (bitsandbytes) over an NF4 base, as the paper; plain AdamW otherwise."""
     if quantized:
         import bitsandbytes as bnb  # the paper's paged AdamW, CUDA only
 
@@ -114,7 +115,7 @@ def train_adapter(cfg: TrainConfig, model_name: str, dtype: str, train_examples:
     model, tokenizer = load_for_training(cfg, model_name, dtype)
     quantized = bool(getattr(model, "is_loaded_in_4bit", False))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(cfg, params, quantized)
+    optimizer = make_optimizer(cfg, params, quantized)
     pad_id = tokenizer.pad_token_id
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     # Few records (a strict format filter) must not mean few updates: epochs are added, the last
