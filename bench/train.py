@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue as queue_module
 import resource
 import sys
 import time
@@ -127,6 +128,23 @@ def run_loop(kind: str, cfg_dict: dict, steps: list[list[RecordExamples]], queue
                "optimizer": type(optimizer).__name__})
 
 
+def in_child(kind: str, cfg_dict: dict, steps: list[list[RecordExamples]]) -> dict:
+    """One loop's figures, from its own process (its own peak memory); a loop that dies (out of
+    memory, say) ends the bench with its exit code instead of a wait for figures that never come."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=run_loop, args=(kind, cfg_dict, steps, queue))
+    child.start()
+    while True:
+        try:
+            figures = queue.get(timeout=5)
+            child.join()
+            return figures
+        except queue_module.Empty:
+            if not child.is_alive():
+                raise SystemExit(f"the {kind} loop died with exit code {child.exitcode}; its error is above")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", default="prompts")
@@ -136,7 +154,8 @@ def main() -> None:
     parser.add_argument("--records", default="", help="a synthesized records.jsonl to train on instead of the store's")
     parser.add_argument("--model", default="", help="target model (default: the profile's)")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps timed (after one warm-up step)")
-    parser.add_argument("--loops", default="plain,ours", help="which loops to run (comma-separated)")
+    parser.add_argument("--loops", default="plain,ours", choices=("plain,ours", "ours"),
+                        help="both loops, or ours alone (its projection only)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config setting, as the job's flags (e.g. train.micro_batch_size=8); repeatable")
     args = parser.parse_args()
@@ -151,13 +170,8 @@ def main() -> None:
     b = cfg.train.batch_size
     steps = [[examples[(k * b + i) % len(examples)] for i in range(b)] for k in range(args.steps + 1)]
     results = {}
-    ctx = mp.get_context("spawn")
-    for kind in [k for k in ("plain", "ours") if k in args.loops.split(",")]:
-        queue = ctx.Queue()
-        child = ctx.Process(target=run_loop, args=(kind, cfg.to_dict(), steps, queue))
-        child.start()
-        results[kind] = queue.get()
-        child.join()
+    for kind in args.loops.split(","):
+        results[kind] = in_child(kind, cfg.to_dict(), steps)
         print(f"{kind}: {results[kind]}", flush=True)
     ratio = results["plain"]["tokens_per_s"] / results["ours"]["tokens_per_s"] if len(results) == 2 else None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
