@@ -4,7 +4,9 @@ run, on the same model, prompt, inputs and settings (greedy).
 - one_at_a_time (the baseline): one conversation at a time, two generate calls per turn, as the
   authors' released scripts; transformers with its own KV cache;
 - hf (ours): every open conversation advances together, one call per persona per turn; the
-  prompt's KV cache computed once per batch and written in place;
+  prompt's KV cache computed once per batch and written in place; each conversation's KV kept
+  between turns, so a turn prefills only its new tokens (``hf_whole_history``: the same without
+  that, every turn prefilling each conversation's history again);
 - vllm (ours): the same episodes on the vLLM backend (continuous batching, prefix caching), in its
   engine actor on `.venv-vllm` (skipped with a reason when `make install-vllm` has not run).
 
@@ -111,8 +113,14 @@ def main() -> None:
     baseline = inputs[:args.baseline_inputs] if args.baseline_inputs else inputs
     figures["baseline_conversations"] = len(baseline)
     runs["one_at_a_time"] = timed_role_play(spec, cfg, hf, baseline, batched=False)
-    hf.prefix_sharing, hf.growing_kv = True, True
+    hf.prefix_sharing, hf.growing_kv, hf.turn_cache_mib = True, True, 0
+    before = hf.prefilled_tokens
+    runs["hf_whole_history"] = timed_role_play(spec, cfg, hf, inputs, batched=True)
+    figures["hf_whole_history_prefilled_tokens"] = hf.prefilled_tokens - before
+    hf.turn_cache_mib = 2048
+    before = hf.prefilled_tokens
     runs["hf"] = timed_role_play(spec, cfg, hf, inputs, batched=True)
+    figures["hf_prefilled_tokens"] = hf.prefilled_tokens - before
     figures["hf_raw_tok_s"] = round(raw_throughput(hf, spec, inputs, args.max_tokens), 1)
     del hf
 

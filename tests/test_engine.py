@@ -85,6 +85,46 @@ def test_shared_prefix_cache_gives_the_same_outputs() -> None:
         [g.text for g in plain.generate(conversations, params)]
 
 
+def test_kept_turns_prefill_only_new_tokens_and_give_the_same_outputs() -> None:
+    """Three-turn conversations, the way role play calls the engine: with each conversation's KV
+    kept between calls, every call after the first prefills only what was added to it, and the
+    replies are the ones an engine that prefills everything gives (float32, greedy)."""
+    prompt = [{"role": "system", "content": "You operate a Linux shell. Reply with one Act: line. " * 12}]
+    questions = ("List /tmp.", "Show the kernel version, please.", "Count users.", "Print the date.")
+    params = SamplingParams(max_new_tokens=8)
+
+    def play(engine: HFEngine) -> tuple[list[list[str]], list[int]]:
+        chats = [prompt + [{"role": "user", "content": q}] for q in questions]
+        replies, prefilled, growth, sizes = [], [], [], [0] * len(chats)
+        for turn in range(3):
+            before = engine.prefilled_tokens
+            out = engine.generate(chats, params)
+            prefilled.append(engine.prefilled_tokens - before)
+            now = [len(engine.encode(c)) for c in chats]
+            growth.append(sum(n - s for n, s in zip(now, sizes)))  # tokens added since the last call
+            sizes = now
+            replies.append([g.text for g in out])
+            chats = [c + [{"role": "assistant", "content": g.text}, {"role": "user", "content": f"Output: {turn}"}]
+                     for c, g in zip(chats, out)]
+        return replies, prefilled, growth
+
+    whole = HFEngine(TINY, dtype="float32", batch_size=4, turn_cache_mib=0)
+    kept = HFEngine(TINY, dtype="float32", batch_size=4)
+    whole_replies, whole_prefill, growth = play(whole)
+    kept_replies, kept_prefill, _ = play(kept)
+    assert kept_replies == whole_replies
+    assert kept_prefill[0] == whole_prefill[0]  # nothing kept yet: the prompt shared once, as before
+    for turn in (1, 2):  # what an earlier call saw comes from the cache; only what was added is prefilled
+        assert kept_prefill[turn] <= growth[turn] < whole_prefill[turn]
+    assert len(kept.turn_caches[None].entries) == len(questions)  # each conversation's previous turn superseded
+
+    # a request repeated as it was is served afresh: the same answer as an engine that keeps nothing
+    chats = [prompt + [{"role": "user", "content": q}] for q in questions]
+    before = kept.prefilled_tokens
+    assert [g.text for g in kept.generate(chats, params)] == whole_replies[0]
+    assert kept.prefilled_tokens - before == whole_prefill[0]
+
+
 @pytest.mark.s3
 def test_s3_model_folder_is_downloaded_once(s3_env, monkeypatch, tmp_path) -> None:
     from genpi.store import open_store

@@ -5,6 +5,10 @@ the base weights, and a batch is served adapter by adapter (no adapter = the bas
 Sampling draws each request's tokens from its own generator, seeded from the call's seed and the
 request (:func:`genpi.engines.base.request_seeds`, as the vLLM backend does), so a sampled reply
 does not depend on the batch it shares.
+
+A conversation that comes back with new turns prefills only its new tokens: each conversation's
+KV cache is kept between calls (:mod:`genpi.engines.turn_cache`, one per adapter), and the
+prompt's KV is shared by every conversation that opens with it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from transformers.cache_utils import DynamicCache
 from genpi.devices import DTYPES, cpu_threads, pick_device
 from genpi.engines.base import (Conversation, Generation, SamplingParams, adapter_config, chat_token_ids,
                                 leaves_no_room, request_seeds)
-from genpi.engines.kv_cache import growing_cache
+from genpi.engines.kv_cache import GrowingLayer, growing_cache
+from genpi.engines.turn_cache import TurnCache
 from genpi.models import resolve_model
 from genpi.errors import ModelError
 
@@ -74,7 +79,8 @@ class HFEngine:
     """Generates replies to chat conversations with ``transformers``."""
 
     def __init__(self, name: str, dtype: str = "bfloat16", device: str = "auto", batch_size: int = 16,
-                 max_context: int = 0, threads: int = 0, prefix_sharing: bool = True) -> None:
+                 max_context: int = 0, threads: int = 0, prefix_sharing: bool = True,
+                 turn_cache_mib: int = 2048) -> None:
         if threads or pick_device(device) == "cpu":
             torch.set_num_threads(cpu_threads(threads))  # the actor's CPU reservation, unless configured
         self.model_name = name
@@ -84,7 +90,11 @@ class HFEngine:
         self.batch_size = batch_size
         self.prefix_sharing = prefix_sharing
         self.growing_kv = True  # False: transformers' DynamicCache (a baseline for bench/synthesis.py)
+        self.turn_cache_mib = turn_cache_mib  # 0: every call prefills each conversation whole
+        self.turn_caches: dict[str | None, TurnCache] = {}  # per adapter (None: the base model)
+        self.prefilled_tokens = 0  # tokens run through the model before generation, for benchmarks
         self.adapters: dict[str, str] = {}  # adapter name -> folder it was loaded from
+        self._adapter: str | None = None  # the one active in the current scope
 
     def add_adapter(self, folder: str | Path) -> str:
         """Load the PEFT adapter in ``folder`` (once); returns the name requests use for it: the folder."""
@@ -107,6 +117,7 @@ class HFEngine:
         """The model with ``adapter`` active, or the plain base model when ``adapter`` is None."""
         if adapter is not None and adapter not in self.adapters:
             raise ModelError(f"adapter {adapter} was not loaded; call add_adapter first")
+        self._adapter = adapter
         if not self.adapters:
             yield self.model
         elif adapter is None:
@@ -175,6 +186,15 @@ class HFEngine:
             chunks[-1].append(indexes[k])
         return chunks
 
+    def _turn_cache(self) -> TurnCache | None:
+        if not self.turn_cache_mib or not self.growing_kv:
+            return None
+        if not all(isinstance(layer, GrowingLayer) for layer in growing_cache(self.model).layers):
+            return None  # sliding-window and other special layers keep their own rule
+        if self._adapter not in self.turn_caches:
+            self.turn_caches[self._adapter] = TurnCache(self.turn_cache_mib * 2**20)
+        return self.turn_caches[self._adapter]
+
     def _shared_prefix(self, batch: list[list[int]]) -> tuple[int, Any]:
         """Length of the token prefix every conversation in ``batch`` starts with, and a cache holding it.
 
@@ -192,18 +212,52 @@ class HFEngine:
             return 0, cache
         prefix = torch.tensor([batch[0][:length]], device=self.model.device)
         self.model(input_ids=prefix, past_key_values=cache, use_cache=True)
+        self.prefilled_tokens += length
         cache.batch_repeat_interleave(len(batch))
         return length, cache
 
+    def _kept_turns(self, batch: list[list[int]], turns: TurnCache) -> tuple[list[int], list[int | None], Any] | None:
+        """Each conversation's cached length and entry from earlier calls, and a cache holding
+        them (row ``r``'s keys right-aligned in the first ``max(lengths)`` positions); None when
+        too little is cached to be worth it."""
+        matches = [turns.match(ids) for ids in batch]
+        lengths = [min(length, len(ids) - 1) for (_, length), ids in zip(matches, batch)]
+        width = max(lengths)
+        if width < _MIN_SHARED_PREFIX:
+            return None
+        cache = growing_cache(self.model)
+        keys = [key if length else None for (key, _), length in zip(matches, lengths)]
+        first = turns.kv(next(k for k in keys if k is not None))
+        for layer, (k0, v0) in enumerate(first):
+            k = k0.new_zeros((len(batch), k0.shape[1], width, k0.shape[3]))
+            v = v0.new_zeros((len(batch), v0.shape[1], width, v0.shape[3]))
+            for row, (key, length) in enumerate(zip(keys, lengths)):
+                if key is not None and length:
+                    kr, vr = turns.kv(key)[layer]
+                    k[row, :, width - length:] = kr[0, :, :length]
+                    v[row, :, width - length:] = vr[0, :, :length]
+            cache.update(k, v, layer)
+        return lengths, keys, cache
+
     def _generate_batch(self, batch: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Generation]:
-        shared, cache = self._shared_prefix(batch)
+        turns = self._turn_cache()
+        kept = self._kept_turns(batch, turns) if turns is not None and turns.entries else None
+        if kept is not None:
+            cached, keys, cache = kept
+        else:
+            shared, cache = self._shared_prefix(batch)
+            cached, keys = [shared] * len(batch), [None] * len(batch)
         pad = self.tokenizer.pad_token_id
-        # Padding goes between the shared prefix and each suffix; positions come from the mask.
-        tails = [ids[shared:] for ids in batch]
-        tail_width = max(len(t) for t in tails)
-        width = shared + tail_width
-        rows = [batch[0][:shared] + [pad] * (tail_width - len(t)) + t for t in tails]
-        masks = [[1] * shared + [0] * (tail_width - len(t)) + [1] * len(t) for t in tails]
+        # Row r: [pad | its cached tokens] [pad | its new tokens]. Padding sits inside each part;
+        # positions come from the mask, so a cached token keeps the position it was computed at.
+        head, tail_width = max(cached), max(len(ids) - c for ids, c in zip(batch, cached))
+        width = head + tail_width
+        rows, masks = [], []
+        for ids, c in zip(batch, cached):
+            gap, room = head - c, tail_width - (len(ids) - c)
+            rows.append([pad] * gap + ids[:c] + [pad] * room + ids[c:])
+            masks.append([0] * gap + [1] * c + [0] * room + [1] * (len(ids) - c))
+        self.prefilled_tokens += sum(len(ids) - c for ids, c in zip(batch, cached))
         input_ids = torch.tensor(rows, device=self.model.device)
         attention = torch.tensor(masks, device=self.model.device)
         budget = max(1, min(params.max_new_tokens, self.max_context - width))
@@ -216,16 +270,31 @@ class HFEngine:
                                   pad_token_id=pad, top_k=None, past_key_values=cache, **sampling, **extra)
         eos = set(self._eos_ids())
         gens = []
-        for ids, row in zip(batch, out[:, width:].tolist()):
+        for r, (ids, row) in enumerate(zip(batch, out[:, width:].tolist())):
             length = next((k for k, t in enumerate(row) if t in eos), None)
             ended = length is not None
             tokens = row[:length] if ended else row
+            if turns is not None:
+                self._keep_turn(turns, cache, r, ids, masks[r], row[:len(tokens) + 1], keys[r])
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             hit = min((s for s in params.stop if s in text), key=text.index, default="")
             if hit:
                 text, ended = text[:text.index(hit)], True
             gens.append(Generation(text.strip(), "stop" if ended else "length", len(ids), len(tokens), hit))
         return gens
+
+    def _keep_turn(self, turns: TurnCache, cache: Any, row: int, ids: list[int], mask: list[int],
+                   generated: list[int], continued: int | None) -> None:
+        """Keep row ``row``'s KV (its real tokens, up to the last generated one, whose KV was never
+        computed) for the conversation's next call."""
+        width = len(mask)
+        computed = cache.get_seq_length() - width  # generated positions whose KV exists
+        kept = generated[:max(0, min(len(generated) - 1, computed))]
+        positions = [p for p, m in enumerate(mask) if m] + list(range(width, width + len(kept)))
+        index = torch.tensor(positions, device=self.model.device)
+        kv = [(layer.keys[row:row + 1].index_select(2, index), layer.values[row:row + 1].index_select(2, index))
+              for layer in cache.layers]
+        turns.put(ids, kept, kv, continued)
 
     def _eos_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id

@@ -1,0 +1,84 @@
+"""Each conversation's KV cache, kept between generate calls of the hf backend.
+
+A role-played conversation comes back every turn with two more messages; without this cache the
+engine prefills its whole history again, a cost that grows with the square of the turns. After a
+call, each conversation's keys and values (its real tokens only, padding dropped) are kept with
+the token ids they were computed from. The next call reuses, for each conversation, the entry
+with the longest common token prefix: its own previous turn, or, for a conversation seen for
+the first time, another one that opens with the same prompt. Reuse is exact by construction:
+position ``j`` of an entry was computed from ``ids[:j + 1]`` at position ``j``, so any matching
+prefix may be reused, whatever re-tokenization does at the turn boundary.
+
+The cache holds at most ``max_bytes``; the least recently used entries go first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from itertools import count
+
+import numpy as np
+import torch
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of shape (1, heads, tokens, dim)
+
+
+@dataclass
+class TurnEntry:
+    ids: np.ndarray  # the request's tokens, then the reply's
+    request: int  # how many of ids were the request
+    kv: KV
+    nbytes: int
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two token arrays."""
+    n = min(len(a), len(b))
+    same = a[:n] == b[:n]
+    return n if same.all() else int(np.argmin(same))
+
+
+class TurnCache:
+    """Conversations' KV caches between calls, matched by longest common token prefix."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[int, TurnEntry] = OrderedDict()
+        self.nbytes = 0
+        self._keys = count()
+
+    def match(self, ids: list[int]) -> tuple[int | None, int]:
+        """The key of the entry that ``ids`` is a later turn of, and the length of their common prefix."""
+        query = np.asarray(ids, dtype=np.int64)
+        best, length = None, 0
+        for key, entry in self.entries.items():
+            if len(query) <= entry.request:
+                continue
+            shared = common_prefix(query, entry.ids)
+            if shared >= entry.request and shared > length:
+                best, length = key, shared
+        if best is not None:
+            self.entries.move_to_end(best)
+        return best, length
+
+    def kv(self, key: int) -> KV:
+        return self.entries[key].kv
+
+    def put(self, request: list[int], reply: list[int], kv: KV, continued: int | None = None) -> None:
+        """Keep ``kv`` (one row, one position per token of ``request + reply``). The entry this
+        conversation ``continued`` is superseded."""
+        if continued is not None and continued in self.entries:
+            self.nbytes -= self.entries.pop(continued).nbytes
+        nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+        if nbytes > self.max_bytes:
+            return
+        ids = np.asarray(request + reply, dtype=np.int64)
+        self.entries[next(self._keys)] = TurnEntry(ids, len(request), kv, nbytes)
+        self.nbytes += nbytes
+        while self.nbytes > self.max_bytes:
+            self.nbytes -= self.entries.popitem(last=False)[1].nbytes
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.nbytes = 0
