@@ -108,7 +108,10 @@ def main() -> None:
     runs: dict[str, tuple[float, int, list[dict]]] = {}
 
     hf = HFEngine(args.model, batch_size=max(1, args.inputs))
-    role_play(spec, cfg, hf, inputs[:2])  # warm-up
+    # Warm-up at the full batch (one short turn): a GPU's first large batch pays for allocator
+    # growth and kernel selection, which a small warm-up leaves to the first timed run.
+    warm_cfg = SynthConfig(max_turns=1, agent_max_tokens=4, env_max_tokens=4, agent_resamples=0)
+    role_play(spec, warm_cfg, hf, inputs)
     hf.prefix_sharing, hf.growing_kv = False, False
     baseline = inputs[:args.baseline_inputs] if args.baseline_inputs else inputs
     figures["baseline_conversations"] = len(baseline)
@@ -136,7 +139,7 @@ def main() -> None:
         pool = EnginePool(ModelConfig(name=args.model, backend="vllm", num_gpus=0, num_cpus=2,
                                       batch_size=max(1, args.inputs)), "target")
         try:
-            role_play(spec, cfg, pool, inputs[:2])  # warm-up
+            role_play(spec, warm_cfg, pool, inputs)  # warm-up
             runs["vllm"] = timed_role_play(spec, cfg, pool, inputs, batched=True)
             figures["vllm_raw_tok_s"] = round(raw_throughput(pool, spec, inputs, args.max_tokens), 1)
         finally:
