@@ -116,13 +116,35 @@ def test_kept_turns_prefill_only_new_tokens_and_give_the_same_outputs() -> None:
     assert kept_prefill[0] == whole_prefill[0]  # nothing kept yet: the prompt shared once, as before
     for turn in (1, 2):  # what an earlier call saw comes from the cache; only what was added is prefilled
         assert kept_prefill[turn] <= growth[turn] < whole_prefill[turn]
-    assert len(kept.turn_caches[None].entries) == len(questions)  # each conversation's previous turn superseded
+    assert len(kept.turn_cache.entries) == len(questions)  # each conversation's previous turn superseded
 
     # a request repeated as it was is served afresh: the same answer as an engine that keeps nothing
     chats = [prompt + [{"role": "user", "content": q}] for q in questions]
     before = kept.prefilled_tokens
     assert [g.text for g in kept.generate(chats, params)] == whole_replies[0]
     assert kept.prefilled_tokens - before == whole_prefill[0]
+
+
+def test_turn_cache_matches_later_turns_of_the_same_conversation_under_the_same_adapter() -> None:
+    import torch
+
+    from genpi.engines.turn_cache import TurnCache
+
+    def kv(n: int):  # one layer, one row: 2 heads x n positions x 4 dims of float32 (32 bytes a position)
+        return [(torch.zeros(1, 2, n, 4), torch.zeros(1, 2, n, 4))]
+
+    cache = TurnCache(max_bytes=64 * 8)  # room for 8 positions of keys and values
+    cache.put([1, 2, 3], [7], kv(4))
+    first = next(iter(cache.entries))
+    assert cache.match([1, 2, 3]) == (None, 0)  # the same request again: never from the cache
+    assert cache.match([1, 2, 9, 9]) == (None, 0)  # another conversation with the same opening
+    assert cache.match([1, 2, 3, 7, 5]) == (first, 4)  # a later turn: request and reply reused
+    assert cache.match([1, 2, 3, 8, 5]) == (first, 3)  # the reply re-tokenized otherwise: the request only
+    assert cache.match([1, 2, 3, 7, 5], tag="adapter") == (None, 0)  # other weights, other keys
+    cache.put([1, 2, 3, 7, 5], [6], kv(6), continued=first)
+    assert first not in cache.entries and cache.nbytes == 6 * 64  # the previous turn is superseded
+    cache.put([4, 4], [4], kv(3))  # over the budget: the least recently used entry goes
+    assert [len(e.ids) for e in cache.entries.values()] == [3] and cache.nbytes == 3 * 64
 
 
 @pytest.mark.s3

@@ -7,7 +7,7 @@ request (:func:`genpi.engines.base.request_seeds`, as the vLLM backend does), so
 does not depend on the batch it shares.
 
 A conversation that comes back with new turns prefills only its new tokens: each conversation's
-KV cache is kept between calls (:mod:`genpi.engines.turn_cache`, one per adapter), and the
+KV cache is kept between calls (:mod:`genpi.engines.turn_cache`, tagged by adapter), and the
 prompt's KV is shared by every conversation that opens with it.
 """
 
@@ -91,7 +91,7 @@ class HFEngine:
         self.prefix_sharing = prefix_sharing
         self.growing_kv = True  # False: transformers' DynamicCache (a baseline for bench/synthesis.py)
         self.turn_cache_mib = turn_cache_mib  # 0: every call prefills each conversation whole
-        self.turn_caches: dict[str | None, TurnCache] = {}  # per adapter (None: the base model)
+        self.turn_cache = TurnCache(turn_cache_mib * 2**20)  # entries tagged by adapter
         self.prefilled_tokens = 0  # tokens run through the model before generation, for benchmarks
         self.adapters: dict[str, str] = {}  # adapter name -> folder it was loaded from
         self._adapter: str | None = None  # the one active in the current scope
@@ -191,9 +191,8 @@ class HFEngine:
             return None
         if not all(isinstance(layer, GrowingLayer) for layer in growing_cache(self.model).layers):
             return None  # sliding-window and other special layers keep their own rule
-        if self._adapter not in self.turn_caches:
-            self.turn_caches[self._adapter] = TurnCache(self.turn_cache_mib * 2**20)
-        return self.turn_caches[self._adapter]
+        self.turn_cache.max_bytes = self.turn_cache_mib * 2**20
+        return self.turn_cache
 
     def _shared_prefix(self, batch: list[list[int]]) -> tuple[int, Any]:
         """Length of the token prefix every conversation in ``batch`` starts with, and a cache holding it.
@@ -220,7 +219,7 @@ class HFEngine:
         """Each conversation's cached length and entry from earlier calls, and a cache holding
         them (row ``r``'s keys right-aligned in the first ``max(lengths)`` positions); None when
         too little is cached to be worth it."""
-        matches = [turns.match(ids) for ids in batch]
+        matches = [turns.match(ids, self._adapter) for ids in batch]
         lengths = [min(length, len(ids) - 1) for (_, length), ids in zip(matches, batch)]
         width = max(lengths)
         if width < _MIN_SHARED_PREFIX:
@@ -294,7 +293,7 @@ class HFEngine:
         index = torch.tensor(positions, device=self.model.device)
         kv = [(layer.keys[row:row + 1].index_select(2, index), layer.values[row:row + 1].index_select(2, index))
               for layer in cache.layers]
-        turns.put(ids, kept, kv, continued)
+        turns.put(ids, kept, kv, continued, self._adapter)
 
     def _eos_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id

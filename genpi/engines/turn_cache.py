@@ -9,7 +9,9 @@ the first time, another one that opens with the same prompt. Reuse is exact by c
 position ``j`` of an entry was computed from ``ids[:j + 1]`` at position ``j``, so any matching
 prefix may be reused, whatever re-tokenization does at the turn boundary.
 
-The cache holds at most ``max_bytes``; the least recently used entries go first.
+Keys and values depend on the weights, so an entry is tagged with the adapter that computed it
+(None: the base model) and only matches requests under the same adapter. The cache holds at
+most ``max_bytes`` for all of them; the least recently used entries go first.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of shape
 class TurnEntry:
     ids: np.ndarray  # the request's tokens, then the reply's
     request: int  # how many of ids were the request
+    tag: str | None  # the adapter that computed it
     kv: KV
     nbytes: int
 
@@ -48,12 +51,13 @@ class TurnCache:
         self.nbytes = 0
         self._keys = count()
 
-    def match(self, ids: list[int]) -> tuple[int | None, int]:
-        """The key of the entry that ``ids`` is a later turn of, and the length of their common prefix."""
+    def match(self, ids: list[int], tag: str | None = None) -> tuple[int | None, int]:
+        """The key of the entry (under adapter ``tag``) that ``ids`` is a later turn of, and the
+        length of their common prefix."""
         query = np.asarray(ids, dtype=np.int64)
         best, length = None, 0
         for key, entry in self.entries.items():
-            if len(query) <= entry.request:
+            if entry.tag != tag or len(query) <= entry.request:
                 continue
             shared = common_prefix(query, entry.ids)
             if shared >= entry.request and shared > length:
@@ -65,7 +69,8 @@ class TurnCache:
     def kv(self, key: int) -> KV:
         return self.entries[key].kv
 
-    def put(self, request: list[int], reply: list[int], kv: KV, continued: int | None = None) -> None:
+    def put(self, request: list[int], reply: list[int], kv: KV, continued: int | None = None,
+            tag: str | None = None) -> None:
         """Keep ``kv`` (one row, one position per token of ``request + reply``). The entry this
         conversation ``continued`` is superseded."""
         if continued is not None and continued in self.entries:
@@ -74,7 +79,7 @@ class TurnCache:
         if nbytes > self.max_bytes:
             return
         ids = np.asarray(request + reply, dtype=np.int64)
-        self.entries[next(self._keys)] = TurnEntry(ids, len(request), kv, nbytes)
+        self.entries[next(self._keys)] = TurnEntry(ids, len(request), tag, kv, nbytes)
         self.nbytes += nbytes
         while self.nbytes > self.max_bytes:
             self.nbytes -= self.entries.popitem(last=False)[1].nbytes
