@@ -90,8 +90,10 @@ class HFEngine:
         self.batch_size = batch_size
         self.prefix_sharing = prefix_sharing
         self.growing_kv = True  # False: transformers' DynamicCache (a baseline for bench/synthesis.py)
-        self.turn_cache_mib = turn_cache_mib  # 0: every call prefills each conversation whole
-        self.turn_cache = TurnCache(turn_cache_mib * 2**20)  # entries tagged by adapter
+        # Each conversation's KV between calls (0 MiB: every call prefills each conversation whole);
+        # sliding-window and other special cache layers keep their own rule, so not for them.
+        self.turn_cache = TurnCache(turn_cache_mib * 2**20)
+        self._layers_keepable = all(isinstance(layer, GrowingLayer) for layer in growing_cache(self.model).layers)
         self.prefilled_tokens = 0  # tokens run through the model before generation, for benchmarks
         self.adapters: dict[str, str] = {}  # adapter name -> folder it was loaded from
         self._adapter: str | None = None  # the one active in the current scope
@@ -187,12 +189,8 @@ class HFEngine:
         return chunks
 
     def _turn_cache(self) -> TurnCache | None:
-        if not self.turn_cache_mib or not self.growing_kv:
-            return None
-        if not all(isinstance(layer, GrowingLayer) for layer in growing_cache(self.model).layers):
-            return None  # sliding-window and other special layers keep their own rule
-        self.turn_cache.max_bytes = self.turn_cache_mib * 2**20
-        return self.turn_cache
+        keeps = self.turn_cache.max_bytes and self.growing_kv and self._layers_keepable
+        return self.turn_cache if keeps else None
 
     def _shared_prefix(self, batch: list[list[int]]) -> tuple[int, Any]:
         """Length of the token prefix every conversation in ``batch`` starts with, and a cache holding it.
