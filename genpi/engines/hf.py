@@ -7,8 +7,8 @@ request (:func:`genpi.engines.base.request_seeds`, as the vLLM backend does), so
 does not depend on the batch it shares.
 
 A conversation that comes back with new turns prefills only its new tokens: each conversation's
-KV cache is kept between calls (:mod:`genpi.engines.turn_cache`, tagged by adapter), and the
-prompt's KV is shared by every conversation that opens with it.
+KV cache is kept between calls (:mod:`genpi.engines.turn_cache`, tagged by adapter), and within
+a batch the prompt's KV is computed once for every conversation that opens with it.
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ class HFEngine:
             k = k0.new_zeros((len(batch), k0.shape[1], width, k0.shape[3]))
             v = v0.new_zeros((len(batch), v0.shape[1], width, v0.shape[3]))
             for row, (key, length) in enumerate(zip(keys, lengths)):
-                if key is not None and length:
+                if key is not None:
                     kr, vr = turns.kv(key)[layer]
                     k[row, :, width - length:] = kr[0, :, :length]
                     v[row, :, width - length:] = vr[0, :, :length]

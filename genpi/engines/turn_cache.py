@@ -3,11 +3,12 @@
 A role-played conversation comes back every turn with two more messages; without this cache the
 engine prefills its whole history again, a cost that grows with the square of the turns. After a
 call, each conversation's keys and values (its real tokens only, padding dropped) are kept with
-the token ids they were computed from. The next call reuses, for each conversation, the entry
-with the longest common token prefix: its own previous turn, or, for a conversation seen for
-the first time, another one that opens with the same prompt. Reuse is exact by construction:
-position ``j`` of an entry was computed from ``ids[:j + 1]`` at position ``j``, so any matching
-prefix may be reused, whatever re-tokenization does at the turn boundary.
+the token ids they were computed from: the request and the reply generated to it. The next call
+reuses an entry only for a later turn of the same conversation, a request that starts with the
+entry's whole request and goes on; within that, the longest common token prefix. Position ``j``
+of an entry was computed from ``ids[:j + 1]``, so any common prefix is valid, whatever
+re-tokenization does to the reply at the turn boundary. A request repeated unchanged is never
+served from the cache, so asking the same thing twice gives the same answer.
 
 Keys and values depend on the weights, so an entry is tagged with the adapter that computed it
 (None: the base model) and only matches requests under the same adapter. The cache holds at
@@ -83,7 +84,3 @@ class TurnCache:
         self.nbytes += nbytes
         while self.nbytes > self.max_bytes:
             self.nbytes -= self.entries.popitem(last=False)[1].nbytes
-
-    def clear(self) -> None:
-        self.entries.clear()
-        self.nbytes = 0
