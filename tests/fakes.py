@@ -105,7 +105,9 @@ def kind_of(conversation: Conversation) -> str:
 
 
 def requested_count(conversation: Conversation) -> int:
-    return int(re.search(r"Write (\d+) new requests", conversation[-1]["content"]).group(1))
+    """New items an input request asks for: the list's length less the examples prefilled."""
+    total = int(re.search(r"Write a numbered list of (\d+) requests", conversation[1]["content"]).group(1))
+    return total - (int(re.search(r"(\d+)\.$", conversation[-1]["content"]).group(1)) - 1)
 
 
 def task_of(conversation: Conversation, spec: PromptSpec) -> str:
@@ -124,7 +126,7 @@ def agent_turns_so_far(conversation: Conversation, spec: PromptSpec) -> int:
 class World:
     """Scripted generator + target for end-to-end synthesis.
 
-    - input requests: a numbered list of the requested count of fresh, unique tasks;
+    - input requests: the prefilled list continued with the requested count of fresh, unique tasks;
     - reasons: a fixed explanation naming the task;
     - student: a plain-prose reply; agent/teacher: a bash action first, ``Act: finish`` after;
       on agent turn ``chatty_turn(task)`` (1-based; 0 never) a chatty reply out of the action format
@@ -144,11 +146,12 @@ class World:
     def __call__(self, conversation: Conversation, params: SamplingParams) -> str | Generation:
         kind = kind_of(conversation)
         if kind == "inputs":
-            lines = []
-            for k in range(1, requested_count(conversation) + 1):
-                lines.append(f"{k}. Report the size of the folder /data/set{self.next_task} in bytes.")
+            tasks = []
+            for _ in range(requested_count(conversation)):
+                tasks.append(f"Report the size of the folder /data/set{self.next_task} in bytes.")
                 self.next_task += 1
-            return "Sure, here they are:\n" + "\n".join(lines)
+            # the list goes on from the number the prefilled answer already wrote
+            return " " + "\n".join(f"{k + 9}. {t}" if k else t for k, t in enumerate(tasks))
         if kind == "reason":
             task = re.search(r"User input:\n(.*)\n", conversation[-1]["content"]).group(1)
             return f"The prompt demands Think/Act lines, so for '{task}' the answer becomes an action."

@@ -167,3 +167,13 @@ def test_engines_are_sized_to_fit_the_cluster_together() -> None:
     assert fit_engine_cpus(shared, shared, 2) == (shared, shared)  # one shared pool: 2 of 2
     replicas = ModelConfig(name="b", num_cpus=2, replicas=3)
     assert [m.num_cpus for m in fit_engine_cpus(shared, replicas, 4)] == [1, 1]  # 8 asked of 4: halved
+
+
+def test_a_prefilled_answer_is_continued(pool) -> None:
+    """A conversation ending with an assistant message: the reply goes on from that message."""
+    full = pool.generate(CONVERSATIONS[:1], SamplingParams(max_new_tokens=12))[0].text
+    head = full[:full.index(" ", 4)]  # whole words of the greedy reply
+    prefilled = CONVERSATIONS[0] + [{"role": "assistant", "content": head}]
+    cont = pool.generate([prefilled], SamplingParams(max_new_tokens=6))[0]
+    assert cont.text and full[len(head):].strip().startswith(cont.text)  # replies come stripped
+    assert cont.prompt_tokens == pool.count_tokens([prefilled])[0] > pool.count_tokens(CONVERSATIONS[:1])[0]

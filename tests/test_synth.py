@@ -25,7 +25,8 @@ from genpi.synth.quality import quality_report
 from genpi.synth.reasons import reasons
 from genpi.synth.roleplay import max_turns_for, role_play
 from genpi.synth.stage import TooFewInputs, join_by_id, reason_ids, synthesize
-from tests.fakes import FakeEngine, ScriptedFailure, World, agent_turns_so_far, kind_of, mini_spec, task_of
+from tests.fakes import (FakeEngine, ScriptedFailure, World, agent_turns_so_far, kind_of, mini_spec,
+                         requested_count, task_of)
 
 SPEC = mini_spec()
 
@@ -51,9 +52,10 @@ def test_parse_bulleted_list() -> None:
     assert parse_candidates(reply) == ["Restart nginx", "Print the date", "Compress /var/log into logs.tgz"]
 
 
-def test_parse_falls_back_to_plain_lines_without_a_list() -> None:
-    reply = "Count the files in /tmp.\n\n   \n\"Show the uptime of the machine\"\n"
+def test_parse_keeps_only_list_items() -> None:
+    reply = "6. Count the files in /tmp.\n```python\nfor x in y:\n```\n7.\n8. \"Show the uptime of the machine\"\nDone.\n"
     assert parse_candidates(reply) == ["Count the files in /tmp.", "Show the uptime of the machine"]
+    assert parse_candidates("Count the files in /tmp.\nShow the uptime.") == []
     assert parse_candidates("") == []
 
 
@@ -68,11 +70,11 @@ def scripted_replies(*replies: str) -> FakeEngine:
 def test_generate_inputs_dedups_rejects_and_counts(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     gen = scripted_replies(
-        "1. Find the five largest files in /var.\n"
+        " Find the five largest files in /var.\n"
         "2. ls\n"                                           # too short
         "3.   find the FIVE largest   files in /var.  \n"    # duplicate once case/space folded
         "4. count the lines of /etc/passwd.\n",              # copies example input 1
-        "1. Show which process listens on port 80.\n"
+        " Show which process listens on port 80.\n"
         "2. Find the five largest files in /var.\n",          # duplicate across requests
     )
     cfg = synth_cfg(num_inputs=10, inputs_per_request=5, max_input_rounds=1, seed=3)
@@ -87,17 +89,32 @@ def test_generate_inputs_dedups_rejects_and_counts(tmp_path: Path) -> None:
     assert len(gen.calls) == 1
     convs, _ = gen.calls[0]
     assert len(convs) == 4 and stats.requests == 4
-    assert all(kind_of(c) == "inputs" and "Write 5 new requests" in c[-1]["content"] for c in convs)
-    assert all(SPEC.text() in c[-1]["content"] for c in convs)
-    # the shown demos are the prompt's example inputs
-    assert any(d in convs[0][-1]["content"] for d in SPEC.example_inputs)
+    assert all(kind_of(c) == "inputs" and requested_count(c) == 5 for c in convs)
+    assert all(SPEC.text() in c[1]["content"] for c in convs)
+    # the answer is prefilled with the prompt's example inputs as the start of the list
+    shown = min(cfg.demos_per_request, len(SPEC.example_inputs))
+    assert all(c[-1]["role"] == "assistant" and c[-1]["content"].endswith(f"\n{shown + 1}.") for c in convs)
+    listed = [line.split(". ", 1)[1] for line in convs[0][-1]["content"].splitlines()[:-1]]
+    assert len(listed) == shown and set(listed) <= set(SPEC.example_inputs)
+
+
+def test_generate_inputs_drops_the_item_the_token_limit_cut(tmp_path: Path) -> None:
+    cut = Generation(" Find the five largest files in /var.\n7. Show which process listens on port", "length", 50, 30)
+    gen = FakeEngine(lambda conv, params: cut)
+    cfg = synth_cfg(num_inputs=1, inputs_per_request=5, max_input_rounds=1)
+    kept, stats = generate_inputs(SPEC, cfg, gen, LocalStore(tmp_path), "p/inputs")
+    assert kept == ["Find the five largest files in /var."] and stats.cut_off == 1
+    whole = FakeEngine(lambda conv, params: Generation(cut.text + " 80.", "stop", 50, 31))
+    kept, stats = generate_inputs(SPEC, synth_cfg(num_inputs=2, inputs_per_request=5, max_input_rounds=1),
+                                  whole, LocalStore(tmp_path / "whole"), "p/inputs")
+    assert kept[1] == "Show which process listens on port 80." and stats.cut_off == 0
 
 
 def test_generate_inputs_drops_near_duplicates_by_sentence_embedding(tmp_path: Path) -> None:
     from genpi.embeddings import load_embedder
 
     gen = scripted_replies(
-        "1. Find the five largest files in /var.\n"
+        " Find the five largest files in /var.\n"
         "2. Find the 5 biggest files in /var.\n"                 # a paraphrase of the first
         "3. Show which process listens on port 80.\n"
         "4. Count the lines of the file /etc/passwd.\n",          # a paraphrase of an example input
@@ -107,7 +124,7 @@ def test_generate_inputs_drops_near_duplicates_by_sentence_embedding(tmp_path: P
     assert kept == ["Find the five largest files in /var.", "Show which process listens on port 80."]
     assert stats.near_duplicates == 2 and stats.duplicates == 0 and stats.kept == 2
     off = synth_cfg(num_inputs=10, inputs_per_request=5, max_input_rounds=1, near_duplicate_threshold=0.0)
-    again = scripted_replies("1. Find the five largest files in /var.\n2. Find the 5 biggest files in /var.")
+    again = scripted_replies(" Find the five largest files in /var.\n2. Find the 5 biggest files in /var.")
     kept, stats = generate_inputs(SPEC, off, again, LocalStore(tmp_path / "off"), "p/inputs", load_embedder().embed)
     assert len(kept) == 2 and stats.near_duplicates == 0
 
@@ -128,7 +145,7 @@ def test_generate_inputs_runs_more_rounds_until_enough(tmp_path: Path) -> None:
     counter = iter(range(1000))
 
     def reply(conv, params):
-        return f"1. Delete old files in /tmp/cache{next(counter)}\n2. Delete old files in /tmp/cache0"
+        return f" Delete old files in /tmp/cache{next(counter)}\n2. Delete old files in /tmp/cache0"
 
     gen = FakeEngine(reply)
     cfg = synth_cfg(num_inputs=5, inputs_per_request=2, max_input_rounds=8)
@@ -136,7 +153,7 @@ def test_generate_inputs_runs_more_rounds_until_enough(tmp_path: Path) -> None:
     assert kept == [f"Delete old files in /tmp/cache{k}" for k in range(5)]
     # round 0 asks ceil(2*5/2)=5 requests -> 5 unique; done after one round
     assert [len(c) for c, _ in gen.calls] == [5]
-    gen2 = FakeEngine(lambda conv, params: "1. Delete old files in /tmp/only-this-one")
+    gen2 = FakeEngine(lambda conv, params: " Delete old files in /tmp/only-this-one")
     kept2, stats2 = generate_inputs(SPEC, cfg, gen2, LocalStore(tmp_path / "b"), "p/inputs")
     assert kept2 == ["Delete old files in /tmp/only-this-one"]
     assert stats2.rounds == 8 and len(gen2.calls) == 8  # gives up after max_input_rounds

@@ -46,8 +46,13 @@ _MIN_ROOM = 8  # new tokens below which a reply cannot say anything useful
 
 
 def chat_token_ids(tokenizer: Any, conversation: Conversation) -> list[int]:
-    """Token ids of a conversation followed by the assistant's generation header (every backend's view)."""
-    return list(tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,
+    """Token ids of a conversation followed by the assistant's generation header (every backend's view).
+
+    A conversation that ends with an assistant message is a prefilled answer: the reply continues
+    that message (no end of turn after it, no new header); like every reply, it comes stripped."""
+    prefilled = bool(conversation) and conversation[-1]["role"] == "assistant"
+    return list(tokenizer.apply_chat_template(conversation, add_generation_prompt=not prefilled,
+                                              continue_final_message=prefilled, tokenize=True,
                                               return_dict=True)["input_ids"])
 
 

@@ -1,5 +1,7 @@
 """Pseudo user inputs: the generator reads the prompt and example inputs and writes new ones.
 
+Each request shows the examples as the start of a numbered list that the generator continues
+(:func:`genpi.synth.templates.input_request`); the item a token limit cut off is dropped.
 Requests are sampled (T=1.0, top-p 0.9 in the paper), several inputs per request; each round's
 raw candidates are stored, so a rerun reuses finished rounds. Candidates are cleaned and
 deduplicated in round order until ``num_inputs`` are kept: exact duplicates (case and whitespace
@@ -34,18 +36,18 @@ class InputStats:
     rejected: int = 0
     duplicates: int = 0
     near_duplicates: int = 0
+    cut_off: int = 0
     kept: int = 0
     rounds: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
 
 
 def parse_candidates(text: str) -> list[str]:
-    """Inputs from one generator reply: the items of a numbered or bulleted list, or, when the
-    reply has no list, its non-empty lines."""
-    lines = [line for line in text.splitlines() if line.strip()]
-    matches = [_ITEM.match(line) for line in lines]
-    items = [m.group(1) for m in matches if m] or lines
-    return [item.strip().strip('"“”\'').strip() for item in items]
+    """Inputs from one generator reply: the items of its numbered or bulleted list. Other lines
+    (commentary, code, an item's wrapped tail) are not requests."""
+    matches = [_ITEM.match(line) for line in text.splitlines()]
+    items = [m.group(1).strip().strip('"“”\'').strip() for m in matches if m]
+    return [item for item in items if item]
 
 
 def normalize(text: str) -> str:
@@ -109,19 +111,23 @@ def generate_inputs(spec: PromptSpec, cfg: SynthConfig, generator, store: Artifa
             # Ask for more than needed: small generators repeat themselves and break the format.
             n_requests = max(1, -(-2 * missing // cfg.inputs_per_request))
             rng = random.Random(f"{cfg.seed}-{round_no}")
-            conversations = [
-                templates.input_request(spec, rng.sample(demos, min(cfg.demos_per_request, len(demos))),
-                                        cfg.inputs_per_request)
-                for _ in range(n_requests)]
+            shown = [rng.sample(demos, min(cfg.demos_per_request, len(demos))) for _ in range(n_requests)]
+            conversations = [templates.input_request(spec, d, cfg.inputs_per_request) for d in shown]
             params = SamplingParams(max_new_tokens=cfg.input_max_tokens, temperature=cfg.input_temperature,
                                     top_p=cfg.input_top_p, seed=cfg.seed + round_no)
-            replies = [{"reply": g.text} for g in generator.generate(conversations, params)]
+            # the list the generator continued, from its first new item on
+            replies = [{"reply": f"{templates.first_new_item(d)} {g.text}", "finish": g.finish_reason}
+                       for d, g in zip(shown, generator.generate(conversations, params))]
             store.put_jsonl(key, replies)
         stats.rounds += 1
         stats.requests += len(replies)
         fresh: list[str] = []
         for reply in replies:
-            for candidate in parse_candidates(reply["reply"]):
+            candidates = parse_candidates(reply["reply"])
+            if reply.get("finish") == "length" and candidates:
+                stats.cut_off += 1  # the last item ran into the token limit mid-request
+                candidates = candidates[:-1]
+            for candidate in candidates:
                 stats.candidates += 1
                 why = _rejection(candidate, demo_keys)
                 if why:

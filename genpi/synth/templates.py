@@ -11,18 +11,26 @@ from genpi.prompts import PromptSpec
 
 
 def input_request(spec: PromptSpec, demos: list[str], count: int) -> Conversation:
-    """Ask the generator for ``count`` new user inputs the application could receive."""
-    shown = "\n".join(f"{i}. {d}" for i, d in enumerate(demos, 1)) or "(none given)"
+    """Ask the generator for ``count`` new user inputs the application could receive.
+
+    The answer is prefilled with the examples as the start of a numbered list, so the generator
+    only continues the list from item ``len(demos) + 1``: even a small generator then writes
+    requests shaped like the examples instead of commentary, code or a new task of its own."""
     return [
         {"role": "system", "content": "You invent realistic requests that users send to an AI application."},
         {"role": "user", "content": (
             "Here is the full prompt the application always sends to its assistant:\n"
             f"<<<\n{spec.text()}\n>>>\n\n"
-            f"Examples of requests users send to this application:\n{shown}\n\n"
-            f"Write {count} new requests a user could send to this application. Make each one concrete, "
-            "self-contained and different from the examples and from each other. Answer with a numbered "
-            "list, one request per line, and nothing else.")},
+            f"Write a numbered list of {len(demos) + count} requests that users send to this application, one "
+            "per line. Make each one concrete, self-contained and different from the others.")},
+        {"role": "assistant", "content": "".join(f"{i}. {' '.join(d.split())}\n" for i, d in enumerate(demos, 1))
+         + first_new_item(demos)},
     ]
+
+
+def first_new_item(demos: list[str]) -> str:
+    """Where the prefilled list of :func:`input_request` stops: the number of its first new item."""
+    return f"{len(demos) + 1}."
 
 
 def reason_request(spec: PromptSpec, user_input: str, as_is: str, to_be: str, sentences: int) -> Conversation:
