@@ -43,7 +43,7 @@ install-vllm: $(VLLM_STAMP)
 run: $(STAMP) $(VLLM_STAMP)
 	$(PY) jobs/internalize.py --prompts prompts/ --eval-inputs inputs/ --profile local $(ARGS)
 
-# The same recipe on an agent prompt and real inputs that the shipped prompts never saw.
+# The same recipe on agent prompts and real inputs outside prompts/ (bench/heldout/).
 heldout: $(STAMP) $(VLLM_STAMP)
 	$(PY) jobs/internalize.py --prompts bench/heldout/prompts/ --eval-inputs bench/heldout/inputs/ --profile local $(ARGS)
 

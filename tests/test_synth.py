@@ -108,6 +108,10 @@ def test_generate_inputs_drops_the_item_the_token_limit_cut(tmp_path: Path) -> N
     kept, stats = generate_inputs(SPEC, synth_cfg(num_inputs=2, inputs_per_request=5, max_input_rounds=1),
                                   whole, LocalStore(tmp_path / "whole"), "p/inputs")
     assert kept[1] == "Show which process listens on port 80." and stats.cut_off == 0
+    # a reply that is one long item cut off keeps it (some inputs are longer than the limit)
+    alone = FakeEngine(lambda conv, params: Generation(" Summarize this email: Dear team, the", "length", 50, 30))
+    kept, stats = generate_inputs(SPEC, cfg, alone, LocalStore(tmp_path / "alone"), "p/inputs")
+    assert kept == ["Summarize this email: Dear team, the"] and stats.cut_off == 0
 
 
 def test_generate_inputs_drops_near_duplicates_by_sentence_embedding(tmp_path: Path) -> None:

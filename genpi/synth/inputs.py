@@ -1,7 +1,8 @@
 """Pseudo user inputs: the generator reads the prompt and example inputs and writes new ones.
 
 Each request shows the examples as the start of a numbered list that the generator continues
-(:func:`genpi.synth.templates.input_request`); the item a token limit cut off is dropped.
+(:func:`genpi.synth.templates.input_request`); the item a token limit cut off is dropped,
+unless it is the reply's only one.
 Requests are sampled (T=1.0, top-p 0.9 in the paper), several inputs per request; each round's
 raw candidates are stored, so a rerun reuses finished rounds. Candidates are cleaned and
 deduplicated in round order until ``num_inputs`` are kept: exact duplicates (case and whitespace
@@ -124,8 +125,10 @@ def generate_inputs(spec: PromptSpec, cfg: SynthConfig, generator, store: Artifa
         fresh: list[str] = []
         for reply in replies:
             candidates = parse_candidates(reply["reply"])
-            if reply.get("finish") == "length" and candidates:
-                stats.cut_off += 1  # the last item ran into the token limit mid-request
+            # The last item ran into the token limit mid-request. A reply that is that one item is
+            # kept: some applications' inputs (emails, documents) are longer than the limit.
+            if reply.get("finish") == "length" and len(candidates) > 1:
+                stats.cut_off += 1
                 candidates = candidates[:-1]
             for candidate in candidates:
                 stats.candidates += 1
