@@ -116,7 +116,8 @@ def main() -> None:
     baseline = inputs[:args.baseline_inputs] if args.baseline_inputs else inputs
     figures["baseline_conversations"] = len(baseline)
     runs["one_at_a_time"] = timed_role_play(spec, cfg, hf, baseline, batched=False)
-    hf.prefix_sharing, hf.growing_kv, kept_bytes, hf.turn_cache.max_bytes = True, True, hf.turn_cache.max_bytes, 0
+    hf.prefix_sharing, hf.growing_kv = True, True
+    kept_bytes, hf.turn_cache.max_bytes = hf.turn_cache.max_bytes, 0  # no kept turns for this row
     before = hf.prefilled_tokens
     runs["hf_whole_history"] = timed_role_play(spec, cfg, hf, inputs, batched=True)
     figures["hf_whole_history_prefilled_tokens"] = hf.prefilled_tokens - before
