@@ -27,10 +27,10 @@ from genpi.config import load_config  # noqa: E402
 from genpi.evaluate.report import batch_rows, batch_table  # noqa: E402
 from genpi.evaluate.stage import evaluate_prompt  # noqa: E402
 from genpi.pipeline import store_for, synthesize_all  # noqa: E402
-from genpi.prompts import load_prompts  # noqa: E402
+from genpi.prompt.files import load_prompts  # noqa: E402
 from genpi.ray_runtime import connect  # noqa: E402
 from genpi.train.stage import train_prompt  # noqa: E402
-from genpi.user_inputs import load_user_inputs  # noqa: E402
+from genpi.prompt.real_inputs import load_real_inputs  # noqa: E402
 
 RECIPES = {
     # The local profile before the fidelity work: 1 epoch, batch 8, top 15 layers, every PG example.
@@ -58,7 +58,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     recipes = dict(parse_recipe(r) for r in args.recipe) if args.recipe else RECIPES
     every = load_prompts(args.prompts)
-    user = load_user_inputs(args.eval_inputs, [s.name for s in every]) if args.eval_inputs else {}
+    user = load_real_inputs(args.eval_inputs, [s.name for s in every]) if args.eval_inputs else {}
     specs = [s for s in every if not args.only or s.name in args.only]
     store = store_for(load_config(args.profile, overrides={"store.url": args.store}))
     print(connect(load_config(args.profile).ray))

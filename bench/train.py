@@ -42,13 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from genpi import layout  # noqa: E402
+from genpi import artifacts  # noqa: E402
 from genpi.config import load_config  # noqa: E402
 from genpi.models import resolve_model  # noqa: E402
-from genpi.prompts import load_prompts  # noqa: E402
+from genpi.prompt.files import load_prompts  # noqa: E402
 from genpi.store import open_store  # noqa: E402
 from genpi.train.batches import collate  # noqa: E402
-from genpi.train.examples import Example, RecordExamples, build_examples  # noqa: E402
+from genpi.train.examples import RecordExamples, build_examples  # noqa: E402
 from genpi.train.loss import label_tokens  # noqa: E402
 from genpi.train.objectives import objective_for  # noqa: E402
 from genpi.train.trainer import load_for_training, make_optimizer, step_loss  # noqa: E402
@@ -65,7 +65,7 @@ def load_examples(args: argparse.Namespace, cfg: Any) -> tuple[list[RecordExampl
         records, source = [json.loads(line) for line in Path(args.records).read_text().splitlines() if line], args.records
     else:
         store = open_store(args.store)
-        key = f"{layout.synth_prefix(spec, cfg)}/records.jsonl"
+        key = f"{artifacts.synth_prefix(spec, cfg)}/records.jsonl"
         if not store.exists(key):
             raise SystemExit(f"no synthesized records for {spec.name} under {store.location(key)}: run `make run` "
                              f"first (same profile), or pass --store.url or --records")

@@ -103,15 +103,15 @@ def _run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     from genpi.pipeline import run_batch, store_for
-    from genpi.prompts import load_prompts
+    from genpi.prompt.files import load_prompts
     from genpi.ray_runtime import connect, disconnect
 
     specs = load_prompts(args.prompts)
-    user_inputs = {}
+    real_inputs = {}
     if args.eval_inputs:
-        from genpi.user_inputs import load_user_inputs
+        from genpi.prompt.real_inputs import load_real_inputs
 
-        user_inputs = load_user_inputs(args.eval_inputs, [s.name for s in specs])
+        real_inputs = load_real_inputs(args.eval_inputs, [s.name for s in specs])
     if args.only:
         unknown = sorted(set(args.only) - {s.name for s in specs})
         if unknown:
@@ -130,7 +130,7 @@ def _run(args: argparse.Namespace) -> int:
             profile = "paper" if gpus else "local"
             cfg = _resolve(args, profile)
             log.info("profile %s (the cluster has %g GPUs)", profile, gpus)
-        results = run_batch(specs, cfg, store, {s.name: user_inputs[s.name] for s in specs if s.name in user_inputs})
+        results = run_batch(specs, cfg, store, {s.name: real_inputs[s.name] for s in specs if s.name in real_inputs})
     finally:
         disconnect()
 

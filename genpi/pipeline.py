@@ -21,10 +21,10 @@ from typing import Any
 
 import ray
 
-from genpi import layout
+from genpi import artifacts
 from genpi.config import PG_METHODS, GenPIConfig, config_from_dict
 from genpi.errors import ConfigError, EngineError, GenPIError
-from genpi.prompts import PromptSpec, check_prompt_lengths
+from genpi.prompt.spec import PromptSpec, check_prompt_lengths
 from genpi.store import ArtifactStore, open_store
 from genpi.synth.stage import synthesize
 
@@ -72,12 +72,12 @@ def _select_task(spec_json: dict[str, Any], run_dicts: list[dict[str, Any]]) -> 
 
 
 @ray.remote
-def _evaluate_task(spec_json: dict[str, Any], cfg_dict: dict[str, Any], user_inputs: list[str]) -> dict:
+def _evaluate_task(spec_json: dict[str, Any], cfg_dict: dict[str, Any], real_inputs: list[str]) -> dict:
     from genpi.evaluate.stage import evaluate_prompt
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s genpi %(message)s")
     cfg = config_from_dict(cfg_dict)
-    return evaluate_prompt(PromptSpec.from_json(spec_json), cfg, store_for(cfg), user_inputs)
+    return evaluate_prompt(PromptSpec.from_json(spec_json), cfg, store_for(cfg), real_inputs)
 
 
 def _fail(result: PromptResult, stage: str, error: BaseException) -> None:
@@ -102,20 +102,20 @@ def task_resources(section: str, num_cpus: float, num_gpus: float) -> tuple[floa
 
 def check_lengths(specs: list[PromptSpec], cfg: GenPIConfig) -> None:
     """Fail fast, before any work, when a prompt leaves no room in the target's context."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from genpi.chat import chat_ids, context_length
     from genpi.models import resolve_model
 
     target = cfg.models.target
     folder = resolve_model(target.name)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    context = int(getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", 2048))
+    context = context_length(folder)
     context = min(context, target.max_context) if target.max_context else context
     room = max(cfg.synth.agent_max_tokens, cfg.synth.output_max_tokens)
 
     def count(messages: list[dict]) -> int:
-        return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True)["input_ids"])
+        return len(chat_ids(tokenizer, messages, generation_prompt=True))
 
     check_prompt_lengths(specs, count, context - room, target.name)
 
@@ -125,7 +125,7 @@ def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactSto
     failures: dict[str, Exception] = {}
     todo = []
     for spec in specs:
-        prefix = layout.synth_prefix(spec, cfg)
+        prefix = artifacts.synth_prefix(spec, cfg)
         if store.is_done(prefix):
             log.info("[%s] synthesis found at %s", spec.name, store.location(prefix))
         else:
@@ -168,7 +168,7 @@ def train_all(specs: list[PromptSpec], runs: list[GenPIConfig], store: ArtifactS
     refs = {}
     for spec in specs:
         for k, run in enumerate(runs):
-            prefix = layout.train_prefix(spec, run)
+            prefix = artifacts.train_prefix(spec, run)
             if store.is_done(prefix):
                 log.info("[%s] adapter found at %s", spec.name, store.location(f"{prefix}/adapter"))
                 continue
@@ -191,12 +191,12 @@ def train_all(specs: list[PromptSpec], runs: list[GenPIConfig], store: ArtifactS
 
 
 def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
-              user_inputs: dict[str, list[str]] | None = None) -> list[PromptResult]:
+              real_inputs: dict[str, list[str]] | None = None) -> list[PromptResult]:
     """Run every prompt through synthesis, training and evaluation; returns one result per prompt.
 
-    ``user_inputs`` maps prompt names to real inputs evaluated beside the synthesized test split.
+    ``real_inputs`` maps prompt names to real inputs evaluated beside the synthesized test split.
     """
-    user_inputs = user_inputs or {}
+    real_inputs = real_inputs or {}
     started = time.time()
     results = {s.name: PromptResult(s.name, s.prompt_hash) for s in specs}
     check_lengths(specs, cfg)
@@ -234,7 +234,7 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
             chosen.pop(name)
 
     eval_refs = {name: _evaluate_task.options(num_cpus=eval_cpus, num_gpus=eval_gpus)
-                 .remote(by_name[name].to_json(), run.to_dict(), user_inputs.get(name, []))
+                 .remote(by_name[name].to_json(), run.to_dict(), real_inputs.get(name, []))
                  for name, run in chosen.items()}
     reports = []
     for spec in specs:
@@ -249,7 +249,7 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
         if spec.name in selections:
             report = {**report, "selection": selections[spec.name]}
         reports.append(report)
-        train = layout.train_prefix(spec, chosen[spec.name])
+        train = artifacts.train_prefix(spec, chosen[spec.name])
         result.status, result.stage = "done", "evaluated"
         t = chosen[spec.name].train
         result.run = f"{t.method}" + (f" lambda {t.pg_lambda:g}" if t.method in PG_METHODS else "") + f" seed {t.seed}" + \
@@ -258,19 +258,19 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
             report["published"]
         result.artifacts = {"adapter": store.location(f"{train}/adapter"),
                             "report": report["location"],
-                            "records": store.location(f"{layout.synth_prefix(spec, cfg)}/records.jsonl"),
-                            "quality": store.location(f"{layout.synth_prefix(spec, cfg)}/quality.json")}
-    write_batch(specs, cfg, store, list(results.values()), reports, user_inputs, time.time() - started)
+                            "records": store.location(f"{artifacts.synth_prefix(spec, cfg)}/records.jsonl"),
+                            "quality": store.location(f"{artifacts.synth_prefix(spec, cfg)}/quality.json")}
+    write_batch(specs, cfg, store, list(results.values()), reports, real_inputs, time.time() - started)
     return list(results.values())
 
 
 def write_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore, results: list[PromptResult],
-                reports: list[dict], user_inputs: dict[str, list[str]], seconds: float) -> str:
+                reports: list[dict], real_inputs: dict[str, list[str]], seconds: float) -> str:
     """The batch manifest and report (JSON and Markdown); returns the batch's store prefix."""
     from genpi.evaluate.plots import retention_plot
     from genpi.evaluate.report import batch_rows, batch_table, selection_table
 
-    prefix = layout.batch_prefix(specs, cfg, user_inputs)
+    prefix = artifacts.batch_prefix(specs, cfg, real_inputs)
     rows = batch_rows(reports)
     if rows:
         store.put_bytes(f"{prefix}/retention.png", retention_plot(

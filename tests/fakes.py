@@ -9,7 +9,7 @@ import re
 from typing import Callable
 
 from genpi.engines.base import Conversation, Generation, SamplingParams
-from genpi.prompts import ActionFormat, EnvironmentSpec, PromptSpec, Turn
+from genpi.prompt.spec import ActionFormat, EnvironmentSpec, PromptSpec, Turn
 
 Reply = Callable[[Conversation, SamplingParams], "str | Generation"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from genpi.conversations import (
+from genpi.prompt.views import (
     environment_conversation,
     environment_opening,
     environment_system,
@@ -19,8 +19,9 @@ from genpi.conversations import (
     teacher_messages,
 )
 from genpi.engines.base import SamplingParams
-from genpi.episodes import play_episodes
-from genpi.prompts import ActionFormat, PromptSpec, Turn, load_prompts
+from genpi.prompt.episodes import play_episodes
+from genpi.prompt.spec import ActionFormat, PromptSpec, Turn
+from genpi.prompt.files import load_prompts
 from tests.fakes import FakeEngine, mini_spec
 
 ROOT = Path(__file__).resolve().parents[1]

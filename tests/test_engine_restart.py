@@ -11,10 +11,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from genpi import layout, ray_runtime
+from genpi import artifacts, ray_runtime
 from genpi.config import RayConfig, load_config
 from genpi.errors import EngineError
-from genpi.prompts import load_prompts
+from genpi.prompt.files import load_prompts
 from genpi.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def test_engine_killed_mid_synthesis_every_prompt_still_finishes(tmp_path: Path,
     assert "killed" in seen and seen.get("restarted"), "the engine actor was never killed and restarted"
     assert failures == {}
     for spec in specs:
-        prefix = layout.synth_prefix(spec, cfg)
+        prefix = artifacts.synth_prefix(spec, cfg)
         assert store.is_done(prefix), spec.name
         assert len(store.get_jsonl(f"{prefix}/records.jsonl")) >= 4
 

@@ -21,7 +21,8 @@ from genpi.evaluate.metrics import (
     token_f1,
 )
 from genpi.evaluate.plots import efficiency_plot, retention_plot
-from genpi.prompts import ActionFormat, load_prompt
+from genpi.prompt.spec import ActionFormat
+from genpi.prompt.files import load_prompt
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,7 +16,7 @@ from genpi.errors import GenPIError
 from genpi.evaluate.gate import gate_decision
 from genpi.divergence import topk_tail_kl
 from genpi.evaluate.teacher_forced import reply_ids, score_replies
-from genpi.user_inputs import load_user_inputs
+from genpi.prompt.real_inputs import load_real_inputs
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -109,20 +109,20 @@ def test_gate_both_ways() -> None:
 
 def test_user_inputs_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "shell-agent.jsonl").write_text('{"input": "Count files in /etc."}\n\n{"input": "Free space?"}\n')
-    assert load_user_inputs(tmp_path, ["shell-agent", "web"]) == {"shell-agent": ["Count files in /etc.", "Free space?"]}
+    assert load_real_inputs(tmp_path, ["shell-agent", "web"]) == {"shell-agent": ["Count files in /etc.", "Free space?"]}
     (tmp_path / "nobody.jsonl").write_text('{"input": "x"}\n')
     with pytest.raises(GenPIError, match="nobody.jsonl match\\(es\\) no prompt.*shell-agent"):
-        load_user_inputs(tmp_path, ["shell-agent"])
+        load_real_inputs(tmp_path, ["shell-agent"])
     (tmp_path / "nobody.jsonl").unlink()
     (tmp_path / "shell-agent.jsonl").write_text('{"input": "ok"}\n{"text": "wrong key"}\n')
     with pytest.raises(GenPIError, match="shell-agent.jsonl:2: expected an object"):
-        load_user_inputs(tmp_path, ["shell-agent"])
+        load_real_inputs(tmp_path, ["shell-agent"])
     with pytest.raises(GenPIError, match="is not a folder"):
-        load_user_inputs(tmp_path / "missing", ["shell-agent"])
+        load_real_inputs(tmp_path / "missing", ["shell-agent"])
 
 
 def test_publish_is_immutable_and_listed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from genpi import layout
+    from genpi import artifacts
     from genpi.cli import main
     from genpi.config import load_config
     from genpi.evaluate.gate import publish, published_adapters
@@ -132,7 +132,7 @@ def test_publish_is_immutable_and_listed(tmp_path: Path, capsys: pytest.CaptureF
 
     spec, store = mini_spec(), open_store(str(tmp_path / "store"))
     cfg = load_config("local", overrides={"store.url": str(tmp_path / "store")})
-    source = f"{layout.train_prefix(spec, cfg)}/adapter"
+    source = f"{artifacts.train_prefix(spec, cfg)}/adapter"
     store.put_text(f"{source}/adapter_config.json", "{}")
     store.put_bytes(f"{source}/adapter_model.safetensors", b"weights")
     comparison = {"format_valid": {"teacher": 0.75, "base": 0.0, "adapter": 0.75, "retention": 1.0, "gap_closed": 1.0},
@@ -141,8 +141,8 @@ def test_publish_is_immutable_and_listed(tmp_path: Path, capsys: pytest.CaptureF
               "sets": {"test": {"n": 4, "comparison": comparison}}}
     report["gate"] = gate_decision(report, cfg.eval)
     where = publish(spec, cfg, store, report)
-    assert report["gate"]["passed"] and where == store.location(layout.published_prefix(spec, cfg))
-    name = layout.published_prefix(spec, cfg)
+    assert report["gate"]["passed"] and where == store.location(artifacts.published_prefix(spec, cfg))
+    name = artifacts.published_prefix(spec, cfg)
     assert store.get_bytes(f"{name}/adapter_model.safetensors") == b"weights"
     store.put_bytes(f"{source}/adapter_model.safetensors", b"retrained")
     assert publish(spec, cfg, store, report) == where  # the published name is never overwritten

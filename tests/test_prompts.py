@@ -1,4 +1,4 @@
-"""Tests for genpi.prompts: the prompt folder format, its errors, and the shipped prompts."""
+"""Tests for genpi.prompt.files: the prompt folder format, its errors, and the shipped prompts."""
 
 from __future__ import annotations
 
@@ -10,16 +10,8 @@ from pathlib import Path
 import pytest
 
 from genpi.errors import PromptError
-from genpi.prompts import (
-    ActionFormat,
-    EnvironmentSpec,
-    PromptSpec,
-    Turn,
-    check_prompt_lengths,
-    load_prompt,
-    load_prompts,
-    slugify,
-)
+from genpi.prompt.spec import ActionFormat, EnvironmentSpec, PromptSpec, Turn, check_prompt_lengths
+from genpi.prompt.files import load_prompt, load_prompts, slugify
 
 SHIPPED = Path(__file__).resolve().parent.parent / "prompts"
 

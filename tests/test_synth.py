@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from genpi import layout
+from genpi import artifacts
 from genpi.config import GenPIConfig, SynthConfig, load_config
-from genpi.conversations import NO_REASON, environment_conversation, environment_opening, teacher_messages
+from genpi.prompt.views import NO_REASON, environment_conversation, environment_opening, teacher_messages
 from genpi.engines.base import Generation, SamplingParams
 from genpi.fingerprint import fingerprint
-from genpi.episodes import CONTEXT, EMPTY, END_TOKEN, MAX_TURNS, Resampling, play_episodes
-from genpi.splits import TEST, TRAIN, VAL, assign_splits
+from genpi.prompt.episodes import CONTEXT, EMPTY, END_TOKEN, MAX_TURNS, Resampling, play_episodes
+from genpi.prompt.splits import TEST, TRAIN, VAL, assign_splits
 from genpi.store import LocalStore
 from genpi.synth.format_filter import cut_at_off_format, filter_record
 from genpi.synth.inputs import InputStats, generate_inputs, normalize, parse_candidates
@@ -497,12 +497,12 @@ def test_synthesize_end_to_end_and_rerun(tmp_path: Path) -> None:
     world = World(SPEC)
     generator, target = FakeEngine(world), FakeEngine(world)
     prefix = synthesize(SPEC, cfg, generator, target, store)
-    assert prefix == layout.synth_prefix(SPEC, cfg)
+    assert prefix == artifacts.synth_prefix(SPEC, cfg)
     for name in ("records.jsonl", "quality.json", "_SUCCESS", "inputs/inputs.jsonl"):
         assert store.exists(f"{prefix}/{name}"), name
     assert not store.exists(f"{prefix}/split.json")  # the split is derived from ids by each stage
     assert store.is_done(prefix) and store.done_info(prefix)["records"] == 6
-    assert store.get_json(f"{layout.prompt_root(SPEC)}/prompt.json") == SPEC.to_json()
+    assert store.get_json(f"{artifacts.prompt_root(SPEC)}/prompt.json") == SPEC.to_json()
 
     records = store.get_jsonl(f"{prefix}/records.jsonl")
     assert [r["id"] for r in records] == list(range(6))
@@ -611,7 +611,7 @@ def test_split_config_is_not_part_of_the_synthesis_key() -> None:
     other = dataclasses.replace(cfg, split=dataclasses.replace(cfg.split, val_fraction=0.3, test_fraction=0.05,
                                                                seed=9))
     assert other.synth_hash() == cfg.synth_hash()
-    assert layout.run_hash(other) != layout.run_hash(cfg)  # an adapter does depend on its training split
+    assert artifacts.run_hash(other) != artifacts.run_hash(cfg)  # an adapter does depend on its training split
     assert tiny_config(filter_off_format=False).synth_hash() != cfg.synth_hash()
 
 
@@ -632,7 +632,7 @@ def test_synthesize_resumes_after_a_crash_in_role_play(tmp_path: Path) -> None:
     target = FakeEngine(world, fail_on=fail_on)
     with pytest.raises(ScriptedFailure):
         synthesize(SPEC, cfg, generator, target, store)
-    prefix = layout.synth_prefix(SPEC, cfg)
+    prefix = artifacts.synth_prefix(SPEC, cfg)
     assert not store.is_done(prefix)
     assert store.list_keys(f"{prefix}/conversations") == [f"{prefix}/conversations/part-00000.jsonl"]
     inputs_before = store.get_jsonl(f"{prefix}/inputs/inputs.jsonl")
@@ -658,7 +658,7 @@ def test_too_few_inputs_names_the_prompt_file(tmp_path: Path) -> None:
                                            r"inputs in 2 rounds \(need synth\.min_inputs=4\)"):
         synthesize(SPEC, cfg, generator, FakeEngine(lambda c, p: pytest.fail("no target calls")), store)
     assert len(generator.calls) == 2
-    assert not store.is_done(layout.synth_prefix(SPEC, cfg))
+    assert not store.is_done(artifacts.synth_prefix(SPEC, cfg))
 
 
 # ------------------------------------------------------------------ format filter, quality report, split

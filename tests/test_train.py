@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from genpi import layout
+from genpi import artifacts
 from genpi.config import TrainConfig, load_config
-from genpi.conversations import NO_REASON, prompt_generation_input, prompt_generation_target, student_messages
+from genpi.prompt.views import NO_REASON, prompt_generation_input, prompt_generation_target, student_messages
 from genpi.models import TINY, resolve_model
 from genpi.errors import ArtifactNotFound, GenPIError, PromptError
-from genpi.prompts import load_prompts
-from genpi.splits import assign_splits
+from genpi.prompt.files import load_prompts
+from genpi.prompt.splits import assign_splits
 from genpi.store import LocalStore
 from genpi.synth.stage import synthesize
 from genpi.train import stage as train_stage
@@ -528,14 +528,14 @@ def test_train_prompt_from_a_synthesized_store(tmp_path: Path, monkeypatch, toke
 
     monkeypatch.setattr(train_stage, "train_adapter", spy)
     prefix = train_stage.train_prompt(SPEC, cfg, store)
-    assert prefix == layout.train_prefix(SPEC, cfg)
+    assert prefix == artifacts.train_prefix(SPEC, cfg)
     keys = store.list_keys(prefix)
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/genpi.json",
                  "metrics.json", "summary.json", "_SUCCESS"):
         assert f"{prefix}/{name}" in keys, name
     provenance = store.get_json(f"{prefix}/adapter/genpi.json")
     assert provenance["prompt_hash"] == SPEC.prompt_hash and provenance["prompt_id"] == SPEC.id
-    assert provenance["run_hash"] == layout.run_hash(cfg) and provenance["synth_hash"] == cfg.synth_hash()
+    assert provenance["run_hash"] == artifacts.run_hash(cfg) and provenance["synth_hash"] == cfg.synth_hash()
     assert provenance["pg_lambda"] == 0.4 and provenance["base_model"] == TINY
     metrics = store.get_json(f"{prefix}/metrics.json")
     examples = metrics["examples"]
@@ -543,15 +543,15 @@ def test_train_prompt_from_a_synthesized_store(tmp_path: Path, monkeypatch, toke
     assert examples["sft_examples_dropped"] == 0 and examples["pg_examples_dropped"] == 0
     assert metrics["steps"] == 2  # 3 training records, batch 2, 1 epoch
     summary = store.get_json(f"{prefix}/summary.json")
-    assert summary["records"] == {"train": 3, "val": 1, "test": 1} and summary["run_hash"] == layout.run_hash(cfg)
+    assert summary["records"] == {"train": 3, "val": 1, "test": 1} and summary["run_hash"] == artifacts.run_hash(cfg)
     # trained on exactly the "train" records and validated on the "val" ones, never on "test"
-    records = store.get_jsonl(f"{layout.synth_prefix(SPEC, cfg)}/records.jsonl")
+    records = store.get_jsonl(f"{artifacts.synth_prefix(SPEC, cfg)}/records.jsonl")
     split = assign_splits([r["id"] for r in records], 0.2, 0.2, cfg.split.seed)
     for name in ("train", "val"):
         expected, _ = build_examples(tokenizer, [r for r in records if split[r["id"]] == name], SPEC, 2048)
         assert seen[name] == expected, name
     assert summary["adapter"] == store.location(f"{prefix}/adapter")
-    assert store.done_info(prefix)["run_hash"] == layout.run_hash(cfg)
+    assert store.done_info(prefix)["run_hash"] == artifacts.run_hash(cfg)
     assert seen["checkpoints"].prefix == f"{prefix}/checkpoints"  # checkpointed each epoch in the store,
     assert not store.list_keys(f"{prefix}/checkpoints")  # and dropped once the run was done
 
@@ -585,7 +585,7 @@ def test_train_prompt_names_why_no_example_could_be_built(tmp_path: Path) -> Non
                                           "train.threads": 2})
     store = LocalStore(tmp_path)
     cut = with_turn(0, agent=" ")
-    store.put_jsonl(f"{layout.synth_prefix(SPEC, cfg)}/records.jsonl",
+    store.put_jsonl(f"{artifacts.synth_prefix(SPEC, cfg)}/records.jsonl",
                     [{**cut, "id": i, "student": ""} for i in range(4)])
     with pytest.raises(GenPIError, match=r"prompts/mini-shell\.md: no training example could be built within "
                                          r"2048 tokens .*records have no learnable agent turn.* PG examples with an "

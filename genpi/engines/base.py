@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from genpi.chat import Conversation, Message
 from genpi.errors import ModelError
 
-Message = dict[str, str]
-Conversation = list[Message]
+__all__ = ["Conversation", "Message", "Engine", "Generation", "SamplingParams"]
+
 
 
 @dataclass(frozen=True)
@@ -43,17 +44,6 @@ class Generation:
 
 
 _MIN_ROOM = 8  # new tokens below which a reply cannot say anything useful
-
-
-def chat_token_ids(tokenizer: Any, conversation: Conversation) -> list[int]:
-    """Token ids of a conversation followed by the assistant's generation header (every backend's view).
-
-    A conversation that ends with an assistant message is a prefilled answer: the reply continues
-    that message (no end of turn after it, no new header); like every reply, it comes stripped."""
-    prefilled = bool(conversation) and conversation[-1]["role"] == "assistant"
-    return list(tokenizer.apply_chat_template(conversation, add_generation_prompt=not prefilled,
-                                              continue_final_message=prefilled, tokenize=True,
-                                              return_dict=True)["input_ids"])
 
 
 def leaves_no_room(prompt_tokens: int, max_context: int) -> bool:

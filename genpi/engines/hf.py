@@ -21,8 +21,9 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicCache
 
+from genpi.chat import common_prefix, context_length, request_ids
 from genpi.devices import DTYPES, cpu_threads, pick_device
-from genpi.engines.base import (Conversation, Generation, SamplingParams, adapter_config, chat_token_ids,
+from genpi.engines.base import (Conversation, Generation, SamplingParams, adapter_config,
                                 leaves_no_room, request_seeds)
 from genpi.engines.kv_cache import GrowingLayer, growing_cache
 from genpi.engines.turn_cache import TurnCache
@@ -85,7 +86,7 @@ class HFEngine:
             torch.set_num_threads(cpu_threads(threads))  # the actor's CPU reservation, unless configured
         self.model_name = name
         self.model, self.tokenizer = load_model_and_tokenizer(name, dtype, device)
-        own = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        own = context_length(self.model.config)
         self.max_context = min(max_context, own) if max_context else own
         self.batch_size = batch_size
         self.prefix_sharing = prefix_sharing
@@ -131,7 +132,7 @@ class HFEngine:
 
     def encode(self, conversation: Conversation) -> list[int]:
         """Token ids of a conversation followed by the assistant's generation header."""
-        return chat_token_ids(self.tokenizer, conversation)
+        return request_ids(self.tokenizer, conversation)
 
     def count_tokens(self, conversations: list[Conversation]) -> list[int]:
         return [len(self.encode(c)) for c in conversations]
@@ -203,8 +204,7 @@ class HFEngine:
         if not self.prefix_sharing or len(batch) < 2:
             return 0, cache
         shortest = min(len(ids) for ids in batch)
-        length = next((k for k in range(shortest) if any(ids[k] != batch[0][k] for ids in batch)), shortest)
-        length = min(length, shortest - 1)
+        length = min(common_prefix(batch), shortest - 1)
         if length < _MIN_SHARED_PREFIX:
             return 0, cache
         prefix = torch.tensor([batch[0][:length]], device=self.model.device)

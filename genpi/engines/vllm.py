@@ -10,13 +10,13 @@ the batch, on the batch size or on which replica serves it.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+from genpi.chat import context_length, request_ids
 from genpi.devices import cpu_threads
-from genpi.engines.base import (Conversation, Generation, SamplingParams, adapter_config, chat_token_ids,
+from genpi.engines.base import (Conversation, Generation, SamplingParams, adapter_config,
                                 leaves_no_room, request_seeds)
 from genpi.errors import ModelError
 from genpi.models import resolve_model
@@ -48,7 +48,7 @@ class VLLMEngine:
         except ImportError as e:
             raise ModelError(f"backend 'vllm' needs vLLM in the engine's environment ({e}); run "
                              f"`make install-vllm` (CPU) or `pip install vllm` on a GPU node") from None
-        own = _model_context(folder)
+        own = context_length(folder)
         self.model_name = name
         self.max_context = min(max_context, own) if max_context else own
         self.max_lora_rank = max_lora_rank
@@ -93,7 +93,7 @@ class VLLMEngine:
         return name
 
     def count_tokens(self, conversations: list[Conversation]) -> list[int]:
-        return [len(chat_token_ids(self.tokenizer, c)) for c in conversations]
+        return [len(request_ids(self.tokenizer, c)) for c in conversations]
 
     def generate(self, conversations: list[Conversation], params: SamplingParams,
                  adapters: list[str | None] | None = None) -> list[Generation]:
@@ -106,7 +106,7 @@ class VLLMEngine:
         for adapter in set(adapters or []) - {None}:
             if adapter not in self.adapters:
                 raise ModelError(f"adapter {adapter} was not loaded; call add_adapter first")
-        encoded = [chat_token_ids(self.tokenizer, c) for c in conversations]
+        encoded = [request_ids(self.tokenizer, c) for c in conversations]
         seeds = request_seeds(params.seed, encoded)
         results: list[Generation | None] = [None] * len(encoded)
         prompts, sampling, loras, picked = [], [], [], []
@@ -150,8 +150,3 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _model_context(folder: Path) -> int:
-    config = json.loads((folder / "config.json").read_text())
-    return int(config.get("max_position_embeddings", 2048))

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from genpi.chat import chat_ids, common_prefix
 from genpi.errors import ModelError
 
 MODES = ("recompute", "kv_reuse", "adapter")
@@ -162,7 +163,7 @@ def play_timed_episode(model: Any, tokenizer: Any, prompt_messages: list[dict[st
     if mode == "kv_reuse" and messages:
         # The baseline the paper compares with: the prompt's KV cache is computed once, ahead of
         # every episode, so its prefill is not part of any turn's time.
-        seen = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+        seen = chat_ids(tokenizer, messages)
         with torch.inference_mode():
             model(input_ids=torch.tensor([seen], device=model.device), past_key_values=cache, use_cache=True)
     seconds: list[float] = []
@@ -170,11 +171,10 @@ def play_timed_episode(model: Any, tokenizer: Any, prompt_messages: list[dict[st
     eos = tokenizer.eos_token_id
     for said, reply in turns:
         _add_user_turn(messages, said)
-        ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True)["input_ids"])
+        ids = chat_ids(tokenizer, messages, generation_prompt=True)
         if mode == "recompute":
             cache, seen = DynamicCache(config=model.config), []
-        keep = min(_common_prefix(seen, ids), len(ids) - 1)  # at least one token left to prefill
+        keep = min(common_prefix([seen, ids]), len(ids) - 1)  # at least one token left to prefill
         _sync(model)
         start = time.perf_counter()
         if cache.get_seq_length() > keep:
@@ -197,10 +197,6 @@ def _add_user_turn(messages: list[dict[str, str]], text: str) -> None:
         messages[-1]["content"] += "\n\n" + text
     else:
         messages.append({"role": "user", "content": text})
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _sync(model: Any) -> None:

@@ -1,4 +1,4 @@
-"""Text metrics of one agent turn, checked against a prompt's :class:`~genpi.prompts.ActionFormat`.
+"""Text metrics of one agent turn, checked against a prompt's :class:`~genpi.prompt.files.ActionFormat`.
 
 Every function here is pure. Patterns are searched with ``re.MULTILINE``, as
 :meth:`ActionFormat.is_action` does.
@@ -20,7 +20,7 @@ import re
 from collections import Counter
 from typing import TypedDict
 
-from genpi.prompts import ActionFormat
+from genpi.prompt.spec import ActionFormat
 
 LAZY_WILDCARDS = (r"[\s\S]+?", r"[\s\S]*?", ".+?", ".*?")
 _ACTION_GROUP = "genpi_action"

@@ -14,7 +14,7 @@ from typing import Any
 
 from genpi.config import PG_METHODS
 from genpi.evaluate import metrics
-from genpi.prompts import PromptSpec
+from genpi.prompt.spec import PromptSpec
 
 LOWER_IS_BETTER = ("nll", "kl_topk")
 TITLES = {

@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from genpi import layout
+from genpi import artifacts
 from genpi.config import GenPIConfig
-from genpi.prompts import PromptSpec
+from genpi.prompt.spec import PromptSpec
 from genpi.store import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -60,18 +60,18 @@ def select_run(spec: PromptSpec, runs: list[GenPIConfig], store: ArtifactStore) 
     """Score every trained run of ``spec`` on the validation split and choose one (stored)."""
     from genpi.evaluate.stage import evaluation_engine, validation_summary
 
-    prefix = layout.selection_prefix(spec, runs)
+    prefix = artifacts.selection_prefix(spec, runs)
     if store.is_done(prefix):
         return store.get_json(f"{prefix}/selection.json")
     engine = evaluation_engine(runs[0])
     rows = []
     with tempfile.TemporaryDirectory(prefix="genpi-select-") as tmp:
         for k, run in enumerate(runs):
-            train = layout.train_prefix(spec, run)
+            train = artifacts.train_prefix(spec, run)
             adapter = engine.add_adapter(store.download_dir(f"{train}/adapter", Path(tmp) / f"adapter-{k}"))
             summary = validation_summary(spec, run, store, engine, adapter)
             rows.append({"method": run.train.method, "pg_lambda": run.train.pg_lambda, "seed": run.train.seed,
-                         "run_hash": layout.run_hash(run), **run_figures(spec, summary)})
+                         "run_hash": artifacts.run_hash(run), **run_figures(spec, summary)})
     best = choose(rows)
     selection = {"prompt": spec.name, "split": "val", "chosen": best, "runs": rows, "groups": seed_groups(rows)}
     store.put_json(f"{prefix}/selection.json", selection)

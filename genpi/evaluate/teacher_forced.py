@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from genpi.divergence import topk_tail_kl
-from genpi.engines.base import Conversation
+from genpi.chat import Conversation, chat_ids, common_prefix
 
 
 @dataclass
@@ -26,12 +26,6 @@ class ReplyScore:
     tokens: int
     nll_sum: float
     kl_sum: float
-
-
-def chat_ids(tokenizer: Any, messages: Conversation, generation_prompt: bool) -> list[int]:
-    """Token ids of a chat rendered with the model's template."""
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
-                                              tokenize=True, return_dict=True)["input_ids"])
 
 
 def reply_ids(tokenizer: Any, context: Conversation, reply: str) -> list[int]:
@@ -65,8 +59,7 @@ def _prefix_cache(model: Any, contexts: list[list[int]]) -> tuple[Any, int]:
     if len(contexts) < 2:
         return None, 0
     shortest = min(len(c) for c in contexts)
-    length = next((k for k in range(shortest) if any(c[k] != contexts[0][k] for c in contexts)), shortest)
-    length = min(length, shortest - 1)  # keep a token of each context to compute
+    length = min(common_prefix(contexts), shortest - 1)  # keep a token of each context to compute
     if length < 32:
         return None, 0
     cache = DynamicCache(config=model.config)

@@ -7,7 +7,7 @@ Prompts without action regexes are left as they are.
 
 from __future__ import annotations
 
-from genpi.prompts import PromptSpec
+from genpi.prompt.spec import PromptSpec
 
 
 def cut_at_off_format(spec: PromptSpec, turns: list[dict]) -> list[dict]:

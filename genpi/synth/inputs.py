@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from genpi.config import SynthConfig
 from genpi.engines.base import SamplingParams
-from genpi.prompts import PromptSpec
+from genpi.prompt.spec import PromptSpec
 from genpi.store import ArtifactStore
 from genpi.synth import templates
 

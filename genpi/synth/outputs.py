@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Sequence
 
 from genpi.config import SynthConfig
-from genpi.conversations import student_messages, teacher_messages
+from genpi.prompt.views import student_messages, teacher_messages
 from genpi.engines.base import SamplingParams
-from genpi.prompts import PromptSpec
+from genpi.prompt.spec import PromptSpec
 
 
 def single_turn_outputs(spec: PromptSpec, cfg: SynthConfig, target, inputs: Sequence[dict]) -> list[dict]:

@@ -6,7 +6,7 @@ from typing import Sequence
 
 from genpi.config import SynthConfig
 from genpi.engines.base import SamplingParams
-from genpi.prompts import PromptSpec
+from genpi.prompt.spec import PromptSpec
 from genpi.synth import templates
 
 

@@ -1,7 +1,7 @@
 """Self Role-Playing Conversations: the target plays the agent with the prompt and the environment.
 
 The agent sees the prompt with the input appended (the teacher view); the episodes are played
-by :func:`genpi.episodes.play_episodes`, every open conversation of a part advancing together.
+by :func:`genpi.prompt.episodes.play_episodes`, every open conversation of a part advancing together.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Sequence
 
 from genpi.config import SynthConfig
-from genpi.conversations import teacher_messages
+from genpi.prompt.views import teacher_messages
 from genpi.engines.base import Generation, SamplingParams
-from genpi.episodes import Resampling, play_episodes
-from genpi.prompts import PromptSpec
+from genpi.prompt.episodes import Resampling, play_episodes
+from genpi.prompt.spec import PromptSpec
 
 
 def max_turns_for(spec: PromptSpec, cfg: SynthConfig) -> int:

@@ -5,7 +5,7 @@ Reasons are written for ``synth.reason_fraction`` of the inputs (all, as in the 
 default); the other records carry an empty reason and give no Prompt Generation example.
 
 The train / validation / test split is not made here: stages derive it from the record ids
-(:mod:`genpi.splits`), so the split config is not part of the synthesis key.
+(:mod:`genpi.prompt.splits`), so the split config is not part of the synthesis key.
 
 Each step stores its results under the prompt's synth key and marks itself done, so a rerun
 skips finished steps and finished parts of an interrupted one.
@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from genpi import layout
+from genpi import artifacts
 from genpi.config import GenPIConfig
-from genpi.conversations import NO_REASON
+from genpi.prompt.views import NO_REASON
 from genpi.errors import GenPIError
 from genpi.fingerprint import fingerprint
-from genpi.prompts import PromptSpec
+from genpi.prompt.spec import PromptSpec
 from genpi.store import ArtifactStore
 from genpi.synth.format_filter import filter_record
 from genpi.synth.inputs import InputStats, generate_inputs
@@ -66,11 +66,11 @@ class TooFewInputs(GenPIError):
 
 def synthesize(spec: PromptSpec, cfg: GenPIConfig, generator, target, store: ArtifactStore) -> str:
     """Produce (or find) the synthesized records of ``spec``; returns their store prefix."""
-    prefix = layout.synth_prefix(spec, cfg)
+    prefix = artifacts.synth_prefix(spec, cfg)
     if store.is_done(prefix):
         log.info("[%s] synthesis found at %s", spec.name, store.location(prefix))
         return prefix
-    store.put_json(f"{layout.prompt_root(spec)}/prompt.json", spec.to_json())
+    store.put_json(f"{artifacts.prompt_root(spec)}/prompt.json", spec.to_json())
     s = cfg.synth
 
     if store.is_done(f"{prefix}/inputs"):

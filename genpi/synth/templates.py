@@ -1,13 +1,13 @@
 """The generator's wording: requests for pseudo inputs and for reasons.
 
 The conversations every stage shares (teacher, student, environment persona, Prompt
-Generation) are in :mod:`genpi.conversations`.
+Generation) are in :mod:`genpi.prompt.views`.
 """
 
 from __future__ import annotations
 
-from genpi.engines.base import Conversation
-from genpi.prompts import PromptSpec
+from genpi.chat import Conversation
+from genpi.prompt.spec import PromptSpec
 
 
 def input_request(spec: PromptSpec, demos: list[str], count: int) -> Conversation:

@@ -25,16 +25,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from genpi.conversations import (
+from genpi.prompt.views import (
     NO_REASON,
     prompt_generation_input,
     prompt_generation_target,
     student_messages,
     teacher_messages,
 )
-from genpi.engines.base import Conversation
+from genpi.chat import Conversation, chat_ids
 from genpi.errors import PromptError
-from genpi.prompts import PromptSpec
+from genpi.prompt.spec import PromptSpec
 
 IGNORE = -100
 EXAMPLES_VERSION = 3  # bump when what build_examples produces changes (stored examples are reused)
@@ -98,11 +98,6 @@ class ExampleReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _ids(tokenizer: Any, messages: Conversation, generation_prompt: bool = False) -> list[int]:
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
-                                              tokenize=True, return_dict=True)["input_ids"])
-
-
 def tokenize_chat(tokenizer: Any, messages: Conversation, open_end: bool = False, label_from: int = 0) -> Example:
     """Ids of ``messages`` with labels on the assistant turns from message ``label_from`` on
     (their end-of-turn included); nothing else carries a label.
@@ -110,13 +105,13 @@ def tokenize_chat(tokenizer: Any, messages: Conversation, open_end: bool = False
     ``open_end``: the last message was cut at the token limit, so its end-of-turn tokens (from
     the tokenizer's end-of-sequence token on) carry no label.
     """
-    ids = _ids(tokenizer, messages)
+    ids = chat_ids(tokenizer, messages)
     labels = [IGNORE] * len(ids)
     for k, message in enumerate(messages):
         if message["role"] != "assistant" or k < label_from:
             continue
-        start = len(_ids(tokenizer, messages[:k], generation_prompt=True))
-        through = _ids(tokenizer, messages[:k + 1])
+        start = len(chat_ids(tokenizer, messages[:k], generation_prompt=True))
+        through = chat_ids(tokenizer, messages[:k + 1])
         end = len(through)
         if ids[:end] != through:
             raise ValueError("the chat template does not render conversations prefix by prefix; "
@@ -290,8 +285,8 @@ def build_examples(tokenizer: Any, records: list[dict], spec: PromptSpec,
     examples = [RecordExamples(sft_example(tokenizer, r, max_len, report),
                                pg_example(tokenizer, r, spec, max_len, report),
                                teacher_example(tokenizer, r, spec, max_len, report),
-                               _ids(tokenizer, student_messages(r["input"]), generation_prompt=True),
-                               _ids(tokenizer, teacher_messages(spec, r["input"]), generation_prompt=True))
+                               chat_ids(tokenizer, student_messages(r["input"]), generation_prompt=True),
+                               chat_ids(tokenizer, teacher_messages(spec, r["input"]), generation_prompt=True))
                 for r in records]
     report.sft = sum(e.sft is not None for e in examples)
     report.pg = sum(e.pg is not None for e in examples)

@@ -17,10 +17,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from genpi import layout
+from genpi import artifacts
 from genpi.config import GenPIConfig, config_from_dict
 from genpi.errors import GenPIError
-from genpi.prompts import PromptSpec
+from genpi.prompt.spec import PromptSpec
 from genpi.store import ArtifactStore, open_store
 from genpi.train.checkpoints import STATE_FILE
 
@@ -62,13 +62,13 @@ def _train_loop(config: dict[str, Any]) -> None:
     spec = PromptSpec.from_json(config["spec"])
     store = open_store(cfg.store.url, endpoint_url=cfg.store.endpoint_url or None, region=cfg.store.region or None)
     with tempfile.TemporaryDirectory(prefix="genpi-ray-ckpt-") as scratch:
-        checkpoints = RayTrainCheckpoints(store, f"{layout.train_prefix(spec, cfg)}/ray", Path(scratch))
+        checkpoints = RayTrainCheckpoints(store, f"{artifacts.train_prefix(spec, cfg)}/ray", Path(scratch))
         train_prompt(spec, cfg, store, checkpoints=checkpoints)
 
 
 def ray_storage(cfg: GenPIConfig, store: ArtifactStore, spec: PromptSpec) -> tuple[str, Any]:
     """Ray Train's ``storage_path`` and ``storage_filesystem`` for a run: its folder in the store."""
-    prefix = f"{layout.train_prefix(spec, cfg)}/ray"
+    prefix = f"{artifacts.train_prefix(spec, cfg)}/ray"
     if store.url.startswith("s3://"):
         from pyarrow import fs
 
@@ -101,7 +101,7 @@ def fit_run(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, cpus: floa
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
-    prefix = layout.train_prefix(spec, cfg)  # a finished run is skipped by the caller and by the stage
+    prefix = artifacts.train_prefix(spec, cfg)  # a finished run is skipped by the caller and by the stage
     # Runs are all submitted at once and queue for resources: a run waiting behind others must
     # not fail after Ray Train's default 60 s (the controller reads this from its launcher).
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(QUEUE_TIMEOUT_S))
@@ -113,7 +113,7 @@ def fit_run(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, cpus: floa
         _train_loop,
         train_loop_config={"cfg": worker_cfg, "spec": spec.to_json()},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=bool(gpus), resources_per_worker=resources),
-        run_config=RunConfig(name=f"{spec.name}-{layout.run_hash(cfg)[:12]}", storage_path=storage_path,
+        run_config=RunConfig(name=f"{spec.name}-{artifacts.run_hash(cfg)[:12]}", storage_path=storage_path,
                              storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)))

@@ -19,14 +19,15 @@ from typing import Any
 
 import torch
 
-from genpi import layout
+from genpi import artifacts
+from genpi.chat import context_length
 from genpi.config import PG_METHODS, GenPIConfig
 from genpi.devices import cpu_threads
 from genpi.errors import GenPIError
 from genpi.fingerprint import fingerprint
 from genpi.models import resolve_model
-from genpi.prompts import PromptSpec
-from genpi.splits import TEST, TRAIN, VAL, assign_splits
+from genpi.prompt.spec import PromptSpec
+from genpi.prompt.splits import TEST, TRAIN, VAL, assign_splits
 from genpi.store import ArtifactStore
 from genpi.train.checkpoints import Checkpoints, StoreCheckpoints
 from genpi.train.examples import (
@@ -49,9 +50,9 @@ def train_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore,
     Each epoch's checkpoint goes to ``checkpoints`` (default: ``{run}/checkpoints/`` in the
     store), and a run that finds one resumes from it.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    prefix = layout.train_prefix(spec, cfg)
+    prefix = artifacts.train_prefix(spec, cfg)
     if store.is_done(prefix):
         log.info("[%s] adapter found at %s", spec.name, store.location(f"{prefix}/adapter"))
         return prefix
@@ -60,11 +61,11 @@ def train_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore,
     target = cfg.models.target
     folder = resolve_model(target.name)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    context = int(getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", cfg.train.max_seq_len))
+    context = context_length(folder, default=cfg.train.max_seq_len)
     max_len = min(cfg.train.max_seq_len, target.max_context or context, context)
     if cfg.train.method in PG_METHODS and cfg.train.pg_lambda > 0 and cfg.train.pg_fraction > 0:
         check_pg_fits(tokenizer, spec, max_len)
-    records = store.get_jsonl(f"{layout.synth_prefix(spec, cfg)}/records.jsonl")
+    records = store.get_jsonl(f"{artifacts.synth_prefix(spec, cfg)}/records.jsonl")
     split = assign_splits([r["id"] for r in records], cfg.split.val_fraction, cfg.split.test_fraction,
                           cfg.split.seed)
     records = [r for r in records if split[r["id"]] != TEST]
@@ -96,7 +97,7 @@ def train_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore,
         "records": {"train": len(train), "val": len(val), "test": sum(v == TEST for v in split.values())},
         "final": metrics["final"],
         "seconds": metrics["seconds"], "trainable_params": metrics["trainable_params"]})
-    store.mark_done(prefix, {"run_hash": layout.run_hash(cfg)})
+    store.mark_done(prefix, {"run_hash": artifacts.run_hash(cfg)})
     store.delete_prefix(f"{prefix}/checkpoints")  # only a run still going needs them
     log.info("[%s] adapter saved at %s", spec.name, store.location(f"{prefix}/adapter"))
     return prefix
@@ -108,7 +109,7 @@ def stored_examples(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, to
     stored beside the records: every run of a sweep reads them instead of tokenizing again."""
     key = fingerprint({"version": EXAMPLES_VERSION, "split": dataclasses.asdict(cfg.split), "max_len": max_len,
                        "target": cfg.train_key()["target"]})
-    prefix = f"{layout.synth_prefix(spec, cfg)}/examples/{key}"
+    prefix = f"{artifacts.synth_prefix(spec, cfg)}/examples/{key}"
     if store.is_done(prefix):
         rows = store.get_jsonl(f"{prefix}/examples.jsonl")
         report = ExampleReport(**store.get_json(f"{prefix}/report.json"))
@@ -129,5 +130,5 @@ def provenance_of(spec: PromptSpec, cfg: GenPIConfig) -> dict[str, Any]:
     """What an adapter was made from: enough to find and reproduce it."""
     return {"prompt_name": spec.name, "prompt_hash": spec.prompt_hash, "prompt_id": spec.id,
             "base_model": cfg.models.target.name, "generator_model": cfg.models.generator.name,
-            "synth_hash": cfg.synth_hash(), "run_hash": layout.run_hash(cfg), "pg_lambda": cfg.train.pg_lambda,
+            "synth_hash": cfg.synth_hash(), "run_hash": artifacts.run_hash(cfg), "pg_lambda": cfg.train.pg_lambda,
             "method": cfg.train.method, "train": cfg.train_key()["train"]}

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
+from genpi.chat import common_prefix
 from genpi.train.batches import collate
 from genpi.train.examples import IGNORE, Example
 from genpi.train.loss import label_logits
@@ -27,9 +28,7 @@ def shared_opening(examples: list[Example]) -> int:
     (the position that predicts a label is read with the example's own tokens)."""
     if not examples:
         return 0
-    first = examples[0].input_ids
-    shortest = min(len(e.input_ids) for e in examples)
-    common = next((k for k in range(shortest) if any(e.input_ids[k] != first[k] for e in examples)), shortest)
+    common = common_prefix([e.input_ids for e in examples])
     first_label = min(next((k for k, x in enumerate(e.labels) if x != IGNORE), len(e.labels)) for e in examples)
     return max(0, min(common, first_label - 1))
 

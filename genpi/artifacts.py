@@ -8,7 +8,7 @@ prompts/<name>/<prompt_hash>/train/<run_hash>/...             (adapter/, metrics
 prompts/<name>/<prompt_hash>/eval/<eval_key>/...               (episodes/, scores/, report.json|md, *.png;
                                                                a run's validation figures: summary.json)
 prompts/<name>/<prompt_hash>/selection/<key>/selection.json   (a sweep's runs side by side, the one chosen)
-adapters/<name>/<prompt_hash8>-<run_hash8>/...                 (published adapter + manifest.json)
+adapters/<name>/<prompt_hash8>-<run_hash8>/...                 (published adapter + manifest.json: genpi.registry)
 batches/<batch_hash>/manifest.json, report.json, report.md
 ```
 ``synth_hash`` covers the synthesis config and both models; ``run_hash`` covers the data it
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from genpi.config import GenPIConfig
 from genpi.fingerprint import fingerprint
-from genpi.prompts import PromptSpec
+from genpi.prompt.spec import PromptSpec
 
 
 def prompt_root(spec: PromptSpec) -> str:
@@ -39,9 +39,10 @@ def train_prefix(spec: PromptSpec, cfg: GenPIConfig) -> str:
     return f"{prompt_root(spec)}/train/{run_hash(cfg)}"
 
 
-def eval_prefix(spec: PromptSpec, cfg: GenPIConfig, user_inputs: list[str]) -> str:
-    """An evaluation depends on the adapter's run, the eval config and split, and the user's inputs."""
-    key = fingerprint({"run": run_hash(cfg), "eval": cfg.eval_hash(), "user_inputs": user_inputs})
+def eval_prefix(spec: PromptSpec, cfg: GenPIConfig, real_inputs: list[str]) -> str:
+    """An evaluation depends on the adapter's run, the eval config and split, and the real inputs."""
+    # "user_inputs" was the real inputs' earlier name; the key keeps it so stored evaluations stay found.
+    key = fingerprint({"run": run_hash(cfg), "eval": cfg.eval_hash(), "user_inputs": real_inputs})
     return f"{prompt_root(spec)}/eval/{key}"
 
 
@@ -57,13 +58,13 @@ def selection_prefix(spec: PromptSpec, runs: list[GenPIConfig]) -> str:
     return f"{prompt_root(spec)}/selection/{key}"
 
 
-def published_prefix(spec: PromptSpec, cfg: GenPIConfig) -> str:
-    """The immutable name a passing adapter is published under."""
-    return f"adapters/{spec.name}/{spec.prompt_hash[:8]}-{run_hash(cfg)[:8]}"
+def published_version(spec: PromptSpec, cfg: GenPIConfig) -> str:
+    """The immutable version a passing adapter is published under (:mod:`genpi.registry`)."""
+    return f"{spec.prompt_hash[:8]}-{run_hash(cfg)[:8]}"
 
 
-def batch_prefix(specs: list[PromptSpec], cfg: GenPIConfig, user_inputs: dict[str, list[str]]) -> str:
+def batch_prefix(specs: list[PromptSpec], cfg: GenPIConfig, real_inputs: dict[str, list[str]]) -> str:
     runs = [run_hash(r) for r in cfg.train_runs()]
     return "batches/" + fingerprint({"prompts": [s.prompt_hash for s in specs],
                                      "run": runs[0] if len(runs) == 1 else runs,
-                                     "eval": cfg.eval_hash(), "user_inputs": user_inputs})
+                                     "eval": cfg.eval_hash(), "user_inputs": real_inputs})

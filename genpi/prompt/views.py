@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from genpi.engines.base import Conversation
-from genpi.prompts import PromptSpec
+from genpi.chat import Conversation
+from genpi.prompt.spec import PromptSpec
 
 PG_REASON_HEADER = "### Why the answer changes"
 NO_REASON = "none"  # a record's reason_finish when synthesis gave it no reason (synth.reason_fraction)

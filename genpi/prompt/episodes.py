@@ -1,7 +1,7 @@
 """Agent episodes against the simulated environment, batched turn by turn.
 
 An agent (any view: the teacher with the prompt, a student without it) acts, the environment
-persona (:func:`genpi.conversations.environment_conversation`) answers. Every turn, all open
+persona (:func:`genpi.prompt.views.environment_conversation`) answers. Every turn, all open
 episodes advance together: one generate call for the agents, one for the environments. An
 episode ends when the environment answers with the end token, when a context is full, on an
 empty reply, or after ``limit`` agent turns.
@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from genpi.conversations import environment_conversation, environment_opening
+from genpi.prompt.views import environment_conversation, environment_opening
 from genpi.engines.base import Conversation, Generation, SamplingParams
-from genpi.prompts import PromptSpec
+from genpi.prompt.spec import PromptSpec
 
 END_TOKEN, MAX_TURNS, CONTEXT, EMPTY = "end_token", "max_turns", "context", "empty_reply"
 
@@ -61,7 +61,7 @@ def _stopped(gen: Generation) -> str:
     return "" if gen.text.strip() else EMPTY
 
 
-def play_episodes(spec: PromptSpec, user_inputs: list[str], agent_views: list[Conversation],
+def play_episodes(spec: PromptSpec, real_inputs: list[str], agent_views: list[Conversation],
                   agent_generate: Generate, env_generate: Generate, limit: int,
                   agent_params: SamplingParams, env_params: SamplingParams,
                   last_observation: bool = True, first_turns: list[Generation] | None = None,
@@ -78,9 +78,9 @@ def play_episodes(spec: PromptSpec, user_inputs: list[str], agent_views: list[Co
     turns it rejects by accepted samples; such turns are marked ``"resampled": True``.
     """
     agents = [list(view) for view in agent_views]
-    envs = [environment_conversation(spec) for _ in user_inputs]
-    turns: list[list[dict]] = [[] for _ in user_inputs]
-    ends = [""] * len(user_inputs)
+    envs = [environment_conversation(spec) for _ in real_inputs]
+    turns: list[list[dict]] = [[] for _ in real_inputs]
+    ends = [""] * len(real_inputs)
     for turn in range(limit):
         open_ids = [i for i, end in enumerate(ends) if not end]
         if not open_ids:
@@ -97,7 +97,7 @@ def play_episodes(spec: PromptSpec, user_inputs: list[str], agent_views: list[Co
             if ends[i]:
                 continue
             agents[i].append({"role": "assistant", "content": gen.text})
-            said = environment_opening(user_inputs[i], gen.text) if turn == 0 else gen.text
+            said = environment_opening(real_inputs[i], gen.text) if turn == 0 else gen.text
             envs[i].append({"role": "user", "content": said})
             turns[i].append({"agent": gen.text, "observation": "", "agent_finish": gen.finish_reason})
             if k in replaced:

@@ -1,4 +1,4 @@
-"""Real user inputs for evaluation: ``--eval-inputs DIR`` holds ``<prompt name>.jsonl`` files.
+"""Real inputs (hand-written, not synthesized) for evaluation: ``--eval-inputs DIR`` holds ``<prompt name>.jsonl`` files.
 
 Each line is a JSON object ``{"input": "..."}``. A file whose name matches no prompt, a line that
 is not such an object, or an empty file is an error naming the file (and line) and the fix.
@@ -12,19 +12,19 @@ from pathlib import Path
 from genpi.errors import GenPIError
 
 
-class UserInputError(GenPIError):
-    """An evaluation-inputs folder or file cannot be used."""
+class RealInputError(GenPIError):
+    """A real-inputs folder or file cannot be used."""
 
 
-def load_user_inputs(folder: str | Path, prompt_names: list[str]) -> dict[str, list[str]]:
+def load_real_inputs(folder: str | Path, prompt_names: list[str]) -> dict[str, list[str]]:
     """Inputs per prompt name from ``folder``; prompts without a file get none."""
     root = Path(folder)
     if not root.is_dir():
-        raise UserInputError(f"--eval-inputs {folder} is not a folder; pass a folder of <prompt name>.jsonl files")
+        raise RealInputError(f"--eval-inputs {folder} is not a folder; pass a folder of <prompt name>.jsonl files")
     files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
     unknown = [p.name for p in files if p.suffix != ".jsonl" or p.stem not in prompt_names]
     if unknown:
-        raise UserInputError(
+        raise RealInputError(
             f"--eval-inputs {folder}: {', '.join(unknown)} match(es) no prompt; name each file "
             f"<prompt name>.jsonl with one of: {', '.join(prompt_names)}")
     out: dict[str, list[str]] = {}
@@ -36,13 +36,13 @@ def load_user_inputs(folder: str | Path, prompt_names: list[str]) -> dict[str, l
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserInputError(f"{path}:{number}: not valid JSON ({e.msg}); write one "
+                raise RealInputError(f"{path}:{number}: not valid JSON ({e.msg}); write one "
                                      '{"input": "..."} object per line') from None
             if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not row["input"].strip():
-                raise UserInputError(f'{path}:{number}: expected an object with a non-empty "input" string, '
+                raise RealInputError(f'{path}:{number}: expected an object with a non-empty "input" string, '
                                      f"got {line.strip()[:80]!r}")
             inputs.append(row["input"].strip())
         if not inputs:
-            raise UserInputError(f"{path} has no inputs; add lines like {{\"input\": \"...\"}} or remove the file")
+            raise RealInputError(f"{path} has no inputs; add lines like {{\"input\": \"...\"}} or remove the file")
         out[path.stem] = inputs
     return out
