@@ -24,9 +24,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from genpi.config import load_config  # noqa: E402
+from genpi.engines.environments import resolve_backends  # noqa: E402
 from genpi.evaluate.report import batch_rows, batch_table  # noqa: E402
 from genpi.evaluate.stage import evaluate_prompt  # noqa: E402
-from genpi.pipeline import store_for, synthesize_all  # noqa: E402
+from genpi.batch.pipeline import synthesize_all  # noqa: E402
+from genpi.store import store_for  # noqa: E402
 from genpi.prompt.files import load_prompts  # noqa: E402
 from genpi.ray_runtime import connect  # noqa: E402
 from genpi.train.stage import train_prompt  # noqa: E402
@@ -58,13 +60,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     recipes = dict(parse_recipe(r) for r in args.recipe) if args.recipe else RECIPES
     every = load_prompts(args.prompts)
-    user = load_real_inputs(args.eval_inputs, [s.name for s in every]) if args.eval_inputs else {}
+    real = load_real_inputs(args.eval_inputs, [s.name for s in every]) if args.eval_inputs else {}
     specs = [s for s in every if not args.only or s.name in args.only]
-    store = store_for(load_config(args.profile, overrides={"store.url": args.store}))
+    store = store_for(load_config(args.profile, overrides={"store.url": args.store}).store)
     print(connect(load_config(args.profile).ray))
     figures: dict[str, dict] = {}
     for name, overrides in recipes.items():
-        cfg = load_config(args.profile, overrides={"store.url": args.store, **overrides})
+        cfg = resolve_backends(load_config(args.profile, overrides={"store.url": args.store, **overrides}))
         failures = synthesize_all(specs, cfg, store)  # found in the store when a recipe changes training only
         if failures:
             raise SystemExit(f"synthesis failed: {failures}")
@@ -73,15 +75,15 @@ def main() -> None:
             started = time.time()
             train_prompt(spec, cfg, store)
             seconds[spec.name] = round(time.time() - started, 1)
-            reports.append(evaluate_prompt(spec, cfg, store, user.get(spec.name, [])))
+            reports.append(evaluate_prompt(spec, cfg, store, real.get(spec.name, [])))
         rows = batch_rows(reports)
         print(f"\n## recipe {name}: {overrides}\n\n{batch_table(rows)}\n")
         figures[name] = {"overrides": overrides, "train_seconds": seconds,
                          "prompts": {r["prompt"]: {k: r[k] for k in ("adapter_format", "teacher_format", "base_format",
                                                                       "format_retention", "nll_gap_closed", "passed")}
                                      for r in rows},
-                         "user": {r["prompt"]: r["sets"]["user"]["comparison"].get("format_valid")
-                                  for r in reports if "user" in r["sets"]}}
+                         "real": {r["prompt"]: r["sets"]["real"]["comparison"].get("format_valid")
+                                  for r in reports if "real" in r["sets"]}}
     print(json.dumps({"bench": "recipe", "profile": args.profile, "recipes": figures}))
 
 

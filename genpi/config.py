@@ -26,7 +26,7 @@ from genpi.fingerprint import fingerprint
 # the old code are not reused.
 SYNTH_VERSION = 3  # 3: no environment answer to the last turn; per-request hf seeds; resamples in one call
 TRAIN_VERSION = 2
-EVAL_VERSION = 2
+EVAL_VERSION = 3  # 3: the real inputs' set is named "real" (was "user")
 METHODS = ("genpi", "sft", "prepend", "seqkd-kld", "onpolicy-kl", "genpi-kld")
 PG_METHODS = ("genpi", "genpi-kld")  # the methods with a Prompt Generation term, swept over train.lambdas
 # The settings each method reads besides the shared ones; a run's key leaves out the others.
@@ -462,10 +462,6 @@ def validate(cfg: GenPIConfig) -> GenPIConfig:
                           "silently stops gradients); set train.num_gpus >= 1 or train.quantization to none")
     for role in ("generator", "target"):
         model = getattr(cfg.models, role)
-        if model.backend == "auto":
-            from genpi.engines.environments import resolve_backend
-
-            model.backend = resolve_backend(model.backend, model.python)
         if model.device == "cuda" and model.num_gpus == 0:
             raise ConfigError(f"config 'models.{role}.device' is cuda but 'models.{role}.num_gpus' is 0; "
                               f"give the actor a GPU or use device auto/cpu")
@@ -512,14 +508,17 @@ def config_from_dict(data: dict[str, Any]) -> GenPIConfig:
 
 
 # ---------------------------------------------------------------- flags
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """Add one ``--section.field`` flag per config field, with its help and default."""
+def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = ()) -> None:
+    """Add one ``--section.field`` flag per config field, with its help and default (only the
+    top-level ``sections`` named, when any are)."""
     defaults = GenPIConfig()
 
     def walk(obj: Any, path: str, group: argparse._ArgumentGroup | None) -> None:
         for f in dataclasses.fields(obj):
             value, where = getattr(obj, f.name), f"{path}.{f.name}" if path else f.name
             if dataclasses.is_dataclass(value):
+                if not path and sections and f.name not in sections:
+                    continue
                 walk(value, where, parser.add_argument_group(f"{where} ({f.metadata['help']})"))
                 continue
             meta = f.metadata

@@ -14,6 +14,7 @@ from genpi.engines.hf import HFEngine
 from genpi.models import TINY, resolve_model
 from genpi.errors import GenPIError
 from genpi.evaluate.gate import gate_decision
+from genpi.evaluate.stage import publish_run
 from genpi.divergence import topk_tail_kl
 from genpi.evaluate.teacher_forced import reply_ids, score_replies
 from genpi.prompt.real_inputs import load_real_inputs
@@ -122,10 +123,9 @@ def test_user_inputs_errors_name_the_file(tmp_path: Path) -> None:
 
 
 def test_publish_is_immutable_and_listed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from genpi import artifacts
+    from genpi import artifacts, registry
     from genpi.cli import main
     from genpi.config import load_config
-    from genpi.evaluate.gate import publish, published_adapters
     from genpi.evaluate.report import batch_rows
     from genpi.store import open_store
     from tests.fakes import mini_spec
@@ -140,19 +140,22 @@ def test_publish_is_immutable_and_listed(tmp_path: Path, capsys: pytest.CaptureF
     report = {"prompt": spec.name, "location": "somewhere/report.md", "efficiency": {"prompt_tokens": 900},
               "sets": {"test": {"n": 4, "comparison": comparison}}}
     report["gate"] = gate_decision(report, cfg.eval)
-    where = publish(spec, cfg, store, report)
-    assert report["gate"]["passed"] and where == store.location(artifacts.published_prefix(spec, cfg))
-    name = artifacts.published_prefix(spec, cfg)
-    assert store.get_bytes(f"{name}/adapter_model.safetensors") == b"weights"
+    where = publish_run(spec, cfg, store, report)
+    version = artifacts.published_version(spec, cfg)
+    entry = registry.resolve(store, spec.name)
+    assert report["gate"]["passed"] and where == store.location(entry.prefix) and entry.version == version
+    assert store.get_bytes(f"{entry.prefix}/adapter_model.safetensors") == b"weights"
+    assert entry.files["adapter_model.safetensors"]["size"] == len(b"weights")
     store.put_bytes(f"{source}/adapter_model.safetensors", b"retrained")
-    assert publish(spec, cfg, store, report) == where  # the published name is never overwritten
-    assert store.get_bytes(f"{name}/adapter_model.safetensors") == b"weights"
-    [listed] = published_adapters(store)
-    assert listed["retention"]["format_valid"] == 1.0 and listed["gap_closed"]["nll"] == 0.75
+    assert publish_run(spec, cfg, store, report) == where  # the published version is never overwritten
+    assert store.get_bytes(f"{entry.prefix}/adapter_model.safetensors") == b"weights"
+    [listed] = registry.published(store)
+    assert listed.retention["format_valid"] == 1.0 and listed.gap_closed["nll"] == 0.75
+    assert registry.resolve(store, f"{spec.name}@{version}") == listed
 
     assert main(["ls", "--store.url", str(tmp_path / "store")]) == 0
     out = capsys.readouterr().out
-    assert name.split("/", 1)[1] in out and "format retention 100%" in out and "NLL gap closed 75%" in out
+    assert f"{spec.name}@{version}" in out and "format retention 100%" in out and "NLL gap closed 75%" in out
     assert main(["report", "--store.url", str(tmp_path / "store")]) == 2  # no batch yet: one clear line
     assert "has no batch reports yet" in capsys.readouterr().err
     report["published"] = where

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from genpi.cli import build_parser
+from genpi.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = [

@@ -12,6 +12,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from genpi.config import GenPIConfig
 from genpi.errors import ModelError
 
 _CHECKOUT_VLLM = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
@@ -37,6 +38,16 @@ def resolve_backend(backend: str, configured_python: str = "") -> str:
     if backend != "auto":
         return backend
     return "vllm" if vllm_python(configured_python) is not None else "hf"
+
+
+def resolve_backends(cfg: GenPIConfig) -> GenPIConfig:
+    """``cfg`` with every model role's ``backend: auto`` resolved for this machine (in place).
+
+    Done where a job starts, before any store key is computed: the backend is part of the
+    synthesis key, and the config itself stays a schema that probes nothing."""
+    for model in (cfg.models.generator, cfg.models.target):
+        model.backend = resolve_backend(model.backend, model.python)
+    return cfg
 
 
 def engine_runtime_env(backend: str, configured_python: str = "") -> dict[str, str]:

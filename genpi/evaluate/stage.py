@@ -60,7 +60,7 @@ def evaluation_inputs(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore,
     """The input sets: the test split of the synthesized records, and the user's real inputs."""
     sets = {"test": split_items(spec, cfg, store, TEST)}
     if real_inputs:
-        sets["user"] = [{"input": x} for x in real_inputs[:cfg.eval.max_samples]]
+        sets["real"] = [{"input": x} for x in real_inputs[:cfg.eval.max_samples]]
     return sets
 
 
@@ -287,7 +287,7 @@ def evaluate_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, re
         "max_turns": run.limit, "sets": sets,
         "efficiency": efficiency_figures}
     report["gate"] = gate_decision(report, cfg.eval)
-    report["published"] = _publish(spec, cfg, store, report) if report["gate"]["passed"] else None
+    report["published"] = publish_run(spec, cfg, store, report) if report["gate"]["passed"] else None
 
     first = sets.get("test") or next(iter(sets.values()), None)
     if first:
@@ -304,7 +304,7 @@ def evaluate_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, re
     return report
 
 
-def _publish(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, report: dict[str, Any]) -> str:
+def publish_run(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, report: dict[str, Any]) -> str:
     """Publish the evaluated run's adapter through the registry; returns where it lives."""
     test = report["sets"].get("test", {}).get("comparison", {})
     entry = registry.publish(store, f"{artifacts.train_prefix(spec, cfg)}/adapter", registry.PublishedAdapter(

@@ -6,11 +6,12 @@ import re
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+from genpi.config import StoreConfig
 from genpi.errors import StoreError
 from genpi.store.base import ArtifactStore
 from genpi.store.local import LocalStore
 
-__all__ = ["ArtifactStore", "LocalStore", "S3Store", "open_store"]
+__all__ = ["ArtifactStore", "LocalStore", "S3Store", "open_store", "store_for"]
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -58,3 +59,8 @@ def open_store(
             "s3://bucket/prefix"
         )
     return LocalStore(url)
+
+
+def store_for(cfg: StoreConfig) -> ArtifactStore:
+    """The store a config's ``store`` section names."""
+    return open_store(cfg.url, endpoint_url=cfg.endpoint_url or None, region=cfg.region or None)

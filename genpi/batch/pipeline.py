@@ -16,16 +16,18 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import ray
 
 from genpi import artifacts
+from genpi.batch import manifest, tasks
+from genpi.batch.tasks import task_resources
+from genpi.engines.environments import resolve_backends
 from genpi.config import PG_METHODS, GenPIConfig, config_from_dict
-from genpi.errors import ConfigError, EngineError, GenPIError
+from genpi.errors import EngineError, GenPIError
 from genpi.prompt.spec import PromptSpec, check_prompt_lengths
-from genpi.store import ArtifactStore, open_store
+from genpi.store import ArtifactStore
 from genpi.synth.stage import synthesize
 
 log = logging.getLogger(__name__)
@@ -47,39 +49,6 @@ class PromptResult:
     run: str = ""  # the evaluated run: method, lambda, seed (and how it was chosen)
 
 
-def store_for(cfg: GenPIConfig) -> ArtifactStore:
-    """The configured artifact store (opened anew in each Ray worker)."""
-    return open_store(cfg.store.url, endpoint_url=cfg.store.endpoint_url or None, region=cfg.store.region or None)
-
-
-@ray.remote(num_cpus=0)
-def _train_run(spec_json: dict[str, Any], cfg_dict: dict[str, Any], cpus: float, gpus: float) -> str:
-    """Launches one Ray Train run and waits for it (the run's worker holds the resources)."""
-    from genpi.train.ray_run import fit_run
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s genpi %(message)s")
-    cfg = config_from_dict(cfg_dict)
-    return fit_run(PromptSpec.from_json(spec_json), cfg, store_for(cfg), cpus, gpus)
-
-
-@ray.remote
-def _select_task(spec_json: dict[str, Any], run_dicts: list[dict[str, Any]]) -> dict:
-    from genpi.evaluate.selection import select_run
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s genpi %(message)s")
-    runs = [config_from_dict(r) for r in run_dicts]
-    return select_run(PromptSpec.from_json(spec_json), runs, store_for(runs[0]))
-
-
-@ray.remote
-def _evaluate_task(spec_json: dict[str, Any], cfg_dict: dict[str, Any], real_inputs: list[str]) -> dict:
-    from genpi.evaluate.stage import evaluate_prompt
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s genpi %(message)s")
-    cfg = config_from_dict(cfg_dict)
-    return evaluate_prompt(PromptSpec.from_json(spec_json), cfg, store_for(cfg), real_inputs)
-
-
 def _fail(result: PromptResult, stage: str, error: BaseException) -> None:
     result.status, result.stage = "failed", stage
     if isinstance(error, ray.exceptions.RayTaskError):
@@ -88,16 +57,6 @@ def _fail(result: PromptResult, stage: str, error: BaseException) -> None:
     log.error("[%s] %s failed: %s", result.name, stage, result.error)
     if not isinstance(error, GenPIError):
         log.debug("".join(traceback.format_exception(error)))
-
-
-def task_resources(section: str, num_cpus: float, num_gpus: float) -> tuple[float, float]:
-    """What a stage's tasks may ask for: never more CPUs than the cluster has (the task would wait
-    forever), and GPUs only where the cluster has them, else a clear error before waiting."""
-    cluster = ray.cluster_resources()
-    if num_gpus and not cluster.get("GPU"):
-        raise ConfigError(f"config '{section}.num_gpus' is {num_gpus:g} but the Ray cluster has no GPUs; "
-                          f"set {section}.num_gpus 0 (or use --profile local / auto on a CPU-only cluster)")
-    return min(num_cpus, cluster.get("CPU", 1.0)), num_gpus
 
 
 def check_lengths(specs: list[PromptSpec], cfg: GenPIConfig) -> None:
@@ -172,7 +131,7 @@ def train_all(specs: list[PromptSpec], runs: list[GenPIConfig], store: ArtifactS
             if store.is_done(prefix):
                 log.info("[%s] adapter found at %s", spec.name, store.location(f"{prefix}/adapter"))
                 continue
-            refs[(spec.name, k)] = _train_run.remote(spec.to_json(), run.to_dict(), cpus, gpus)
+            refs[(spec.name, k)] = tasks.train_run.remote(spec.to_json(), run.to_dict(), cpus, gpus)
     finished: dict[str, list[GenPIConfig]] = {}
     errors: dict[str, Exception] = {}
     for spec in specs:
@@ -197,6 +156,7 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
     ``real_inputs`` maps prompt names to real inputs evaluated beside the synthesized test split.
     """
     real_inputs = real_inputs or {}
+    cfg = resolve_backends(cfg)
     started = time.time()
     results = {s.name: PromptResult(s.name, s.prompt_hash) for s in specs}
     check_lengths(specs, cfg)
@@ -222,7 +182,7 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
             continue
         chosen[spec.name] = trained[spec.name][0]
     by_name = {s.name: s for s in specs}
-    select_refs = {name: _select_task.options(num_cpus=eval_cpus, num_gpus=eval_gpus)
+    select_refs = {name: tasks.select_task.options(num_cpus=eval_cpus, num_gpus=eval_gpus)
                    .remote(by_name[name].to_json(), [r.to_dict() for r in trained[name]])
                    for name in chosen if len(trained[name]) > 1}
     for name, ref in select_refs.items():
@@ -233,7 +193,7 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
             _fail(results[name], "selection", e)
             chosen.pop(name)
 
-    eval_refs = {name: _evaluate_task.options(num_cpus=eval_cpus, num_gpus=eval_gpus)
+    eval_refs = {name: tasks.evaluate_task.options(num_cpus=eval_cpus, num_gpus=eval_gpus)
                  .remote(by_name[name].to_json(), run.to_dict(), real_inputs.get(name, []))
                  for name, run in chosen.items()}
     reports = []
@@ -260,30 +220,5 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
                             "report": report["location"],
                             "records": store.location(f"{artifacts.synth_prefix(spec, cfg)}/records.jsonl"),
                             "quality": store.location(f"{artifacts.synth_prefix(spec, cfg)}/quality.json")}
-    write_batch(specs, cfg, store, list(results.values()), reports, real_inputs, time.time() - started)
+    manifest.write_batch(specs, cfg, store, list(results.values()), reports, real_inputs, time.time() - started)
     return list(results.values())
-
-
-def write_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore, results: list[PromptResult],
-                reports: list[dict], real_inputs: dict[str, list[str]], seconds: float) -> str:
-    """The batch manifest and report (JSON and Markdown); returns the batch's store prefix."""
-    from genpi.evaluate.plots import retention_plot
-    from genpi.evaluate.report import batch_rows, batch_table, selection_table
-
-    prefix = artifacts.batch_prefix(specs, cfg, real_inputs)
-    rows = batch_rows(reports)
-    if rows:
-        store.put_bytes(f"{prefix}/retention.png", retention_plot(
-            "batch: first-turn action-format retention per prompt",
-            [{"metric": r["prompt"], "retention": r["format_retention"], "n": r["n"]} for r in rows],
-            cfg.eval.min_retention))
-    finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    selections = [r["selection"] for r in reports if r.get("selection")]
-    store.put_json(f"{prefix}/report.json", {"finished_at": finished, "prompts": rows, "selections": selections})
-    methods = "".join(f"\n{selection_table(s)}\n" for s in selections)
-    store.put_text(f"{prefix}/report.md", f"# genpi batch {prefix.rsplit('/', 1)[-1]}\n\nFinished {finished} "
-                   f"in {seconds / 60:.1f} min.\n\n{batch_table(rows)}\n{methods}")
-    store.put_json(f"{prefix}/manifest.json", {"finished_at": finished, "seconds": round(seconds, 1),
-                                               "config": cfg.to_dict(), "prompts": [vars(r) for r in results]})
-    log.info("batch report: %s", store.location(f"{prefix}/report.md"))
-    return prefix

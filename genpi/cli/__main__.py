@@ -1,0 +1,5 @@
+"""``python -m genpi.cli``: the ``genpi`` command."""
+
+from genpi.cli.main import entrypoint
+
+entrypoint()

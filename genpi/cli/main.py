@@ -1,0 +1,50 @@
+"""``genpi``: one command, a subcommand each in its own module (``genpi <command> --help``).
+
+``genpi [flags]`` with no command runs the job (``genpi run``), so ``jobs/internalize.py`` and
+every older invocation keep working. A :class:`~genpi.errors.GenPIError` ends any command with
+one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from types import ModuleType
+
+from genpi.cli import ls, report, run
+from genpi.errors import GenPIError
+
+COMMANDS: dict[str, ModuleType] = {"run": run, "report": report, "ls": ls}
+
+
+def build_parser(prog: str = "genpi") -> argparse.ArgumentParser:
+    """The job's parser, its description listing the other commands (``genpi --help``)."""
+    parser = run.build_parser(prog)
+    width = max(map(len, COMMANDS))
+    listing = "\n".join(f"  {prog} {name:<{width}}  {module.HELP}" for name, module in COMMANDS.items())
+    parser.description = f"{parser.description}\n\ncommands (`{prog} COMMAND --help` for each):\n{listing}"
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "genpi") -> int:
+    """Run one command; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        name, module = argv[0], COMMANDS[argv[0]]
+        args = module.build_parser(f"{prog} {name}").parse_args(argv[1:])
+    else:
+        name, module = "run", run
+        args = build_parser(prog).parse_args(argv)
+    try:
+        return module.execute(args)
+    except GenPIError as e:
+        print(f"{prog}{'' if module is run else ' ' + name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; finished work is in the store and a rerun resumes it", file=sys.stderr)
+        return 130
+
+
+def entrypoint() -> None:
+    """Console script ``genpi``."""
+    sys.exit(main())

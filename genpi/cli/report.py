@@ -1,0 +1,37 @@
+"""``genpi report [BATCH]``: print a batch's fidelity table from the store (the newest by default)."""
+
+from __future__ import annotations
+
+import argparse
+
+from genpi.cli.config_flags import add_flags, resolve
+from genpi.errors import GenPIError
+from genpi.evaluate.report import batch_table
+from genpi.store import store_for
+
+HELP = "print a batch's fidelity table (default: the newest batch in the store)"
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=HELP)
+    parser.add_argument("batch", nargs="?", help="batch id (default: the newest batch in the store)")
+    add_flags(parser, ("store",))
+    return parser
+
+
+def execute(args: argparse.Namespace) -> int:
+    cfg = resolve(args)
+    store = store_for(cfg.store)
+    reports = {k.split("/")[1]: k for k in store.list_keys("batches") if k.endswith("/report.json")}
+    if not reports:
+        raise GenPIError(f"store {store.url} has no batch reports yet; run the job first "
+                         f"(make run, or genpi --store.url {store.url})")
+    batch = args.batch
+    if batch is None:
+        batch = max(reports, key=lambda b: store.get_json(reports[b])["finished_at"])
+    elif batch not in reports:
+        raise GenPIError(f"store {store.url} has no batch {batch!r}; batches there: {', '.join(sorted(reports))}")
+    data = store.get_json(reports[batch])
+    print(f"batch {batch}, finished {data['finished_at']} ({store.location(reports[batch])})\n")
+    print(batch_table(data["prompts"]))
+    return 0
