@@ -1,4 +1,4 @@
-"""Where each artifact lives in the store: keys built from content hashes.
+"""What each stage's output depends on, and where it lives in the store: keys built from content hashes.
 
 ```
 prompts/<name>/<prompt_hash>/prompt.json
@@ -18,9 +18,68 @@ trained on (``synth_hash``) and the training config. Every stage folder is finis
 
 from __future__ import annotations
 
-from genpi.config import GenPIConfig
+import dataclasses
+from typing import Any
+
+from genpi.config import METHOD_SETTINGS, GenPIConfig, ModelConfig
 from genpi.fingerprint import fingerprint
 from genpi.prompt.spec import PromptSpec
+
+# Bump when the code changes what a stage produces (wording, algorithm), so stored results of
+# the old code are not reused.
+SYNTH_VERSION = 3  # 3: no environment answer to the last turn; per-request hf seeds; resamples in one call
+TRAIN_VERSION = 2
+EVAL_VERSION = 3  # 3: the real inputs' set is named "real" (was "user")
+
+
+def model_identity(model: ModelConfig) -> dict[str, Any]:
+    """What of a model role changes its outputs. Placement (replicas, devices, batch size) changes
+    speed, not the data; the backend stays: two engines give different bf16 numerics."""
+    return {"name": model.name, "backend": model.backend, "dtype": model.dtype, "max_context": model.max_context}
+
+
+def synth_key(cfg: GenPIConfig) -> dict[str, Any]:
+    """Everything synthesized data depends on (hashed into its store key)."""
+    synth = {k: v for k, v in dataclasses.asdict(cfg.synth).items() if k != "prompts_in_flight"}
+    return {"version": SYNTH_VERSION, "synth": synth, "generator": model_identity(cfg.models.generator),
+            "target": model_identity(cfg.models.target)}
+
+
+def train_key(cfg: GenPIConfig) -> dict[str, Any]:
+    """Everything one run's adapter depends on besides its data (hashed into its store key).
+
+    Settings its method does not read are left out, so e.g. an ``sft`` run is the same run
+    whatever ``pg_lambda`` says, and a sweep reuses every run it shares with an earlier one.
+    """
+    train = dataclasses.asdict(cfg.train)
+    for resource in ("num_gpus", "num_cpus", "threads", "max_failures", "methods", "lambdas", "seeds"):
+        train.pop(resource)
+    read = set(METHOD_SETTINGS[cfg.train.method])
+    for name in {n for settings in METHOD_SETTINGS.values() for n in settings} - read:
+        train.pop(name)
+    return {"version": TRAIN_VERSION, "train": train, "split": dataclasses.asdict(cfg.split),
+            "target": model_identity(cfg.models.target)}
+
+
+def eval_key(cfg: GenPIConfig) -> dict[str, Any]:
+    """Everything an evaluation depends on besides the adapter it scores (hashed into its key)."""
+    evaluation = dataclasses.asdict(cfg.eval)
+    for resource in ("num_gpus", "num_cpus", "threads", "batch_size"):
+        evaluation.pop(resource)
+    return {"version": EVAL_VERSION, "eval": evaluation, "split": dataclasses.asdict(cfg.split),
+            "target": model_identity(cfg.models.target)}
+
+
+def synth_hash(cfg: GenPIConfig) -> str:
+    return fingerprint(synth_key(cfg))
+
+
+def train_hash(cfg: GenPIConfig) -> str:
+    return fingerprint(train_key(cfg))
+
+
+def eval_hash(cfg: GenPIConfig) -> str:
+    return fingerprint(eval_key(cfg))
 
 
 def prompt_root(spec: PromptSpec) -> str:
@@ -28,11 +87,11 @@ def prompt_root(spec: PromptSpec) -> str:
 
 
 def synth_prefix(spec: PromptSpec, cfg: GenPIConfig) -> str:
-    return f"{prompt_root(spec)}/synth/{cfg.synth_hash()}"
+    return f"{prompt_root(spec)}/synth/{synth_hash(cfg)}"
 
 
 def run_hash(cfg: GenPIConfig) -> str:
-    return fingerprint({"synth": cfg.synth_hash(), "train": cfg.train_key()})
+    return fingerprint({"synth": synth_hash(cfg), "train": train_key(cfg)})
 
 
 def train_prefix(spec: PromptSpec, cfg: GenPIConfig) -> str:
@@ -42,19 +101,19 @@ def train_prefix(spec: PromptSpec, cfg: GenPIConfig) -> str:
 def eval_prefix(spec: PromptSpec, cfg: GenPIConfig, real_inputs: list[str]) -> str:
     """An evaluation depends on the adapter's run, the eval config and split, and the real inputs."""
     # "user_inputs" was the real inputs' earlier name; the key keeps it so stored evaluations stay found.
-    key = fingerprint({"run": run_hash(cfg), "eval": cfg.eval_hash(), "user_inputs": real_inputs})
+    key = fingerprint({"run": run_hash(cfg), "eval": eval_hash(cfg), "user_inputs": real_inputs})
     return f"{prompt_root(spec)}/eval/{key}"
 
 
 def validation_prefix(spec: PromptSpec, cfg: GenPIConfig) -> str:
     """One run's figures on the validation split, which a sweep chooses its run by."""
-    key = fingerprint({"run": run_hash(cfg), "eval": cfg.eval_hash(), "set": "val"})
+    key = fingerprint({"run": run_hash(cfg), "eval": eval_hash(cfg), "set": "val"})
     return f"{prompt_root(spec)}/eval/{key}"
 
 
 def selection_prefix(spec: PromptSpec, runs: list[GenPIConfig]) -> str:
     """The choice among a sweep's runs of one prompt."""
-    key = fingerprint({"runs": [run_hash(r) for r in runs], "eval": runs[0].eval_hash()})
+    key = fingerprint({"runs": [run_hash(r) for r in runs], "eval": eval_hash(runs[0])})
     return f"{prompt_root(spec)}/selection/{key}"
 
 
@@ -67,4 +126,4 @@ def batch_prefix(specs: list[PromptSpec], cfg: GenPIConfig, real_inputs: dict[st
     runs = [run_hash(r) for r in cfg.train_runs()]
     return "batches/" + fingerprint({"prompts": [s.prompt_hash for s in specs],
                                      "run": runs[0] if len(runs) == 1 else runs,
-                                     "eval": cfg.eval_hash(), "user_inputs": real_inputs})
+                                     "eval": eval_hash(cfg), "user_inputs": real_inputs})

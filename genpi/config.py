@@ -20,13 +20,7 @@ from typing import Any
 import yaml
 
 from genpi.errors import ConfigError
-from genpi.fingerprint import fingerprint
 
-# Bump when the code changes what a stage produces (wording, algorithm), so stored results of
-# the old code are not reused.
-SYNTH_VERSION = 3  # 3: no environment answer to the last turn; per-request hf seeds; resamples in one call
-TRAIN_VERSION = 2
-EVAL_VERSION = 3  # 3: the real inputs' set is named "real" (was "user")
 METHODS = ("genpi", "sft", "prepend", "seqkd-kld", "onpolicy-kl", "genpi-kld")
 PG_METHODS = ("genpi", "genpi-kld")  # the methods with a Prompt Generation term, swept over train.lambdas
 # The settings each method reads besides the shared ones; a run's key leaves out the others.
@@ -270,64 +264,19 @@ class GenPIConfig:
         """Plain nested dict (JSON/YAML-able)."""
         return dataclasses.asdict(self)
 
-    def synth_key(self) -> dict[str, Any]:
-        """Everything synthesized data depends on (hashed into its store key)."""
-        synth = {k: v for k, v in dataclasses.asdict(self.synth).items() if k != "prompts_in_flight"}
-        return {"version": SYNTH_VERSION, "synth": synth,
-                "generator": _model_identity(self.models.generator),
-                "target": _model_identity(self.models.target)}
-
-    def train_key(self) -> dict[str, Any]:
-        """Everything one run's adapter depends on besides its data (hashed into its store key).
-
-        Settings its method does not read are left out, so e.g. an ``sft`` run is the same run
-        whatever ``pg_lambda`` says, and a sweep reuses every run it shares with an earlier one.
-        """
-        train = dataclasses.asdict(self.train)
-        for resource in ("num_gpus", "num_cpus", "threads", "max_failures", "methods", "lambdas", "seeds"):
-            train.pop(resource)
-        read = set(METHOD_SETTINGS[self.train.method])
-        for name in {n for settings in METHOD_SETTINGS.values() for n in settings} - read:
-            train.pop(name)
-        return {"version": TRAIN_VERSION, "train": train, "split": dataclasses.asdict(self.split),
-                "target": _model_identity(self.models.target)}
-
-    def eval_key(self) -> dict[str, Any]:
-        """Everything an evaluation depends on besides the adapter it scores (hashed into its key)."""
-        evaluation = dataclasses.asdict(self.eval)
-        for resource in ("num_gpus", "num_cpus", "threads", "batch_size"):
-            evaluation.pop(resource)
-        return {"version": EVAL_VERSION, "eval": evaluation, "split": dataclasses.asdict(self.split),
-                "target": _model_identity(self.models.target)}
-
     def train_runs(self) -> list[GenPIConfig]:
         """One config per training run of the sweep (methods × lambdas for PG methods × seeds), each
         with its own method, pg_lambda and seed and no sweep lists; just this run without a sweep."""
         t = self.train
-        runs: dict[str, GenPIConfig] = {}
+        runs: dict[tuple[str, float, int], GenPIConfig] = {}
         for method in t.methods or [t.method]:
             for pg_lambda in (t.lambdas or [t.pg_lambda]) if method in PG_METHODS else [t.pg_lambda]:
                 for seed in t.seeds or [t.seed]:
                     train = dataclasses.replace(t, method=method, pg_lambda=pg_lambda, seed=seed, methods=[],
                                                 lambdas=[], seeds=[])
                     run = dataclasses.replace(self, train=train)
-                    runs.setdefault(fingerprint(run.train_key()), run)
+                    runs.setdefault((method, pg_lambda, seed), run)
         return list(runs.values())
-
-    def synth_hash(self) -> str:
-        return fingerprint(self.synth_key())
-
-    def train_hash(self) -> str:
-        return fingerprint(self.train_key())
-
-    def eval_hash(self) -> str:
-        return fingerprint(self.eval_key())
-
-
-def _model_identity(model: ModelConfig) -> dict[str, Any]:
-    # Placement (replicas, devices, batch size) changes speed, not the data; leave it out.
-    # The backend stays: two engines give different bf16 numerics, hence different records.
-    return {"name": model.name, "backend": model.backend, "dtype": model.dtype, "max_context": model.max_context}
 
 
 # ---------------------------------------------------------------- profiles

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from genpi import artifacts
 from genpi.config import (PROFILES, GenPIConfig, add_config_flags, config_from_dict, load_config,
                           overrides_from_args)
 from genpi.errors import ConfigError
@@ -36,10 +37,10 @@ def test_local_profile_is_small() -> None:
 def test_split_and_eval_are_not_part_of_the_synthesis_key() -> None:
     base = load_config("local")
     changed = load_config("local", overrides={"split.test_fraction": 0.4, "eval.max_turns": 3})
-    assert base.synth_hash() == changed.synth_hash()
-    assert base.train_hash() != changed.train_hash() and base.eval_hash() != changed.eval_hash()
+    assert artifacts.synth_hash(base) == artifacts.synth_hash(changed)
+    assert artifacts.train_hash(base) != artifacts.train_hash(changed) and artifacts.eval_hash(base) != artifacts.eval_hash(changed)
     placement = load_config("local", overrides={"eval.num_cpus": 1, "eval.batch_size": 3})
-    assert placement.eval_hash() == base.eval_hash()
+    assert artifacts.eval_hash(placement) == artifacts.eval_hash(base)
 
 
 def test_precedence_defaults_profile_yaml_flags(tmp_path) -> None:
@@ -95,18 +96,18 @@ def test_hashes_follow_what_the_data_depends_on() -> None:
     base = load_config("local")
     placed = load_config("local", overrides={"models.target.replicas": 4, "models.target.batch_size": 3,
                                              "train.num_cpus": 1, "train.threads": 1})
-    assert placed.synth_hash() == base.synth_hash() and placed.train_hash() == base.train_hash()
+    assert artifacts.synth_hash(placed) == artifacts.synth_hash(base) and artifacts.train_hash(placed) == artifacts.train_hash(base)
     more = load_config("local", overrides={"synth.num_inputs": 40})
-    assert more.synth_hash() != base.synth_hash() and more.train_hash() == base.train_hash()
+    assert artifacts.synth_hash(more) != artifacts.synth_hash(base) and artifacts.train_hash(more) == artifacts.train_hash(base)
     lam = load_config("local", overrides={"train.pg_lambda": 0.5})
-    assert lam.synth_hash() == base.synth_hash() and lam.train_hash() != base.train_hash()
-    assert load_config("local", overrides={"train.kl_weight": 2}).train_hash() == base.train_hash()  # genpi reads none
+    assert artifacts.synth_hash(lam) == artifacts.synth_hash(base) and artifacts.train_hash(lam) != artifacts.train_hash(base)
+    assert artifacts.train_hash(load_config("local", overrides={"train.kl_weight": 2})) == artifacts.train_hash(base)  # genpi reads none
     kld = load_config("local", overrides={"train.method": "genpi-kld"})
     for setting, value in (("train.kl_weight", 2), ("train.pg_lambda", 0.5)):
         changed = load_config("local", overrides={"train.method": "genpi-kld", setting: value})
-        assert changed.train_hash() != kld.train_hash(), setting
+        assert artifacts.train_hash(changed) != artifacts.train_hash(kld), setting
     other_model = load_config("local", overrides={"models.target.name": "tiny-random-llama"})
-    assert other_model.synth_hash() != base.synth_hash() and other_model.train_hash() != base.train_hash()
+    assert artifacts.synth_hash(other_model) != artifacts.synth_hash(base) and artifacts.train_hash(other_model) != artifacts.train_hash(base)
 
 
 def test_every_field_has_a_flag_with_help() -> None:
@@ -142,10 +143,10 @@ def test_sweep_lists_from_flags_and_yaml_and_their_runs(tmp_path) -> None:
         ("sft", cfg.train.pg_lambda, 0), ("sft", cfg.train.pg_lambda, 1),
         ("prepend", cfg.train.pg_lambda, 0), ("prepend", cfg.train.pg_lambda, 1)]
     assert all(r.train.methods == r.train.lambdas == r.train.seeds == [] for r in runs)
-    assert len({r.train_hash() for r in runs}) == 8 and config_from_dict(cfg.to_dict()) == cfg
+    assert len({artifacts.train_hash(r) for r in runs}) == 8 and config_from_dict(cfg.to_dict()) == cfg
     # no sweep: the one run the scalars describe, with the same key as the config itself
     single = load_config("local")
-    assert [r.train_hash() for r in single.train_runs()] == [single.train_hash()]
+    assert [artifacts.train_hash(r) for r in single.train_runs()] == [artifacts.train_hash(single)]
     # the paper profile sweeps the paper's lambdas
     assert [r.train.pg_lambda for r in load_config("paper").train_runs()] == [0.3, 0.5, 0.7]
     path = tmp_path / "sweep.yaml"
@@ -162,12 +163,12 @@ def test_sweep_lists_from_flags_and_yaml_and_their_runs(tmp_path) -> None:
 
 def test_a_run_key_ignores_settings_its_method_does_not_read() -> None:
     sft = load_config("local", overrides={"train.method": "sft"})
-    assert load_config("local", overrides={"train.method": "sft", "train.pg_lambda": 0.9}).train_hash() == sft.train_hash()
-    assert load_config("local", overrides={"train.method": "sft", "train.kl_weight": 2}).train_hash() == sft.train_hash()
+    assert artifacts.train_hash(load_config("local", overrides={"train.method": "sft", "train.pg_lambda": 0.9})) == artifacts.train_hash(sft)
+    assert artifacts.train_hash(load_config("local", overrides={"train.method": "sft", "train.kl_weight": 2})) == artifacts.train_hash(sft)
     prepend = load_config("local", overrides={"train.method": "prepend"})
-    assert load_config("local", overrides={"train.method": "prepend", "train.prepend_fraction": 0.5}).train_hash() \
-        != prepend.train_hash()
+    assert artifacts.train_hash(load_config("local", overrides={"train.method": "prepend", "train.prepend_fraction": 0.5})) \
+        != artifacts.train_hash(prepend)
     genpi = load_config("local")
-    assert load_config("local", overrides={"train.pg_lambda": 0.5}).train_hash() != genpi.train_hash()
-    assert load_config("local", overrides={"train.kl_weight": 3}).train_hash() == genpi.train_hash()
-    assert load_config("local", overrides={"train.max_failures": 5}).train_hash() == genpi.train_hash()
+    assert artifacts.train_hash(load_config("local", overrides={"train.pg_lambda": 0.5})) != artifacts.train_hash(genpi)
+    assert artifacts.train_hash(load_config("local", overrides={"train.kl_weight": 3})) == artifacts.train_hash(genpi)
+    assert artifacts.train_hash(load_config("local", overrides={"train.max_failures": 5})) == artifacts.train_hash(genpi)

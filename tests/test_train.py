@@ -535,7 +535,7 @@ def test_train_prompt_from_a_synthesized_store(tmp_path: Path, monkeypatch, toke
         assert f"{prefix}/{name}" in keys, name
     provenance = store.get_json(f"{prefix}/adapter/genpi.json")
     assert provenance["prompt_hash"] == SPEC.prompt_hash and provenance["prompt_id"] == SPEC.id
-    assert provenance["run_hash"] == artifacts.run_hash(cfg) and provenance["synth_hash"] == cfg.synth_hash()
+    assert provenance["run_hash"] == artifacts.run_hash(cfg) and provenance["synth_hash"] == artifacts.synth_hash(cfg)
     assert provenance["pg_lambda"] == 0.4 and provenance["base_model"] == TINY
     metrics = store.get_json(f"{prefix}/metrics.json")
     examples = metrics["examples"]

@@ -113,7 +113,7 @@ def synthesize(spec: PromptSpec, cfg: GenPIConfig, generator, target, store: Art
     quality = quality_report(spec, records, conversations, stats, max_turns_for(spec, s))
     store.put_jsonl(f"{prefix}/records.jsonl", records)
     store.put_json(f"{prefix}/quality.json", quality)
-    store.mark_done(prefix, {"records": len(records), "config": cfg.synth_key()})
+    store.mark_done(prefix, {"records": len(records), "config": artifacts.synth_key(cfg)})
     log.info("[%s] synthesis done: %d records, avg %.2f turns, %s", spec.name, len(records),
              quality["avg_turns"], store.location(prefix))
     return prefix

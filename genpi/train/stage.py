@@ -108,7 +108,7 @@ def stored_examples(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, to
     """The records' examples, built and tokenized once per prompt, data, split and length, and
     stored beside the records: every run of a sweep reads them instead of tokenizing again."""
     key = fingerprint({"version": EXAMPLES_VERSION, "split": dataclasses.asdict(cfg.split), "max_len": max_len,
-                       "target": cfg.train_key()["target"]})
+                       "target": artifacts.train_key(cfg)["target"]})
     prefix = f"{artifacts.synth_prefix(spec, cfg)}/examples/{key}"
     if store.is_done(prefix):
         rows = store.get_jsonl(f"{prefix}/examples.jsonl")
@@ -130,5 +130,5 @@ def provenance_of(spec: PromptSpec, cfg: GenPIConfig) -> dict[str, Any]:
     """What an adapter was made from: enough to find and reproduce it."""
     return {"prompt_name": spec.name, "prompt_hash": spec.prompt_hash, "prompt_id": spec.id,
             "base_model": cfg.models.target.name, "generator_model": cfg.models.generator.name,
-            "synth_hash": cfg.synth_hash(), "run_hash": artifacts.run_hash(cfg), "pg_lambda": cfg.train.pg_lambda,
-            "method": cfg.train.method, "train": cfg.train_key()["train"]}
+            "synth_hash": artifacts.synth_hash(cfg), "run_hash": artifacts.run_hash(cfg), "pg_lambda": cfg.train.pg_lambda,
+            "method": cfg.train.method, "train": artifacts.train_key(cfg)["train"]}
