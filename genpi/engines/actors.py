@@ -19,28 +19,12 @@ from typing import Any
 import ray
 
 from genpi.config import ModelConfig
+from genpi.engines.backends import build_engine
 from genpi.engines.base import Conversation, Generation, SamplingParams
 from genpi.engines.environments import engine_runtime_env
 from genpi.errors import EngineError, ModelError
 
 log = logging.getLogger("genpi")
-
-
-def build_engine(cfg: ModelConfig) -> Any:
-    """The engine for one model role, on the configured backend."""
-    if cfg.backend == "hf":
-        from genpi.engines.hf import HFEngine
-
-        return HFEngine(cfg.name, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size,
-                        max_context=cfg.max_context, threads=cfg.threads, prefix_sharing=cfg.prefix_sharing)
-    if cfg.backend == "vllm":
-        from genpi.engines.vllm import VLLMEngine
-
-        return VLLMEngine(cfg.name, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size,
-                          max_context=cfg.max_context, threads=cfg.threads, max_lora_rank=cfg.max_lora_rank,
-                          kv_cache_gb=cfg.kv_cache_gb, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                          tensor_parallel=max(1, int(cfg.num_gpus)) if cfg.num_gpus >= 1 else 1)
-    raise ValueError(f"unknown backend {cfg.backend!r}")  # config validation lists the allowed ones
 
 
 @ray.remote

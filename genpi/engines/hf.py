@@ -22,6 +22,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicCache
 
 from genpi.chat import common_prefix, context_length, request_ids
+from genpi.config import ModelConfig
 from genpi.devices import DTYPES, cpu_threads, pick_device
 from genpi.engines.base import (Conversation, Generation, SamplingParams, adapter_config,
                                 leaves_no_room, request_seeds)
@@ -297,3 +298,9 @@ class HFEngine:
         eos = self.model.generation_config.eos_token_id
         ids = eos if isinstance(eos, list) else [eos]
         return [i for i in ids + [self.tokenizer.eos_token_id] if i is not None]
+
+
+def build(cfg: ModelConfig) -> HFEngine:
+    """The ``hf`` backend's engine for one model role (:mod:`genpi.engines.backends`)."""
+    return HFEngine(cfg.name, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size,
+                    max_context=cfg.max_context, threads=cfg.threads, prefix_sharing=cfg.prefix_sharing)

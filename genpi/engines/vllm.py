@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from genpi.chat import context_length, request_ids
+from genpi.config import ModelConfig
 from genpi.devices import cpu_threads
 from genpi.engines.base import (Conversation, Generation, SamplingParams, adapter_config,
                                 leaves_no_room, request_seeds)
@@ -150,3 +151,12 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def build(cfg: ModelConfig) -> VLLMEngine:
+    """The ``vllm`` backend's engine for one model role (:mod:`genpi.engines.backends`); an actor
+    given several GPUs runs the model tensor-parallel over them."""
+    return VLLMEngine(cfg.name, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size,
+                      max_context=cfg.max_context, threads=cfg.threads, max_lora_rank=cfg.max_lora_rank,
+                      kv_cache_gb=cfg.kv_cache_gb, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                      tensor_parallel=max(1, int(cfg.num_gpus)) if cfg.num_gpus >= 1 else 1)

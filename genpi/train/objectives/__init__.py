@@ -9,20 +9,18 @@
 - ``onpolicy-kl``: after SFT warm-up steps, the adapter samples its own replies without the prompt
   and learns the reverse top-k KL to the same model with the prompt on them;
 - ``genpi-kld``: ``genpi`` whose SFT term adds ``seqkd-kld``'s KL to the teacher.
+
+An objective is one module whose class carries ``@register_objective("<method>")``, plus its import
+below and its name in ``config.METHODS`` (a test checks the two agree).
 """
 
 from __future__ import annotations
 
 from genpi.config import TrainConfig
-from genpi.train.objectives.base import Objective
-from genpi.train.objectives.genpi import GenPI, SFT
-from genpi.train.objectives.genpi_kld import GenPIKLD
-from genpi.train.objectives.onpolicy_kl import OnPolicyKL
-from genpi.train.objectives.prepend import Prepend
-from genpi.train.objectives.seqkd_kld import SeqKDKLD
+from genpi.train.objectives.base import OBJECTIVES, Objective
 
-OBJECTIVES: dict[str, type[Objective]] = {"genpi": GenPI, "sft": SFT, "prepend": Prepend, "seqkd-kld": SeqKDKLD,
-                                          "onpolicy-kl": OnPolicyKL, "genpi-kld": GenPIKLD}
+# One line per objective module: importing it registers its classes (register_objective).
+from genpi.train.objectives import genpi, genpi_kld, onpolicy_kl, prepend, seqkd_kld  # noqa: E402,F401
 
 
 def objective_for(cfg: TrainConfig) -> Objective:

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from genpi.config import TrainConfig
 from genpi.train.examples import Example, RecordExamples
 from genpi.train.teacher_prefix import TeacherPrefix
+
+
+O = TypeVar("O", bound="type[Objective]")
+OBJECTIVES: dict[str, type[Objective]] = {}  # train.method -> objective class, filled by register_objective
+
+
+def register_objective(method: str) -> Callable[[O], O]:
+    """Class decorator: the objective that ``train.method: <method>`` trains with."""
+
+    def register(cls: O) -> O:
+        cls.name = method
+        OBJECTIVES[method] = cls
+        return cls
+
+    return register
 
 
 class Objective:

@@ -11,7 +11,7 @@ import torch
 from genpi.train.batches import collate
 from genpi.train.examples import RecordExamples
 from genpi.train.loss import joint_loss, label_tokens, summed_token_loss
-from genpi.train.objectives.base import Objective
+from genpi.train.objectives.base import Objective, register_objective
 
 
 def pg_kept(fraction: float, step: int, batch_size: int) -> int:
@@ -29,9 +29,8 @@ def with_pg_fraction(step: list[RecordExamples], keep: int) -> list[RecordExampl
     return out
 
 
+@register_objective("genpi")
 class GenPI(Objective):
-    name = "genpi"
-
     @property
     def pg_lambda(self) -> float:
         return self.cfg.pg_lambda
@@ -65,10 +64,9 @@ class GenPI(Objective):
         return loss, {**terms, "pg_loss": pg_sum.item() / counts["pg"] if counts["pg"] else 0.0}
 
 
+@register_objective("sft")
 class SFT(GenPI):
     """SFT on the role-played conversations only: no PG example is ever used."""
-
-    name = "sft"
 
     @property
     def pg_lambda(self) -> float:

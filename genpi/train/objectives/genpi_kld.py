@@ -14,14 +14,13 @@ from typing import Any
 import torch
 
 from genpi.train.examples import RecordExamples
-from genpi.train.objectives.base import FromTeacherViews
+from genpi.train.objectives.base import FromTeacherViews, register_objective
 from genpi.train.objectives.genpi import GenPI
 from genpi.train.objectives.seqkd_kld import distilled_sums
 
 
+@register_objective("genpi-kld")
 class GenPIKLD(FromTeacherViews, GenPI):
-    name = "genpi-kld"
-
     def sft_term(self, model: Any, records: list[RecordExamples],
                  pad_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         distilled = [e for e in records if e.teacher is not None]

@@ -20,7 +20,7 @@ from genpi.divergence import topk_tail_kl
 from genpi.train.batches import collate
 from genpi.train.examples import IGNORE, Example, RecordExamples
 from genpi.train.loss import label_logits, label_tokens
-from genpi.train.objectives.base import FromTeacherViews
+from genpi.train.objectives.base import FromTeacherViews, register_objective
 from genpi.train.objectives.genpi import SFT
 
 
@@ -29,9 +29,8 @@ class Sampled(RecordExamples):
     """A record's on-policy sample: ``sft`` is the student view of it, ``teacher`` the teacher view."""
 
 
+@register_objective("onpolicy-kl")
 class OnPolicyKL(FromTeacherViews, SFT):
-    name = "onpolicy-kl"
-
     def views(self, examples: list[RecordExamples]) -> list[Example]:
         # the teacher reads each opening followed by a sample: the openings hold the shared prompt
         return [Example(e.teacher_opening, [IGNORE] * len(e.teacher_opening)) for e in examples if e.teacher_opening]

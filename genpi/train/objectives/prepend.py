@@ -7,6 +7,7 @@ import dataclasses
 import math
 
 from genpi.train.examples import RecordExamples
+from genpi.train.objectives.base import register_objective
 from genpi.train.objectives.genpi import SFT
 
 
@@ -15,9 +16,8 @@ def prepended(k: int, fraction: float) -> bool:
     return math.floor(fraction * (k + 1) + 1e-9) > math.floor(fraction * k + 1e-9)
 
 
+@register_objective("prepend")
 class Prepend(SFT):
-    name = "prepend"
-
     def prepare(self, examples: list[RecordExamples]) -> list[RecordExamples]:
         # A record whose teacher view did not fit keeps its student view.
         return [dataclasses.replace(e, sft=e.teacher)

@@ -16,13 +16,12 @@ import torch.nn.functional as F
 from genpi.train.batches import collate
 from genpi.train.examples import RecordExamples
 from genpi.train.loss import label_logits, label_tokens, summed_kl
-from genpi.train.objectives.base import FromTeacherViews
+from genpi.train.objectives.base import FromTeacherViews, register_objective
 from genpi.train.teacher_prefix import TeacherPrefix
 
 
+@register_objective("seqkd-kld")
 class SeqKDKLD(FromTeacherViews):
-    name = "seqkd-kld"
-
     def select(self, step: list[RecordExamples], step_no: int) -> list[RecordExamples]:
         return [e if e.teacher is not None else RecordExamples(None, None) for e in step]
 
