@@ -13,7 +13,7 @@ VLLM_SHA256 := ad44bdad85566b1532aa95066d6c92a5f6715867efe7df9cf2178f182af814c6
 # Tests that start servers run in a network namespace that has loopback only.
 ISOLATE := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
 
-.PHONY: install install-vllm run heldout test test-slow clean-artifacts
+.PHONY: install install-vllm run heldout test test-slow quality format clean-artifacts
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,15 @@ test: $(STAMP) $(VLLM_STAMP)
 
 test-slow: $(STAMP) $(VLLM_STAMP)
 	$(ISOLATE) sh -c 'ip link set lo up 2>/dev/null; exec $(PY) -m pytest -q -m slow tests $(PYTEST_ARGS)'
+
+# Lint and format check (ruff, pinned in the test extra); `make format` rewrites the files.
+quality: $(STAMP)
+	$(VENV)/bin/ruff check genpi tests bench jobs
+	$(VENV)/bin/ruff format --check genpi tests bench jobs
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix genpi tests bench jobs
+	$(VENV)/bin/ruff format genpi tests bench jobs
 
 clean-artifacts:
 	rm -rf artifacts

@@ -23,16 +23,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from genpi.batch.pipeline import synthesize_all  # noqa: E402
 from genpi.config import load_config  # noqa: E402
 from genpi.engines.environments import resolve_backends  # noqa: E402
 from genpi.evaluate.report import batch_rows, batch_table  # noqa: E402
 from genpi.evaluate.stage import evaluate_prompt  # noqa: E402
-from genpi.batch.pipeline import synthesize_all  # noqa: E402
-from genpi.store import store_for  # noqa: E402
 from genpi.prompt.files import load_prompts  # noqa: E402
-from genpi.ray_runtime import connect  # noqa: E402
-from genpi.train.stage import train_prompt  # noqa: E402
 from genpi.prompt.real_inputs import load_real_inputs  # noqa: E402
+from genpi.ray_runtime import connect  # noqa: E402
+from genpi.store import store_for  # noqa: E402
+from genpi.train.stage import train_prompt  # noqa: E402
 
 RECIPES = {
     # The local profile before the fidelity work: 1 epoch, batch 8, top 15 layers, every PG example.

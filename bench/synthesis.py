@@ -38,11 +38,11 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from genpi.config import ModelConfig, RayConfig, SynthConfig  # noqa: E402
-from genpi.prompt.views import teacher_messages  # noqa: E402
 from genpi.engines.base import SamplingParams  # noqa: E402
 from genpi.engines.environments import vllm_python  # noqa: E402
 from genpi.engines.hf import HFEngine  # noqa: E402
 from genpi.prompt.files import load_prompt  # noqa: E402
+from genpi.prompt.views import teacher_messages  # noqa: E402
 from genpi.synth.roleplay import role_play  # noqa: E402
 
 TASKS = ["Count the regular files under /var/log.", "Which process uses the most memory right now?",

@@ -142,7 +142,7 @@ def in_child(kind: str, cfg_dict: dict, steps: list[list[RecordExamples]]) -> di
             return figures
         except queue_module.Empty:
             if not child.is_alive():
-                raise SystemExit(f"the {kind} loop died with exit code {child.exitcode}; its error is above")
+                raise SystemExit(f"the {kind} loop died with exit code {child.exitcode}; its error is above") from None
 
 
 def main() -> None:

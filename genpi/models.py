@@ -20,8 +20,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from genpi.errors import ModelError
 from genpi.fingerprint import fingerprint

@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,7 @@ def publish(store: ArtifactStore, source: str, entry: PublishedAdapter) -> Publi
     with tempfile.TemporaryDirectory(prefix="genpi-publish-") as tmp:
         folder = store.download_dir(source, Path(tmp) / "adapter")
         entry = dataclasses.replace(entry, source=store.location(source), files=_digests(folder),
-                                    published_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                                    published_at=datetime.now(UTC).isoformat(timespec="seconds"))
         store.upload_dir(folder, entry.prefix)
     store.put_json(manifest, entry.to_json())  # last: the manifest is what makes the version exist
     return entry

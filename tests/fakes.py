@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from genpi.engines.base import Conversation, Generation, SamplingParams
 from genpi.prompt.spec import ActionFormat, EnvironmentSpec, PromptSpec, Turn

@@ -8,8 +8,14 @@ import dataclasses
 import pytest
 
 from genpi import artifacts
-from genpi.config import (PROFILES, GenPIConfig, add_config_flags, config_from_dict, load_config,
-                          overrides_from_args)
+from genpi.config import (
+    PROFILES,
+    GenPIConfig,
+    add_config_flags,
+    config_from_dict,
+    load_config,
+    overrides_from_args,
+)
 from genpi.errors import ConfigError
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from genpi import artifacts
 from genpi.config import GenPIConfig
@@ -26,7 +26,7 @@ def write_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
             "batch: first-turn action-format retention per prompt",
             [{"metric": r["prompt"], "retention": r["format_retention"], "n": r["n"]} for r in rows],
             cfg.eval.min_retention))
-    finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    finished = datetime.now(UTC).isoformat(timespec="seconds")
     selections = [r["selection"] for r in reports if r.get("selection")]
     store.put_json(f"{prefix}/report.json", {"finished_at": finished, "prompts": rows, "selections": selections})
     methods = "".join(f"\n{selection_table(s)}\n" for s in selections)

@@ -23,8 +23,8 @@ import ray
 from genpi import artifacts
 from genpi.batch import manifest, tasks
 from genpi.batch.tasks import task_resources
-from genpi.engines.environments import resolve_backends
 from genpi.config import PG_METHODS, GenPIConfig, config_from_dict
+from genpi.engines.environments import resolve_backends
 from genpi.errors import EngineError, GenPIError
 from genpi.prompt.spec import PromptSpec, check_prompt_lengths
 from genpi.store import ArtifactStore

@@ -14,8 +14,9 @@ a batch the prompt's KV is computed once for every conversation that opens with 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -24,12 +25,11 @@ from transformers.cache_utils import DynamicCache
 from genpi.chat import common_prefix, context_length, request_ids
 from genpi.config import ModelConfig
 from genpi.devices import DTYPES, cpu_threads, pick_device
-from genpi.engines.base import (Conversation, Generation, SamplingParams, adapter_config,
-                                leaves_no_room, request_seeds)
+from genpi.engines.base import Conversation, Generation, SamplingParams, adapter_config, leaves_no_room, request_seeds
 from genpi.engines.kv_cache import GrowingLayer, growing_cache
 from genpi.engines.turn_cache import TurnCache
-from genpi.models import resolve_model
 from genpi.errors import ModelError
+from genpi.models import resolve_model
 
 _GROUP_BY = 64
 _MIN_SHARED_PREFIX = 32  # below this, a separate prefill pass costs more than it saves

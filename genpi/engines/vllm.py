@@ -17,8 +17,7 @@ from typing import Any
 from genpi.chat import context_length, request_ids
 from genpi.config import ModelConfig
 from genpi.devices import cpu_threads
-from genpi.engines.base import (Conversation, Generation, SamplingParams, adapter_config,
-                                leaves_no_room, request_seeds)
+from genpi.engines.base import Conversation, Generation, SamplingParams, adapter_config, leaves_no_room, request_seeds
 from genpi.errors import ModelError
 from genpi.models import resolve_model
 

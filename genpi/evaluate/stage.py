@@ -15,27 +15,28 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from genpi import artifacts, registry
 from genpi.chat import chat_ids
 from genpi.config import GenPIConfig
-from genpi.prompt.views import student_messages, teacher_messages
 from genpi.devices import cpu_threads
-from genpi.engines.base import Generation, SamplingParams
-from genpi.prompt.episodes import play_episodes
-from genpi.evaluate import efficiency
 from genpi.embeddings import load_embedder
+from genpi.engines.base import Generation, SamplingParams
+from genpi.errors import ModelError
+from genpi.evaluate import efficiency
 from genpi.evaluate.gate import gate_decision
 from genpi.evaluate.plots import efficiency_plot, retention_plot
 from genpi.evaluate.report import prompt_report_markdown, summarize_set
 from genpi.evaluate.teacher_forced import score_replies
-from genpi.errors import ModelError
+from genpi.prompt.episodes import play_episodes
 from genpi.prompt.spec import PromptSpec
 from genpi.prompt.splits import TEST, VAL, assign_splits
+from genpi.prompt.views import student_messages, teacher_messages
 from genpi.store import ArtifactStore
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from genpi.divergence import topk_tail_kl
 from genpi.chat import Conversation, chat_ids, common_prefix
+from genpi.divergence import topk_tail_kl
 
 
 @dataclass

@@ -9,12 +9,12 @@ empty reply, or after ``limit`` agent turns.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from genpi.prompt.views import environment_conversation, environment_opening
 from genpi.engines.base import Conversation, Generation, SamplingParams
 from genpi.prompt.spec import PromptSpec
+from genpi.prompt.views import environment_conversation, environment_opening
 
 END_TOKEN, MAX_TURNS, CONTEXT, EMPTY = "end_token", "max_turns", "context", "empty_reply"
 

@@ -17,8 +17,18 @@ from typing import Any
 import yaml
 
 from genpi.errors import PromptError
-from genpi.prompt.spec import (DEFAULT_END_CONDITION, DEFAULT_END_TOKEN, DEFAULT_ENV_DESCRIPTION, DEFAULT_MAX_TURNS,
-                               MAX_TURNS_RANGE, ROLES, ActionFormat, EnvironmentSpec, PromptSpec, Turn)
+from genpi.prompt.spec import (
+    DEFAULT_END_CONDITION,
+    DEFAULT_END_TOKEN,
+    DEFAULT_ENV_DESCRIPTION,
+    DEFAULT_MAX_TURNS,
+    MAX_TURNS_RANGE,
+    ROLES,
+    ActionFormat,
+    EnvironmentSpec,
+    PromptSpec,
+    Turn,
+)
 
 TEXT_EXTENSIONS = (".txt", ".md", ".markdown")
 DATA_EXTENSIONS = (".json", ".yaml", ".yml")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import json
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +213,7 @@ class ArtifactStore(abc.ABC):
 
     def mark_done(self, prefix: str, info: dict | None = None) -> None:
         """Write ``prefix/_SUCCESS``; call it last, after all of the stage's outputs."""
-        record = {"finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        record = {"finished_at": datetime.now(UTC).isoformat(timespec="seconds")}
         record.update(info or {})
         self.put_json(self._marker(prefix), record)
 

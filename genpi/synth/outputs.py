@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from genpi.config import SynthConfig
-from genpi.prompt.views import student_messages, teacher_messages
 from genpi.engines.base import SamplingParams
 from genpi.prompt.spec import PromptSpec
+from genpi.prompt.views import student_messages, teacher_messages
 
 
 def single_turn_outputs(spec: PromptSpec, cfg: SynthConfig, target, inputs: Sequence[dict]) -> list[dict]:

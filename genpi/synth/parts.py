@@ -7,7 +7,8 @@ and a rerun starts where the last one stopped.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from genpi.store import ArtifactStore
 

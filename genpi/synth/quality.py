@@ -6,9 +6,9 @@ from collections import Counter
 from statistics import mean
 from typing import Any
 
-from genpi.prompt.views import NO_REASON
 from genpi.prompt.episodes import END_TOKEN, MAX_TURNS
 from genpi.prompt.spec import PromptSpec
+from genpi.prompt.views import NO_REASON
 from genpi.synth.inputs import InputStats
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from genpi.config import SynthConfig
 from genpi.engines.base import SamplingParams

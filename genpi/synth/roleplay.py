@@ -6,13 +6,13 @@ by :func:`genpi.prompt.episodes.play_episodes`, every open conversation of a par
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from genpi.config import SynthConfig
-from genpi.prompt.views import teacher_messages
 from genpi.engines.base import Generation, SamplingParams
 from genpi.prompt.episodes import Resampling, play_episodes
 from genpi.prompt.spec import PromptSpec
+from genpi.prompt.views import teacher_messages
 
 
 def max_turns_for(spec: PromptSpec, cfg: SynthConfig) -> int:

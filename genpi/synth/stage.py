@@ -18,10 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from genpi import artifacts
 from genpi.config import GenPIConfig
-from genpi.prompt.views import NO_REASON
 from genpi.errors import GenPIError
 from genpi.fingerprint import fingerprint
 from genpi.prompt.spec import PromptSpec
+from genpi.prompt.views import NO_REASON
 from genpi.store import ArtifactStore
 from genpi.synth.format_filter import filter_record
 from genpi.synth.inputs import InputStats, generate_inputs

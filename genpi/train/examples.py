@@ -22,9 +22,13 @@ conversation turns, reasons, answers shown to PG) is counted in the returned rep
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
+from genpi.chat import Conversation, chat_ids
+from genpi.errors import PromptError
+from genpi.prompt.spec import PromptSpec
 from genpi.prompt.views import (
     NO_REASON,
     prompt_generation_input,
@@ -32,9 +36,6 @@ from genpi.prompt.views import (
     student_messages,
     teacher_messages,
 )
-from genpi.chat import Conversation, chat_ids
-from genpi.errors import PromptError
-from genpi.prompt.spec import PromptSpec
 
 IGNORE = -100
 EXAMPLES_VERSION = 3  # bump when what build_examples produces changes (stored examples are reused)

@@ -17,10 +17,10 @@ below and its name in ``config.METHODS`` (a test checks the two agree).
 from __future__ import annotations
 
 from genpi.config import TrainConfig
-from genpi.train.objectives.base import OBJECTIVES, Objective
 
 # One line per objective module: importing it registers its classes (register_objective).
 from genpi.train.objectives import genpi, genpi_kld, onpolicy_kl, prepend, seqkd_kld  # noqa: E402,F401
+from genpi.train.objectives.base import OBJECTIVES, Objective
 
 
 def objective_for(cfg: TrainConfig) -> Objective:

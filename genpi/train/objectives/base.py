@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -10,15 +11,14 @@ from genpi.config import TrainConfig
 from genpi.train.examples import Example, RecordExamples
 from genpi.train.teacher_prefix import TeacherPrefix
 
-
-O = TypeVar("O", bound="type[Objective]")
+ObjectiveClass = TypeVar("ObjectiveClass", bound="type[Objective]")
 OBJECTIVES: dict[str, type[Objective]] = {}  # train.method -> objective class, filled by register_objective
 
 
-def register_objective(method: str) -> Callable[[O], O]:
+def register_objective(method: str) -> Callable[[ObjectiveClass], ObjectiveClass]:
     """Class decorator: the objective that ``train.method: <method>`` trains with."""
 
-    def register(cls: O) -> O:
+    def register(cls: ObjectiveClass) -> ObjectiveClass:
         cls.name = method
         OBJECTIVES[method] = cls
         return cls

@@ -12,8 +12,13 @@ import pytest
 import torch
 
 from genpi.models import TINY, resolve_model
-from genpi.train.trainer import load_for_training, make_optimizer, step_loss, train_adapter
-from tests.test_train import short_pairs, tcfg, tokenizer  # noqa: F401 (fixture)
+from genpi.train.trainer import (
+    load_for_training,
+    make_optimizer,
+    step_loss,
+    train_adapter,
+)
+from tests.train.tiny import short_pairs, tcfg
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,

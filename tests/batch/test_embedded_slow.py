@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from genpi.store import open_store
-from tests.test_job import ROOT, run_job
+from tests.batch.command import run_job
+from tests.repo import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 

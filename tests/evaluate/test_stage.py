@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from genpi.config import EvalConfig
+from genpi.divergence import topk_tail_kl
 from genpi.engines.base import SamplingParams
 from genpi.engines.hf import HFEngine
-from genpi.models import TINY, resolve_model
 from genpi.errors import GenPIError
 from genpi.evaluate.gate import gate_decision
 from genpi.evaluate.stage import publish_run
-from genpi.divergence import topk_tail_kl
 from genpi.evaluate.teacher_forced import reply_ids, score_replies
+from genpi.models import TINY, resolve_model
 from genpi.prompt.real_inputs import load_real_inputs
 
 pytestmark = pytest.mark.timeout(180)

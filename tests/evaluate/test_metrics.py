@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 
 import pytest
 
-from genpi.errors import GenPIError
 from genpi import embeddings as embedding
+from genpi.errors import GenPIError
 from genpi.evaluate.metrics import (
     action_text,
     action_type,
@@ -21,12 +20,13 @@ from genpi.evaluate.metrics import (
     token_f1,
 )
 from genpi.evaluate.plots import efficiency_plot, retention_plot
-from genpi.prompt.spec import ActionFormat
 from genpi.prompt.files import load_prompt
+from genpi.prompt.spec import ActionFormat
+from tests.repo import PROMPTS
 
 pytestmark = pytest.mark.timeout(120)
 
-PROMPTS = Path(__file__).resolve().parent.parent / "prompts"
+
 SHELL = load_prompt(PROMPTS / "shell-agent.md").action_format
 SHOP = load_prompt(PROMPTS / "web-shop-agent.yaml").action_format
 SUPPORT = load_prompt(PROMPTS / "support-agent.json").action_format

@@ -10,10 +10,15 @@ from pathlib import Path
 import pytest
 
 from genpi.errors import PromptError
-from genpi.prompt.spec import ActionFormat, EnvironmentSpec, PromptSpec, Turn, check_prompt_lengths
 from genpi.prompt.files import load_prompt, load_prompts, slugify
-
-SHIPPED = Path(__file__).resolve().parent.parent / "prompts"
+from genpi.prompt.spec import (
+    ActionFormat,
+    EnvironmentSpec,
+    PromptSpec,
+    Turn,
+    check_prompt_lengths,
+)
+from tests.repo import PROMPTS as SHIPPED
 
 # How each shipped prompt marks an environment observation; any other user turn after an
 # agent turn starts a new episode, so the agent turn before it must be a final action.

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 
 import pytest
 
+from genpi.engines.base import SamplingParams
+from genpi.prompt.episodes import play_episodes
+from genpi.prompt.files import load_prompts
+from genpi.prompt.spec import ActionFormat, PromptSpec, Turn
 from genpi.prompt.views import (
     environment_conversation,
     environment_opening,
@@ -18,13 +21,9 @@ from genpi.prompt.views import (
     student_messages,
     teacher_messages,
 )
-from genpi.engines.base import SamplingParams
-from genpi.prompt.episodes import play_episodes
-from genpi.prompt.spec import ActionFormat, PromptSpec, Turn
-from genpi.prompt.files import load_prompts
 from tests.fakes import FakeEngine, mini_spec
+from tests.repo import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SPEC = mini_spec()
 SHIPPED = load_prompts(ROOT / "prompts")
 OPENING = re.compile(r"A new episode starts\. The agent's task: (?P<task>.+?)\n\n(?P<action>.+)", re.DOTALL)

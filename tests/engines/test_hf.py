@@ -8,8 +8,8 @@ import pytest
 
 from genpi.engines.base import SamplingParams
 from genpi.engines.hf import HFEngine
-from genpi.models import TINY, resolve_model
 from genpi.errors import ModelError
+from genpi.models import TINY, resolve_model
 
 pytestmark = pytest.mark.timeout(180)
 

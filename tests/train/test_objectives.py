@@ -10,15 +10,21 @@ import torch
 
 from genpi.config import TrainConfig
 from genpi.models import TINY
-from genpi.train.examples import IGNORE, Example, RecordExamples, teacher_example, tokenize_chat
 from genpi.train.batches import collate
+from genpi.train.examples import (
+    IGNORE,
+    Example,
+    RecordExamples,
+    teacher_example,
+    tokenize_chat,
+)
 from genpi.train.loss import label_logits, summed_kl
 from genpi.train.objectives import OBJECTIVES, objective_for
 from genpi.train.objectives.prepend import prepended
 from genpi.train.teacher_prefix import TeacherPrefix, shared_opening
 from genpi.train.trainer import load_for_training, step_loss
 from tests.fakes import mini_spec
-from tests.test_train import grads, lora_model, reference_mean, short_pairs, tcfg, tokenizer  # noqa: F401 (fixtures)
+from tests.train.tiny import grads, reference_mean, short_pairs, tcfg
 
 
 def run(model, step, cfg: TrainConfig, pad_id: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:

@@ -16,8 +16,8 @@ from genpi.config import RayConfig, load_config
 from genpi.errors import EngineError
 from genpi.prompt.files import load_prompts
 from genpi.store import open_store
+from tests.repo import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = {"models.generator.name": "tiny-random-llama", "models.target.name": "tiny-random-llama",
         "models.generator.backend": "hf", "models.target.backend": "hf",
         "synth.num_inputs": 6, "synth.min_inputs": 4, "synth.part_size": 4, "synth.max_turns": 2,
