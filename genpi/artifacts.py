@@ -29,7 +29,7 @@ from genpi.prompt.spec import PromptSpec
 # the old code are not reused.
 SYNTH_VERSION = 3  # 3: no environment answer to the last turn; per-request hf seeds; resamples in one call
 TRAIN_VERSION = 2
-EVAL_VERSION = 3  # 3: the real inputs' set is named "real" (was "user")
+EVAL_VERSION = 4  # 3: the real inputs' set is named "real" (was "user"); 4: intervals on every figure
 
 
 def model_identity(model: ModelConfig) -> dict[str, Any]:

@@ -16,22 +16,28 @@ start of an action (``^REPLY: \\S``) still yields the whole action line. Whitesp
 from __future__ import annotations
 
 import functools
+import math
+import random
 import re
 from collections import Counter
-from typing import TypedDict
+from collections.abc import Callable, Sequence
+from typing import TypedDict, TypeVar
 
 from genpi.prompt.spec import ActionFormat
 
 LAZY_WILDCARDS = (r"[\s\S]+?", r"[\s\S]*?", ".+?", ".*?")
 _ACTION_GROUP = "genpi_action"
 _TOKEN = re.compile(r"\w+|[^\w\s]")
+T = TypeVar("T")
 
 
-class Figure(TypedDict):
-    """An aggregated score: ``value`` is None when nothing was measured (``n == 0``)."""
+class Figure(TypedDict, total=False):
+    """An aggregated score: ``value`` is None when nothing was measured (``n == 0``); a rate
+    carries its 95% interval."""
 
     value: float | None
     n: int
+    interval: tuple[float, float]
 
 
 # ---------------------------------------------------------------------------- per reply
@@ -90,9 +96,44 @@ def token_f1(a: str, b: str) -> float:
 
 
 def mean_figure(values: list[float] | list[bool] | list[float | bool]) -> Figure:
-    """Mean of ``values`` (booleans count as 0/1) with its sample size; value None when empty."""
+    """Mean of ``values`` (booleans count as 0/1) with its sample size; value None when empty.
+
+    A rate (every value a bool) also carries its 95% Wilson interval as ``interval``."""
     n = len(values)
-    return {"value": sum(float(v) for v in values) / n if n else None, "n": n}
+    figure: Figure = {"value": sum(float(v) for v in values) / n if n else None, "n": n}
+    if n and all(isinstance(v, bool) for v in values):
+        figure["interval"] = wilson_interval(sum(values), n)
+    return figure
+
+
+Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a rate ``successes / n`` (95% by default): unlike the normal
+    approximation it stays inside [0, 1] and is not empty at 0 or n successes."""
+    if n <= 0:
+        raise ValueError("a rate needs at least one trial")
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_interval(samples: Sequence[T], statistic: Callable[[list[T]], float | None], resamples: int = 2000,
+                       seed: int = 0, level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of ``statistic`` over ``samples`` (one per input, resampled with
+    replacement, fixed seed); resamples where the statistic is undefined are left out. None when
+    fewer than half of them are defined (the interval would describe a different population)."""
+    if not samples:
+        return None
+    rng = random.Random(seed)
+    values = sorted(v for v in (statistic(rng.choices(samples, k=len(samples))) for _ in range(resamples))
+                    if v is not None)
+    if len(values) < resamples / 2:
+        return None
+    tail = (1 - level) / 2
+    return values[int(tail * (len(values) - 1))], values[int(round((1 - tail) * (len(values) - 1)))]
 
 
 def retention(adapter: float | None, teacher: float | None) -> float | None:

@@ -3,7 +3,8 @@
 Per input set and system: action-format validity of the first turn, of every turn and per turn
 index (drift), valid final actions; agreement with the teacher's first turn (same action type,
 exact action, token F1, embedding similarity); teacher-forced NLL and top-k KL. Every figure
-carries its count. **Retention** is adapter ÷ teacher (teacher ÷ adapter for lower-is-better
+carries its count, every rate its 95% Wilson interval, and retention and gap closed a 95%
+bootstrap interval over the inputs. **Retention** is adapter ÷ teacher (teacher ÷ adapter for lower-is-better
 NLL); **gap closed** is (adapter − base) ÷ (teacher − base), which reads the same way for
 lower-is-better metrics because both differences change sign.
 """
@@ -16,6 +17,7 @@ from genpi.config import PG_METHODS
 from genpi.evaluate import metrics
 from genpi.prompt.spec import PromptSpec
 
+SYSTEMS = ("teacher", "base", "adapter")
 LOWER_IS_BETTER = ("nll", "kl_topk")
 TITLES = {
     "format_valid": "action format, first turn",
@@ -34,38 +36,60 @@ def _first(episode: dict) -> str:
     return episode["turns"][0]["agent"] if episode["turns"] else ""
 
 
-def _token_mean(rows: list[dict], system: str, field: str) -> dict[str, Any]:
-    tokens = sum(r[system]["tokens"] for r in rows)
-    value = sum(r[system][field] for r in rows) / tokens if tokens else None
-    return {"value": None if value is None else round(value, 4), "n": len(rows), "tokens": tokens}
+Samples = list[tuple[float, float]]  # per input: (numerator, denominator) of a ratio-of-sums figure
 
 
-def system_figures(spec: PromptSpec, episodes: list[dict], teacher: list[dict], scores: list[dict],
-                   system: str, similarity: list[float] | None) -> dict[str, dict[str, Any]]:
-    """Every metric of one system on one input set."""
-    fmt = spec.action_format
-    out: dict[str, dict[str, Any]] = {}
-    if fmt.has_actions:
-        out["format_valid"] = metrics.mean_figure([metrics.format_valid(fmt, _first(e)) for e in episodes])
-        out["format_valid_all_turns"] = metrics.mean_figure(
-            [metrics.format_valid(fmt, t["agent"]) for e in episodes for t in e["turns"]])
-    if fmt.has_final:
-        out["final_valid"] = metrics.mean_figure(
-            [bool(e["turns"]) and metrics.final_valid(fmt, e["turns"][-1]["agent"]) for e in episodes])
-    if fmt.has_actions:
-        out["same_action_type"] = metrics.mean_figure(
-            [metrics.action_type(fmt, _first(e)) is not None
-             and metrics.action_type(fmt, _first(e)) == metrics.action_type(fmt, _first(t))
-             for e, t in zip(episodes, teacher)])
-        out["exact_action"] = metrics.mean_figure(
-            [metrics.exact_action_match(fmt, _first(e), _first(t)) for e, t in zip(episodes, teacher)])
-    out["token_f1"] = metrics.mean_figure([metrics.token_f1(_first(e), _first(t)) for e, t in zip(episodes, teacher)])
-    if similarity is not None:
-        out["embedding_similarity"] = metrics.mean_figure(similarity)
-    out["nll"] = _token_mean(scores, system, "nll_sum")
-    out["kl_topk"] = _token_mean(scores, system, "kl_sum")
-    out["avg_turns"] = metrics.mean_figure([len(e["turns"]) for e in episodes])
+def _figure(samples: Samples, rate: bool = False) -> dict[str, Any]:
+    """A figure from per-input samples: the ratio of sums; a rate with its 95% Wilson interval."""
+    den = sum(d for _, d in samples)
+    value = sum(n for n, _ in samples) / den if den else None
+    out: dict[str, Any] = {"value": None if value is None else round(value, 4), "n": len(samples)}
+    if rate and den:
+        out["interval"] = [round(x, 4) for x in metrics.wilson_interval(round(sum(n for n, _ in samples)), round(den))]
     return out
+
+
+def system_samples(spec: PromptSpec, episodes: list[dict], teacher: list[dict], scores: list[dict], system: str,
+                   similarity: list[float] | None) -> dict[str, Samples]:
+    """Every metric of one system on one input set, as one (numerator, denominator) per input."""
+    fmt = spec.action_format
+    out: dict[str, Samples] = {}
+
+    def mean(values: list[bool] | list[float]) -> Samples:
+        return [(float(v), 1.0) for v in values]
+
+    if fmt.has_actions:
+        out["format_valid"] = mean([metrics.format_valid(fmt, _first(e)) for e in episodes])
+        out["format_valid_all_turns"] = [(sum(metrics.format_valid(fmt, t["agent"]) for t in e["turns"]),
+                                          len(e["turns"])) for e in episodes]
+    if fmt.has_final:
+        out["final_valid"] = mean([bool(e["turns"]) and metrics.final_valid(fmt, e["turns"][-1]["agent"])
+                                   for e in episodes])
+    if fmt.has_actions:
+        out["same_action_type"] = mean([metrics.action_type(fmt, _first(e)) is not None
+                                        and metrics.action_type(fmt, _first(e)) == metrics.action_type(fmt, _first(t))
+                                        for e, t in zip(episodes, teacher)])
+        out["exact_action"] = mean([metrics.exact_action_match(fmt, _first(e), _first(t))
+                                    for e, t in zip(episodes, teacher)])
+    out["token_f1"] = mean([metrics.token_f1(_first(e), _first(t)) for e, t in zip(episodes, teacher)])
+    if similarity is not None:
+        out["embedding_similarity"] = mean(similarity)
+    out["nll"] = [(r[system]["nll_sum"], r[system]["tokens"]) for r in scores]
+    out["kl_topk"] = [(r[system]["kl_sum"], r[system]["tokens"]) for r in scores]
+    out["avg_turns"] = mean([len(e["turns"]) for e in episodes])
+    return out
+
+
+RATES = ("format_valid", "format_valid_all_turns", "final_valid", "same_action_type", "exact_action")
+TOKEN_MEANS = ("nll", "kl_topk")
+
+
+def system_figures(samples: dict[str, Samples]) -> dict[str, dict[str, Any]]:
+    """The figures of one system from its per-input samples (rates with their Wilson intervals)."""
+    figures = {m: _figure(v, rate=m in RATES) for m, v in samples.items()}
+    for m in TOKEN_MEANS:
+        figures[m]["tokens"] = int(sum(d for _, d in samples[m]))
+    return figures
 
 
 def per_turn_validity(spec: PromptSpec, episodes: list[dict], turns: int) -> list[dict[str, Any]]:
@@ -74,16 +98,46 @@ def per_turn_validity(spec: PromptSpec, episodes: list[dict], turns: int) -> lis
                                  for e in episodes if len(e["turns"]) > k]) for k in range(turns)]
 
 
+def compare(values: dict[str, float | None], lower: bool) -> tuple[float | None, float | None]:
+    """The adapter's retention and gap closed from the three systems' values of one metric.
+
+    Lower is better: retention is teacher / adapter, undefined when the teacher's value is 0 (the
+    KL of the teacher to itself), where gap closed still tells the story."""
+    kept = ((metrics.retention(values["teacher"], values["adapter"]) if values["teacher"] else None) if lower
+            else metrics.retention(values["adapter"], values["teacher"]))
+    return kept, metrics.gap_closed(values["adapter"], values["base"], values["teacher"])
+
+
+def _bootstrap(samples: dict[str, Samples], lower: bool, seed: int) -> dict[str, list[float] | None]:
+    """95% percentile-bootstrap intervals of retention and gap closed, resampling inputs (all three
+    systems' samples of an input move together)."""
+    rows = list(zip(samples["teacher"], samples["base"], samples["adapter"]))
+
+    def ratio(picked: list, k: int) -> float | None:
+        den = sum(r[k][1] for r in picked)
+        return sum(r[k][0] for r in picked) / den if den else None
+
+    out = {}
+    for i, kind in enumerate(("retention", "gap_closed")):
+        interval = metrics.bootstrap_interval(
+            rows, lambda picked: compare({s: ratio(picked, k) for k, s in enumerate(("teacher", "base", "adapter"))},
+                                         lower)[i], seed=seed)
+        out[kind] = None if interval is None else [round(x, 4) for x in interval]
+    return out
+
+
 def summarize_set(spec: PromptSpec, episodes: dict[str, list[dict]], scores: list[dict],
-                  embed: Any = None) -> dict[str, Any]:
-    """Figures of all three systems on one input set, and the adapter's retention and gap closed."""
+                  embed: Any = None, seed: int = 0) -> dict[str, Any]:
+    """Figures of all three systems on one input set, and the adapter's retention and gap closed,
+    each with a 95% bootstrap interval over the inputs (``seed`` fixes the resamples)."""
     teacher = episodes["teacher"]
     similarity: dict[str, list[float] | None] = {"teacher": None, "base": None, "adapter": None}
     if embed is not None:
         similarity = {s: embed.similarity([_first(e) for e in episodes[s]], [_first(t) for t in teacher])
                       for s in episodes if s != "teacher"}
         similarity["teacher"] = [1.0] * len(teacher)  # the teacher's reply is its own reference
-    systems = {s: system_figures(spec, episodes[s], teacher, scores, s, similarity[s]) for s in episodes}
+    samples = {s: system_samples(spec, episodes[s], teacher, scores, s, similarity[s]) for s in episodes}
+    systems = {s: system_figures(samples[s]) for s in episodes}
     longest = max((len(e["turns"]) for eps in episodes.values() for e in eps), default=0)
     per_turn = ({s: per_turn_validity(spec, episodes[s], longest) for s in episodes}
                 if spec.action_format.has_actions else {})
@@ -93,14 +147,15 @@ def summarize_set(spec: PromptSpec, episodes: dict[str, list[dict]], scores: lis
             continue
         values = {s: systems[s][metric]["value"] for s in systems}
         lower = metric in LOWER_IS_BETTER
-        # Lower is better: retention is teacher / adapter, undefined when the teacher's value is 0
-        # (the KL of the teacher to itself), where gap closed still tells the story.
-        kept = ((metrics.retention(values["teacher"], values["adapter"]) if values["teacher"] else None) if lower
-                else metrics.retention(values["adapter"], values["teacher"]))
+        kept, closed = compare(values, lower)
+        intervals = _bootstrap({s: samples[s][metric] for s in samples}, lower, seed)
         comparison[metric] = {**values, "n": systems["adapter"][metric]["n"], "lower_is_better": lower,
-                              "retention": None if kept is None else round(kept, 4),
-                              "gap_closed": _round(metrics.gap_closed(values["adapter"], values["base"],
-                                                                      values["teacher"]))}
+                              "retention": _round(kept), "gap_closed": _round(closed),
+                              "retention_interval": intervals["retention"],
+                              "gap_closed_interval": intervals["gap_closed"]}
+        for s in systems:
+            if "interval" in systems[s][metric]:
+                comparison[metric][f"{s}_interval"] = systems[s][metric]["interval"]
     return {"n": len(teacher), "systems": systems, "per_turn_format_valid": per_turn, "comparison": comparison}
 
 
@@ -116,8 +171,15 @@ def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _cell(metric: str, value: float | None) -> str:
-    return _num(value) if metric in LOWER_IS_BETTER else _pct(value)
+def _cell(metric: str, value: float | None, interval: list[float] | None = None) -> str:
+    if metric in LOWER_IS_BETTER:
+        return _num(value)
+    return pct_interval(value, interval)
+
+
+def pct_interval(value: float | None, interval: list[float] | None) -> str:
+    """``"75% [41%, 93%]"``: a share and its 95% interval (the interval left out where there is none)."""
+    return _pct(value) + (f" [{_pct(interval[0])}, {_pct(interval[1])}]" if interval and value is not None else "")
 
 
 def prompt_report_markdown(report: dict[str, Any]) -> str:
@@ -130,12 +192,15 @@ def prompt_report_markdown(report: dict[str, Any]) -> str:
              + (f"; published as `{report['published']}`" if report.get("published") else ""), ""]
     for set_name, figures in report["sets"].items():
         lines += [f"## {set_name} inputs (n = {figures['n']})", "",
+                  "Rates with their 95% Wilson interval; retention and gap closed with a 95% bootstrap interval "
+                  "over the inputs.", "",
                   "| metric | teacher (prompt) | base (no prompt) | adapter (no prompt) | retention | gap closed | n |",
                   "|---|---|---|---|---|---|---|"]
         for metric, row in figures["comparison"].items():
-            lines.append(f"| {TITLES.get(metric, metric)} | {_cell(metric, row['teacher'])} | "
-                         f"{_cell(metric, row['base'])} | {_cell(metric, row['adapter'])} | "
-                         f"{_pct(row['retention'])} | {_pct(row['gap_closed'])} | {row['n']} |")
+            lines.append(f"| {TITLES.get(metric, metric)} | "
+                         + " | ".join(_cell(metric, row[s], row.get(f"{s}_interval")) for s in SYSTEMS)
+                         + f" | {pct_interval(row['retention'], row.get('retention_interval'))} | "
+                         f"{pct_interval(row['gap_closed'], row.get('gap_closed_interval'))} | {row['n']} |")
         per_turn = figures.get("per_turn_format_valid") or {}
         if per_turn:
             width = max(len(v) for v in per_turn.values())
@@ -175,6 +240,8 @@ def batch_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({"prompt": r["prompt"], "n": r["sets"].get("test", {}).get("n", 0),
                      "teacher_format": fv.get("teacher"), "base_format": fv.get("base"),
                      "adapter_format": fv.get("adapter"), "format_retention": fv.get("retention"),
+                     "format_retention_interval": fv.get("retention_interval"),
+                     "nll_gap_closed_interval": nll.get("gap_closed_interval"),
                      "nll_teacher": nll.get("teacher"), "nll_base": nll.get("base"), "nll_adapter": nll.get("adapter"),
                      "nll_gap_closed": nll.get("gap_closed"),
                      "prompt_tokens": (r.get("efficiency") or {}).get("prompt_tokens"),
@@ -188,8 +255,9 @@ def batch_table(rows: list[dict[str, Any]]) -> str:
              "gap closed | gate |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['prompt']} | {r['n']} | {_pct(r['teacher_format'])} | {_pct(r['base_format'])} | "
-                     f"{_pct(r['adapter_format'])} | {_pct(r['format_retention'])} | {_num(r['nll_teacher'])} | "
-                     f"{_num(r['nll_base'])} | {_num(r['nll_adapter'])} | {_pct(r['nll_gap_closed'])} | "
+                     f"{_pct(r['adapter_format'])} | {pct_interval(r['format_retention'], r.get('format_retention_interval'))} | "
+                     f"{_num(r['nll_teacher'])} | {_num(r['nll_base'])} | {_num(r['nll_adapter'])} | "
+                     f"{pct_interval(r['nll_gap_closed'], r.get('nll_gap_closed_interval'))} | "
                      f"{'passed' if r['passed'] else 'FAILED: ' + r['gate']} |")
     return "\n".join(lines)
 
