@@ -12,6 +12,7 @@ import sys
 from types import ModuleType
 
 from genpi.cli import ls, report, run
+from genpi.cli.signals import EXIT_TERMINATED, Terminated, on_sigterm_unwind
 from genpi.errors import GenPIError
 
 COMMANDS: dict[str, ModuleType] = {"run": run, "report": report, "ls": ls}
@@ -35,8 +36,12 @@ def main(argv: list[str] | None = None, prog: str = "genpi") -> int:
     else:
         name, module = "run", run
         args = build_parser(prog).parse_args(argv)
+    on_sigterm_unwind()
     try:
         return module.execute(args)
+    except Terminated:
+        print(f"{prog}: terminated (SIGTERM); finished work is in the store and a rerun resumes it", file=sys.stderr)
+        return EXIT_TERMINATED
     except GenPIError as e:
         print(f"{prog}{'' if module is run else ' ' + name}: error: {e}", file=sys.stderr)
         return 2

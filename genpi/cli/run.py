@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import yaml
 
 from genpi.cli.config_flags import add_flags, resolve
+from genpi.cli.signals import on_sigterm_unwind
 from genpi.config import PROFILES, GenPIConfig
 from genpi.errors import GenPIError
 
@@ -57,6 +59,18 @@ def _config(args: argparse.Namespace, profile: str) -> GenPIConfig:
     return resolve_backends(resolve(args, profile))
 
 
+def _check_store_outlives_job(url: str) -> None:
+    """Refuse a relative local store in Ray's copy of a submitted job's working dir: Ray deletes
+    that copy (KubeRay with the pod), and the adapters would go with it."""
+    if "://" in url or Path(url).is_absolute():
+        return
+    here = Path.cwd().parts
+    if "runtime_resources" in here and any(p.startswith("working_dir") for p in here):
+        raise GenPIError(f"store.url {url!r} is a relative folder, and this job runs in Ray's copy of its working "
+                         f"dir ({Path.cwd()}), which Ray deletes after the job; pass --store.url an absolute "
+                         f"folder that outlives the job, or s3://bucket/prefix")
+
+
 def execute(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s genpi %(message)s", stream=sys.stdout)
@@ -82,12 +96,14 @@ def execute(args: argparse.Namespace) -> int:
             raise GenPIError(f"--only names no prompt in {args.prompts}: {', '.join(unknown)}; "
                              f"available: {', '.join(s.name for s in specs)}")
         specs = [s for s in specs if s.name in args.only]
+    _check_store_outlives_job(cfg.store.url)
     store = store_for(cfg.store)
     log.info("%d prompts from %s; store %s", len(specs), args.prompts, store.url)
 
     import ray
 
     log.info(connect(cfg.ray))
+    on_sigterm_unwind()
     try:
         if args.profile == "auto":
             gpus = ray.cluster_resources().get("GPU", 0)

@@ -85,6 +85,7 @@ class S3Store(ArtifactStore):
         self._region_arg = region or None
         self._client = self._make_client()
         self.endpoint_url = self._client.meta.endpoint_url
+        self.region = self._client.meta.region_name
         with self._errors():
             self._client.head_bucket(Bucket=self.bucket)
 

@@ -74,11 +74,15 @@ def ray_storage(cfg: GenPIConfig, store: ArtifactStore, spec: PromptSpec) -> tup
 
         bucket_and_root = store.url[len("s3://"):].rstrip("/")
         options: dict[str, Any] = {}
-        if cfg.store.endpoint_url:
-            scheme, _, host = cfg.store.endpoint_url.partition("://")
+        # pyarrow reads neither AWS_ENDPOINT_URL nor the AWS config's region the way boto3 does:
+        # hand it the endpoint and region the store itself resolved.
+        endpoint = cfg.store.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
             options.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-        if cfg.store.region:
-            options["region"] = cfg.store.region
+        region = cfg.store.region or getattr(store, "region", None)
+        if region:
+            options["region"] = region
         return f"{bucket_and_root}/{prefix}", fs.S3FileSystem(**options)
     return str(Path(store.url).resolve() / prefix), None
 

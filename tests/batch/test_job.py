@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -105,3 +106,35 @@ def test_help_describes_every_flag() -> None:
                 assert flag in text
             # argparse wraps lines (also at hyphens): compare without whitespace
             assert action.help and "".join(action.help.split()) in "".join(text.split())
+
+
+def test_a_submitted_job_refuses_a_relative_store_in_rays_working_dir_copy(tmp_path: Path, monkeypatch, capsys) -> None:
+    from genpi.cli import main
+
+    copy = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    shutil.copytree(ROOT / "prompts", copy / "prompts")
+    monkeypatch.chdir(copy)
+    assert main(["--prompts", "prompts", "--profile", "local"]) == 2
+    assert "Ray deletes after the job" in capsys.readouterr().err and not (copy / "artifacts").exists()
+    assert main(["--prompts", "prompts", "--profile", "local", "--print-config"]) == 0  # nothing stored there
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_ends_the_job_with_one_line_and_its_exit_code(tmp_path: Path) -> None:
+    """What `ray job stop` and Kubernetes send: the driver unwinds (its local cluster stops with it)."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "internalize.py"), "--prompts", str(ROOT / "prompts"),
+                            "--store.url", str(tmp_path / "artifacts"), *TINY_RUN], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    seen = ""
+    while "started a local Ray cluster" not in seen and time.time() < deadline and job.poll() is None:
+        seen += job.stdout.readline()
+    assert "started a local Ray cluster" in seen, seen
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 143, err[-2000:]
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err
