@@ -210,6 +210,10 @@ class EvalConfig:
                               "share of the teacher's", low=0, high=1)
     min_gap_closed: float = _f(0.5, "publish an adapter only if it closes at least this share of the "
                                "teacher-forced NLL gap between base and teacher", low=0, high=1)
+    teacher_samples: int = _f(8, "first replies the teacher samples per input (temperature sample_temperature, "
+                              "seeded); a system's first action agrees when it is among the sampled actions "
+                              "(0: no sampling)", low=0, high=64)
+    sample_temperature: float = _f(0.7, "temperature of those samples", low=0.01, high=5)
     latency_turns: int = _f(5, "turns of the timed episode in the efficiency measurement", low=1, high=50)
     latency_tokens: int = _f(32, "tokens generated per timed turn in the efficiency measurement", low=1)
     batch_size: int = _f(16, "conversations per generate call in evaluation", low=1)
@@ -305,8 +309,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train": {"epochs": 5, "min_steps": 22, "batch_size": 4, "micro_batch_size": 1, "max_seq_len": 2048,
                   "num_gpus": 0, "num_cpus": 2, "gradient_checkpointing": False, "learning_rate": 1e-3,
                   "lora_dropout": 0.0, "lora_layers": 15, "pg_fraction": 0.04, "pg_lambda": 0.7},
+        # 4 teacher samples per input for the action-agreement check (the default 8 would add ~2 min a prompt)
         "eval": {"num_gpus": 0, "num_cpus": 2, "max_turns": 1, "max_tokens": 80, "env_max_tokens": 48,
-                 "max_samples": 8, "latency_tokens": 8},
+                 "max_samples": 8, "latency_tokens": 8, "teacher_samples": 4},
     },
 }
 

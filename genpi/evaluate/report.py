@@ -18,7 +18,7 @@ from genpi.evaluate import metrics
 from genpi.prompt.spec import PromptSpec
 
 SYSTEMS = ("teacher", "base", "adapter")
-LOWER_IS_BETTER = ("nll", "kl_topk")
+LOWER_IS_BETTER = ("nll", "kl_topk", "nll_under_teacher")
 TITLES = {
     "format_valid": "action format, first turn",
     "format_valid_all_turns": "action format, every turn",
@@ -29,6 +29,8 @@ TITLES = {
     "embedding_similarity": "embedding similarity with teacher",
     "nll": "NLL of teacher replies (per token)",
     "kl_topk": "top-k KL to teacher (per token)",
+    "nll_under_teacher": "NLL of its own first reply under the teacher (per token)",
+    "action_in_teacher_samples": "first action among the teacher's sampled actions",
 }
 
 
@@ -50,7 +52,7 @@ def _figure(samples: Samples, rate: bool = False) -> dict[str, Any]:
 
 
 def system_samples(spec: PromptSpec, episodes: list[dict], teacher: list[dict], scores: list[dict], system: str,
-                   similarity: list[float] | None) -> dict[str, Samples]:
+                   similarity: list[float] | None, agreement: list[dict] | None = None) -> dict[str, Samples]:
     """Every metric of one system on one input set, as one (numerator, denominator) per input."""
     fmt = spec.action_format
     out: dict[str, Samples] = {}
@@ -76,19 +78,25 @@ def system_samples(spec: PromptSpec, episodes: list[dict], teacher: list[dict], 
         out["embedding_similarity"] = mean(similarity)
     out["nll"] = [(r[system]["nll_sum"], r[system]["tokens"]) for r in scores]
     out["kl_topk"] = [(r[system]["kl_sum"], r[system]["tokens"]) for r in scores]
+    if agreement is not None:
+        out["nll_under_teacher"] = [(a["nll_under_teacher"][system]["nll_sum"],
+                                     a["nll_under_teacher"][system]["tokens"]) for a in agreement]
+        out["action_in_teacher_samples"] = mean([a["in_teacher_samples"][system] for a in agreement])
     out["avg_turns"] = mean([len(e["turns"]) for e in episodes])
     return out
 
 
-RATES = ("format_valid", "format_valid_all_turns", "final_valid", "same_action_type", "exact_action")
+RATES = ("format_valid", "format_valid_all_turns", "final_valid", "same_action_type", "exact_action",
+         "action_in_teacher_samples")
 TOKEN_MEANS = ("nll", "kl_topk")
 
 
 def system_figures(samples: dict[str, Samples]) -> dict[str, dict[str, Any]]:
     """The figures of one system from its per-input samples (rates with their Wilson intervals)."""
     figures = {m: _figure(v, rate=m in RATES) for m, v in samples.items()}
-    for m in TOKEN_MEANS:
-        figures[m]["tokens"] = int(sum(d for _, d in samples[m]))
+    for m in TOKEN_MEANS + ("nll_under_teacher",):
+        if m in samples:
+            figures[m]["tokens"] = int(sum(d for _, d in samples[m]))
     return figures
 
 
@@ -127,16 +135,18 @@ def _bootstrap(samples: dict[str, Samples], lower: bool, seed: int) -> dict[str,
 
 
 def summarize_set(spec: PromptSpec, episodes: dict[str, list[dict]], scores: list[dict],
-                  embed: Any = None, seed: int = 0) -> dict[str, Any]:
+                  embed: Any = None, seed: int = 0, agreement: list[dict] | None = None) -> dict[str, Any]:
     """Figures of all three systems on one input set, and the adapter's retention and gap closed,
-    each with a 95% bootstrap interval over the inputs (``seed`` fixes the resamples)."""
+    each with a 95% bootstrap interval over the inputs (``seed`` fixes the resamples).
+    ``agreement`` (per input, :meth:`Evaluation.agreement`) adds how the teacher judges each
+    system's first reply."""
     teacher = episodes["teacher"]
     similarity: dict[str, list[float] | None] = {"teacher": None, "base": None, "adapter": None}
     if embed is not None:
         similarity = {s: embed.similarity([_first(e) for e in episodes[s]], [_first(t) for t in teacher])
                       for s in episodes if s != "teacher"}
         similarity["teacher"] = [1.0] * len(teacher)  # the teacher's reply is its own reference
-    samples = {s: system_samples(spec, episodes[s], teacher, scores, s, similarity[s]) for s in episodes}
+    samples = {s: system_samples(spec, episodes[s], teacher, scores, s, similarity[s], agreement) for s in episodes}
     systems = {s: system_figures(samples[s]) for s in episodes}
     longest = max((len(e["turns"]) for eps in episodes.values() for e in eps), default=0)
     per_turn = ({s: per_turn_validity(spec, episodes[s], longest) for s in episodes}

@@ -32,6 +32,7 @@ from genpi.evaluate import efficiency
 from genpi.evaluate.gate import gate_decision
 from genpi.evaluate.plots import efficiency_plot, retention_plot
 from genpi.evaluate.report import prompt_report_markdown, summarize_set
+from genpi.evaluate.metrics import action_text
 from genpi.evaluate.teacher_forced import score_replies
 from genpi.prompt.episodes import play_episodes
 from genpi.prompt.spec import PromptSpec
@@ -158,6 +159,35 @@ class Evaluation:
 
         return self._stored(f"scores/{set_name}.jsonl", score)
 
+    def agreement(self, set_name: str, episodes: dict[str, list[dict]]) -> list[dict]:
+        """Whether the teacher would say what each system says, per input: the teacher-forced NLL of
+        each system's first reply under the teacher (the model with the prompt), and whether its first
+        action is among the actions of ``eval.teacher_samples`` replies the teacher samples."""
+
+        def judge() -> list[dict]:
+            started = time.time()
+            ev, fmt = self.cfg.eval, self.spec.action_format
+            inputs = [e["input"] for e in episodes["teacher"]]
+            contexts = [teacher_messages(self.spec, x) for x in inputs]
+            firsts = {s: [e["turns"][0]["agent"] if e["turns"] else "" for e in episodes[s]] for s in SYSTEMS}
+            nll = {s: score_replies(self.engine, contexts, contexts, firsts[s], {}, ev.top_k)["teacher"]
+                   for s in SYSTEMS}
+            k = ev.teacher_samples
+            sampled = self.engine.generate([c for c in contexts for _ in range(k)], SamplingParams(
+                max_new_tokens=ev.max_tokens, temperature=ev.sample_temperature, seed=self.cfg.split.seed))
+            rows = []
+            for i in range(len(inputs)):
+                actions = {action_text(fmt, g.text) for g in sampled[i * k:(i + 1) * k]} - {None}
+                rows.append({"nll_under_teacher": {s: {"tokens": nll[s][i].tokens, "nll_sum": nll[s][i].nll_sum}
+                                                   for s in SYSTEMS},
+                             "teacher_actions": sorted(actions),
+                             "in_teacher_samples": {s: action_text(fmt, firsts[s][i]) in actions for s in SYSTEMS}})
+            self.log(f"{set_name} agreement under the teacher: {len(rows)} inputs, {k} teacher samples each, "
+                     f"{time.time() - started:.0f}s")
+            return rows
+
+        return self._stored(f"agreement/{set_name}.jsonl", judge)
+
     def efficiency(self, teacher_episodes: list[dict]) -> dict[str, Any]:
         """Prompt tokens avoided, analytic prefill FLOPs and measured latency per turn of one episode."""
 
@@ -278,7 +308,9 @@ def evaluate_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, re
                 continue
             episodes = {system: run.episodes(set_name, system) for system in SYSTEMS}
             scores = run.scores(set_name, episodes["teacher"])
-            sets[set_name] = summarize_set(spec, episodes, scores, _embedder())
+            agreement = run.agreement(set_name, episodes) if cfg.eval.teacher_samples and \
+                spec.action_format.has_actions else None
+            sets[set_name] = summarize_set(spec, episodes, scores, _embedder(), agreement=agreement)
             if set_name == "test" or not efficiency_figures:
                 efficiency_figures = run.efficiency(episodes["teacher"])
     report: dict[str, Any] = {

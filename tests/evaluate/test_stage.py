@@ -164,3 +164,51 @@ def test_publish_is_immutable_and_listed(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["report", "--store.url", str(tmp_path / "store")]) == 0
     out = capsys.readouterr().out
     assert "batch abc" in out and f"| {spec.name} | 4 | 75% | 0% | 75% | 100% |" in out and "passed" in out
+
+
+def test_agreement_under_the_teacher(engine_and_adapter, tmp_path: Path) -> None:
+    """The teacher judges each system's first reply: its own greedy reply scores as in score_replies,
+    and a first action counts as agreeing exactly when one of the teacher's samples has it."""
+    from genpi.config import load_config
+    from genpi.evaluate.stage import Evaluation
+    from genpi.prompt.spec import ActionFormat, PromptSpec, Turn
+    from genpi.prompt.views import teacher_messages
+    from genpi.store import open_store
+
+    engine, adapter = engine_and_adapter
+    spec = PromptSpec(name="mini", source="mini.md", turns=(Turn("system", "Answer with Act: and a word."),),
+                      action_format=ActionFormat(actions=(r"(?s).*",)))  # every reply is an action: its text
+    cfg = load_config("local", overrides={"eval.teacher_samples": 3, "eval.max_tokens": 8})
+    inputs = ["count the files", "show the date"]
+    greedy = [g.text for g in engine.generate([teacher_messages(spec, x) for x in inputs], SamplingParams(max_new_tokens=8))]
+    episodes = {"teacher": [{"input": x, "turns": [{"agent": r, "observation": ""}]} for x, r in zip(inputs, greedy)],
+                "base": [{"input": x, "turns": [{"agent": "no such action", "observation": ""}]} for x in inputs],
+                "adapter": [{"input": x, "turns": []} for x in inputs]}
+    run = Evaluation(spec, cfg, open_store(str(tmp_path / "store")), engine, adapter, "eval/x", [], lambda _: None,
+                     sets={"test": [{"input": x} for x in inputs]})
+    rows = run.agreement("test", episodes)
+    own = score_replies(engine, [teacher_messages(spec, x) for x in inputs], [], greedy, {}, top_k=5)["teacher"]
+    for row, score, sampled_greedy in zip(rows, own, greedy):
+        assert row["nll_under_teacher"]["teacher"] == {"tokens": score.tokens, "nll_sum": score.nll_sum}
+        assert row["in_teacher_samples"]["teacher"] == (" ".join(sampled_greedy.split()) in row["teacher_actions"])
+        assert row["in_teacher_samples"]["base"] is False and 1 <= len(row["teacher_actions"]) <= 3
+    assert run.agreement("test", {}) == rows  # stored: a rerun reads it back
+
+
+def test_sampled_action_match_both_ways_in_the_report() -> None:
+    from genpi.evaluate.report import summarize_set
+    from genpi.prompt.spec import ActionFormat, PromptSpec, Turn
+
+    spec = PromptSpec(name="mini", source="mini.md", turns=(Turn("system", "Act."),),
+                      action_format=ActionFormat(actions=(r"^Act: \S",)))
+    eps = [{"input": str(i), "turns": [{"agent": "Act: ls", "observation": ""}]} for i in range(4)]
+    scores = [{s: {"tokens": 1, "nll_sum": 1.0, "kl_sum": 0.0} for s in ("teacher", "base", "adapter")}] * 4
+    agreement = [{"nll_under_teacher": {s: {"tokens": 2, "nll_sum": v} for s, v in
+                                        (("teacher", 1.0), ("base", 9.0), ("adapter", 2.0 + i))},
+                  "teacher_actions": ["Act: ls"],
+                  "in_teacher_samples": {"teacher": True, "base": False, "adapter": i < 3}} for i in range(4)]
+    summary = summarize_set(spec, {"teacher": eps, "base": eps, "adapter": eps}, scores, agreement=agreement)
+    row = summary["comparison"]["action_in_teacher_samples"]
+    assert (row["teacher"], row["base"], row["adapter"], row["retention"]) == (1.0, 0.0, 0.75, 0.75)
+    nll = summary["comparison"]["nll_under_teacher"]
+    assert nll["adapter"] == pytest.approx(14 / 8) and nll["gap_closed"] == pytest.approx((1.75 - 4.5) / (0.5 - 4.5))
