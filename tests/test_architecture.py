@@ -80,3 +80,29 @@ def test_the_reader_sees_imports_inside_functions() -> None:
     """The import reader finds imports inside functions (where the lazy ones live)."""
     found = {(here, there) for _, here, there in imports()}
     assert ("cli", "batch") in found  # genpi/cli/run.py imports the batch inside execute()
+
+
+def test_objectives_and_backends_are_registered_as_the_config_names_them() -> None:
+    """Adding an objective or an engine backend is one module plus one line; these must agree."""
+    import dataclasses
+    import importlib
+
+    from genpi.config import METHODS, ModelConfig
+    from genpi.engines.backends import BACKENDS
+    from genpi.train.objectives import OBJECTIVES
+
+    assert set(OBJECTIVES) == set(METHODS) and all(cls.name == m for m, cls in OBJECTIVES.items())
+    backend = next(f for f in dataclasses.fields(ModelConfig) if f.name == "backend")
+    assert set(BACKENDS) == set(backend.metadata["choices"]) - {"auto"}
+    assert all(callable(getattr(importlib.import_module(module), "build", None)) for module in BACKENDS.values())
+
+
+def test_no_test_module_imports_another() -> None:
+    tests = Path(__file__).resolve().parent
+    broken = []
+    for path in sorted(tests.rglob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tests."):
+                if node.module.rsplit(".", 1)[-1].startswith("test_"):
+                    broken.append(f"{path.relative_to(tests)} imports {node.module}")
+    assert not broken, "share helpers through conftest.py fixtures or a plain module:\n" + "\n".join(broken)
