@@ -59,6 +59,9 @@ class ModelConfig:
     threads: int = _f(0, "torch CPU threads per actor; 0 follows its CPU reservation", low=0)
     restarts: int = _f(2, "times a dead engine actor is restarted, and its unfinished calls retried, "
                        "before the prompt it served fails", low=0, high=100)
+    call_timeout_s: float = _f(1800.0, "seconds an engine call may take before its actor counts as hung: it is "
+                               "killed and restarted like a dead one (models.<role>.restarts), and the call retried; "
+                               "0 waits forever", low=0)
     prefix_sharing: bool = _f(True, "compute the KV cache of a batch's shared prefix (the prompt) once "
                               "instead of once per conversation (hf backend)")
     max_lora_rank: int = _f(0, "vllm backend: the largest LoRA rank it serves per request; 0 starts it "

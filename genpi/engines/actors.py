@@ -62,6 +62,7 @@ class EnginePool:
 
     def __init__(self, cfg: ModelConfig, role: str) -> None:
         self.cfg, self.role = cfg, role
+        self.hangs = 0  # replicas killed for not answering, counted against the restarts
         options = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "name": None,
                    "runtime_env": engine_runtime_env(cfg.backend, cfg.python),
                    "max_restarts": cfg.restarts, "max_task_retries": cfg.restarts}
@@ -70,15 +71,41 @@ class EnginePool:
         self.info = self._get([actor.info.remote() for actor in self.actors])[0]  # load errors now, not mid-stage
 
     def _get(self, refs: list[Any]) -> list[Any]:
-        try:
-            return ray.get(refs)
-        except ray.exceptions.RayActorError as e:
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            which = f"the {self.role} engine ({self.cfg.name}, backend {self.cfg.backend})"
-            if e.actor_init_failed:  # the model or its settings, not the machine: the error says which
-                raise ModelError(f"{which} could not start: {lines[-1]}") from None
-            raise EngineError(f"{which} died and was restarted {self.cfg.restarts} times "
-                              f"(models.{self.role}.restarts); last cause: {lines[0]}") from None
+        """The results of calls made on ``self.actors[:len(refs)]``, in order. An actor that does not
+        answer within ``call_timeout_s`` is hung: it is killed, Ray restarts it and retries the call."""
+        which = f"the {self.role} engine ({self.cfg.name}, backend {self.cfg.backend})"
+        hangs = 0
+        while True:
+            try:
+                return ray.get(refs, timeout=self.cfg.call_timeout_s or None)
+            except ray.exceptions.GetTimeoutError:
+                hangs += 1
+                if hangs > self.cfg.restarts:
+                    raise EngineError(f"{which} did not answer within {self.cfg.call_timeout_s:g} s "
+                                      f"(models.{self.role}.call_timeout_s), {hangs} times; it was restarted "
+                                      f"{self.cfg.restarts} times (models.{self.role}.restarts)") from None
+                _, waiting = ray.wait(refs, num_returns=len(refs), timeout=0)
+                hung = [actor for actor, ref in zip(self.actors, refs) if ref in waiting]
+                log.warning("%s: %d replica(s) gave no answer within %g s; restarting them (%d of %d)", which,
+                            len(hung), self.cfg.call_timeout_s, hangs, self.cfg.restarts)
+                self.hangs += 1
+                for actor in hung:
+                    ray.kill(actor, no_restart=False)  # Ray starts it again and retries its calls
+                # The clock starts again once they are back (loading the model is not the call's time).
+                restarted = [actor.info.remote() for actor in hung]
+                if ray.wait(restarted, num_returns=len(restarted), timeout=self.cfg.call_timeout_s)[1]:
+                    raise EngineError(f"{which} did not come back within {self.cfg.call_timeout_s:g} s of a restart "
+                                      f"(models.{self.role}.call_timeout_s)")
+            except ray.exceptions.RayActorError as e:
+                lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+                if e.actor_init_failed:  # the model or its settings, not the machine: the error says which
+                    raise ModelError(f"{which} could not start: {lines[-1]}") from None
+                if self.hangs:
+                    raise EngineError(f"{which} stopped answering: it gave no answer within {self.cfg.call_timeout_s:g} s "
+                                      f"(models.{self.role}.call_timeout_s) {self.hangs} times, was killed each time, "
+                                      f"and is out of restarts (models.{self.role}.restarts is {self.cfg.restarts})") from None
+                raise EngineError(f"{which} died and was restarted {self.cfg.restarts} times "
+                                  f"(models.{self.role}.restarts); last cause: {lines[0]}") from None
 
     def _shards(self, items: list[Any]) -> list[tuple[int, int]]:
         n = len(self.actors)

@@ -101,3 +101,24 @@ def test_an_engine_that_cannot_load_its_model_says_why(ray_cluster: None, tmp_pa
 
     with pytest.raises(ModelError, match=r"target engine .* could not start: .*has no config.json"):
         EnginePool(ModelConfig(name=str(tmp_path), num_gpus=0, num_cpus=1), "target")
+
+
+@pytest.mark.timeout(180)
+def test_a_hung_engine_is_killed_restarted_and_its_call_retried(ray_cluster: None) -> None:
+    """A replica that stops answering (here: SIGSTOP) is treated like a dead one."""
+    from genpi.config import ModelConfig
+    from genpi.engines.actors import EnginePool
+    from genpi.engines.base import SamplingParams
+
+    pool = EnginePool(ModelConfig(name="tiny-random-llama", num_gpus=0, num_cpus=1, restarts=1,
+                                  call_timeout_s=20), "target")
+    try:
+        frozen = pool.pids()[0]
+        os.kill(frozen, signal.SIGSTOP)
+        [reply] = pool.generate([[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=4))
+        assert reply.finish_reason in ("stop", "length") and pool.pids()[0] != frozen
+        os.kill(pool.pids()[0], signal.SIGSTOP)  # out of restarts now: one clear line
+        with pytest.raises(EngineError, match=r"stopped answering: it gave no answer within 20 s .* out of restarts"):
+            pool.generate([[{"role": "user", "content": "hi"}]], SamplingParams(max_new_tokens=4))
+    finally:
+        pool.shutdown()
