@@ -17,7 +17,7 @@ def test_ray_cluster_yaml_passes_rays_schema() -> None:
 
 
 def test_kuberay_manifests_parse_and_run_the_job_entry_point() -> None:
-    for path in sorted((ROOT / "cluster").glob("*.yaml")):
+    for path in sorted((ROOT / "cluster").glob("kuberay-*.yaml")):
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
         assert docs and all("kind" in d and "apiVersion" in d for d in docs), path
     job = yaml.safe_load((ROOT / "cluster" / "kuberay-rayjob.yaml").read_text())

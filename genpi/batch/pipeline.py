@@ -20,7 +20,7 @@ from typing import Any
 
 import ray
 
-from genpi import artifacts
+from genpi import artifacts, telemetry
 from genpi.batch import manifest, tasks
 from genpi.batch.tasks import task_resources
 from genpi.config import PG_METHODS, GenPIConfig, config_from_dict
@@ -47,6 +47,14 @@ class PromptResult:
     gate: str = ""
     published: str | None = None
     run: str = ""  # the evaluated run: method, lambda, seed (and how it was chosen)
+
+
+def _timed(prompt: str, stage: str, work: Any, *args: Any) -> Any:
+    """``work(*args)``, its wall time recorded as ``prompt``'s ``stage`` (a failed stage records none)."""
+    started = time.time()
+    out = work(*args)
+    telemetry.stage_done(prompt, stage, time.time() - started)
+    return out
 
 
 def _fail(result: PromptResult, stage: str, error: BaseException) -> None:
@@ -106,7 +114,8 @@ def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactSto
         for start in range(0, len(todo), width):
             wave = todo[start:start + width]
             with ThreadPoolExecutor(max_workers=len(wave), thread_name_prefix="synth") as prompts:
-                running = {spec.name: prompts.submit(synthesize, spec, cfg, *pools, store) for spec in wave}
+                running = {spec.name: prompts.submit(_timed, spec.name, "synthesis", synthesize, spec, cfg, *pools, store)
+                           for spec in wave}
             wave_failures = {name: f.exception() for name, f in running.items() if f.exception() is not None}
             failures.update(wave_failures)  # one prompt's failure must not stop the batch
             if any(isinstance(e, EngineError) for e in wave_failures.values()) and start + width < len(todo):
@@ -125,6 +134,7 @@ def train_all(specs: list[PromptSpec], runs: list[GenPIConfig], store: ArtifactS
     Returns each prompt's finished runs (in sweep order) and each prompt's first failure.
     """
     refs = {}
+    started = time.time()
     for spec in specs:
         for k, run in enumerate(runs):
             prefix = artifacts.train_prefix(spec, run)
@@ -135,6 +145,10 @@ def train_all(specs: list[PromptSpec], runs: list[GenPIConfig], store: ArtifactS
     finished: dict[str, list[GenPIConfig]] = {}
     errors: dict[str, Exception] = {}
     for spec in specs:
+        mine = [ref for (name, _), ref in refs.items() if name == spec.name]
+        if mine:  # the prompt's training: from the runs' submission until its last run ends
+            ray.wait(mine, num_returns=len(mine))
+            telemetry.stage_done(spec.name, "training", time.time() - started)
         for k, run in enumerate(runs):
             try:
                 if (spec.name, k) in refs:
@@ -193,6 +207,7 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
             _fail(results[name], "selection", e)
             chosen.pop(name)
 
+    evaluating = time.time()
     eval_refs = {name: tasks.evaluate_task.options(num_cpus=eval_cpus, num_gpus=eval_gpus)
                  .remote(by_name[name].to_json(), run.to_dict(), real_inputs.get(name, []))
                  for name, run in chosen.items()}
@@ -206,6 +221,8 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
         except Exception as e:
             _fail(result, "evaluation", e)
             continue
+        telemetry.stage_done(spec.name, "evaluation", time.time() - evaluating)
+        telemetry.gate_figures(spec.name, {f"{c['metric']}_{c['kind']}": c["value"] for c in report["gate"]["checks"]})
         if spec.name in selections:
             report = {**report, "selection": selections[spec.name]}
         reports.append(report)
@@ -220,5 +237,7 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
                             "report": report["location"],
                             "records": store.location(f"{artifacts.synth_prefix(spec, cfg)}/records.jsonl"),
                             "quality": store.location(f"{artifacts.synth_prefix(spec, cfg)}/quality.json")}
+    for result in results.values():
+        telemetry.prompt_ended("failed" if result.status == "failed" else "published" if result.passed else "gate_failed")
     manifest.write_batch(specs, cfg, store, list(results.values()), reports, real_inputs, time.time() - started)
     return list(results.values())

@@ -18,6 +18,7 @@ from typing import Any
 
 import ray
 
+from genpi import telemetry
 from genpi.config import ModelConfig
 from genpi.engines.backends import build_engine
 from genpi.engines.base import Conversation, Generation, SamplingParams
@@ -31,8 +32,8 @@ log = logging.getLogger("genpi")
 class EngineActor:
     """Holds one loaded model for the life of a batch job."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
-        self.engine = build_engine(ModelConfig(**cfg))
+    def __init__(self, cfg: dict[str, Any], role: str) -> None:
+        self.engine, self.role = build_engine(ModelConfig(**cfg)), role
         with warnings.catch_warnings():  # Ray warns about an API its own property uses
             warnings.simplefilter("ignore", DeprecationWarning)
             restarted = ray.get_runtime_context().was_current_actor_reconstructed
@@ -48,7 +49,9 @@ class EngineActor:
         for folder in dict.fromkeys(adapters or []):
             if folder is not None:
                 self.engine.add_adapter(folder)  # loads each folder once
-        return self.engine.generate(conversations, params, adapters)
+        replies = self.engine.generate(conversations, params, adapters)
+        telemetry.tokens_generated(self.role, self.engine.model_name, sum(g.output_tokens for g in replies))
+        return replies
 
     def add_adapter(self, folder: str) -> str:
         return self.engine.add_adapter(folder)
@@ -66,7 +69,7 @@ class EnginePool:
         options = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "name": None,
                    "runtime_env": engine_runtime_env(cfg.backend, cfg.python),
                    "max_restarts": cfg.restarts, "max_task_retries": cfg.restarts}
-        self.actors = [EngineActor.options(**options).remote(dataclasses.asdict(cfg))  # type: ignore[attr-defined]
+        self.actors = [EngineActor.options(**options).remote(dataclasses.asdict(cfg), role)  # type: ignore[attr-defined]
                        for _ in range(cfg.replicas)]
         self.info = self._get([actor.info.remote() for actor in self.actors])[0]  # load errors now, not mid-stage
 

@@ -11,6 +11,7 @@ a summary, mark the run done and drop its checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import tempfile
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from genpi import artifacts
+from genpi import artifacts, telemetry
 from genpi.chat import context_length
 from genpi.config import PG_METHODS, GenPIConfig
 from genpi.devices import cpu_threads
@@ -86,7 +87,8 @@ def train_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore,
         adapter_dir = Path(tmp) / "adapter"
         metrics = train_adapter(cfg.train, target.name, target.dtype, train, val, adapter_dir,
                                 log=lambda line: log.info("[%s] %s", spec.name, line),
-                                checkpoints=checkpoints or StoreCheckpoints(store, f"{prefix}/checkpoints", Path(tmp)))
+                                checkpoints=checkpoints or StoreCheckpoints(store, f"{prefix}/checkpoints", Path(tmp)),
+                                on_step=functools.partial(telemetry.train_step, spec.name, prefix.rsplit("/", 1)[-1]))
         provenance = provenance_of(spec, cfg)
         (adapter_dir / "genpi.json").write_text(json.dumps(provenance, indent=2), encoding="utf-8")
         store.upload_dir(adapter_dir, f"{prefix}/adapter")

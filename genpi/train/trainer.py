@@ -105,8 +105,11 @@ def step_loss(model: Any, step: list[RecordExamples], cfg: TrainConfig, pad_id: 
 
 def train_adapter(cfg: TrainConfig, model_name: str, dtype: str, train_examples: list[RecordExamples],
                   val_examples: list[RecordExamples], out_dir: str | Path,
-                  log: Callable[[str], None] = print, checkpoints: Checkpoints | None = None) -> dict[str, Any]:
+                  log: Callable[[str], None] = print, checkpoints: Checkpoints | None = None,
+                  on_step: Callable[[int, float, float], None] | None = None) -> dict[str, Any]:
     """Train one adapter with ``cfg.method``, save it in PEFT format to ``out_dir``; returns the metrics.
+
+    ``on_step(step, loss, supervised tokens per second)`` is called after every optimizer step.
 
     With ``checkpoints``, the run's state is saved after every epoch and a run that finds a saved
     state resumes after its epoch: same losses, same adapter as a run never stopped.
@@ -140,6 +143,7 @@ def train_adapter(cfg: TrainConfig, model_name: str, dtype: str, train_examples:
         for start in range(0, len(order), cfg.batch_size):
             if step == total:
                 break
+            step_started = time.time()
             batch = objective.select([train_examples[i] for i in order[start:start + cfg.batch_size]], step)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.learning_rate * lr_factor(cfg, step, total)
@@ -155,6 +159,9 @@ def train_adapter(cfg: TrainConfig, model_name: str, dtype: str, train_examples:
             terms = ", ".join(f"{k.removesuffix('_loss')} {v:.4f}" for k, v in losses.items() if k != "loss")
             log(f"step {step}/{total} epoch {epoch + 1} loss {losses['loss']:.4f} ({terms}) {rate:.1f}s/step, "
                 f"{rate * (total - step):.0f}s left")
+            if on_step is not None:
+                tokens = sum(objective.token_counts(batch).values())
+                on_step(step, losses["loss"], tokens / max(time.time() - step_started, 1e-9))
         if val_examples and epoch == epochs - 1:  # held-out fidelity is the evaluate stage's; one loss here
             model.eval()
             with torch.no_grad():
