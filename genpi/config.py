@@ -244,7 +244,8 @@ class RayConfig:
                       "else starts a local cluster on 127.0.0.1")
     num_cpus: int = _f(0, "CPUs of a started local cluster; 0 uses every core", low=0)
     temp_dir: str = _f("", "temp folder of a started local cluster; empty picks a private one")
-    dashboard: bool = _f(True, "start the Ray dashboard (127.0.0.1:8265) with a local cluster")
+    dashboard: bool = _f(True, "start the Ray dashboard with a local cluster (on 127.0.0.1:8265, "
+                         "behind the cluster's token auth); false starts none")
 
 
 @dataclass
