@@ -9,6 +9,7 @@ store (:class:`StoreCheckpoints`), or Ray Train's own storage (:mod:`genpi.train
 
 from __future__ import annotations
 
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from genpi.errors import GenPIError
 from genpi.store import ArtifactStore
 
 STATE_FILE = "state.pt"
@@ -45,7 +47,11 @@ def save_state(folder: Path, model: Any, optimizer: torch.optim.Optimizer, rng: 
 def load_state(folder: Path, model: Any, optimizer: torch.optim.Optimizer,
                rng: random.Random) -> tuple[int, int, list[dict[str, float]]]:
     """Restore a saved state in place; returns (epochs done, steps done, loss history)."""
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
+    try:  # tensors and plain data only: whoever can write the store must not run code here
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise GenPIError(f"{folder / STATE_FILE} is not a checkpoint genpi wrote ({str(e)[:200]}); "
+                         "delete the run's checkpoints and rerun") from None
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state["lora"].items():
