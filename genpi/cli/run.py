@@ -46,7 +46,7 @@ def build_parser(prog: str = "genpi") -> argparse.ArgumentParser:
                              "<prompt name>.jsonl per prompt, one {\"input\": ...} object per line")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit without running")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log genpi's debug detail (never a library's)")
     add_flags(parser)
     return parser
 
@@ -57,9 +57,16 @@ def _config(args: argparse.Namespace, profile: str) -> GenPIConfig:
     return resolve_backends(resolve(args, profile))
 
 
+def setup_logging(verbose: bool) -> None:
+    """INFO to stdout; ``verbose`` adds genpi's own DEBUG lines, never a library's (botocore's debug
+    lines are the wire: signed headers, credentials, response bodies)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s genpi %(message)s", stream=sys.stdout)
+    if verbose:
+        logging.getLogger("genpi").setLevel(logging.DEBUG)
+
+
 def execute(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s genpi %(message)s", stream=sys.stdout)
+    setup_logging(args.verbose)
     # Validate everything cheap before starting anything.
     cfg = _config(args, "local" if args.profile == "auto" else args.profile)
     if args.print_config:

@@ -42,6 +42,11 @@ _WRITE_ATTEMPTS = 4
 _TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
                     "ThrottlingException", "RequestTimeTooSkewed"}
 log = logging.getLogger("genpi")
+# Their DEBUG lines are the wire (Authorization headers, access key ids, response bodies that carry
+# secrets under AssumeRole): never logged, whatever level the root logger is at.
+for _name in ("botocore", "boto3", "s3transfer", "urllib3"):
+    if logging.getLogger(_name).level < logging.INFO:
+        logging.getLogger(_name).setLevel(logging.INFO)
 _TRANSFER = TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20)
 _BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _CREDENTIAL_CODES = {
