@@ -139,7 +139,7 @@ def test_done_markers(store: ArtifactStore) -> None:
     assert info["finished_at"].startswith("20")
     assert store.list_keys("stage/abc") == ["stage/abc/_SUCCESS", "stage/abc/out.jsonl"]
     store.mark_done("stage/plain")
-    assert set(store.done_info("stage/plain")) == {"finished_at"}
+    assert store.done_info("stage/plain") == {"finished_at": store.done_info("stage/plain")["finished_at"], "files": {}}
 
 
 def test_missing_key_raises_artifact_not_found(store: ArtifactStore, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 from genpi.errors import GenPIError
-from genpi.train.checkpoints import STATE_FILE, load_state, save_state
+from genpi.store.base import file_digest
+from genpi.train.checkpoints import DIGEST_FILE, STATE_FILE, load_state, save_state, usable
 
 
 def _model_and_optimizer() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -46,7 +48,20 @@ def test_a_planted_pickle_in_a_checkpoint_does_not_run(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoint"
     folder.mkdir()
     torch.save({"lora": {}, "optimizer": planted, "epoch": 1}, folder / STATE_FILE)
+    # whoever can write the store can write the digest too
+    (folder / DIGEST_FILE).write_text(json.dumps(file_digest((folder / STATE_FILE).read_bytes())))
     model, optimizer = _model_and_optimizer()
     with pytest.raises(GenPIError, match=STATE_FILE):
         load_state(folder, model, optimizer, random.Random(0))
     assert not flag.exists()
+
+
+def test_a_cut_checkpoint_is_not_resumed(tmp_path: Path) -> None:
+    model, optimizer = _model_and_optimizer()
+    save_state(tmp_path, model, optimizer, random.Random(0), epoch=1, step=1, history=[])
+    assert usable(tmp_path) == tmp_path
+    data = (tmp_path / STATE_FILE).read_bytes()
+    (tmp_path / STATE_FILE).write_bytes(data[: len(data) // 2])
+    assert usable(tmp_path) is None  # training starts over instead of failing on every rerun
+    with pytest.raises(GenPIError, match="does not match its digest"):
+        load_state(tmp_path, model, optimizer, random.Random(0))

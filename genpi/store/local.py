@@ -53,6 +53,7 @@ class LocalStore(ArtifactStore):
     """Artifacts as files below a root folder, which is created on the first write."""
 
     def __init__(self, root: str | Path) -> None:
+        super().__init__()
         self.root = Path(os.path.abspath(os.path.expanduser(root)))
         self.url = str(self.root)
         if self.root.exists() and not self.root.is_dir():
@@ -139,6 +140,14 @@ class LocalStore(ArtifactStore):
                 if not name.endswith(TEMP_SUFFIX)
             )
         return sorted(keys)
+
+    def delete_key(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot delete {path} in store {self.url}: {e.strerror or e}; check its "
+                             "permissions") from e
 
     def delete_prefix(self, prefix: str) -> None:
         target = self.root / check_prefix(prefix, self.url, allow_root=False)

@@ -84,6 +84,7 @@ class S3Store(ArtifactStore):
     def __init__(
         self, url: str, endpoint_url: str | None = None, region: str | None = None
     ) -> None:
+        super().__init__()
         self.bucket, self.prefix = parse_s3_url(url)
         self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
         self._endpoint_arg = endpoint_url or None
@@ -254,6 +255,11 @@ class S3Store(ArtifactStore):
                     if not obj["Key"].endswith("/"):  # skip folder placeholder objects
                         keys.append(obj["Key"][cut:])
         return sorted(keys)
+
+    def delete_key(self, key: str) -> None:
+        s3_key = self._key(key)
+        with self._errors(key):
+            self._client.delete_object(Bucket=self.bucket, Key=s3_key)
 
     def delete_prefix(self, prefix: str) -> None:
         prefix = check_prefix(prefix, self.url, allow_root=False)

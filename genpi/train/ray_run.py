@@ -22,7 +22,7 @@ from genpi.config import GenPIConfig, config_from_dict
 from genpi.errors import GenPIError
 from genpi.prompt.spec import PromptSpec
 from genpi.store import ArtifactStore, open_store
-from genpi.train.checkpoints import STATE_FILE
+from genpi.train.checkpoints import STATE_FILE, usable
 
 QUEUE_TIMEOUT_S = 7 * 24 * 3600  # how long a submitted run may wait for its CPUs/GPUs
 
@@ -38,12 +38,12 @@ class RayTrainCheckpoints:
 
         saved = ray.train.get_checkpoint()
         if saved is not None:  # a restarted worker of this run
-            return Path(saved.to_directory(str(self.scratch / "restored")))
+            return usable(Path(saved.to_directory(str(self.scratch / "restored"))))
         states = sorted(k for k in self.store.list_keys(self.ray_prefix) if k.endswith(f"/{STATE_FILE}"))
         if not states:  # a new run
             return None
         newest = states[-1].rsplit("/", 1)[0]  # checkpoint folders are named by time: the last is the newest
-        return self.store.download_dir(newest, self.scratch / "from-store")
+        return usable(self.store.download_dir(newest, self.scratch / "from-store"))
 
     def save(self, folder: Path, epoch: int, metrics: dict[str, Any]) -> None:
         import ray.train
