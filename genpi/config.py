@@ -237,6 +237,8 @@ class StoreConfig:
     url: str = _f("artifacts", "artifact store: a folder path or s3://bucket/prefix")
     endpoint_url: str = _f("", "S3 endpoint (e.g. http://127.0.0.1:8333); empty uses AWS settings")
     region: str = _f("", "S3 region; empty uses AWS settings")
+    retry_s: float = _f(60.0, "seconds an S3 request that fails for a passing reason (server down, timeout, "
+                        "5xx, throttling) is retried with backoff before the job fails", low=0)
 
 
 @dataclass

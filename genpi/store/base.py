@@ -107,6 +107,11 @@ class ArtifactStore(abc.ABC):
         """Store ``data`` atomically: readers see the old object or the whole new one."""
 
     @abc.abstractmethod
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        """Store ``data`` only if ``key`` holds nothing yet, atomically (of two writers one creates
+        it, whole); returns whether this call created it."""
+
+    @abc.abstractmethod
     def get_bytes(self, key: str) -> bytes:
         """Read a key; raises ArtifactNotFound naming its location when it is missing."""
 

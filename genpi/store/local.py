@@ -93,6 +93,23 @@ class LocalStore(ArtifactStore):
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write(key, lambda f: f.write(data))
 
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        tmp = path.parent / f".{path.name[:100]}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+        try:
+            atomic_write(tmp, lambda f: f.write(data))
+            try:
+                os.link(tmp, path)  # fails if path exists: a create-only rename of a whole file
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        except OSError as e:
+            raise StoreError(f"cannot write {path} in store {self.url}: {e.strerror or e}; make sure the folder "
+                             "is writable and its filesystem supports hard links") from e
+        _fsync_dir(path.parent)
+        return True
+
     def get_bytes(self, key: str) -> bytes:
         with self._open(key) as f:
             return f.read()

@@ -21,7 +21,7 @@ from genpi import artifacts
 from genpi.config import GenPIConfig, config_from_dict
 from genpi.errors import GenPIError
 from genpi.prompt.spec import PromptSpec
-from genpi.store import ArtifactStore, open_store
+from genpi.store import ArtifactStore, store_for
 from genpi.train.checkpoints import STATE_FILE, usable
 
 QUEUE_TIMEOUT_S = 7 * 24 * 3600  # how long a submitted run may wait for its CPUs/GPUs
@@ -60,7 +60,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s genpi %(message)s")
     cfg = config_from_dict(config["cfg"])
     spec = PromptSpec.from_json(config["spec"])
-    store = open_store(cfg.store.url, endpoint_url=cfg.store.endpoint_url or None, region=cfg.store.region or None)
+    store = store_for(cfg.store)
     with tempfile.TemporaryDirectory(prefix="genpi-ray-ckpt-") as scratch:
         checkpoints = RayTrainCheckpoints(store, f"{artifacts.train_prefix(spec, cfg)}/ray", Path(scratch))
         train_prompt(spec, cfg, store, checkpoints=checkpoints)
