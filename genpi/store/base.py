@@ -83,6 +83,10 @@ def join_key(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix else name
 
 
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def file_digest(data: bytes) -> dict[str, Any]:
     """``{"sha256": hex, "size": bytes}``: what markers and publish manifests record of a file."""
     return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
@@ -165,7 +169,11 @@ class ArtifactStore(abc.ABC):
 
     def put_json(self, key: str, obj: Any) -> None:
         """Store ``obj`` as pretty-printed UTF-8 JSON."""
-        self.put_text(key, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        self.put_bytes(key, _json_bytes(obj))
+
+    def create_json(self, key: str, obj: Any) -> bool:
+        """Store ``obj`` as JSON only if ``key`` holds nothing yet (see :meth:`create_bytes`)."""
+        return self.create_bytes(key, _json_bytes(obj))
 
     def get_json(self, key: str) -> Any:
         """Read a JSON object."""
