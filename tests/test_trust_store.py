@@ -122,3 +122,34 @@ def test_a_corrupted_published_adapter_is_detected(store: ArtifactStore) -> None
     store.put_bytes(f"{entry.prefix}/adapter_model.safetensors", bytes([9]) * 4096)
     (problem,) = registry.problems(store, entry)
     assert "adapter_model.safetensors differs" in problem
+
+
+def test_a_stage_in_progress_is_held_by_one_job(store: ArtifactStore) -> None:
+    from genpi.store.lease import LeaseHeld, Leases
+
+    first, second = Leases(store), Leases(store)
+    first.take("prompts/p/h/train/r", "training of p")
+    with pytest.raises(LeaseHeld) as caught:
+        second.take("prompts/p/h/train/r", "training of p")
+    message = str(caught.value)
+    assert first.owner in message and "training of p" in message and "\n" not in message
+    assert store.list_keys("prompts/p/h/train/r") == []  # beside the stage's folder, never in it
+    first.close()
+    second.take("prompts/p/h/train/r", "training of p")  # released: the next job gets it
+    second.close()
+    assert not store.exists("prompts/p/h/train/r.lease")
+
+
+def test_an_abandoned_lease_expires(store: ArtifactStore) -> None:
+    from genpi.store.lease import Leases
+
+    dead = Leases(store, ttl_s=0.5)
+    dead.take("prompts/p/h/synth/s", "synthesis of p")
+    dead._stop.set()  # its job died: nobody renews it
+    import time
+
+    time.sleep(0.7)
+    alive = Leases(store)
+    alive.take("prompts/p/h/synth/s", "synthesis of p")
+    assert store.get_json("prompts/p/h/synth/s.lease")["owner"] == alive.owner
+    alive.close()

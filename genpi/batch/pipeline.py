@@ -28,6 +28,7 @@ from genpi.config import PG_METHODS, GenPIConfig, config_from_dict
 from genpi.errors import EngineError, GenPIError
 from genpi.prompt.spec import PromptSpec, check_prompt_lengths
 from genpi.store import ArtifactStore
+from genpi.store.lease import Leases, LeaseHeld
 from genpi.synth.stage import synthesize
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ def check_lengths(specs: list[PromptSpec], cfg: GenPIConfig) -> None:
     check_prompt_lengths(specs, count, context - room, target.name)
 
 
-def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore) -> dict[str, Exception]:
+def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
+                   leases: Leases) -> dict[str, Exception]:
     """Synthesize (or find) every prompt's records on one set of engine actors; returns the failures."""
     failures: dict[str, Exception] = {}
     todo = []
@@ -87,8 +89,13 @@ def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactSto
         prefix = artifacts.synth_prefix(spec, cfg)
         if store.is_done(prefix):
             log.info("[%s] synthesis found at %s", spec.name, store.location(prefix))
-        else:
-            todo.append(spec)
+            continue
+        try:
+            leases.take(prefix, f"synthesis of {spec.name}")
+        except LeaseHeld as e:
+            failures[spec.name] = e
+            continue
+        todo.append(spec)
     if not todo:
         return failures
     from genpi.engines.actors import start_pools
@@ -107,6 +114,8 @@ def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactSto
             wave = todo[start:start + width]
             with ThreadPoolExecutor(max_workers=len(wave), thread_name_prefix="synth") as prompts:
                 running = {spec.name: prompts.submit(synthesize, spec, cfg, *pools, store) for spec in wave}
+            for spec in wave:
+                leases.release(artifacts.synth_prefix(spec, cfg))
             wave_failures = {name: f.exception() for name, f in running.items() if f.exception() is not None}
             failures.update(wave_failures)  # one prompt's failure must not stop the batch
             if any(isinstance(e, EngineError) for e in wave_failures.values()) and start + width < len(todo):
@@ -119,17 +128,23 @@ def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactSto
 
 
 def train_all(specs: list[PromptSpec], runs: list[GenPIConfig], store: ArtifactStore, cpus: float,
-              gpus: float) -> tuple[dict[str, list[GenPIConfig]], dict[str, Exception]]:
+              gpus: float, leases: Leases) -> tuple[dict[str, list[GenPIConfig]], dict[str, Exception]]:
     """Every (prompt, run) as a Ray Train run, all submitted at once; a failing run stops no other.
 
     Returns each prompt's finished runs (in sweep order) and each prompt's first failure.
     """
     refs = {}
+    held: dict[tuple[str, int], Exception] = {}
     for spec in specs:
         for k, run in enumerate(runs):
             prefix = artifacts.train_prefix(spec, run)
             if store.is_done(prefix):
                 log.info("[%s] adapter found at %s", spec.name, store.location(f"{prefix}/adapter"))
+                continue
+            try:
+                leases.take(prefix, f"training run {run.train.method} seed {run.train.seed} of {spec.name}")
+            except LeaseHeld as e:
+                held[(spec.name, k)] = e
                 continue
             refs[(spec.name, k)] = tasks.train_run.remote(spec.to_json(), run.to_dict(), cpus, gpus)
     finished: dict[str, list[GenPIConfig]] = {}
@@ -137,8 +152,13 @@ def train_all(specs: list[PromptSpec], runs: list[GenPIConfig], store: ArtifactS
     for spec in specs:
         for k, run in enumerate(runs):
             try:
+                if (spec.name, k) in held:
+                    raise held[(spec.name, k)]
                 if (spec.name, k) in refs:
-                    ray.get(refs[(spec.name, k)])
+                    try:
+                        ray.get(refs[(spec.name, k)])
+                    finally:
+                        leases.release(artifacts.train_prefix(spec, run))
                 finished.setdefault(spec.name, []).append(run)
             except Exception as e:  # reported; the prompt's other runs go on
                 if isinstance(e, ray.exceptions.RayTaskError):
@@ -164,61 +184,71 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
     cpus, gpus = task_resources("train", cfg.train.num_cpus, cfg.train.num_gpus)
     eval_cpus, eval_gpus = task_resources("eval", cfg.eval.num_cpus, cfg.eval.num_gpus)
 
-    for name, error in synthesize_all(specs, cfg, store).items():
-        _fail(results[name], "synthesis", error)
+    with Leases(store) as leases:  # each stage in progress held against other jobs on this store
+        for name, error in synthesize_all(specs, cfg, store, leases).items():
+            _fail(results[name], "synthesis", error)
 
-    # Workers get the store as resolved here: a relative folder means this process's folder.
-    worker_cfg = cfg.to_dict()
-    worker_cfg["store"]["url"] = store.url
-    runs = [config_from_dict(r.to_dict() | {"store": worker_cfg["store"]}) for r in cfg.train_runs()]
-    trained, errors = train_all([s for s in specs if results[s.name].status != "failed"], runs, store, cpus, gpus)
-    chosen: dict[str, GenPIConfig] = {}
-    selections: dict[str, dict] = {}
-    for spec in specs:
-        if results[spec.name].status == "failed":
-            continue
-        if spec.name not in trained:
-            _fail(results[spec.name], "training", errors.get(spec.name) or GenPIError("no run finished"))
-            continue
-        chosen[spec.name] = trained[spec.name][0]
-    by_name = {s.name: s for s in specs}
-    select_refs = {name: tasks.select_task.options(num_cpus=eval_cpus, num_gpus=eval_gpus)
-                   .remote(by_name[name].to_json(), [r.to_dict() for r in trained[name]])
-                   for name in chosen if len(trained[name]) > 1}
-    for name, ref in select_refs.items():
-        try:
-            selections[name] = ray.get(ref)
-            chosen[name] = trained[name][selections[name]["chosen"]]
-        except Exception as e:
-            _fail(results[name], "selection", e)
-            chosen.pop(name)
+        # Workers get the store as resolved here: a relative folder means this process's folder.
+        worker_cfg = cfg.to_dict()
+        worker_cfg["store"]["url"] = store.url
+        runs = [config_from_dict(r.to_dict() | {"store": worker_cfg["store"]}) for r in cfg.train_runs()]
+        trained, errors = train_all([s for s in specs if results[s.name].status != "failed"], runs, store, cpus, gpus,
+                                    leases)
+        chosen: dict[str, GenPIConfig] = {}
+        selections: dict[str, dict] = {}
+        for spec in specs:
+            if results[spec.name].status == "failed":
+                continue
+            if spec.name not in trained:
+                _fail(results[spec.name], "training", errors.get(spec.name) or GenPIError("no run finished"))
+                continue
+            chosen[spec.name] = trained[spec.name][0]
+        by_name = {s.name: s for s in specs}
+        select_refs = {name: tasks.select_task.options(num_cpus=eval_cpus, num_gpus=eval_gpus)
+                       .remote(by_name[name].to_json(), [r.to_dict() for r in trained[name]])
+                       for name in chosen if len(trained[name]) > 1}
+        for name, ref in select_refs.items():
+            try:
+                selections[name] = ray.get(ref)
+                chosen[name] = trained[name][selections[name]["chosen"]]
+            except Exception as e:
+                _fail(results[name], "selection", e)
+                chosen.pop(name)
 
-    eval_refs = {name: tasks.evaluate_task.options(num_cpus=eval_cpus, num_gpus=eval_gpus)
-                 .remote(by_name[name].to_json(), run.to_dict(), real_inputs.get(name, []))
-                 for name, run in chosen.items()}
-    reports = []
-    for spec in specs:
-        result = results[spec.name]
-        if spec.name not in eval_refs:
-            continue
-        try:
-            report = ray.get(eval_refs[spec.name])
-        except Exception as e:
-            _fail(result, "evaluation", e)
-            continue
-        if spec.name in selections:
-            report = {**report, "selection": selections[spec.name]}
-        reports.append(report)
-        train = artifacts.train_prefix(spec, chosen[spec.name])
-        result.status, result.stage = "done", "evaluated"
-        t = chosen[spec.name].train
-        result.run = f"{t.method}" + (f" lambda {t.pg_lambda:g}" if t.method in PG_METHODS else "") + f" seed {t.seed}" + \
-            (f" (best of {len(selections[spec.name]['runs'])} on validation)" if spec.name in selections else "")
-        result.passed, result.gate, result.published = report["gate"]["passed"], report["gate"]["summary"], \
-            report["published"]
-        result.artifacts = {"adapter": store.location(f"{train}/adapter"),
-                            "report": report["location"],
-                            "records": store.location(f"{artifacts.synth_prefix(spec, cfg)}/records.jsonl"),
-                            "quality": store.location(f"{artifacts.synth_prefix(spec, cfg)}/quality.json")}
+        eval_refs = {}
+        for name, run in chosen.items():
+            try:
+                leases.take(artifacts.eval_prefix(by_name[name], run, real_inputs.get(name, [])), f"evaluation of {name}")
+            except LeaseHeld as e:
+                _fail(results[name], "evaluation", e)
+                continue
+            eval_refs[name] = tasks.evaluate_task.options(num_cpus=eval_cpus, num_gpus=eval_gpus).remote(
+                by_name[name].to_json(), run.to_dict(), real_inputs.get(name, []))
+        reports = []
+        for spec in specs:
+            result = results[spec.name]
+            if spec.name not in eval_refs:
+                continue
+            try:
+                report = ray.get(eval_refs[spec.name])
+            except Exception as e:
+                _fail(result, "evaluation", e)
+                continue
+            finally:
+                leases.release(artifacts.eval_prefix(spec, chosen[spec.name], real_inputs.get(spec.name, [])))
+            if spec.name in selections:
+                report = {**report, "selection": selections[spec.name]}
+            reports.append(report)
+            train = artifacts.train_prefix(spec, chosen[spec.name])
+            result.status, result.stage = "done", "evaluated"
+            t = chosen[spec.name].train
+            result.run = f"{t.method}" + (f" lambda {t.pg_lambda:g}" if t.method in PG_METHODS else "") + f" seed {t.seed}" + \
+                (f" (best of {len(selections[spec.name]['runs'])} on validation)" if spec.name in selections else "")
+            result.passed, result.gate, result.published = report["gate"]["passed"], report["gate"]["summary"], \
+                report["published"]
+            result.artifacts = {"adapter": store.location(f"{train}/adapter"),
+                                "report": report["location"],
+                                "records": store.location(f"{artifacts.synth_prefix(spec, cfg)}/records.jsonl"),
+                                "quality": store.location(f"{artifacts.synth_prefix(spec, cfg)}/quality.json")}
     manifest.write_batch(specs, cfg, store, list(results.values()), reports, real_inputs, time.time() - started)
     return list(results.values())
