@@ -153,3 +153,25 @@ def test_an_abandoned_lease_expires(store: ArtifactStore) -> None:
     alive.take("prompts/p/h/synth/s", "synthesis of p")
     assert store.get_json("prompts/p/h/synth/s.lease")["owner"] == alive.owner
     alive.close()
+
+
+def test_replacing_a_model_folders_weights_changes_the_keys(tmp_path: Path) -> None:
+    import shutil
+
+    from genpi import artifacts
+    from genpi.config import load_config
+    from genpi.models import model_fingerprint, resolve_model
+    from genpi.prompt.spec import PromptSpec, Turn
+
+    folder = tmp_path / "my-model"
+    shutil.copytree(resolve_model("tiny-random-llama"), folder)
+    cfg = load_config("local", overrides={"models.generator.name": str(folder), "models.target.name": str(folder),
+                                          "models.generator.backend": "hf", "models.target.backend": "hf"})
+    spec = PromptSpec(name="p", source="p.md", turns=(Turn("system", "Be brief."),))
+    before = (artifacts.synth_prefix(spec, cfg), artifacts.train_prefix(spec, cfg), artifacts.eval_prefix(spec, cfg, []))
+    weights = bytearray((folder / "model.safetensors").read_bytes())
+    weights[-100] ^= 0xFF  # same shapes, same header: other weights
+    (folder / "model.safetensors").write_bytes(bytes(weights))
+    model_fingerprint.cache_clear()  # a new run (fingerprints are cached per process)
+    after = (artifacts.synth_prefix(spec, cfg), artifacts.train_prefix(spec, cfg), artifacts.eval_prefix(spec, cfg, []))
+    assert all(a != b for a, b in zip(before, after))

@@ -81,8 +81,13 @@ def check_lengths(specs: list[PromptSpec], cfg: GenPIConfig) -> None:
 
 
 def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
-                   leases: Leases) -> dict[str, Exception]:
-    """Synthesize (or find) every prompt's records on one set of engine actors; returns the failures."""
+                   leases: Leases | None = None) -> dict[str, Exception]:
+    """Synthesize (or find) every prompt's records on one set of engine actors; returns the failures.
+
+    Each prompt's synthesis holds a lease (of ``leases``, else of its own) while it runs."""
+    if leases is None:
+        with Leases(store) as leases:
+            return synthesize_all(specs, cfg, store, leases)
     failures: dict[str, Exception] = {}
     todo = []
     for spec in specs:
@@ -128,11 +133,15 @@ def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactSto
 
 
 def train_all(specs: list[PromptSpec], runs: list[GenPIConfig], store: ArtifactStore, cpus: float,
-              gpus: float, leases: Leases) -> tuple[dict[str, list[GenPIConfig]], dict[str, Exception]]:
+              gpus: float, leases: Leases | None = None) -> tuple[dict[str, list[GenPIConfig]], dict[str, Exception]]:
     """Every (prompt, run) as a Ray Train run, all submitted at once; a failing run stops no other.
 
-    Returns each prompt's finished runs (in sweep order) and each prompt's first failure.
+    Returns each prompt's finished runs (in sweep order) and each prompt's first failure. Each run
+    holds a lease (of ``leases``, else of its own) while it runs.
     """
+    if leases is None:
+        with Leases(store) as leases:
+            return train_all(specs, runs, store, cpus, gpus, leases)
     refs = {}
     held: dict[tuple[str, int], Exception] = {}
     for spec in specs:

@@ -268,17 +268,20 @@ class S3Store(ArtifactStore):
         return True
 
     def list_keys(self, prefix: str = "") -> list[str]:
+        return sorted(self.etags(prefix))
+
+    def etags(self, prefix: str) -> dict[str, str]:
+        """``{key: "<size> <ETag>"}`` below folder ``prefix``: what each object is, from one listing."""
         full = join_key(self.prefix, check_prefix(prefix, self.url))
         cut = len(self.prefix) + 1 if self.prefix else 0
 
-        def listing() -> list[str]:  # retried as a whole: pages are not resumed
+        def listing() -> dict[str, str]:  # retried as a whole: pages are not resumed
             pages = self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=f"{full}/" if full else ""
-            )
-            # skip folder placeholder objects
-            return [obj["Key"][cut:] for page in pages for obj in page.get("Contents", ()) if not obj["Key"].endswith("/")]
+                Bucket=self.bucket, Prefix=f"{full}/" if full else "")
+            return {obj["Key"][cut:]: f"{obj['Size']} {obj.get('ETag', '')}" for page in pages
+                    for obj in page.get("Contents", ()) if not obj["Key"].endswith("/")}  # no folder placeholders
 
-        return sorted(self._call(None, listing))
+        return self._call(None, listing)
 
     def delete_key(self, key: str) -> None:
         s3_key = self._key(key)
