@@ -178,11 +178,40 @@ def train_all(specs: list[PromptSpec], runs: list[GenPIConfig], store: ArtifactS
     return finished, errors
 
 
+STAGES = ("synth", "train", "eval")
+
+
+def stage_prefixes(spec: PromptSpec, cfg: GenPIConfig, real_inputs: list[str]) -> dict[str, list[str]]:
+    """Where each stage keeps one prompt's results under ``cfg`` (every run of its sweep)."""
+    runs = cfg.train_runs()
+    evals = [p for run in runs for p in (artifacts.validation_prefix(spec, run),
+                                         artifacts.eval_prefix(spec, run, real_inputs))]
+    return {"synth": [artifacts.synth_prefix(spec, cfg)],
+            "train": [artifacts.train_prefix(spec, run) for run in runs],
+            "eval": evals + ([artifacts.selection_prefix(spec, runs)] if len(runs) > 1 else [])}
+
+
+def force_stages(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore, real_inputs: dict[str, list[str]],
+           force: list[str], leases: Leases) -> None:
+    """``--force STAGE``: delete what that stage and the ones after it stored for these prompts, so
+    this run redoes them (a stage another job is running is refused, naming the job)."""
+    first = min(STAGES.index(stage) for stage in force)
+    for spec in specs:
+        prefixes = stage_prefixes(spec, cfg, real_inputs.get(spec.name, []))
+        for stage in STAGES[first:]:
+            for prefix in prefixes[stage]:
+                leases.take(prefix, f"{stage} of {spec.name}")
+                store.delete_prefix(prefix)
+                leases.release(prefix)
+        log.info("[%s] --force: %s redone", spec.name, ", ".join(STAGES[first:]))
+
+
 def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
-              real_inputs: dict[str, list[str]] | None = None) -> list[PromptResult]:
+              real_inputs: dict[str, list[str]] | None = None, force: list[str] | None = None) -> list[PromptResult]:
     """Run every prompt through synthesis, training and evaluation; returns one result per prompt.
 
-    ``real_inputs`` maps prompt names to real inputs evaluated beside the synthesized test split.
+    ``real_inputs`` maps prompt names to real inputs evaluated beside the synthesized test split;
+    ``force`` names stages to redo (with the stages after them) instead of reusing what is stored.
     """
     real_inputs = real_inputs or {}
     cfg = resolve_backends(cfg)
@@ -194,6 +223,8 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
     eval_cpus, eval_gpus = task_resources("eval", cfg.eval.num_cpus, cfg.eval.num_gpus)
 
     with Leases(store) as leases:  # each stage in progress held against other jobs on this store
+        if force:
+            force_stages(specs, cfg, store, real_inputs, force, leases)
         for name, error in synthesize_all(specs, cfg, store, leases).items():
             _fail(results[name], "synthesis", error)
 
