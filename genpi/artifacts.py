@@ -11,7 +11,7 @@ prompts/<name>/<prompt_hash>/selection/<key>/selection.json   (a sweep's runs si
 adapters/<name>/<prompt_hash8>-<run_hash8>/...                 (published adapter + manifest.json: genpi.registry)
 batches/<batch_hash>/manifest.json, report.json, report.md
 ```
-``synth_hash`` covers the synthesis config and both models; ``run_hash`` covers the data it
+``synth_hash`` covers the synthesis config and both models (by name and content); ``run_hash`` covers the data it
 trained on (``synth_hash``) and the training config. Every stage folder is finished when its
 ``_SUCCESS`` marker exists, so a rerun with the same inputs finds it and redoes nothing.
 """
@@ -23,6 +23,7 @@ from typing import Any
 
 from genpi.config import METHOD_SETTINGS, GenPIConfig, ModelConfig
 from genpi.fingerprint import fingerprint
+from genpi.models import model_fingerprint
 from genpi.prompt.spec import PromptSpec
 
 # Bump when the code changes what a stage produces (wording, algorithm), so stored results of
@@ -34,8 +35,10 @@ EVAL_VERSION = 4  # 3: the real inputs' set is named "real" (was "user"); 4: int
 
 def model_identity(model: ModelConfig) -> dict[str, Any]:
     """What of a model role changes its outputs. Placement (replicas, devices, batch size) changes
-    speed, not the data; the backend stays: two engines give different bf16 numerics."""
-    return {"name": model.name, "backend": model.backend, "dtype": model.dtype, "max_context": model.max_context}
+    speed, not the data; the backend stays: two engines give different bf16 numerics. The model
+    enters by its content as well as its name: new weights under the same name are a new model."""
+    return {"name": model.name, "content": model_fingerprint(model.name), "backend": model.backend,
+            "dtype": model.dtype, "max_context": model.max_context}
 
 
 def synth_key(cfg: GenPIConfig) -> dict[str, Any]:

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
+import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from genpi.errors import ConfigError
+from genpi.errors import ConfigError, GenPIError, short_repr
 
 METHODS = ("genpi", "sft", "prepend", "seqkd-kld", "onpolicy-kl", "genpi-kld")
 PG_METHODS = ("genpi", "genpi-kld")  # the methods with a Prompt Generation term, swept over train.lambdas
@@ -241,6 +244,8 @@ class StoreConfig:
     url: str = _f("artifacts", "artifact store: a folder path or s3://bucket/prefix")
     endpoint_url: str = _f("", "S3 endpoint (e.g. http://127.0.0.1:8333); empty uses AWS settings")
     region: str = _f("", "S3 region; empty uses AWS settings")
+    retry_s: float = _f(60.0, "seconds an S3 request that fails for a passing reason (server down, timeout, "
+                        "5xx, throttling) is retried with backoff before the job fails", low=0)
 
 
 @dataclass
@@ -251,7 +256,8 @@ class RayConfig:
                       "else starts a local cluster on 127.0.0.1")
     num_cpus: int = _f(0, "CPUs of a started local cluster; 0 uses every core", low=0)
     temp_dir: str = _f("", "temp folder of a started local cluster; empty picks a private one")
-    dashboard: bool = _f(True, "start the Ray dashboard (127.0.0.1:8265) with a local cluster")
+    dashboard: bool = _f(True, "start the Ray dashboard with a local cluster (on 127.0.0.1:8265, "
+                         "behind the cluster's token auth); false starts none")
 
 
 @dataclass
@@ -331,7 +337,7 @@ def _is_section(f: dataclasses.Field, cls: type) -> bool:
 def _merge(obj: Any, updates: dict[str, Any], path: str, origin: str) -> None:
     """Apply a nested mapping onto a config object in place."""
     if not isinstance(updates, dict):
-        raise ConfigError(f"{origin}: '{path or 'the top level'}' must be a mapping, got {updates!r}")
+        raise ConfigError(f"{origin}: '{path or 'the top level'}' must be a mapping, got {short_repr(updates)}")
     fields = _fields(type(obj))
     for key, value in updates.items():
         name = str(key).replace("-", "_")
@@ -353,7 +359,7 @@ def _coerce(value: Any, kind: Any, where: str, origin: str) -> Any:
         items = [x.strip() for x in value.split(",") if x.strip()] if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{origin}: '{where}' must be a list of {item.__name__} (YAML list or comma-separated), "
-                              f"got {value!r}")
+                              f"got {short_repr(value)}")
         return [_coerce(x, item, f"{where}[{k}]", origin) for k, x in enumerate(items)]
     try:
         if kind is bool:
@@ -377,7 +383,7 @@ def _coerce(value: Any, kind: Any, where: str, origin: str) -> Any:
                 raise ValueError
             return "" if value is None else str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{origin}: '{where}' must be {kind.__name__}, got {value!r}") from None
+        raise ConfigError(f"{origin}: '{where}' must be {kind.__name__}, got {short_repr(value)}") from None
     return value
 
 
@@ -399,12 +405,12 @@ def validate(cfg: GenPIConfig) -> GenPIConfig:
 
     def check(meta: Any, value: Any, where: str) -> None:
         if meta.get("choices") and value not in meta["choices"]:
-            raise ConfigError(f"config '{where}' is {value!r}; allowed: {', '.join(map(str, meta['choices']))}")
+            raise ConfigError(f"config '{where}' is {short_repr(value)}; allowed: {', '.join(map(str, meta['choices']))}")
         if meta.get("low") is not None and value < meta["low"]:
-            raise ConfigError(f"config '{where}' is {value!r}; it must be at least {meta['low']}"
+            raise ConfigError(f"config '{where}' is {short_repr(value)}; it must be at least {meta['low']}"
                               + (f" and at most {meta['high']}" if meta.get("high") is not None else ""))
         if meta.get("high") is not None and value > meta["high"]:
-            raise ConfigError(f"config '{where}' is {value!r}; it must be at most {meta['high']}"
+            raise ConfigError(f"config '{where}' is {short_repr(value)}; it must be at most {meta['high']}"
                               + (f" and at least {meta['low']}" if meta.get("low") is not None else ""))
 
     walk(cfg, "")
@@ -441,10 +447,7 @@ def load_config(profile: str = "local", yaml_path: str | Path | None = None,
         path = Path(yaml_path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        data = parse_yaml(read_text_file(path, ConfigError), f"config file {path}", ConfigError) or {}
         _merge(cfg, data, "", f"config file {path}")
     for dotted, value in (overrides or {}).items():
         nested: dict[str, Any] = {}
@@ -491,3 +494,91 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The config flags a user actually set, as dotted keys."""
     return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+
+
+# ---------------------------------------------------------------- reading a user's files
+MAX_FILE_BYTES = 1 << 20  # a prompt or config file; far above any real one, small enough to parse at once
+MAX_DEPTH = 100  # brackets open at once in a YAML document
+MAX_NODES = 100_000  # values a YAML document may expand to, each alias counted at every use
+
+
+def read_text_file(path: Path, error: type[GenPIError], *, limit: int = MAX_FILE_BYTES,
+                   fix: str = "re-save it with UTF-8 encoding") -> str:
+    """A user's text file: at most ``limit`` bytes, UTF-8 with or without a BOM, no NUL bytes.
+
+    Every problem raises ``error`` naming the file; newlines come back as ``\\n``.
+    """
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise error(f"{path}: is {size:,} bytes, more than the {limit:,} a file here may have; "
+                        "check that it is the right file")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e}); check the path and its permissions") from None
+    if b"\x00" in raw:
+        raise error(f"{path}: looks like a binary file (contains NUL bytes); it must be UTF-8 text")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: is not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                    f"{fix}") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def parse_yaml(text: str, src: str, error: type[GenPIError], *, what: str = "YAML", line_offset: int = 0) -> Any:
+    """``yaml.safe_load`` that turns every failure (syntax, nesting too deep, an alias bomb) into ``error``."""
+    try:
+        # PyYAML takes time quadratic in the depth of [ ] and { } nesting: refuse deep nesting first
+        depth = max(itertools.accumulate(1 if c in "[{" else -1 for c in re.sub(r"[^][{}]+", "", text)), default=0)
+        if depth > MAX_DEPTH:
+            raise RecursionError
+        data = yaml.safe_load(text)
+        _expanded_size(data)
+        return data
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1 + line_offset}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise error(f"{src}: {what} is not valid YAML{where}: {problem}; fix the syntax") from None
+    except RecursionError:
+        raise error(f"{src}: {what} is nested too deeply to read; flatten it") from None
+    except _TooLarge as e:
+        raise error(f"{src}: {what} {e}; write the values out instead of repeating aliases") from None
+
+
+def parse_json(text: str, src: str, error: type[GenPIError], fix: str = "fix the syntax") -> Any:
+    """``json.loads`` that turns every failure (syntax, nesting too deep) into ``error`` naming ``src``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{src}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}; {fix}") from None
+    except RecursionError:
+        raise error(f"{src}: JSON is nested too deeply to read; flatten it") from None
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _expanded_size(value: Any) -> int:
+    """How many values ``value`` holds with shared (aliased) parts counted at every use; raises
+    _TooLarge above MAX_NODES or for a value that contains itself. Memoized: a bomb costs little."""
+    sizes: dict[int, int | None] = {}
+
+    def size(v: Any) -> int:
+        if not isinstance(v, (dict, list)):
+            return 1
+        if id(v) in sizes:
+            if sizes[id(v)] is None:
+                raise _TooLarge("contains itself (a recursive alias)")
+            return sizes[id(v)]  # type: ignore[return-value]
+        sizes[id(v)] = None
+        items = [x for pair in v.items() for x in pair] if isinstance(v, dict) else v
+        total = 1 + sum(size(x) for x in items)
+        if total > MAX_NODES:
+            raise _TooLarge(f"expands to more than {MAX_NODES:,} values")
+        sizes[id(v)] = total
+        return total
+
+    return size(value)

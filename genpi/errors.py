@@ -7,6 +7,19 @@ these as one clear line and exits non-zero instead of showing a traceback.
 
 from __future__ import annotations
 
+import reprlib
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 60, 60
+_REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = 4
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, in time bounded by ``limit`` too: error
+    messages quote input with it, so a huge or self-referencing value never blows up a message."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
 
 class GenPIError(Exception):
     """Base class for errors caused by user input or environment; the message is the fix."""

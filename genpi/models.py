@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -46,8 +48,8 @@ def resolve_model(name: str) -> Path:
         return _cached(f"models/{TINY}-v2", _build_tiny)  # bump when _build_tiny changes
     if name == RANDOM_8B:
         return _cached(f"models/{RANDOM_8B}", _build_random_8b)
-    if name.startswith("s3://"):
-        return _cached(f"models/s3/{fingerprint(name)}", lambda out: _download_s3(name, out))
+    if name.startswith("s3://"):  # cached by content: new weights at the URL are downloaded again
+        return _cached(f"models/s3/{fingerprint(name)}-{model_fingerprint(name)}", lambda out: _download_s3(name, out))
     folder = Path(name).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
@@ -56,6 +58,40 @@ def resolve_model(name: str) -> Path:
         return folder.resolve()
     raise ModelError(f"unknown model {name!r}: use a registry name ({', '.join(REGISTRY_NAMES)}), a local "
                      f"Hugging Face model folder, or an s3://bucket/prefix model folder")
+
+
+@functools.cache
+def model_fingerprint(name: str) -> str:
+    """A hash of a model's content, so that new weights under the same name mean new store keys.
+
+    A folder's files are hashed whole up to 64 MiB (config, tokenizer files, small weights); a larger
+    file by its size and 17 blocks of 1 MiB spread over it (the first holds a safetensors header):
+    any retrained or replaced weights change it, at the cost of a few MB read per file. An
+    ``s3://`` model is hashed from its listing (sizes and ETags), nothing downloaded. Once per process.
+    """
+    if name.startswith("s3://"):
+        from genpi.store import open_store
+
+        bucket, _, prefix = name[len("s3://"):].partition("/")
+        return fingerprint(open_store(f"s3://{bucket}").etags(prefix.strip("/")))
+    folder = resolve_model(name)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\0".encode())
+        digest.update(_content_sample(path))
+    return digest.hexdigest()[:16]
+
+
+def _content_sample(path: Path, whole: int = 64 << 20, block: int = 1 << 20, blocks: int = 17) -> bytes:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= whole:
+            return hashlib.sha256(f.read()).digest()
+        parts = hashlib.sha256()
+        for k in range(blocks):
+            f.seek((size - block) * k // (blocks - 1))
+            parts.update(f.read(block))
+        return parts.digest()
 
 
 @contextlib.contextmanager

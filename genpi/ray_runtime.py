@@ -2,50 +2,84 @@
 
 With no address (flag, ``RAY_ADDRESS``, or the one ``ray job submit`` gives its driver), start
 an embedded local cluster bound to 127.0.0.1 with a private temp folder; otherwise join.
-The local cluster stops with :func:`disconnect`: this process stops what it started, nothing else.
+
+A local cluster runs with Ray's token auth and a random token of this process's own, so no other
+process on the machine can submit work to it (the dashboard's Jobs API included), and its
+dashboard listens on 127.0.0.1 only (``ray.dashboard false`` turns it off). A watchdog
+(:mod:`genpi.reaper`) stops the cluster's processes and removes its temp folder when this process
+ends, however it ends; :func:`disconnect` does the same at once.
 """
 
 from __future__ import annotations
 
-import logging
 import os
+import secrets
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import ray
 
 from genpi.config import RayConfig
+from genpi import reaper
 
-log = logging.getLogger(__name__)
+# The token of the local clusters this process starts; Ray's token loader caches one per process.
+_TOKEN = secrets.token_hex(32)
+_reaper: subprocess.Popen | None = None
 
 
 def connect(cfg: RayConfig) -> str:
     """Join the configured cluster or start a local one; returns a line saying which."""
+    global _reaper
     if ray.is_initialized():
         return "using the Ray connection already open in this process"
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
     env_vars = {k: os.environ[k] for k in ("GENPI_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
-    runtime_env = {"env_vars": env_vars} if env_vars else None
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True)
         return f"joined the Ray cluster at {address}"
-    # A cluster only this process uses: loopback only, no token to manage, its own temp folder.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     temp_dir = cfg.temp_dir or tempfile.mkdtemp(prefix="genpi-ray-")
-    context = ray.init(
-        num_cpus=cfg.num_cpus or None,
-        include_dashboard=cfg.dashboard,
-        dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
-        _temp_dir=temp_dir,
-        runtime_env=runtime_env,
-        log_to_driver=True,
-    )
+    # Workers' temp files go inside the cluster's folder, so they go with it even when a worker is killed.
+    scratch = Path(temp_dir) / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    env_vars["TMPDIR"] = str(scratch)
+    marker = secrets.token_hex(16)
+    _reaper = subprocess.Popen(
+        [sys.executable, reaper.__file__, marker, str(os.getpid()), temp_dir, "0" if cfg.temp_dir else "1"],
+        stdin=subprocess.PIPE, start_new_session=True, cwd="/",
+        env={k: v for k, v in os.environ.items() if k != reaper.MARKER_VAR})
+    os.environ.update({reaper.MARKER_VAR: marker, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _TOKEN})
+    # Ray read its auth mode when it was imported: make it read the environment again (as ray.init
+    # does itself when it turns token auth on by default).
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    try:
+        context = ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=cfg.dashboard,
+                           dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
+                           runtime_env={"env_vars": env_vars}, log_to_driver=True)
+    except BaseException:
+        disconnect()
+        raise
     url = getattr(context, "dashboard_url", "")
-    where = f" (dashboard on http://{url})" if cfg.dashboard and url else ""
+    where = f" (dashboard on http://{url}, token auth)" if cfg.dashboard and url else ""
     return f"started a local Ray cluster on 127.0.0.1{where}, temp folder {temp_dir}"
 
 
+def auth_token() -> str:
+    """The token a client needs for this process's local cluster (``Authorization: Bearer ...``)."""
+    return _TOKEN
+
+
 def disconnect() -> None:
-    """Leave the cluster; a local cluster this process started stops with it."""
+    """Leave the cluster; a local cluster this process started stops with it, its temp folder removed."""
+    global _reaper
     if ray.is_initialized():
         ray.shutdown()
+    if _reaper is not None:
+        _reaper.stdin.close()  # the watchdog stops what is left of the cluster
+        _reaper.wait(timeout=60)
+        _reaper = None
+        os.environ.pop(reaper.MARKER_VAR, None)

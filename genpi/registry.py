@@ -19,6 +19,7 @@ from typing import Any
 
 from genpi.errors import GenPIError
 from genpi.store import ArtifactStore
+from genpi.store.base import file_digest
 
 ROOT = "adapters"
 MANIFEST = "manifest.json"
@@ -27,6 +28,10 @@ PIN = "@"
 
 class RegistryError(GenPIError):
     """A model name that names no published adapter (the message lists what is published)."""
+
+
+class PublishConflict(GenPIError):
+    """Another job published (or is publishing) other files under the same version."""
 
 
 @dataclass(frozen=True)
@@ -83,19 +88,41 @@ def _digests(folder: Path) -> dict[str, dict[str, Any]]:
 def publish(store: ArtifactStore, source: str, entry: PublishedAdapter) -> PublishedAdapter:
     """Copy the adapter folder at ``source`` to ``entry``'s immutable version and write its manifest.
 
-    A version that already exists is returned as it is, never overwritten: the same run published
-    twice is one adapter. ``entry.files`` and ``entry.published_at`` are filled in here.
+    Every file and the manifest are written create-only: a version that exists is never
+    overwritten. The same adapter published twice (or by two jobs at once) is one version; other
+    files under a version that exists raise :class:`PublishConflict` naming it. ``entry.files``
+    and ``entry.published_at`` are filled in here.
     """
     manifest = f"{entry.prefix}/{MANIFEST}"
-    if store.exists(manifest):
-        return PublishedAdapter.from_json(store.get_json(manifest))
     with tempfile.TemporaryDirectory(prefix="genpi-publish-") as tmp:
         folder = store.download_dir(source, Path(tmp) / "adapter")
-        entry = dataclasses.replace(entry, source=store.location(source), files=_digests(folder),
+        files = _digests(folder)
+        if store.exists(manifest):
+            return _same_or_conflict(store, entry, files)
+        entry = dataclasses.replace(entry, source=store.location(source), files=files,
                                     published_at=datetime.now(UTC).isoformat(timespec="seconds"))
-        store.upload_dir(folder, entry.prefix)
-    store.put_json(manifest, entry.to_json())  # last: the manifest is what makes the version exist
-    return entry
+        for name, digest in files.items():
+            key = f"{entry.prefix}/{name}"
+            if not store.create_bytes(key, (folder / name).read_bytes()) and \
+                    file_digest(store.get_bytes(key)) != digest:
+                raise PublishConflict(
+                    f"{store.location(key)} holds another file than {store.location(source)}: another job is "
+                    f"publishing {entry.name} from another adapter; if it has no {MANIFEST} once that job "
+                    f"ended, delete {store.location(entry.prefix)} and rerun")
+    # last: the manifest is what makes the version exist, and only one writer creates it
+    if store.create_json(manifest, entry.to_json()):
+        return entry
+    return _same_or_conflict(store, entry, files)
+
+
+def _same_or_conflict(store: ArtifactStore, entry: PublishedAdapter, files: dict[str, Any]) -> PublishedAdapter:
+    """The version already published, when it is these files; else a PublishConflict naming it."""
+    existing = PublishedAdapter.from_json(store.get_json(f"{entry.prefix}/{MANIFEST}"))
+    if existing.files != files:
+        raise PublishConflict(f"{existing.name} is already published from other files "
+                              f"({existing.source or 'another run'}, {existing.published_at}); versions are "
+                              f"immutable: publish under another version")
+    return existing
 
 
 def published(store: ArtifactStore, prompt: str | None = None) -> list[PublishedAdapter]:
@@ -128,3 +155,17 @@ def resolve(store: ArtifactStore, model: str) -> PublishedAdapter:
         raise RegistryError(f"no published adapter for {prompt!r}"
                             + (f"; published prompts: {', '.join(names)}" if names else "; nothing is published yet"))
     return entries[0]
+
+
+def problems(store: ArtifactStore, entry: PublishedAdapter) -> list[str]:
+    """What differs between a published version and its manifest ([] when every file matches)."""
+    if not entry.files:
+        return [f"{store.location(entry.prefix)}/{MANIFEST} records no file digests: it vouches for nothing"]
+    out = []
+    for name, want in sorted(entry.files.items()):
+        key = f"{entry.prefix}/{name}"
+        if not store.exists(key):
+            out.append(f"{store.location(key)} is missing")
+        elif file_digest(store.get_bytes(key)) != want:
+            out.append(f"{store.location(key)} differs from the digest {entry.name}'s manifest records")
+    return out

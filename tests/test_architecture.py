@@ -22,7 +22,7 @@ LAYERS = {
     "synth": 2, "train": 2, "evaluate": 2,
     "prompt": 1, "engines": 1, "store": 1, "registry": 1, "artifacts": 1, "models": 1,
     "chat": 0, "config": 0, "devices": 0, "divergence": 0, "embeddings": 0, "errors": 0, "fingerprint": 0,
-    "ray_runtime": 0, "telemetry": 0, "__init__": 0,
+    "ray_runtime": 0, "reaper": 0, "telemetry": 0, "__init__": 0,
 }
 ISOLATED = ({"synth", "train", "evaluate"}, {"batch", "serve"})  # no unit of a set imports another of it
 FORBIDDEN = {"train": {"engines"}, "serve": {"synth", "train", "evaluate", "batch", "artifacts"}}

@@ -1,8 +1,12 @@
-"""A batch's manifest and report in the store: every prompt's status, figures and gate decision."""
+"""A batch's manifest and report in the store: every prompt's status, figures and gate decision.
+
+``batches/<id>/manifest.json`` is the newest run's; ``batches/<id>/history/`` keeps one manifest per run.
+"""
 
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import UTC, datetime
 
 from genpi import artifacts
@@ -32,7 +36,10 @@ def write_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
     methods = "".join(f"\n{selection_table(s)}\n" for s in selections)
     store.put_text(f"{prefix}/report.md", f"# genpi batch {prefix.rsplit('/', 1)[-1]}\n\nFinished {finished} "
                    f"in {seconds / 60:.1f} min.\n\n{batch_table(rows)}\n{methods}")
-    store.put_json(f"{prefix}/manifest.json", {"finished_at": finished, "seconds": round(seconds, 1),
-                                               "config": cfg.to_dict(), "prompts": [vars(r) for r in results]})
+    record = {"finished_at": finished, "seconds": round(seconds, 1), "config": cfg.to_dict(),
+              "prompts": [vars(r) for r in results]}
+    # manifest.json is the newest run of the batch; history/ keeps every run's, never overwritten
+    store.create_json(f"{prefix}/history/{finished.replace(':', '')}-{uuid.uuid4().hex[:8]}.json", record)
+    store.put_json(f"{prefix}/manifest.json", record)
     log.info("batch report: %s", store.location(f"{prefix}/report.md"))
     return prefix

@@ -46,9 +46,12 @@ def build_parser(prog: str = "genpi") -> argparse.ArgumentParser:
     parser.add_argument("--real-inputs", "--eval-inputs", dest="real_inputs", metavar="DIR",
                         help="folder of real (hand-written) inputs to evaluate each adapter on as well: one "
                              "<prompt name>.jsonl per prompt, one {\"input\": ...} object per line")
+    parser.add_argument("--force", action="append", default=[], choices=("synth", "train", "eval"), metavar="STAGE",
+                        help="redo STAGE (synth, train or eval) and the stages after it for the selected prompts "
+                             "instead of reusing what the store holds (repeatable)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit without running")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log genpi's debug detail (never a library's)")
     add_flags(parser)
     return parser
 
@@ -71,9 +74,16 @@ def _check_store_outlives_job(url: str) -> None:
                          f"folder that outlives the job, or s3://bucket/prefix")
 
 
+def setup_logging(verbose: bool) -> None:
+    """INFO to stdout; ``verbose`` adds genpi's own DEBUG lines, never a library's (botocore's debug
+    lines are the wire: signed headers, credentials, response bodies)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s genpi %(message)s", stream=sys.stdout)
+    if verbose:
+        logging.getLogger("genpi").setLevel(logging.DEBUG)
+
+
 def execute(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s genpi %(message)s", stream=sys.stdout)
+    setup_logging(args.verbose)
     # Validate everything cheap before starting anything.
     cfg = _config(args, "local" if args.profile == "auto" else args.profile)
     if args.print_config:
@@ -110,7 +120,8 @@ def execute(args: argparse.Namespace) -> int:
             profile = "paper" if gpus else "local"
             cfg = _config(args, profile)
             log.info("profile %s (the cluster has %g GPUs)", profile, gpus)
-        results = run_batch(specs, cfg, store, {s.name: real_inputs[s.name] for s in specs if s.name in real_inputs})
+        results = run_batch(specs, cfg, store, {s.name: real_inputs[s.name] for s in specs if s.name in real_inputs},
+                            force=args.force)
     finally:
         disconnect()
 

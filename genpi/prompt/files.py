@@ -8,27 +8,15 @@ raises :class:`~genpi.errors.PromptError` naming the file and the fix.
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from genpi.errors import PromptError
-from genpi.prompt.spec import (
-    DEFAULT_END_CONDITION,
-    DEFAULT_END_TOKEN,
-    DEFAULT_ENV_DESCRIPTION,
-    DEFAULT_MAX_TURNS,
-    MAX_TURNS_RANGE,
-    ROLES,
-    ActionFormat,
-    EnvironmentSpec,
-    PromptSpec,
-    Turn,
-)
+from genpi.config import parse_json, parse_yaml, read_text_file
+from genpi.errors import PromptError, short_repr
+from genpi.prompt.spec import (DEFAULT_END_CONDITION, DEFAULT_END_TOKEN, DEFAULT_ENV_DESCRIPTION, DEFAULT_MAX_TURNS,
+                               MAX_TURNS_RANGE, ROLES, ActionFormat, EnvironmentSpec, PromptSpec, Turn)
 
 TEXT_EXTENSIONS = (".txt", ".md", ".markdown")
 DATA_EXTENSIONS = (".json", ".yaml", ".yml")
@@ -53,17 +41,7 @@ def load_prompt(path: str | Path) -> PromptSpec:
             f"{src}: unknown extension {p.suffix or '(none)'!r}; prompt files must end in "
             f"{', '.join(ALLOWED_EXTENSIONS)} (rename it, or move it out of the prompt folder)"
         )
-    raw = p.read_bytes()
-    if b"\x00" in raw:
-        raise PromptError(f"{src}: looks like a binary file (contains NUL bytes); prompt files must be UTF-8 text")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise PromptError(
-            f"{src}: is not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at offset {e.start}); "
-            "re-save it with UTF-8 encoding"
-        ) from None
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = read_text_file(p, PromptError)
     if not text.strip():
         raise PromptError(f"{src}: is empty; write the prompt text into it or remove the file")
 
@@ -126,7 +104,7 @@ def _parse_text(src: str, text: str) -> tuple[dict[str, Any], list[Turn]]:
                 f"{src}: front matter opened with '---' on line 1 is never closed; "
                 "add a line '---' after the settings"
             )
-        settings = _load_yaml(src, "\n".join(lines[1:end]), line_offset=1, what="front matter")
+        settings = parse_yaml("\n".join(lines[1:end]), src, PromptError, what="front matter", line_offset=1)
         if settings is None:
             settings = {}
         if not isinstance(settings, dict):
@@ -149,7 +127,7 @@ def _parse_text(src: str, text: str) -> tuple[dict[str, Any], list[Turn]]:
             chunks.append((m.group(1).lower(), [], True))
         else:
             raise PromptError(
-                f"{src}: unknown turn role {m.group(1)!r} in marker {line.strip()!r}; "
+                f"{src}: unknown turn role {m.group(1)!r} in marker {short_repr(line.strip())}; "
                 f"use one of {', '.join(ROLES)}"
             )
     turns: list[Turn] = []
@@ -167,12 +145,9 @@ def _parse_text(src: str, text: str) -> tuple[dict[str, Any], list[Turn]]:
 
 def _parse_data(src: str, text: str, ext: str) -> tuple[dict[str, Any], list[Turn]]:
     if ext == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PromptError(f"{src}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        data = parse_json(text, src, PromptError)
     else:
-        data = _load_yaml(src, text, line_offset=0, what="YAML")
+        data = parse_yaml(text, src, PromptError)
     if isinstance(data, list):
         settings, raw_turns = {}, data
     elif isinstance(data, dict):
@@ -195,32 +170,22 @@ def _parse_data(src: str, text: str, ext: str) -> tuple[dict[str, Any], list[Tur
     for i, t in enumerate(raw_turns, 1):
         if not isinstance(t, dict) or set(t) != {"role", "content"}:
             raise PromptError(
-                f"{src}: turn {i} must be a mapping with exactly the keys 'role' and 'content', got {t!r:.80}"
+                f"{src}: turn {i} must be a mapping with exactly the keys 'role' and 'content', got {short_repr(t)}"
             )
         role, content = t["role"], t["content"]
         if role not in ROLES:
-            raise PromptError(f"{src}: turn {i} has role {role!r}; use one of {', '.join(ROLES)}")
+            raise PromptError(f"{src}: turn {i} has role {short_repr(role)}; use one of {', '.join(ROLES)}")
         if not isinstance(content, str) or not content.strip():
-            raise PromptError(f"{src}: turn {i} ({role}) must have non-empty text content, got {content!r:.80}")
+            raise PromptError(f"{src}: turn {i} ({role}) must have non-empty text content, got {short_repr(content)}")
         turns.append(Turn(role, content.strip()))
     return settings, turns
-
-
-def _load_yaml(src: str, text: str, line_offset: int, what: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1 + line_offset}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise PromptError(f"{src}: {what} is not valid YAML{where}: {problem}; fix the syntax") from None
 
 
 def _check_keys(src: str, d: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
     unknown = [k for k in d if k not in allowed]
     if unknown:
         raise PromptError(
-            f"{src}: unknown {where} key(s) {', '.join(map(repr, unknown))}; "
+            f"{src}: unknown {where} key(s) {', '.join(map(short_repr, unknown[:10]))}; "
             f"allowed keys are {', '.join(allowed)}"
         )
 
@@ -257,25 +222,25 @@ def _build_spec(src: str, stem: str, st: dict[str, Any], turns: list[Turn]) -> P
 
     raw_name = st.get("name", stem)
     if not isinstance(raw_name, str):
-        raise bad(f"name must be a string, got {raw_name!r}; quote it")
+        raise bad(f"name must be a string, got {short_repr(raw_name)}; quote it")
     name = slugify(raw_name)
     if not name:
-        raise bad(f"name {raw_name!r} has no letters or digits; use a name like 'shell-agent'")
+        raise bad(f"name {short_repr(raw_name)} has no letters or digits; use a name like 'shell-agent'")
 
     max_turns = st.get("max_turns", DEFAULT_MAX_TURNS)
     lo, hi = MAX_TURNS_RANGE
     if isinstance(max_turns, bool) or not isinstance(max_turns, int) or not lo <= max_turns <= hi:
-        raise bad(f"max_turns must be an integer from {lo} to {hi}, got {max_turns!r}")
+        raise bad(f"max_turns must be an integer from {lo} to {hi}, got {short_repr(max_turns)}")
 
     env = st.get("environment") or {}
     if not isinstance(env, dict):
-        raise bad(f"environment must be a mapping with keys {', '.join(ENVIRONMENT_KEYS)}, got {env!r:.80}")
+        raise bad(f"environment must be a mapping with keys {', '.join(ENVIRONMENT_KEYS)}, got {short_repr(env)}")
     _check_keys(src, env, ENVIRONMENT_KEYS, "environment")
     env_values = {}
     for key, default in zip(ENVIRONMENT_KEYS, (DEFAULT_ENV_DESCRIPTION, DEFAULT_END_CONDITION, DEFAULT_END_TOKEN)):
         v = env.get(key, default)
         if not isinstance(v, str) or not v.strip():
-            raise bad(f"environment.{key} must be a non-empty string, got {v!r:.80}")
+            raise bad(f"environment.{key} must be a non-empty string, got {short_repr(v)}")
         env_values[key] = v.strip()
     if re.search(r"\s", env_values["end_token"]):
         raise bad(f"environment.end_token must not contain whitespace, got {env_values['end_token']!r}")
@@ -284,7 +249,7 @@ def _build_spec(src: str, stem: str, st: dict[str, Any], turns: list[Turn]) -> P
 
     af = st.get("action_format") or {}
     if not isinstance(af, dict):
-        raise bad(f"action_format must be a mapping with keys {', '.join(ACTION_FORMAT_KEYS)}, got {af!r:.80}")
+        raise bad(f"action_format must be a mapping with keys {', '.join(ACTION_FORMAT_KEYS)}, got {short_repr(af)}")
     _check_keys(src, af, ACTION_FORMAT_KEYS, "action_format")
     regexes = {}
     for key in ACTION_FORMAT_KEYS:
@@ -293,7 +258,7 @@ def _build_spec(src: str, stem: str, st: dict[str, Any], turns: list[Turn]) -> P
             try:
                 re.compile(pat, re.MULTILINE)
             except re.error as e:
-                raise bad(f"action_format.{key}[{i}] is not a valid regex ({e}): {pat!r}") from None
+                raise bad(f"action_format.{key}[{i}] is not a valid regex ({e}): {short_repr(pat)}") from None
         regexes[key] = pats
 
     return PromptSpec(
@@ -309,5 +274,5 @@ def _build_spec(src: str, stem: str, st: dict[str, Any], turns: list[Turn]) -> P
 
 def _string_list(src: str, value: Any, key: str, strip: bool = True) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-        raise PromptError(f"{src}: {key} must be a list of non-empty strings, got {value!r:.80}")
+        raise PromptError(f"{src}: {key} must be a list of non-empty strings, got {short_repr(value)}")
     return tuple(v.strip() if strip else v for v in value)

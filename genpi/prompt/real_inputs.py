@@ -1,15 +1,17 @@
 """Real inputs (hand-written, not synthesized) for evaluation: ``--eval-inputs DIR`` holds ``<prompt name>.jsonl`` files.
 
-Each line is a JSON object ``{"input": "..."}``. A file whose name matches no prompt, a line that
+Each line is a JSON object ``{"input": "..."}`` (UTF-8, a BOM is accepted). A file whose name matches no prompt, a line that
 is not such an object, or an empty file is an error naming the file (and line) and the fix.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from genpi.errors import GenPIError
+from genpi.config import parse_json, read_text_file
+from genpi.errors import GenPIError, short_repr
+
+MAX_INPUTS_BYTES = 16 << 20
 
 
 class RealInputError(GenPIError):
@@ -30,17 +32,14 @@ def load_real_inputs(folder: str | Path, prompt_names: list[str]) -> dict[str, l
     out: dict[str, list[str]] = {}
     for path in files:
         inputs = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = read_text_file(path, RealInputError, limit=MAX_INPUTS_BYTES)
+        for number, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RealInputError(f"{path}:{number}: not valid JSON ({e.msg}); write one "
-                                     '{"input": "..."} object per line') from None
+            row = parse_json(line, f"{path}:{number}", RealInputError, fix='write one {"input": "..."} object per line')
             if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not row["input"].strip():
                 raise RealInputError(f'{path}:{number}: expected an object with a non-empty "input" string, '
-                                     f"got {line.strip()[:80]!r}")
+                                     f"got {short_repr(line.strip())}")
             inputs.append(row["input"].strip())
         if not inputs:
             raise RealInputError(f"{path} has no inputs; add lines like {{\"input\": \"...\"}} or remove the file")

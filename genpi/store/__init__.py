@@ -26,14 +26,16 @@ def __getattr__(name: str) -> object:
 
 
 def open_store(
-    url: str = "artifacts", *, endpoint_url: str | None = None, region: str | None = None
+    url: str = "artifacts", *, endpoint_url: str | None = None, region: str | None = None,
+    retry_s: float | None = None,
 ) -> ArtifactStore:
     """Open the store at ``url``.
 
     ``s3://bucket/prefix`` opens an :class:`S3Store` (``endpoint_url`` and ``region``
-    override the AWS settings); ``file:///abs/path`` or a plain path opens a
+    override the AWS settings, ``retry_s`` the seconds a failing request is retried);
+    ``file:///abs/path`` or a plain path opens a
     :class:`LocalStore`, relative paths resolved against the current directory
-    (``endpoint_url`` and ``region`` are ignored there).
+    (``endpoint_url``, ``region`` and ``retry_s`` are ignored there).
     """
     if not isinstance(url, str) or not url.strip():
         raise StoreError(
@@ -44,7 +46,9 @@ def open_store(
     if scheme == "s3":
         from genpi.store.s3 import S3Store
 
-        return S3Store(url, endpoint_url=endpoint_url, region=region)
+        from genpi.store.s3 import RETRY_S
+
+        return S3Store(url, endpoint_url=endpoint_url, region=region, retry_s=RETRY_S if retry_s is None else retry_s)
     if scheme == "file":
         parsed = urlparse(url)
         if parsed.netloc not in ("", "localhost"):
@@ -63,4 +67,5 @@ def open_store(
 
 def store_for(cfg: StoreConfig) -> ArtifactStore:
     """The store a config's ``store`` section names."""
-    return open_store(cfg.url, endpoint_url=cfg.endpoint_url or None, region=cfg.region or None)
+    return open_store(cfg.url, endpoint_url=cfg.endpoint_url or None, region=cfg.region or None,
+                      retry_s=cfg.retry_s)

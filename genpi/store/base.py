@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import abc
+import hashlib
 import json
+import logging
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from genpi.errors import ArtifactNotFound, StoreError
+
+log = logging.getLogger(__name__)
 
 DONE_MARKER = "_SUCCESS"
 # Local stores write through temp files with this suffix; keys may not use it, so a
@@ -79,6 +83,15 @@ def join_key(prefix: str, name: str) -> str:
     return f"{prefix}/{name}" if prefix else name
 
 
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def file_digest(data: bytes) -> dict[str, Any]:
+    """``{"sha256": hex, "size": bytes}``: what markers and publish manifests record of a file."""
+    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
 class ArtifactStore(abc.ABC):
     """A flat key -> bytes store with folder-like keys, local or on S3.
 
@@ -88,11 +101,19 @@ class ArtifactStore(abc.ABC):
 
     url: str  # human-readable root: an absolute folder path or s3://bucket/prefix
 
+    def __init__(self) -> None:
+        self._verified: set[str] = set()  # markers whose files this object checked
+
     # -- backend primitives -------------------------------------------------------------
 
     @abc.abstractmethod
     def put_bytes(self, key: str, data: bytes) -> None:
         """Store ``data`` atomically: readers see the old object or the whole new one."""
+
+    @abc.abstractmethod
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        """Store ``data`` only if ``key`` holds nothing yet, atomically (of two writers one creates
+        it, whole); returns whether this call created it."""
 
     @abc.abstractmethod
     def get_bytes(self, key: str) -> bytes:
@@ -112,6 +133,10 @@ class ArtifactStore(abc.ABC):
     @abc.abstractmethod
     def delete_prefix(self, prefix: str) -> None:
         """Delete every key below folder ``prefix``; a missing prefix is not an error."""
+
+    @abc.abstractmethod
+    def delete_key(self, key: str) -> None:
+        """Delete one key; a missing key is not an error."""
 
     @abc.abstractmethod
     def put_file(self, key: str, path: str | Path) -> None:
@@ -144,7 +169,11 @@ class ArtifactStore(abc.ABC):
 
     def put_json(self, key: str, obj: Any) -> None:
         """Store ``obj`` as pretty-printed UTF-8 JSON."""
-        self.put_text(key, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        self.put_bytes(key, _json_bytes(obj))
+
+    def create_json(self, key: str, obj: Any) -> bool:
+        """Store ``obj`` as JSON only if ``key`` holds nothing yet (see :meth:`create_bytes`)."""
+        return self.create_bytes(key, _json_bytes(obj))
 
     def get_json(self, key: str) -> Any:
         """Read a JSON object."""
@@ -211,15 +240,92 @@ class ArtifactStore(abc.ABC):
             self.get_file(key, dest / check_key(key[cut:], self.url))
         return dest
 
-    def mark_done(self, prefix: str, info: dict | None = None) -> None:
-        """Write ``prefix/_SUCCESS``; call it last, after all of the stage's outputs."""
+    def digests(self, keys: Iterable[str], cut: int = 0) -> dict[str, dict[str, Any]]:
+        """``{key[cut:]: {"sha256", "size"}}`` of stored objects, read back from the store."""
+        return {key[cut:]: file_digest(self.get_bytes(key)) for key in keys}
+
+    def mark_done(self, prefix: str, info: dict | None = None, vouch: Iterable[str] | None = None) -> None:
+        """Write ``prefix/_SUCCESS``; call it last, after all of the stage's outputs.
+
+        The marker records the sha256 and size of every file it vouches for: all below ``prefix``,
+        or only those below (or equal to) the relative paths in ``vouch``.
+        """
+        prefix = check_prefix(prefix, self.url)
+        marker = self._marker(prefix)
+        names = tuple(vouch) if vouch is not None else None
+        keys = [k for k in self.list_keys(prefix) if k != marker and (names is None or any(
+            k == join_key(prefix, n) or k.startswith(join_key(prefix, n) + "/") for n in names))]
         record = {"finished_at": datetime.now(UTC).isoformat(timespec="seconds")}
         record.update(info or {})
-        self.put_json(self._marker(prefix), record)
+        record["files"] = self.digests(keys, len(prefix) + 1)
+        self.put_json(marker, record)
+        self._verified.add(marker)
+
+    def done_problems(self, prefix: str) -> list[str]:
+        """What is wrong with the stage under ``prefix``: [] when its marker exists and every file it
+        vouches for has the recorded size and sha256; else one line per problem, naming the key."""
+        marker = self._marker(prefix)
+        try:
+            record = self.get_json(marker)
+        except ArtifactNotFound:
+            return [f"{self.location(marker)} is missing: the stage did not finish"]
+        except StoreError as e:
+            return [str(e)]
+        files = record.get("files") if isinstance(record, dict) else None
+        if not isinstance(files, dict):
+            return [f"{self.location(marker)} records no digests (an older genpi wrote it): it vouches for nothing"]
+        problems = []
+        for name, expected in sorted(files.items()):
+            key = join_key(check_prefix(prefix, self.url), name)
+            try:
+                actual = file_digest(self.get_bytes(key))
+            except ArtifactNotFound:
+                problems.append(f"{self.location(key)} is missing")
+                continue
+            if actual != expected:
+                problems.append(f"{self.location(key)} does not match its marker: {actual['size']} bytes, "
+                                f"sha256 {actual['sha256'][:12]}; recorded {expected.get('size')} bytes, "
+                                f"sha256 {str(expected.get('sha256'))[:12]}")
+        return problems
 
     def is_done(self, prefix: str) -> bool:
-        """Whether the stage under ``prefix`` finished (its done marker exists)."""
-        return self.exists(self._marker(prefix))
+        """Whether the stage under ``prefix`` finished and its files are the ones its marker vouches for.
+
+        A marker that vouches for files that changed is never trusted: it is dropped, with the files
+        that fail it, so a rerun redoes exactly what is wrong (a warning names each key).
+        Verified once per store object.
+        """
+        marker = self._marker(prefix)
+        if marker in self._verified:
+            return True
+        if not self.exists(marker):
+            return False
+        problems = self.done_problems(prefix)
+        if not problems:
+            self._verified.add(marker)
+            return True
+        for problem in problems:
+            log.warning("%s; redoing the stage", problem)
+        self.forget(prefix)
+        return False
+
+    def forget(self, prefix: str) -> None:
+        """Make the stage under ``prefix`` not done: drop its marker and the files that fail it."""
+        marker = self._marker(prefix)
+        try:
+            files = self.get_json(marker).get("files") or {}
+        except (StoreError, AttributeError):
+            files = {}
+        prefix = check_prefix(prefix, self.url)
+        for name, expected in files.items():
+            key = join_key(prefix, name)
+            try:
+                if file_digest(self.get_bytes(key)) != expected:
+                    self.delete_key(key)
+            except ArtifactNotFound:
+                pass
+        self.delete_key(marker)
+        self._verified.discard(marker)
 
     def done_info(self, prefix: str) -> dict:
         """The done marker's record; raises ArtifactNotFound when the stage is not done."""

@@ -53,6 +53,7 @@ class LocalStore(ArtifactStore):
     """Artifacts as files below a root folder, which is created on the first write."""
 
     def __init__(self, root: str | Path) -> None:
+        super().__init__()
         self.root = Path(os.path.abspath(os.path.expanduser(root)))
         self.url = str(self.root)
         if self.root.exists() and not self.root.is_dir():
@@ -91,6 +92,23 @@ class LocalStore(ArtifactStore):
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write(key, lambda f: f.write(data))
+
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        tmp = path.parent / f".{path.name[:100]}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}"
+        try:
+            atomic_write(tmp, lambda f: f.write(data))
+            try:
+                os.link(tmp, path)  # fails if path exists: a create-only rename of a whole file
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        except OSError as e:
+            raise StoreError(f"cannot write {path} in store {self.url}: {e.strerror or e}; make sure the folder "
+                             "is writable and its filesystem supports hard links") from e
+        _fsync_dir(path.parent)
+        return True
 
     def get_bytes(self, key: str) -> bytes:
         with self._open(key) as f:
@@ -139,6 +157,14 @@ class LocalStore(ArtifactStore):
                 if not name.endswith(TEMP_SUFFIX)
             )
         return sorted(keys)
+
+    def delete_key(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot delete {path} in store {self.url}: {e.strerror or e}; check its "
+                             "permissions") from e
 
     def delete_prefix(self, prefix: str) -> None:
         target = self.root / check_prefix(prefix, self.url, allow_root=False)

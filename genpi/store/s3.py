@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
+import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import boto3
 from boto3.exceptions import S3UploadFailedError
@@ -36,12 +38,20 @@ _CLIENT_CONFIG = dict(
     request_checksum_calculation="when_required",
     response_checksum_validation="when_required",
 )
-# A write that fails for a passing reason (connection dropped, 5xx, throttling) is tried again,
-# 0.5 s, 1 s and 2 s apart; anything else (credentials, a missing bucket) fails at once.
-_WRITE_ATTEMPTS = 4
+# A request that fails for a passing reason (connection dropped or refused, timeout, 5xx, throttling)
+# is sent again, 0.5 s, 1 s, 2 s, ... (at most 8 s) apart, until the store's retry window has passed;
+# anything else (credentials, a missing bucket, a clock off by minutes: RequestTimeTooSkewed) fails at once.
+RETRY_S = 60.0
+_MAX_BACKOFF_S = 8.0
 _TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
-                    "ThrottlingException", "RequestTimeTooSkewed"}
+                    "ThrottlingException", "ConditionalRequestConflict"}
+T = TypeVar("T")
 log = logging.getLogger("genpi")
+# Their DEBUG lines are the wire (Authorization headers, access key ids, response bodies that carry
+# secrets under AssumeRole): never logged, whatever level the root logger is at.
+for _name in ("botocore", "boto3", "s3transfer", "urllib3"):
+    if logging.getLogger(_name).level < logging.INFO:
+        logging.getLogger(_name).setLevel(logging.INFO)
 _TRANSFER = TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20)
 _BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _CREDENTIAL_CODES = {
@@ -50,6 +60,7 @@ _CREDENTIAL_CODES = {
 }  # fmt: skip
 _REGION_CODES = {"301", "PermanentRedirect", "AuthorizationHeaderMalformed"}
 _MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+_EXISTS_CODES = {"412", "PreconditionFailed"}  # a create-only write (If-None-Match: *) found the key
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -77,21 +88,23 @@ class S3Store(ArtifactStore):
     """
 
     def __init__(
-        self, url: str, endpoint_url: str | None = None, region: str | None = None
+        self, url: str, endpoint_url: str | None = None, region: str | None = None, retry_s: float = RETRY_S
     ) -> None:
+        super().__init__()
         self.bucket, self.prefix = parse_s3_url(url)
         self.url = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
         self._endpoint_arg = endpoint_url or None
         self._region_arg = region or None
+        self.retry_s = retry_s
         self._client = self._make_client()
         self.endpoint_url = self._client.meta.endpoint_url
         self.region = self._client.meta.region_name
-        with self._errors():
-            self._client.head_bucket(Bucket=self.bucket)
+        # not retried: at the start a request that fails is most likely a wrong endpoint, told at once
+        self._call(None, lambda: self._client.head_bucket(Bucket=self.bucket), retry_s=0)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # boto3 clients do not pickle; a copy (e.g. in a Ray worker) reopens the bucket
-        return (S3Store, (self.url, self._endpoint_arg, self._region_arg))
+        return (S3Store, (self.url, self._endpoint_arg, self._region_arg, self.retry_s))
 
     def _make_client(self) -> Any:
         explicit_endpoint = (
@@ -171,6 +184,9 @@ class S3Store(ArtifactStore):
             )
         if key is not None and code in _MISSING_CODES:
             return ArtifactNotFound(f"artifact {key!r} not found at {self.location(key)}")
+        if code == "RequestTimeTooSkewed":
+            return StoreError(f"{self.endpoint_url} refused a request for store {self.url}: this machine's clock "
+                              "differs from the server's by minutes; set the clock right (NTP) and rerun")
         if code in _CREDENTIAL_CODES or status == 403:
             return StoreError(
                 f"credentials rejected by {self.endpoint_url} for store {self.url} ({code}): "
@@ -187,34 +203,51 @@ class S3Store(ArtifactStore):
             f"S3 request to {self.endpoint_url} failed for store {self.url}: {code} {message}"
         )
 
-    def _write(self, key: str, action: Any) -> None:
-        """Run one write, again on a passing failure (up to ``_WRITE_ATTEMPTS`` tries)."""
-        for attempt in range(_WRITE_ATTEMPTS):
+    def _call(self, key: str | None, action: Callable[[], T], retry_s: float | None = None) -> T:
+        """Run one request, again on a passing failure until ``retry_s`` (default: the store's) seconds have passed."""
+        retry_s = self.retry_s if retry_s is None else retry_s
+        deadline = time.monotonic() + retry_s
+        for attempt in itertools.count():
             try:
                 with self._errors(key):
-                    action()
-                return
+                    return action()
             except StoreError as e:
-                if attempt + 1 == _WRITE_ATTEMPTS or not _transient(e.__cause__):
+                pause = min(_MAX_BACKOFF_S, 0.5 * 2 ** attempt) * random.uniform(0.8, 1.2)
+                if not _transient(e.__cause__):
                     raise
-                log.warning("writing %s failed (%s); trying again", self.location(key), e)
-                time.sleep(0.5 * 2 ** attempt)
+                if time.monotonic() + pause > deadline:
+                    if retry_s:
+                        raise StoreError(f"{e} (still failing after {retry_s:g} s of retries; a longer outage "
+                                         "needs a larger --store.retry-s)") from e.__cause__
+                    raise
+                log.warning("S3 request for %s failed (%s); trying again", self.location(key or ""), e)
+                time.sleep(pause)
+        raise AssertionError("unreachable")
 
     def put_bytes(self, key: str, data: bytes) -> None:
         s3_key = self._key(key)
-        self._write(key, lambda: self._client.put_object(Bucket=self.bucket, Key=s3_key, Body=data))
+        self._call(key, lambda: self._client.put_object(Bucket=self.bucket, Key=s3_key, Body=data))
+
+    def create_bytes(self, key: str, data: bytes) -> bool:
+        s3_key = self._key(key)
+        try:
+            self._call(key, lambda: self._client.put_object(Bucket=self.bucket, Key=s3_key, Body=data,
+                                                            IfNoneMatch="*"))
+        except StoreError as e:
+            if isinstance(e.__cause__, ClientError) and _code(e.__cause__) in _EXISTS_CODES:
+                return False
+            raise
+        return True
 
     def get_bytes(self, key: str) -> bytes:
         s3_key = self._key(key)
-        with self._errors(key):
-            response = self._client.get_object(Bucket=self.bucket, Key=s3_key)
-            return response["Body"].read()
+        return self._call(key, lambda: self._client.get_object(Bucket=self.bucket, Key=s3_key)["Body"].read())
 
     def put_file(self, key: str, path: str | Path) -> None:
         s3_key = self._key(key)
         if not os.path.isfile(path):
             raise StoreError(f"cannot store {path} in {self.url}: it is not a readable file")
-        self._write(key, lambda: self._client.upload_file(str(path), self.bucket, s3_key, Config=_TRANSFER))
+        self._call(key, lambda: self._client.upload_file(str(path), self.bucket, s3_key, Config=_TRANSFER))
 
     def get_file(self, key: str, path: str | Path) -> Path:
         s3_key = self._key(key)
@@ -222,8 +255,7 @@ class S3Store(ArtifactStore):
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             # s3transfer writes to a temp name and renames, so dest is never half-written
-            with self._errors(key):
-                self._client.download_file(self.bucket, s3_key, str(dest), Config=_TRANSFER)
+            self._call(key, lambda: self._client.download_file(self.bucket, s3_key, str(dest), Config=_TRANSFER))
         except OSError as e:
             raise self._local_write_failed(dest, key, e) from e
         return dest
@@ -231,35 +263,38 @@ class S3Store(ArtifactStore):
     def exists(self, key: str) -> bool:
         s3_key = self._key(key)
         try:
-            with self._errors(key):
-                self._client.head_object(Bucket=self.bucket, Key=s3_key)
+            self._call(key, lambda: self._client.head_object(Bucket=self.bucket, Key=s3_key))
         except ArtifactNotFound:
             return False
         return True
 
     def list_keys(self, prefix: str = "") -> list[str]:
+        return sorted(self.etags(prefix))
+
+    def etags(self, prefix: str) -> dict[str, str]:
+        """``{key: "<size> <ETag>"}`` below folder ``prefix``: what each object is, from one listing."""
         full = join_key(self.prefix, check_prefix(prefix, self.url))
         cut = len(self.prefix) + 1 if self.prefix else 0
-        keys = []
-        with self._errors():
+
+        def listing() -> dict[str, str]:  # retried as a whole: pages are not resumed
             pages = self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=f"{full}/" if full else ""
-            )
-            for page in pages:
-                for obj in page.get("Contents", ()):
-                    if not obj["Key"].endswith("/"):  # skip folder placeholder objects
-                        keys.append(obj["Key"][cut:])
-        return sorted(keys)
+                Bucket=self.bucket, Prefix=f"{full}/" if full else "")
+            return {obj["Key"][cut:]: f"{obj['Size']} {obj.get('ETag', '')}" for page in pages
+                    for obj in page.get("Contents", ()) if not obj["Key"].endswith("/")}  # no folder placeholders
+
+        return self._call(None, listing)
+
+    def delete_key(self, key: str) -> None:
+        s3_key = self._key(key)
+        self._call(key, lambda: self._client.delete_object(Bucket=self.bucket, Key=s3_key))
 
     def delete_prefix(self, prefix: str) -> None:
         prefix = check_prefix(prefix, self.url, allow_root=False)
         keys = self.list_keys(prefix)
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": join_key(self.prefix, k)} for k in keys[start : start + 1000]]
-            with self._errors():
-                response = self._client.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
-                )
+            response = self._call(None, lambda: self._client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}))
             if response.get("Errors"):
                 first = response["Errors"][0]
                 raise StoreError(
@@ -267,6 +302,10 @@ class S3Store(ArtifactStore):
                     f"{self.location(prefix)} ({first.get('Code')}: {first.get('Message')}): "
                     "check that the credentials may delete in this bucket"
                 )
+
+
+def _code(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
 
 
 def _transient(error: BaseException | None) -> bool:

@@ -9,6 +9,9 @@ store (:class:`StoreCheckpoints`), or Ray Train's own storage (:mod:`genpi.train
 
 from __future__ import annotations
 
+import json
+import logging
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -16,9 +19,13 @@ from typing import Any, Protocol
 
 import torch
 
+from genpi.errors import GenPIError
 from genpi.store import ArtifactStore
+from genpi.store.base import file_digest
 
 STATE_FILE = "state.pt"
+DIGEST_FILE = "state.json"  # sha256 and size of state.pt: a checkpoint cut or changed in the store is not resumed
+log = logging.getLogger(__name__)
 
 
 class Checkpoints(Protocol):
@@ -40,12 +47,44 @@ def save_state(folder: Path, model: Any, optimizer: torch.optim.Optimizer, rng: 
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "epoch": epoch, "step": step, "history": history}, folder / STATE_FILE)
+    (folder / DIGEST_FILE).write_text(json.dumps(file_digest((folder / STATE_FILE).read_bytes())))
+
+
+def state_problem(folder: Path) -> str | None:
+    """Why the checkpoint in ``folder`` must not be resumed (it does not match its digest), or None."""
+    try:
+        expected = json.loads((folder / DIGEST_FILE).read_text())
+        actual = file_digest((folder / STATE_FILE).read_bytes())
+    except (OSError, ValueError) as e:
+        return f"checkpoint {folder} is incomplete ({e})"
+    if actual != expected:
+        return f"checkpoint {folder / STATE_FILE} does not match its digest ({actual['size']} bytes, recorded " \
+               f"{expected.get('size') if isinstance(expected, dict) else '?'})"
+    return None
+
+
+def usable(folder: Path | None) -> Path | None:
+    """``folder`` when it holds a checkpoint that matches its digest; else None, with a warning."""
+    if folder is None:
+        return None
+    problem = state_problem(folder)
+    if problem:
+        log.warning("%s; training starts over", problem)
+        return None
+    return folder
 
 
 def load_state(folder: Path, model: Any, optimizer: torch.optim.Optimizer,
                rng: random.Random) -> tuple[int, int, list[dict[str, float]]]:
     """Restore a saved state in place; returns (epochs done, steps done, loss history)."""
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
+    problem = state_problem(folder)
+    if problem:
+        raise GenPIError(f"{problem}; delete the run's checkpoints and rerun")
+    try:  # tensors and plain data only: whoever can write the store must not run code here
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise GenPIError(f"{folder / STATE_FILE} is not a checkpoint genpi wrote ({str(e)[:200]}); "
+                         "delete the run's checkpoints and rerun") from None
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state["lora"].items():
@@ -76,7 +115,7 @@ class StoreCheckpoints:
         folder = self.scratch / f"epoch-{epochs[-1]:04d}"
         shutil.rmtree(folder, ignore_errors=True)
         self.store.download_dir(f"{self.prefix}/epoch-{epochs[-1]:04d}", folder)
-        return folder
+        return usable(folder)
 
     def save(self, folder: Path, epoch: int, metrics: dict[str, Any]) -> None:
         older = self._epochs()

@@ -3,7 +3,7 @@
 Each (prompt, run config) becomes a ``TorchTrainer`` with its own ``ScalingConfig`` (one worker
 with the run's CPUs and GPUs). The worker runs the training stage; its epoch checkpoints are
 reported through ``ray.train.report`` into Ray Train's storage, which lives inside the artifact
-store under the run (``{run}/ray/``; an S3 store reaches the workers as a
+store under the run (``{run}/ray/<attempt>/``, a folder per attempt; an S3 store reaches the workers as a
 ``pyarrow.fs.S3FileSystem`` with the configured endpoint). A worker that dies is restarted by
 Ray Train from the latest checkpoint (``train.max_failures`` times); a job started again finds
 the newest checkpoint in the store and resumes from it; a finished run is never redone.
@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +24,11 @@ from genpi import artifacts
 from genpi.config import GenPIConfig, config_from_dict
 from genpi.errors import GenPIError
 from genpi.prompt.spec import PromptSpec
-from genpi.store import ArtifactStore, open_store
-from genpi.train.checkpoints import STATE_FILE
+from genpi.store import ArtifactStore, store_for
+from genpi.train.checkpoints import STATE_FILE, usable
 
 QUEUE_TIMEOUT_S = 7 * 24 * 3600  # how long a submitted run may wait for its CPUs/GPUs
+_CHECKPOINT = re.compile(rf"/checkpoint_epoch-(\d+)/{re.escape(STATE_FILE)}$")
 
 
 class RayTrainCheckpoints:
@@ -38,12 +42,14 @@ class RayTrainCheckpoints:
 
         saved = ray.train.get_checkpoint()
         if saved is not None:  # a restarted worker of this run
-            return Path(saved.to_directory(str(self.scratch / "restored")))
-        states = sorted(k for k in self.store.list_keys(self.ray_prefix) if k.endswith(f"/{STATE_FILE}"))
+            return usable(Path(saved.to_directory(str(self.scratch / "restored"))))
+        # every attempt's checkpoints (a folder each): the one of the most epochs
+        states = sorted((int(m.group(1)), key) for key in self.store.list_keys(self.ray_prefix)
+                        if (m := _CHECKPOINT.search(key)))
         if not states:  # a new run
             return None
-        newest = states[-1].rsplit("/", 1)[0]  # checkpoint folders are named by time: the last is the newest
-        return self.store.download_dir(newest, self.scratch / "from-store")
+        newest = states[-1][1].rsplit("/", 1)[0]
+        return usable(self.store.download_dir(newest, self.scratch / "from-store"))
 
     def save(self, folder: Path, epoch: int, metrics: dict[str, Any]) -> None:
         import ray.train
@@ -60,15 +66,17 @@ def _train_loop(config: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s genpi %(message)s")
     cfg = config_from_dict(config["cfg"])
     spec = PromptSpec.from_json(config["spec"])
-    store = open_store(cfg.store.url, endpoint_url=cfg.store.endpoint_url or None, region=cfg.store.region or None)
+    store = store_for(cfg.store)
     with tempfile.TemporaryDirectory(prefix="genpi-ray-ckpt-") as scratch:
         checkpoints = RayTrainCheckpoints(store, f"{artifacts.train_prefix(spec, cfg)}/ray", Path(scratch))
         train_prompt(spec, cfg, store, checkpoints=checkpoints)
 
 
-def ray_storage(cfg: GenPIConfig, store: ArtifactStore, spec: PromptSpec) -> tuple[str, Any]:
-    """Ray Train's ``storage_path`` and ``storage_filesystem`` for a run: its folder in the store."""
-    prefix = f"{artifacts.train_prefix(spec, cfg)}/ray"
+def ray_storage(cfg: GenPIConfig, store: ArtifactStore, spec: PromptSpec, attempt: str) -> tuple[str, Any]:
+    """Ray Train's ``storage_path`` and ``storage_filesystem`` for one attempt at a run: a folder of its
+    own in the store (two attempts never share Ray Train's run state; a new one resumes from the
+    checkpoints of any)."""
+    prefix = f"{artifacts.train_prefix(spec, cfg)}/ray/{attempt}"
     if store.url.startswith("s3://"):
         from pyarrow import fs
 
@@ -111,7 +119,7 @@ def fit_run(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, cpus: floa
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(QUEUE_TIMEOUT_S))
     worker_cfg = cfg.to_dict()
     worker_cfg["store"]["url"] = store.url
-    storage_path, filesystem = ray_storage(cfg, store, spec)
+    storage_path, filesystem = ray_storage(cfg, store, spec, f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}")
     resources = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     trainer = TorchTrainer(
         _train_loop,

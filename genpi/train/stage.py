@@ -99,7 +99,8 @@ def train_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore,
         "records": {"train": len(train), "val": len(val), "test": sum(v == TEST for v in split.values())},
         "final": metrics["final"],
         "seconds": metrics["seconds"], "trainable_params": metrics["trainable_params"]})
-    store.mark_done(prefix, {"run_hash": artifacts.run_hash(cfg)})
+    # vouches for the run's results, not for its checkpoints (dropped next)
+    store.mark_done(prefix, {"run_hash": artifacts.run_hash(cfg)}, vouch=("adapter", "metrics.json", "summary.json"))
     store.delete_prefix(f"{prefix}/checkpoints")  # only a run still going needs them
     log.info("[%s] adapter saved at %s", spec.name, store.location(f"{prefix}/adapter"))
     return prefix

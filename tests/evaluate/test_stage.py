@@ -146,8 +146,10 @@ def test_publish_is_immutable_and_listed(tmp_path: Path, capsys: pytest.CaptureF
     assert report["gate"]["passed"] and where == store.location(entry.prefix) and entry.version == version
     assert store.get_bytes(f"{entry.prefix}/adapter_model.safetensors") == b"weights"
     assert entry.files["adapter_model.safetensors"]["size"] == len(b"weights")
+    assert publish_run(spec, cfg, store, report) == where  # the same adapter again: the same version
     store.put_bytes(f"{source}/adapter_model.safetensors", b"retrained")
-    assert publish_run(spec, cfg, store, report) == where  # the published version is never overwritten
+    with pytest.raises(registry.PublishConflict, match="already published"):  # never overwritten
+        publish_run(spec, cfg, store, report)
     assert store.get_bytes(f"{entry.prefix}/adapter_model.safetensors") == b"weights"
     [listed] = registry.published(store)
     assert listed.retention["format_valid"] == 1.0 and listed.gap_closed["nll"] == 0.75

@@ -1,0 +1,104 @@
+"""Trust: a local cluster takes work only from its driver, and nothing of it outlives the driver."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from genpi.config import RayConfig
+from genpi.reaper import marked_pids
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _post_job(url: str, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(f"{url}/api/jobs/", data=json.dumps({"entrypoint": "id"}).encode(),
+                                     headers={"Content-Type": "application/json", **headers}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@pytest.mark.timeout(180)
+def test_jobs_api_refuses_a_request_without_the_token() -> None:
+    import ray
+
+    from genpi import ray_runtime
+
+    line = ray_runtime.connect(RayConfig(num_cpus=1, dashboard=True))
+    try:
+        url = "http://" + ray.get_runtime_context().gcs_address.split(":")[0] + ":" + \
+            line.split("dashboard on http://127.0.0.1:")[1].split(",")[0]
+        temp_dir = line.rsplit("temp folder ", 1)[1]
+        assert _post_job(url, {}) == 401
+        assert _post_job(url, {"Authorization": "Bearer " + "0" * 64}) == 403
+        request = urllib.request.Request(f"{url}/api/jobs/",
+                                         headers={"Authorization": f"Bearer {ray_runtime.auth_token()}"})
+        with urllib.request.urlopen(request, timeout=30) as response:  # the driver itself gets in
+            assert response.status == 200
+    finally:
+        ray_runtime.disconnect()
+    assert not Path(temp_dir).exists()  # a private temp folder goes with its cluster
+
+
+DRIVER = """
+import os, sys, tempfile, time
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+import ray
+from genpi import ray_runtime
+from genpi.config import RayConfig
+print(ray_runtime.connect(RayConfig(num_cpus=1, dashboard=True)), flush=True)
+print("marker", os.environ["GENPI_RAY_CLUSTER"], flush=True)
+
+@ray.remote
+def hold():
+    folder = tempfile.mkdtemp(prefix="genpi-adapter-")  # a worker's scratch, as training keeps one
+    print("scratch", folder, flush=True)
+    time.sleep(600)
+
+ref = hold.remote()
+time.sleep(600)
+"""
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_no_process_or_temp_folder_outlives_a_killed_driver(tmp_path: Path, sig: signal.Signals) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen([sys.executable, "-c", DRIVER], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                  start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while "scratch " not in log.read_text() and time.monotonic() < deadline:
+            assert driver.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        text = log.read_text()
+        temp_dir = text.split("temp folder ", 1)[1].split()[0]
+        scratch = text.split("scratch ", 1)[1].split()[0]
+        assert scratch.startswith(temp_dir) and Path(scratch).is_dir()
+        marker = text.split("marker ", 1)[1].split()[0]
+        assert len(marked_pids(marker, {driver.pid})) >= 4  # gcs, raylet, agents, the worker
+        driver.send_signal(sig)
+        driver.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while (marked_pids(marker, set()) or Path(temp_dir).exists()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert marked_pids(marker, set()) == []
+        assert not Path(temp_dir).exists()
+    finally:
+        if driver.poll() is None:
+            driver.kill()

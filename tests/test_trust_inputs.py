@@ -1,0 +1,115 @@
+"""Trust: what the job logs, and bad input, never give away more than one clear line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.s3_server import S3Server
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VERBOSE_RUN = """
+import sys
+import genpi.ray_runtime
+from genpi.cli.main import main
+from genpi.errors import GenPIError
+
+def stop(cfg):  # the store was opened and used; no cluster is needed to see what -v logs
+    raise GenPIError("stopped before Ray")
+
+genpi.ray_runtime.connect = stop
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.s3
+@pytest.mark.timeout(60)
+def test_verbose_logs_no_wire_trace(s3_env: S3Server) -> None:
+    url = f"s3://{s3_env.create_bucket()}/runs"
+    result = subprocess.run([sys.executable, "-c", VERBOSE_RUN, "-v", "--prompts", str(ROOT / "prompts"),
+                             "--store.url", url, "--store.endpoint-url", s3_env.endpoint_url],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                            timeout=60)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2 and "stopped before Ray" in out, out[-2000:]
+    assert f"store {url}" in out  # it got as far as the store
+    assert "Authorization" not in out and s3_env.access_key not in out and "x-amz" not in out.lower()
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{b}: &{b} [*{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+SHELL = "You are a shell agent. Answer with one command.\n"
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], Path]]:
+    """Each case: the flags of a run and the file its error must name."""
+    cases: dict[str, tuple[list[str], Path]] = {}
+
+    def prompt_case(name: str, file: str, data: bytes) -> None:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / file).write_bytes(data)
+        cases[name] = (["--prompts", str(folder)], folder / file)
+
+    prompt_case("deep-json", "agent.json", b"[" * 200_000 + b"]" * 200_000)
+    prompt_case("deep-yaml", "agent.yaml", b"turns: " + b"[" * 50_000 + b"]" * 50_000)
+    prompt_case("alias-bomb", "agent.md", f"---\n{BOMB}---\n{SHELL}".encode())
+    prompt_case("alias-bomb-name", "agent.yaml", f"{BOMB}name: *i\nturns: [{{role: system, content: hi}}]\n".encode())
+    prompt_case("oversized", "agent.md", SHELL.encode() * 40_000)
+    prompt_case("latin-1-prompt", "agent.md", "Réponds en français.\n".encode("latin-1"))
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "agent.md").write_text(SHELL)
+    inputs = tmp_path / "latin-1-inputs"
+    inputs.mkdir()
+    (inputs / "agent.jsonl").write_bytes('{"input": "café"}\n'.encode("latin-1"))
+    cases["latin-1-inputs"] = (["--prompts", str(good), "--eval-inputs", str(inputs)], inputs / "agent.jsonl")
+    deep_inputs = tmp_path / "deep-inputs"
+    deep_inputs.mkdir()
+    (deep_inputs / "agent.jsonl").write_bytes(b"[" * 200_000 + b"]" * 200_000 + b"\n")
+    cases["deep-inputs"] = (["--prompts", str(good), "--eval-inputs", str(deep_inputs)], deep_inputs / "agent.jsonl")
+    config = tmp_path / "bomb.yaml"
+    config.write_text(BOMB.replace("i: &i", "train: &i").replace("a: &a", "x: &a"))
+    cases["config-alias-bomb"] = (["--prompts", str(good), "--config", str(config)], config)
+    return cases
+
+
+def test_each_bad_input_is_one_line_and_exit_2_within_a_second(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    import time
+
+    from genpi.cli.main import main
+
+    main(["--prompts", str(tmp_path / "missing")])  # imports done once, outside the timings
+    capsys.readouterr()
+    for name, (flags, file) in _bad_inputs(tmp_path).items():
+        started = time.monotonic()
+        code = main(flags)
+        seconds = time.monotonic() - started
+        err = capsys.readouterr().err
+        assert code == 2, (name, err[-500:])
+        assert err.count("\n") == 1 and str(file) in err and len(err) < 600, (name, err[:600])
+        assert seconds < 1, (name, seconds)
+
+
+def test_a_bom_is_accepted_in_real_inputs(tmp_path: Path) -> None:
+    from genpi.prompt.real_inputs import load_real_inputs
+
+    (tmp_path / "agent.jsonl").write_bytes("\ufeff".encode() + b'{"input": "ls -la"}\r\n{"input": "pwd"}\n')
+    assert load_real_inputs(tmp_path, ["agent"]) == {"agent": ["ls -la", "pwd"]}
+
+
+def test_error_messages_quote_input_with_a_bounded_repr() -> None:
+    from genpi.errors import short_repr
+
+    nested: list = []
+    for _ in range(50):
+        nested = [nested] * 9  # 9**50 values, shared
+    cyclic: list = []
+    cyclic.append(cyclic)
+    assert len(short_repr(nested)) <= 80 and len(short_repr("x" * 10**6)) <= 80 and short_repr(cyclic)

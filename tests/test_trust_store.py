@@ -1,0 +1,177 @@
+"""Trust: markers and manifests vouch for their bytes; publishing is create-only."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from pathlib import Path
+
+import pytest
+
+from genpi import registry
+from genpi.store import ArtifactStore, open_store
+from tests.s3_server import S3Server
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
+    if request.param == "local":
+        return open_store(str(tmp_path / "artifacts"))
+    server: S3Server = request.getfixturevalue("s3_env")
+    return open_store(f"s3://{server.create_bucket()}/runs", endpoint_url=server.endpoint_url)
+
+
+def test_a_jsonl_cut_at_a_line_boundary_is_not_done(store: ArtifactStore) -> None:
+    store.put_jsonl("synth/abc/records.jsonl", [{"id": i} for i in range(3)])
+    store.put_json("synth/abc/quality.json", {"n": 3})
+    store.mark_done("synth/abc", {"records": 3})
+    assert store.done_info("synth/abc")["files"]["records.jsonl"]["size"] == len(
+        store.get_bytes("synth/abc/records.jsonl"))
+    assert open_store_again(store).is_done("synth/abc")
+    store.put_jsonl("synth/abc/records.jsonl", [{"id": i} for i in range(2)])  # cut after line 2
+    fresh = open_store_again(store)
+    problems = fresh.done_problems("synth/abc")
+    assert len(problems) == 1 and "records.jsonl does not match its marker" in problems[0]
+    assert not fresh.is_done("synth/abc")
+    # never trusted again: the marker and the file that failed it are gone, the rest is kept for the rerun
+    assert store.list_keys("synth/abc") == ["synth/abc/quality.json"]
+
+
+def test_a_corrupted_adapter_is_detected(store: ArtifactStore) -> None:
+    prefix = "prompts/p/h/train/r"
+    weights = bytes(range(256)) * 64
+    store.put_bytes(f"{prefix}/adapter/adapter_model.safetensors", weights)
+    store.put_json(f"{prefix}/adapter/adapter_config.json", {"r": 4})
+    store.put_json(f"{prefix}/checkpoints/epoch-0001/state.json", {})
+    store.mark_done(prefix, vouch=("adapter",))
+    assert set(store.done_info(prefix)["files"]) == {"adapter/adapter_model.safetensors",
+                                                    "adapter/adapter_config.json"}
+    store.delete_prefix(f"{prefix}/checkpoints")  # not vouched for: dropping it changes nothing
+    assert open_store_again(store).is_done(prefix)
+    flipped = bytearray(weights)
+    flipped[1000] ^= 1  # same size, one bit
+    store.put_bytes(f"{prefix}/adapter/adapter_model.safetensors", bytes(flipped))
+    problems = open_store_again(store).done_problems(prefix)
+    assert problems and "adapter/adapter_model.safetensors does not match" in problems[0]
+    assert not open_store_again(store).is_done(prefix)
+
+
+def test_a_marker_without_digests_vouches_for_nothing(store: ArtifactStore) -> None:
+    store.put_text("stage/old/out.txt", "x")
+    store.put_json("stage/old/_SUCCESS", {"finished_at": "2026-01-01T00:00:00+00:00"})
+    assert "vouches for nothing" in store.done_problems("stage/old")[0]
+    assert not store.is_done("stage/old")
+
+
+def open_store_again(store: ArtifactStore) -> ArtifactStore:
+    """A new store object on the same store (as a rerun opens it): nothing verified yet."""
+    again = pickle.loads(pickle.dumps(store))
+    again._verified.clear()
+    return again
+
+
+def _adapter(store: ArtifactStore, source: str, seed: int) -> None:
+    store.put_json(f"{source}/adapter_config.json", {"r": 4, "base_model_name_or_path": "tiny"})
+    store.put_bytes(f"{source}/adapter_model.safetensors", bytes([seed]) * 4096)
+
+
+def _entry(version: str = "aaaa1111-bbbb2222") -> registry.PublishedAdapter:
+    return registry.PublishedAdapter(prompt="shell", version=version, prompt_hash="a" * 12, run_hash="b" * 12,
+                                     base_model="tiny", published_at="")
+
+
+def test_two_concurrent_publishes_give_one_winner_and_one_clear_loser(store: ArtifactStore) -> None:
+    _adapter(store, "runs/one/adapter", 1)
+    _adapter(store, "runs/two/adapter", 2)
+    start = threading.Barrier(2)
+    outcomes: dict[str, object] = {}
+
+    def publish(source: str) -> None:
+        start.wait()
+        try:
+            outcomes[source] = registry.publish(store, source, _entry())
+        except Exception as e:  # noqa: BLE001  (the loser's error is the outcome)
+            outcomes[source] = e
+
+    threads = [threading.Thread(target=publish, args=(s,)) for s in ("runs/one/adapter", "runs/two/adapter")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = {s: o for s, o in outcomes.items() if isinstance(o, registry.PublishedAdapter)}
+    losers = {s: o for s, o in outcomes.items() if not isinstance(o, registry.PublishedAdapter)}
+    assert len(winners) == 1 and len(losers) == 1, outcomes
+    (source, entry), = winners.items()
+    (error,) = losers.values()
+    assert isinstance(error, registry.PublishConflict) and entry.name in str(error)
+    published = registry.resolve(store, entry.name)
+    assert published.source == store.location(source) and registry.problems(store, published) == []
+    # the same adapter again is the same version; another adapter under it is refused
+    assert registry.publish(store, source, _entry()).files == entry.files
+    other = next(s for s in outcomes if s != source)
+    with pytest.raises(registry.PublishConflict, match="already published"):
+        registry.publish(store, other, _entry())
+
+
+def test_a_corrupted_published_adapter_is_detected(store: ArtifactStore) -> None:
+    _adapter(store, "runs/one/adapter", 1)
+    entry = registry.publish(store, "runs/one/adapter", _entry())
+    assert registry.problems(store, entry) == []
+    store.put_bytes(f"{entry.prefix}/adapter_model.safetensors", bytes([9]) * 4096)
+    (problem,) = registry.problems(store, entry)
+    assert "adapter_model.safetensors differs" in problem
+
+
+def test_a_stage_in_progress_is_held_by_one_job(store: ArtifactStore) -> None:
+    from genpi.store.lease import LeaseHeld, Leases
+
+    first, second = Leases(store), Leases(store)
+    first.take("prompts/p/h/train/r", "training of p")
+    with pytest.raises(LeaseHeld) as caught:
+        second.take("prompts/p/h/train/r", "training of p")
+    message = str(caught.value)
+    assert first.owner in message and "training of p" in message and "\n" not in message
+    assert store.list_keys("prompts/p/h/train/r") == []  # beside the stage's folder, never in it
+    first.close()
+    second.take("prompts/p/h/train/r", "training of p")  # released: the next job gets it
+    second.close()
+    assert not store.exists("prompts/p/h/train/r.lease")
+
+
+def test_an_abandoned_lease_expires(store: ArtifactStore) -> None:
+    from genpi.store.lease import Leases
+
+    dead = Leases(store, ttl_s=0.5)
+    dead.take("prompts/p/h/synth/s", "synthesis of p")
+    dead._stop.set()  # its job died: nobody renews it
+    import time
+
+    time.sleep(0.7)
+    alive = Leases(store)
+    alive.take("prompts/p/h/synth/s", "synthesis of p")
+    assert store.get_json("prompts/p/h/synth/s.lease")["owner"] == alive.owner
+    alive.close()
+
+
+def test_replacing_a_model_folders_weights_changes_the_keys(tmp_path: Path) -> None:
+    import shutil
+
+    from genpi import artifacts
+    from genpi.config import load_config
+    from genpi.models import model_fingerprint, resolve_model
+    from genpi.prompt.spec import PromptSpec, Turn
+
+    folder = tmp_path / "my-model"
+    shutil.copytree(resolve_model("tiny-random-llama"), folder)
+    cfg = load_config("local", overrides={"models.generator.name": str(folder), "models.target.name": str(folder),
+                                          "models.generator.backend": "hf", "models.target.backend": "hf"})
+    spec = PromptSpec(name="p", source="p.md", turns=(Turn("system", "Be brief."),))
+    before = (artifacts.synth_prefix(spec, cfg), artifacts.train_prefix(spec, cfg), artifacts.eval_prefix(spec, cfg, []))
+    weights = bytearray((folder / "model.safetensors").read_bytes())
+    weights[-100] ^= 0xFF  # same shapes, same header: other weights
+    (folder / "model.safetensors").write_bytes(bytes(weights))
+    model_fingerprint.cache_clear()  # a new run (fingerprints are cached per process)
+    after = (artifacts.synth_prefix(spec, cfg), artifacts.train_prefix(spec, cfg), artifacts.eval_prefix(spec, cfg, []))
+    assert all(a != b for a, b in zip(before, after))
