@@ -11,10 +11,10 @@ import argparse
 import sys
 from types import ModuleType
 
-from genpi.cli import ls, report, run
+from genpi.cli import ls, report, run, serve
 from genpi.errors import GenPIError
 
-COMMANDS: dict[str, ModuleType] = {"run": run, "report": report, "ls": ls}
+COMMANDS: dict[str, ModuleType] = {"run": run, "report": report, "ls": ls, "serve": serve}
 
 
 def build_parser(prog: str = "genpi") -> argparse.ArgumentParser:
