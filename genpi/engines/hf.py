@@ -201,10 +201,7 @@ class HFEngine:
         missing = sorted({a for a in tags if a is not None and a not in self.adapters})
         if missing:
             raise ModelError(f"adapter {missing[0]} was not loaded; call add_adapter first")
-        if len(set(tags)) > 1:  # mixed: PEFT routes each row through its own adapter
-            return self._generate_all(conversations, params, tags, on_token)
-        with self.adapter_scope(tags[0] if tags else None):
-            return self._generate_all(conversations, params, tags, on_token)
+        return self._generate_all(conversations, params, tags, on_token)
 
     def _generate_all(self, conversations: list[Conversation], params: SamplingParams, tags: list[str | None],
                       on_token: TokenCallback | None) -> list[Generation]:
@@ -225,7 +222,11 @@ class HFEngine:
             self._tags = [tags[i] for i in chunk]
             streamer = RowStreamer(on_token, chunk, set(self._eos_ids()) | {self.tokenizer.pad_token_id}) \
                 if on_token else None
-            for i, gen in zip(chunk, self._generate_batch(batch, params, [seeds[i] for i in chunk], streamer)):
+            # One adapter: it is the active one. Several: PEFT routes each row (see _mixed).
+            uniform = len(set(self._tags)) == 1
+            with self.adapter_scope(self._tags[0]) if uniform else contextlib.nullcontext():
+                gens = self._generate_batch(batch, params, [seeds[i] for i in chunk], streamer)
+            for i, gen in zip(chunk, gens):
                 results[i] = gen
         return [r for r in results if r is not None]
 

@@ -113,7 +113,12 @@ class Batcher:
                     continue
                 chores.append(more)  # it waits for this batch; so does everything queued after it
                 break
-            self._generate(batch)
+            try:
+                self._generate(batch)
+            except Exception as e:  # the thread must outlive any batch: its requests get the error
+                log.exception("a batch of %d failed", len(batch))
+                for job in batch:
+                    job.emit({"error": f"generation failed: {e}"})
             for chore in chores:
                 if chore is None:
                     return
@@ -137,14 +142,8 @@ class Batcher:
                 if stream is not None and (delta := stream.push(token)):
                     jobs[i].emit({"delta": delta})
 
-            try:
-                gens = self.engine.generate([j.conversation for j in jobs], params, [j.adapter for j in jobs],
-                                            on_token=on_token if any(j.stream for j in jobs) else None)
-            except Exception as e:
-                log.exception("generate failed for a batch of %d", len(jobs))
-                for job in jobs:
-                    job.emit({"error": f"generation failed: {e}"})
-                continue
+            gens = self.engine.generate([j.conversation for j in jobs], params, [j.adapter for j in jobs],
+                                        on_token=on_token if any(j.stream for j in jobs) else None)
             self.batches += 1
             for job, gen in zip(jobs, gens):
                 if job.stream is not None and (delta := job.stream.finish(gen.text)):

@@ -174,7 +174,8 @@ class ModelServer:
             return
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         extra = {"parity": held.parity, "cached_tokens": held.prefix}
-        job = Job(request["messages"], SamplingParams(**request["params"]), held.adapter,
+        params = SamplingParams(**{**request["params"], "stop": tuple(request["params"]["stop"])})
+        job = Job(request["messages"], params, held.adapter,
                   lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
                   TextStream(self.engine.tokenizer, tuple(request["params"]["stop"])) if request["stream"] else None,
                   extra)

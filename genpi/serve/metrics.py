@@ -28,10 +28,11 @@ class RequestMetrics:
     def finished(self, prompt: str, mode: str, status: int, usage: dict | None, seconds: float) -> None:
         tags = {"prompt": prompt, "mode": mode}
         self.requests.inc(tags={**tags, "status": str(status)})
-        if usage:
-            self.prompt_tokens.inc(usage["prompt_tokens"], tags=tags)
-            self.completion_tokens.inc(usage["completion_tokens"], tags=tags)
-            self.saved_tokens.inc(usage.get("prompt_tokens_saved", 0), tags=tags)
+        counts = {self.prompt_tokens: "prompt_tokens", self.completion_tokens: "completion_tokens",
+                  self.saved_tokens: "prompt_tokens_saved"}
+        for counter, field in counts.items():
+            if usage and usage.get(field):  # Ray's counters refuse an increment of 0
+                counter.inc(usage[field], tags=tags)
         if status == 200:
             self.latency.observe(seconds, tags=tags)
 

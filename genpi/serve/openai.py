@@ -7,7 +7,6 @@ context, and streams the model replica's events back as OpenAI responses. A clie
 stream started is a ``data: {"error": ...}`` event, then ``data: [DONE]``.
 """
 
-from __future__ import annotations
 
 import hmac
 import json
