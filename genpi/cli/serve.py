@@ -67,10 +67,10 @@ def execute(args: argparse.Namespace) -> int:
     from genpi.serve import application
 
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     print(ray_runtime.connect(cfg.ray), flush=True)
     try:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's start, which installs its own
+            signal.signal(sig, lambda *_: stop.set())
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
         try:
             serve.run(application(cfg, specs), name="genpi", route_prefix="/")

@@ -190,7 +190,8 @@ class OpenAIServer:
         self._checked(target, result)
         usage = _usage(result, saved)
         self.metrics.finished(target.prompt, target.mode, 200, usage.model_dump(), time.monotonic() - started)
-        reply = ChatCompletion(id=completion_id(), created=now(), model=body.model, genpi_mode=target.mode,
+        reply = ChatCompletion(id=completion_id(), created=now(), model=body.model, system_fingerprint=target.key,
+                               genpi_mode=target.mode,
                                choices=[Choice(message=AssistantMessage(content=result["text"]),
                                                finish_reason=_finish(result["finish_reason"]))], usage=usage)
         return JSONResponse(reply.model_dump(), headers=headers)
@@ -237,8 +238,9 @@ class OpenAIServer:
 
         def chunk(delta: Delta, finish: str | None = None, usage: Usage | None = None, last: bool = False) -> str:
             choices = [] if last else [ChunkChoice(delta=delta, finish_reason=finish)]
-            return _sse(ChatCompletionChunk(id=cid, created=created, model=body.model, choices=choices, usage=usage,
-                                            genpi_mode=target.mode).model_dump(exclude_none=True))
+            return _sse(ChatCompletionChunk(id=cid, created=created, model=body.model, system_fingerprint=target.key,
+                                            choices=choices, usage=usage, genpi_mode=target.mode
+                                            ).model_dump(exclude_none=True))
 
         yield chunk(Delta(role="assistant", content=""))
         event: dict[str, Any] | None = first

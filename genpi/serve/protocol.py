@@ -125,12 +125,14 @@ class Choice(BaseModel):
 
 
 class ChatCompletion(BaseModel):
-    """A whole reply. ``genpi_mode`` says what answered: the adapter, or the base model reading the prompt."""
+    """A whole reply. ``genpi_mode`` says what answered: the adapter, or the base model reading the
+    prompt; ``system_fingerprint`` names exactly which (``name@version``, or ``prompt:name@hash``)."""
 
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str
     choices: list[Choice]
     usage: Usage
     genpi_mode: str
@@ -152,6 +154,7 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
     genpi_mode: str

@@ -72,6 +72,7 @@ def test_chat_with_the_adapter_reports_mode_and_tokens_saved(client: openai.Open
     usage = reply.usage.model_dump()
     assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= 12
     assert usage["prompt_tokens_saved"] > 100  # the prompt the client did not send
+    assert reply.system_fingerprint == "shell-agent@v1"
     assert ask(client, "shell-agent@v1").parse().choices[0].message.content == reply.choices[0].message.content
 
 
