@@ -13,7 +13,7 @@ VLLM_SHA256 := ad44bdad85566b1532aa95066d6c92a5f6715867efe7df9cf2178f182af814c6
 # Tests that start servers run in a network namespace that has loopback only.
 ISOLATE := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
 
-.PHONY: install install-vllm run heldout test test-slow quality format clean-artifacts
+.PHONY: install install-vllm run heldout serve test test-slow quality format clean-artifacts
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ run: $(STAMP) $(VLLM_STAMP)
 # The same recipe on agent prompts and real inputs outside prompts/ (bench/heldout/).
 heldout: $(STAMP) $(VLLM_STAMP)
 	$(PY) jobs/internalize.py --prompts bench/heldout/prompts/ --eval-inputs bench/heldout/inputs/ --profile local $(ARGS)
+
+# The adapters `make run` published (and prompts/ in prompt mode until theirs are), OpenAI API on
+# http://127.0.0.1:8000/v1 until Ctrl-C. ARGS: e.g. --serve.port 8001 --serve.api-key KEY
+serve: $(STAMP)
+	$(PY) -m genpi.cli serve --store.url artifacts --prompts prompts/ $(ARGS)
 
 test: $(STAMP) $(VLLM_STAMP)
 	$(ISOLATE) sh -c 'ip link set lo up 2>/dev/null; exec $(PY) -m pytest -q tests $(PYTEST_ARGS)'

@@ -235,6 +235,18 @@ class ServeConfig:
 
     host: str = _f("127.0.0.1", "address the server binds")
     port: int = _f(8000, "port the server binds", low=1, high=65535)
+    api_key: str = _f("", "bearer key clients must send; empty uses $GENPI_API_KEY, and no key when that is unset")
+    replicas: int = _f(1, "model replicas (each holds the base model once and its adapters)", low=1, high=1024)
+    num_cpus: float = _f(1.0, "CPUs reserved per model replica", low=0)
+    num_gpus: float = _f(0.0, "GPUs per model replica", low=0)
+    max_adapters: int = _f(8, "adapters and fallback prompts held per replica; the least recently used is "
+                              "unloaded (its memory freed) past this", low=1, high=1024)
+    batch_window_ms: float = _f(5.0, "requests arriving within this window of the first go to the engine as "
+                                     "one batch (mixed adapters in one forward)", low=0, high=1000)
+    refresh_s: float = _f(2.0, "how old the server's view of the registry may be: a newly published adapter "
+                               "is served at most this long after it appears", low=0)
+    max_tokens: int = _f(256, "max new tokens of a reply when the request names none", low=1)
+    max_body_kib: int = _f(1024, "largest request body accepted, KiB (larger: 413)", low=1)
 
 
 @dataclass

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import ray
 
-from genpi.config import RayConfig
 from genpi import reaper
+from genpi.config import RayConfig
 
 # The token of the local clusters this process starts; Ray's token loader caches one per process.
 _TOKEN = secrets.token_hex(32)

@@ -125,6 +125,18 @@ def _same_or_conflict(store: ArtifactStore, entry: PublishedAdapter, files: dict
     return existing
 
 
+def download(store: ArtifactStore, entry: PublishedAdapter, folder: str | Path) -> Path:
+    """The version's adapter files in ``folder``, checked against the manifest's digests (a
+    RegistryError names the first file that differs: the published version was altered)."""
+    local = store.download_dir(entry.prefix, folder)
+    got = {k: v for k, v in _digests(local).items() if k != MANIFEST}
+    for name, want in entry.files.items():
+        if got.get(name, {}).get("sha256") != want.get("sha256"):
+            raise RegistryError(f"{entry.name}: file {name} differs from the digest its manifest records "
+                                f"(the published version was altered); it is not served")
+    return local
+
+
 def published(store: ArtifactStore, prompt: str | None = None) -> list[PublishedAdapter]:
     """Every published adapter (of ``prompt`` when given), newest first."""
     root = f"{ROOT}/{prompt}" if prompt else ROOT

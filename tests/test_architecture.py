@@ -20,7 +20,7 @@ LAYERS = {
     "cli": 4,
     "batch": 3, "serve": 3,
     "synth": 2, "train": 2, "evaluate": 2,
-    "prompt": 1, "engines": 1, "store": 1, "registry": 1, "artifacts": 1, "models": 1,
+    "prompt": 1, "engines": 1, "store": 1, "registry": 1, "parity": 1, "artifacts": 1, "models": 1,
     "chat": 0, "config": 0, "devices": 0, "divergence": 0, "embeddings": 0, "errors": 0, "fingerprint": 0,
     "ray_runtime": 0, "reaper": 0, "telemetry": 0, "__init__": 0,
 }

@@ -28,7 +28,7 @@ from genpi.engines.environments import resolve_backends
 from genpi.errors import EngineError, GenPIError
 from genpi.prompt.spec import PromptSpec, check_prompt_lengths
 from genpi.store import ArtifactStore
-from genpi.store.lease import Leases, LeaseHeld
+from genpi.store.lease import LeaseHeld, Leases
 from genpi.synth.stage import synthesize
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,9 @@
 """Transformers backend: left-padded batched generation (bf16 on CPU, any dtype on CUDA).
 
 Requests may name a LoRA adapter (a PEFT folder): adapters are loaded once into the one copy of
-the base weights, and a batch is served adapter by adapter (no adapter = the base model).
+the base weights (and removed to free their memory). A batch whose requests name one adapter runs
+with it active; a batch that mixes adapters (the base model among them) runs as one forward with
+PEFT's per-row ``adapter_names``.
 Sampling draws each request's tokens from its own generator, seeded from the call's seed and the
 request (:func:`genpi.engines.base.request_seeds`, as the vLLM backend does), so a sampled reply
 does not depend on the batch it shares.
@@ -14,13 +16,15 @@ a batch the prompt's KV is computed once for every conversation that opens with 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from itertools import count
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicCache
+from transformers.generation.streamers import BaseStreamer
 
 from genpi.chat import common_prefix, context_length, request_ids
 from genpi.config import ModelConfig
@@ -33,6 +37,9 @@ from genpi.models import resolve_model
 
 _GROUP_BY = 64
 _MIN_SHARED_PREFIX = 32  # below this, a separate prefill pass costs more than it saves
+BASE = "__base__"  # PEFT's adapter name for rows served by the base model in a mixed batch
+
+TokenCallback = Callable[[int, int], None]  # (request index, token id), as each token is decoded
 
 def load_model_and_tokenizer(name: str, dtype: str = "bfloat16", device: str = "auto") -> tuple[Any, Any]:
     """Load a registry/local/S3 model for inference or training; the tokenizer pads on the left."""
@@ -77,6 +84,29 @@ class SeededSampler(LogitsProcessor):
         return out.scatter_(1, picks, 0.0)
 
 
+class RowStreamer(BaseStreamer):
+    """Hands each decoded token of a batch to ``on_token`` with its request's index, up to the
+    row's end (end of turn or padding)."""
+
+    def __init__(self, on_token: TokenCallback, indexes: list[int], ends: set[int]) -> None:
+        self.on_token, self.indexes, self.ends = on_token, indexes, ends
+        self.done = [False] * len(indexes)
+        self.started = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.started:  # the first call carries the input ids
+            self.started = True
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if self.done[row] or token in self.ends:
+                self.done[row] = True
+                continue
+            self.on_token(self.indexes[row], token)
+
+    def end(self) -> None:
+        pass
+
+
 class HFEngine:
     """Generates replies to chat conversations with ``transformers``."""
 
@@ -97,8 +127,9 @@ class HFEngine:
         self.turn_cache = TurnCache(turn_cache_mib * 2**20)
         self._layers_keepable = all(isinstance(layer, GrowingLayer) for layer in growing_cache(self.model).layers)
         self.prefilled_tokens = 0  # tokens run through the model before generation, for benchmarks
-        self.adapters: dict[str, str] = {}  # adapter name -> folder it was loaded from
-        self._adapter: str | None = None  # the one active in the current scope
+        self.adapters: dict[str, str] = {}  # adapter name (its folder) -> PEFT adapter name
+        self._keys = count()
+        self._tags: list[str | None] = []  # each row's adapter in the batch being generated
 
     def add_adapter(self, folder: str | Path) -> str:
         """Load the PEFT adapter in ``folder`` (once); returns the name requests use for it: the folder."""
@@ -108,7 +139,7 @@ class HFEngine:
         from peft import PeftModel
 
         adapter_config(folder)  # a clear error for a folder that is not an adapter
-        key = f"a{len(self.adapters)}"  # PEFT adapter names may not contain dots or slashes
+        key = f"a{next(self._keys)}"  # PEFT adapter names may not contain dots or slashes
         if isinstance(self.model, PeftModel):
             self.model.load_adapter(str(folder), adapter_name=key)
         else:
@@ -116,12 +147,34 @@ class HFEngine:
         self.adapters[name] = key
         return name
 
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter added with :meth:`add_adapter`: its weights and its conversations' KV go."""
+        key = self.adapters.pop(name, None)
+        if key is None:
+            return
+        self.turn_cache.drop_tag(name)
+        if self.adapters:
+            self.model.delete_adapter(key)
+        else:  # PEFT keeps no model without an adapter: take the LoRA layers out, base weights untouched
+            self.model = self.model.unload()
+
+    def keep_prefix(self, ids: list[int]) -> int:
+        """Compute the base model's KV of ``ids`` (a served prompt) once and keep it until
+        :meth:`release_prefix`: every request that opens with ``ids`` prefills only what follows."""
+        with torch.inference_mode(), self.adapter_scope(None) as model:
+            cache = growing_cache(model)
+            model(input_ids=torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True)
+        kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        return self.turn_cache.pin(ids, kv)
+
+    def release_prefix(self, key: int) -> None:
+        self.turn_cache.unpin(key)
+
     @contextlib.contextmanager
     def adapter_scope(self, adapter: str | None) -> Iterator[Any]:
         """The model with ``adapter`` active, or the plain base model when ``adapter`` is None."""
         if adapter is not None and adapter not in self.adapters:
             raise ModelError(f"adapter {adapter} was not loaded; call add_adapter first")
-        self._adapter = adapter
         if not self.adapters:
             yield self.model
         elif adapter is None:
@@ -140,22 +193,19 @@ class HFEngine:
 
     @torch.inference_mode()
     def generate(self, conversations: list[Conversation], params: SamplingParams,
-                 adapters: list[str | None] | None = None) -> list[Generation]:
-        """One generation per conversation; ``adapters[i]`` names the LoRA adapter for request i (None: base)."""
-        if adapters is None or not any(adapters):
-            with self.adapter_scope(None):
-                return self._generate_all(conversations, params)
-        if len(adapters) != len(conversations):
+                 adapters: list[str | None] | None = None, on_token: TokenCallback | None = None) -> list[Generation]:
+        """One generation per conversation; ``adapters[i]`` names the LoRA adapter for request i (None: base).
+        ``on_token(i, token_id)`` sees each token of request i as it is decoded."""
+        tags = list(adapters) if adapters is not None else [None] * len(conversations)
+        if len(tags) != len(conversations):
             raise ValueError("generate: one adapter entry per conversation")
-        results: list[Generation | None] = [None] * len(conversations)
-        for adapter in dict.fromkeys(adapters):
-            picked = [i for i, a in enumerate(adapters) if a == adapter]
-            with self.adapter_scope(adapter):
-                for i, gen in zip(picked, self._generate_all([conversations[i] for i in picked], params)):
-                    results[i] = gen
-        return [r for r in results if r is not None]
+        missing = sorted({a for a in tags if a is not None and a not in self.adapters})
+        if missing:
+            raise ModelError(f"adapter {missing[0]} was not loaded; call add_adapter first")
+        return self._generate_all(conversations, params, tags, on_token)
 
-    def _generate_all(self, conversations: list[Conversation], params: SamplingParams) -> list[Generation]:
+    def _generate_all(self, conversations: list[Conversation], params: SamplingParams, tags: list[str | None],
+                      on_token: TokenCallback | None) -> list[Generation]:
         encoded = [self.encode(c) for c in conversations]
         results: list[Generation | None] = [None] * len(encoded)
         fits = []
@@ -170,7 +220,14 @@ class HFEngine:
         seeds = request_seeds(params.seed, encoded)
         for chunk in self._chunks([encoded[i] for i in fits], fits):
             batch = [encoded[i] for i in chunk]
-            for i, gen in zip(chunk, self._generate_batch(batch, params, [seeds[i] for i in chunk])):
+            self._tags = [tags[i] for i in chunk]
+            streamer = RowStreamer(on_token, chunk, set(self._eos_ids()) | {self.tokenizer.pad_token_id}) \
+                if on_token else None
+            # One adapter: it is the active one. Several: PEFT routes each row (see _mixed).
+            uniform = len(set(self._tags)) == 1
+            with self.adapter_scope(self._tags[0]) if uniform else contextlib.nullcontext():
+                gens = self._generate_batch(batch, params, [seeds[i] for i in chunk], streamer)
+            for i, gen in zip(chunk, gens):
                 results[i] = gen
         return [r for r in results if r is not None]
 
@@ -202,7 +259,7 @@ class HFEngine:
         stays uncached so that generation has logits to start from.
         """
         cache = growing_cache(self.model) if self.growing_kv else DynamicCache(config=self.model.config)
-        if not self.prefix_sharing or len(batch) < 2:
+        if not self.prefix_sharing or len(batch) < 2 or len(set(self._tags)) > 1:  # one prefix KV per adapter
             return 0, cache
         shortest = min(len(ids) for ids in batch)
         length = min(common_prefix(batch), shortest - 1)
@@ -218,7 +275,7 @@ class HFEngine:
         """Each conversation's cached length and entry from earlier calls, and a cache holding
         them (row ``r``'s keys right-aligned in the first ``max(lengths)`` positions); None when
         too little is cached to be worth it."""
-        matches = [turns.match(ids, self._adapter) for ids in batch]
+        matches = [turns.match(ids, tag) for ids, tag in zip(batch, self._tags)]
         lengths = [min(length, len(ids) - 1) for (_, length), ids in zip(matches, batch)]
         width = max(lengths)
         if width < _MIN_SHARED_PREFIX:
@@ -237,7 +294,14 @@ class HFEngine:
             cache.update(k, v, layer)
         return lengths, keys, cache
 
-    def _generate_batch(self, batch: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Generation]:
+    def _mixed(self) -> dict[str, Any]:
+        """PEFT's per-row routing for a batch that mixes adapters; nothing for a batch of one."""
+        if len(set(self._tags)) < 2:
+            return {}
+        return {"adapter_names": [self.adapters[t] if t is not None else BASE for t in self._tags]}
+
+    def _generate_batch(self, batch: list[list[int]], params: SamplingParams, seeds: list[int],
+                        streamer: RowStreamer | None = None) -> list[Generation]:
         turns = self._turn_cache()
         kept = self._kept_turns(batch, turns) if turns is not None and turns.entries else None
         if kept is not None:
@@ -264,6 +328,9 @@ class HFEngine:
             sampling["logits_processor"] = LogitsProcessorList([SeededSampler(seeds, params.temperature,
                                                                                params.top_p)])
         extra: dict[str, Any] = {"stop_strings": list(params.stop), "tokenizer": self.tokenizer} if params.stop else {}
+        extra.update(self._mixed())
+        if streamer is not None:
+            extra["streamer"] = streamer
         out = self.model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=budget,
                                   pad_token_id=pad, top_k=None, past_key_values=cache, **sampling, **extra)
         eos = set(self._eos_ids())
@@ -273,7 +340,7 @@ class HFEngine:
             ended = length is not None
             tokens = row[:length] if ended else row
             if turns is not None:
-                self._keep_turn(turns, cache, r, ids, masks[r], row[:len(tokens) + 1], keys[r])
+                self._keep_turn(turns, cache, r, ids, masks[r], row[:len(tokens) + 1], keys[r], self._tags[r])
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             hit = min((s for s in params.stop if s in text), key=text.index, default="")
             if hit:
@@ -282,7 +349,7 @@ class HFEngine:
         return gens
 
     def _keep_turn(self, turns: TurnCache, cache: Any, row: int, ids: list[int], mask: list[int],
-                   generated: list[int], continued: int | None) -> None:
+                   generated: list[int], continued: int | None, tag: str | None) -> None:
         """Keep row ``row``'s KV (its real tokens, up to the last generated one, whose KV was never
         computed) for the conversation's next call."""
         width = len(mask)
@@ -292,7 +359,7 @@ class HFEngine:
         index = torch.tensor(positions, device=self.model.device)
         kv = [(layer.keys[row:row + 1].index_select(2, index), layer.values[row:row + 1].index_select(2, index))
               for layer in cache.layers]
-        turns.put(ids, kept, kv, continued, self._adapter)
+        turns.put(ids, kept, kv, continued, tag)
 
     def _eos_ids(self) -> list[int]:
         eos = self.model.generation_config.eos_token_id

@@ -12,7 +12,9 @@ served from the cache, so asking the same thing twice gives the same answer.
 
 Keys and values depend on the weights, so an entry is tagged with the adapter that computed it
 (None: the base model) and only matches requests under the same adapter. The cache holds at
-most ``max_bytes`` for all of them; the least recently used entries go first.
+most ``max_bytes`` for all of them; the least recently used entries go first. A pinned entry (a
+served prompt's KV, :meth:`TurnCache.pin`) is neither evicted nor superseded: every conversation
+that opens with it continues from it, until it is unpinned.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class TurnCache:
         self.max_bytes = max_bytes
         self.entries: OrderedDict[int, TurnEntry] = OrderedDict()
         self.nbytes = 0
+        self.pinned: set[int] = set()
         self._keys = count()
 
     def match(self, ids: list[int], tag: str | None = None) -> tuple[int | None, int]:
@@ -74,7 +77,7 @@ class TurnCache:
             tag: str | None = None) -> None:
         """Keep ``kv`` (one row, one position per token of ``request + reply``). The entry this
         conversation ``continued`` is superseded."""
-        if continued is not None and continued in self.entries:
+        if continued is not None and continued in self.entries and continued not in self.pinned:
             self.nbytes -= self.entries.pop(continued).nbytes
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
         if nbytes > self.max_bytes:
@@ -82,5 +85,30 @@ class TurnCache:
         ids = np.asarray(request + reply, dtype=np.int64)
         self.entries[next(self._keys)] = TurnEntry(ids, len(request), tag, kv, nbytes)
         self.nbytes += nbytes
-        while self.nbytes > self.max_bytes:
-            self.nbytes -= self.entries.popitem(last=False)[1].nbytes
+        self._evict()
+
+    def pin(self, ids: list[int], kv: KV, tag: str | None = None) -> int:
+        """Keep ``kv`` of ``ids`` until :meth:`unpin`; every longer request that starts with ``ids`` matches it."""
+        key = next(self._keys)
+        nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+        self.entries[key] = TurnEntry(np.asarray(ids, dtype=np.int64), len(ids), tag, kv, nbytes)
+        self.nbytes += nbytes
+        self.pinned.add(key)
+        self._evict()
+        return key
+
+    def unpin(self, key: int) -> None:
+        self.pinned.discard(key)
+        if key in self.entries:
+            self.nbytes -= self.entries.pop(key).nbytes
+
+    def drop_tag(self, tag: str) -> None:
+        """Forget every entry computed under adapter ``tag`` (the adapter was removed)."""
+        for key in [k for k, e in self.entries.items() if e.tag == tag]:
+            self.unpin(key)
+
+    def _evict(self) -> None:
+        for key in [k for k in self.entries if k not in self.pinned]:
+            if self.nbytes <= self.max_bytes:
+                break
+            self.nbytes -= self.entries.pop(key).nbytes

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from genpi import artifacts, registry
+from genpi import artifacts, parity, registry
 from genpi.chat import chat_ids
 from genpi.config import GenPIConfig
 from genpi.devices import cpu_threads
@@ -30,9 +30,9 @@ from genpi.engines.base import Generation, SamplingParams
 from genpi.errors import ModelError
 from genpi.evaluate import efficiency
 from genpi.evaluate.gate import gate_decision
+from genpi.evaluate.metrics import action_text
 from genpi.evaluate.plots import efficiency_plot, retention_plot
 from genpi.evaluate.report import prompt_report_markdown, summarize_set
-from genpi.evaluate.metrics import action_text
 from genpi.evaluate.teacher_forced import score_replies
 from genpi.prompt.episodes import play_episodes
 from genpi.prompt.spec import PromptSpec
@@ -320,7 +320,11 @@ def evaluate_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, re
         "max_turns": run.limit, "sets": sets,
         "efficiency": efficiency_figures}
     report["gate"] = gate_decision(report, cfg.eval)
-    report["published"] = publish_run(spec, cfg, store, report) if report["gate"]["passed"] else None
+    if report["gate"]["passed"]:
+        inputs = [item["input"] for item in run.sets.get("test", [])] or list(spec.example_inputs)
+        report["published"] = publish_run(spec, cfg, store, report, record_probes(cfg, store, train, inputs))
+    else:
+        report["published"] = None
 
     first = sets.get("test") or next(iter(sets.values()), None)
     if first:
@@ -337,13 +341,26 @@ def evaluate_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, re
     return report
 
 
-def publish_run(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, report: dict[str, Any]) -> str:
-    """Publish the evaluated run's adapter through the registry; returns where it lives."""
+def record_probes(cfg: GenPIConfig, store: ArtifactStore, train: str, inputs: list[str]) -> list[dict[str, Any]]:
+    """The run's adapter's greedy answers to the parity probes (:mod:`genpi.parity`), in float32."""
+    from genpi.engines.hf import HFEngine
+
+    target = cfg.models.target
+    engine = HFEngine(target.name, dtype=parity.PROBE_DTYPE, device="auto", max_context=target.max_context,
+                      turn_cache_mib=0)
+    with tempfile.TemporaryDirectory(prefix="genpi-probes-") as tmp:
+        adapter = engine.add_adapter(store.download_dir(f"{train}/adapter", Path(tmp) / "adapter"))
+        return parity.record(engine, adapter, inputs)
+
+
+def publish_run(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, report: dict[str, Any],
+                probes: list[dict[str, Any]] | None = None) -> str:
+    """Publish the evaluated run's adapter through the registry, with its parity ``probes``; returns where it lives."""
     test = report["sets"].get("test", {}).get("comparison", {})
     entry = registry.publish(store, f"{artifacts.train_prefix(spec, cfg)}/adapter", registry.PublishedAdapter(
         prompt=spec.name, version=artifacts.published_version(spec, cfg), prompt_hash=spec.prompt_hash,
         run_hash=artifacts.run_hash(cfg), base_model=cfg.models.target.name, published_at="",
         report=report["location"], gate=report["gate"],
         retention={m: row["retention"] for m, row in test.items()},
-        gap_closed={m: row["gap_closed"] for m, row in test.items()}))
+        gap_closed={m: row["gap_closed"] for m, row in test.items()}, probes=list(probes or [])))
     return store.location(entry.prefix)

@@ -15,8 +15,18 @@ from typing import Any
 
 from genpi.config import parse_json, parse_yaml, read_text_file
 from genpi.errors import PromptError, short_repr
-from genpi.prompt.spec import (DEFAULT_END_CONDITION, DEFAULT_END_TOKEN, DEFAULT_ENV_DESCRIPTION, DEFAULT_MAX_TURNS,
-                               MAX_TURNS_RANGE, ROLES, ActionFormat, EnvironmentSpec, PromptSpec, Turn)
+from genpi.prompt.spec import (
+    DEFAULT_END_CONDITION,
+    DEFAULT_END_TOKEN,
+    DEFAULT_ENV_DESCRIPTION,
+    DEFAULT_MAX_TURNS,
+    MAX_TURNS_RANGE,
+    ROLES,
+    ActionFormat,
+    EnvironmentSpec,
+    PromptSpec,
+    Turn,
+)
 
 TEXT_EXTENSIONS = (".txt", ".md", ".markdown")
 DATA_EXTENSIONS = (".json", ".yaml", ".yml")

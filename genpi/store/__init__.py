@@ -44,9 +44,7 @@ def open_store(
     match = _SCHEME_RE.match(url)
     scheme = match.group(1).lower() if match else ""
     if scheme == "s3":
-        from genpi.store.s3 import S3Store
-
-        from genpi.store.s3 import RETRY_S
+        from genpi.store.s3 import RETRY_S, S3Store
 
         return S3Store(url, endpoint_url=endpoint_url, region=region, retry_s=RETRY_S if retry_s is None else retry_s)
     if scheme == "file":

@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import uuid
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 from time import time
 
 from genpi.errors import ArtifactNotFound, StoreError

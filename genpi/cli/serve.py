@@ -1,0 +1,87 @@
+"""``genpi serve``: the published adapters, and prompts without one, behind an OpenAI-compatible API.
+
+Starts (or joins) Ray, runs :func:`genpi.serve.application` on ``serve.host:serve.port`` and serves
+until Ctrl-C or SIGTERM, then stops what it started. ``--check`` runs every published version's
+parity check instead and exits (1 when one fails).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+from genpi import registry
+from genpi.cli.config_flags import add_flags, resolve
+from genpi.config import GenPIConfig
+from genpi.errors import GenPIError
+from genpi.prompt.files import load_prompts
+from genpi.store import store_for
+
+HELP = "serve the published adapters (and prompts without one) over an OpenAI-compatible API"
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=HELP)
+    parser.add_argument("--prompts", metavar="DIR", help="prompt folder: each prompt is served now, with the prompt "
+                        "prepended (prompt mode), until an adapter internalized from that text is published")
+    parser.add_argument("--check", action="store_true", help="check every published version (digests and parity "
+                        "probes) and exit; exit code 1 when one fails")
+    add_flags(parser, ("models", "serve", "store", "ray"))
+    return parser
+
+
+def check_published(cfg: GenPIConfig) -> int:
+    """Print each published version's check; 1 when one fails."""
+    from genpi.serve.deployment import Rejected, _serving_engine, check_adapter
+
+    store = store_for(cfg.store)
+    engine = None
+    failed = 0
+    for entry in registry.published(store):
+        engine = engine or _serving_engine(cfg)
+        with tempfile.TemporaryDirectory(prefix="genpi-check-") as tmp:
+            try:
+                folder = registry.download(store, entry, Path(tmp))
+                outcome = check_adapter(engine, entry, folder, cfg)
+            except (Rejected, registry.RegistryError) as e:
+                outcome, failed = f"FAILED: {e}", failed + 1
+        print(f"{entry.name}: {outcome}")
+    if engine is None:
+        print(f"no published adapters in {store.url}")
+    return 1 if failed else 0
+
+
+def execute(args: argparse.Namespace) -> int:
+    cfg = resolve(args)
+    if args.check:
+        return check_published(cfg)
+    specs = load_prompts(args.prompts) if args.prompts else []
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from ray import serve
+
+    from genpi import ray_runtime
+    from genpi.serve import application
+
+    stop = threading.Event()
+    print(ray_runtime.connect(cfg.ray), flush=True)
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's start, which installs its own
+            signal.signal(sig, lambda *_: stop.set())
+        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+        try:
+            serve.run(application(cfg, specs), name="genpi", route_prefix="/")
+        except RuntimeError as e:  # a replica failed to start: its error is the cause
+            raise GenPIError(f"the server did not start: {e}") from None
+        url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
+        print(f"serving {store_for(cfg.store).url} at {url} (OpenAI API; GET {url}/models)", flush=True)
+        print("ready; Ctrl-C stops", flush=True)
+        stop.wait()
+        print("stopping", flush=True)
+    finally:
+        serve.shutdown()
+        ray_runtime.disconnect()
+    return 0

@@ -1,0 +1,154 @@
+"""One engine, one thread: requests that arrive together become one ``generate`` call.
+
+A replica's requests (any adapter, or none) queue here; the thread takes the first, waits up to
+the batching window for more, and runs them as one call with an adapter per request, so requests
+for different adapters share one forward (the engine's mixed-adapter batch). Requests with
+different sampling settings go in separate calls. Engine chores (load an adapter, check it, pin a
+prompt's KV, free memory) run on the same thread between batches, in the order they were asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from genpi.chat import Conversation
+from genpi.engines.base import SamplingParams
+
+log = logging.getLogger(__name__)
+
+Event = dict[str, Any]
+
+
+class TextStream:
+    """Token ids in, text deltas out, such that the deltas add up to the engine's final text
+    (stripped, cut at a stop string): text that may still become a stop string or trailing
+    whitespace is held back until it cannot."""
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...]) -> None:
+        self.tokenizer, self.stops = tokenizer, stops
+        self.tokens: list[int] = []
+        self.sent = ""
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).lstrip()
+        if text.endswith("\ufffd"):  # half of a multi-byte character
+            return ""
+        hit = min((text.index(s) for s in self.stops if s in text), default=None)
+        if hit is not None:
+            text = text[:hit]
+        else:
+            hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[:len(text) - hold]
+        return self._advance(text.rstrip())
+
+    def finish(self, final: str) -> str:
+        return self._advance(final)
+
+    def _advance(self, text: str) -> str:
+        if not text.startswith(self.sent) or len(text) == len(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+
+@dataclass
+class Job:
+    """One request: what to generate, with which adapter (its name, and the folder to reload it
+    from), and where its events go (``emit`` is thread-safe)."""
+
+    conversation: Conversation
+    params: SamplingParams
+    adapter: str | None
+    emit: Callable[[Event], None]
+    stream: TextStream | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # added to the final event
+
+
+class Batcher:
+    """The engine's thread: batches of jobs, and chores in between."""
+
+    def __init__(self, engine: Any, window_s: float, max_batch: int, tidy: Callable[[], None]) -> None:
+        self.engine, self.window_s, self.max_batch, self.tidy = engine, window_s, max_batch, tidy
+        self.queue: queue.Queue[Job | tuple[Callable[[], Any], Future] | None] = queue.Queue()
+        self.batches = 0
+        self.thread = threading.Thread(target=self._run, name="genpi-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        self.queue.put(job)
+
+    async def call(self, chore: Callable[[], Any]) -> Any:
+        """Run ``chore`` on the engine's thread (after what is queued before it); its result."""
+        future: Future = Future()
+        self.queue.put((chore, future))
+        return await asyncio.wrap_future(future)
+
+    def stop(self) -> None:
+        self.queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if not isinstance(item, Job):
+                self._chore(*item)
+                continue
+            batch, chores = [item], []
+            deadline = time.monotonic() + self.window_s
+            while len(batch) < self.max_batch:
+                left = deadline - time.monotonic()
+                try:
+                    more = self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(more, Job):
+                    batch.append(more)
+                    continue
+                chores.append(more)  # it waits for this batch; so does everything queued after it
+                break
+            try:
+                self._generate(batch)
+            except Exception as e:  # the thread must outlive any batch: its requests get the error
+                log.exception("a batch of %d failed", len(batch))
+                for job in batch:
+                    job.emit({"error": f"generation failed: {e}"})
+            for chore in chores:
+                if chore is None:
+                    return
+                self._chore(*chore)
+
+    def _chore(self, chore: Callable[[], Any], future: Future) -> None:
+        try:
+            future.set_result(chore())
+        except BaseException as e:  # handed to the awaiting coroutine
+            future.set_exception(e)
+
+    def _generate(self, batch: list[Job]) -> None:
+        groups: dict[SamplingParams, list[Job]] = {}
+        for job in batch:
+            groups.setdefault(job.params, []).append(job)
+        for adapter in {job.adapter for job in batch} - {None} - set(self.engine.adapters):
+            self.engine.add_adapter(adapter)  # unloaded (evicted) while its request waited: the folder stays
+        for params, jobs in groups.items():
+            def on_token(i: int, token: int) -> None:
+                stream = jobs[i].stream
+                if stream is not None and (delta := stream.push(token)):
+                    jobs[i].emit({"delta": delta})
+
+            gens = self.engine.generate([j.conversation for j in jobs], params, [j.adapter for j in jobs],
+                                        on_token=on_token if any(j.stream for j in jobs) else None)
+            self.batches += 1
+            for job, gen in zip(jobs, gens):
+                if job.stream is not None and (delta := job.stream.finish(gen.text)):
+                    job.emit({"delta": delta})
+                job.emit({"done": {"text": gen.text, "finish_reason": gen.finish_reason, "batch": len(jobs),
+                                   "prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.output_tokens,
+                                   **job.extra}})
+        self.tidy()

@@ -1,0 +1,127 @@
+"""Helpers for the server's tests: random LoRA adapters on the tiny model, published through the
+registry with their parity probes, and the app on a private Ray cluster (one per test module)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+from genpi import parity, registry
+from genpi.models import TINY
+from genpi.prompt.spec import PromptSpec, Turn
+from genpi.store import ArtifactStore
+
+KEY = "sk-genpi-test"
+INPUTS = ["List the files in /tmp.", "Show the kernel version.", "How much disk is free?"]
+
+
+def prompt_spec(name: str, words: int = 60) -> PromptSpec:
+    """An agent prompt long enough to be worth caching."""
+    system = f"You are {name}, a shell agent. Reply with one line: Act: bash `<command>`. " + "Be brief. " * words
+    return PromptSpec(name=name, source=f"{name}.md", turns=(Turn("system", system),), example_inputs=tuple(INPUTS))
+
+
+def random_adapter(folder: Path, seed: int, zero: bool = False) -> Path:
+    """A LoRA adapter with random weights on the tiny model (it changes replies), or all-zero
+    weights (``zero``: it loads and changes nothing)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from genpi.models import resolve_model
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32)
+    lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"],
+                                            init_lora_weights=False))
+    if zero:
+        with torch.no_grad():
+            for name, p in lora.named_parameters():
+                if "lora_B" in name:
+                    p.zero_()
+    lora.save_pretrained(folder)
+    return folder
+
+
+_ENGINE: list[Any] = []
+
+
+def probe_engine() -> Any:
+    """A float32 engine for recording probes, as the evaluate stage does (one per test process)."""
+    if not _ENGINE:
+        from genpi.engines.hf import HFEngine
+
+        _ENGINE.append(HFEngine(TINY, dtype=parity.PROBE_DTYPE, turn_cache_mib=0))
+    return _ENGINE[0]
+
+
+def publish(store: ArtifactStore, spec: PromptSpec, version: str, folder: Path,
+            probes_from: Path | None = None, probes: bool = True) -> registry.PublishedAdapter:
+    """Publish ``folder`` as ``spec.name@version`` with probes recorded from ``probes_from`` (default:
+    the adapter itself; another adapter's answers make a tampered version)."""
+    source = f"runs/{spec.name}/{version}/adapter"
+    store.upload_dir(folder, source)
+    recorded: list[dict] = []
+    if probes:
+        engine = probe_engine()
+        name = engine.add_adapter(probes_from or folder)
+        recorded = parity.record(engine, name, INPUTS)
+        engine.remove_adapter(name)
+    store.put_json(f"prompts/{spec.name}/{spec.prompt_hash}/prompt.json", spec.to_json())
+    return registry.publish(store, source, registry.PublishedAdapter(
+        prompt=spec.name, version=version, prompt_hash=spec.prompt_hash, run_hash=version, base_model=TINY,
+        published_at="", retention={"format_valid": 0.9}, gap_closed={"nll": 0.6}, probes=recorded))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_config(store_url: str, port: int, **overrides: Any) -> Any:
+    from genpi.config import load_config
+
+    flags = {"store.url": store_url, "models.target.name": TINY, "models.target.dtype": "float32",
+             "models.target.batch_size": 16, "models.target.backend": "hf", "serve.port": port,
+             "serve.num_cpus": 1, "serve.max_adapters": 3, "serve.batch_window_ms": 30, "serve.refresh_s": 0.5,
+             "serve.max_tokens": 16, "ray.num_cpus": 2, "ray.dashboard": False, **overrides}
+    return load_config("local", overrides=flags)
+
+
+def start_app(cfg: Any, specs: list[PromptSpec]) -> Iterator[str]:
+    """Run the app on a private Ray cluster; yields its base URL (``http://127.0.0.1:PORT/v1``)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray import serve
+
+    from genpi import ray_runtime
+    from genpi.serve import application
+
+    ray_runtime.connect(cfg.ray)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": cfg.serve.port})
+        serve.run(application(cfg, specs), name="genpi", route_prefix="/")
+        yield f"http://127.0.0.1:{cfg.serve.port}/v1"
+    finally:
+        serve.shutdown()
+        ray_runtime.disconnect()
+
+
+def replica_stats() -> dict[str, Any]:
+    from ray import serve
+
+    return serve.get_deployment_handle("ModelServer", app_name="genpi").stats.remote().result()
+
+
+def wait_for(check: Any, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.2)
