@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 from genpi import artifacts
 from genpi.config import GenPIConfig
+from genpi.errors import GenPIError
 from genpi.prompt.spec import PromptSpec
 from genpi.store import ArtifactStore
 
@@ -43,3 +44,16 @@ def write_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
     store.put_json(f"{prefix}/manifest.json", record)
     log.info("batch report: %s", store.location(f"{prefix}/report.md"))
     return prefix
+
+
+def stored_batches(store: ArtifactStore, name: str = "manifest.json") -> dict[str, str]:
+    """``{batch id: key}`` of every batch in ``store`` that has the file ``name``."""
+    return {k.split("/")[1]: k for k in store.list_keys("batches") if k.count("/") == 2 and k.endswith(f"/{name}")}
+
+
+def batch_file(store: ArtifactStore, batch: str, name: str = "manifest.json") -> str:
+    """The key of ``batches/<batch>/<name>``, or a GenPIError that lists the batches there."""
+    batches = stored_batches(store, name)
+    if batch not in batches:
+        raise GenPIError(f"store {store.url} has no batch {batch!r}; batches there: {', '.join(sorted(batches)) or 'none'}")
+    return batches[batch]

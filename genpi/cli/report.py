@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from genpi.batch.manifest import batch_file, stored_batches
 from genpi.cli.config_flags import add_flags, resolve
 from genpi.errors import GenPIError
 from genpi.evaluate.report import batch_table
@@ -22,16 +23,13 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def execute(args: argparse.Namespace) -> int:
     cfg = resolve(args)
     store = store_for(cfg.store)
-    reports = {k.split("/")[1]: k for k in store.list_keys("batches") if k.endswith("/report.json")}
+    reports = stored_batches(store, "report.json")
     if not reports:
         raise GenPIError(f"store {store.url} has no batch reports yet; run the job first "
                          f"(make run, or genpi --store.url {store.url})")
-    batch = args.batch
-    if batch is None:
-        batch = max(reports, key=lambda b: store.get_json(reports[b])["finished_at"])
-    elif batch not in reports:
-        raise GenPIError(f"store {store.url} has no batch {batch!r}; batches there: {', '.join(sorted(reports))}")
-    data = store.get_json(reports[batch])
-    print(f"batch {batch}, finished {data['finished_at']} ({store.location(reports[batch])})\n")
+    batch = args.batch or max(reports, key=lambda b: store.get_json(reports[b])["finished_at"])
+    key = batch_file(store, batch, "report.json")
+    data = store.get_json(key)
+    print(f"batch {batch}, finished {data['finished_at']} ({store.location(key)})\n")
     print(batch_table(data["prompts"]))
     return 0

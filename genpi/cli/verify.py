@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from genpi import registry
+from genpi.batch.manifest import batch_file
 from genpi.cli.config_flags import add_flags, resolve
-from genpi.errors import GenPIError
 from genpi.store import store_for
 from genpi.store.base import DONE_MARKER
 
@@ -25,12 +25,7 @@ def execute(args: argparse.Namespace) -> int:
     store = store_for(resolve(args).store)
     roots, prompts = ["prompts"], None
     if args.batch:
-        key = f"batches/{args.batch}/manifest.json"
-        if not store.exists(key):
-            batches = sorted({k.split("/")[1] for k in store.list_keys("batches")})
-            raise GenPIError(f"store {store.url} has no batch {args.batch!r}; batches there: "
-                             f"{', '.join(batches) or 'none'}")
-        entries = store.get_json(key)["prompts"]
+        entries = store.get_json(batch_file(store, args.batch))["prompts"]
         roots = [f"prompts/{p['name']}/{p['prompt_hash']}" for p in entries]
         prompts = {p["name"] for p in entries}
     markers = [k for root in roots for k in store.list_keys(root) if k.rsplit("/", 1)[-1] == DONE_MARKER]
