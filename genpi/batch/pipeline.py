@@ -15,13 +15,13 @@ import logging
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
 from genpi import artifacts, telemetry
 from genpi.batch import manifest, tasks
+from genpi.batch.manifest import Progress, PromptResult
 from genpi.batch.tasks import task_resources
 from genpi.config import PG_METHODS, GenPIConfig, config_from_dict
 from genpi.engines.environments import resolve_backends
@@ -34,28 +34,18 @@ from genpi.synth.stage import synthesize
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PromptResult:
-    """Where one prompt got to."""
-
-    name: str
-    prompt_hash: str
-    status: str = "pending"  # pending | done | failed
-    stage: str = ""
-    error: str = ""
-    artifacts: dict[str, str] = field(default_factory=dict)
-    passed: bool | None = None  # the fidelity gate's decision, once evaluated
-    gate: str = ""
-    published: str | None = None
-    run: str = ""  # the evaluated run: method, lambda, seed (and how it was chosen)
-
-
-def _timed(prompt: str, stage: str, work: Any, *args: Any) -> Any:
+def _timed(progress: Progress | None, prompt: str, stage: str, work: Any, *args: Any) -> Any:
     """``work(*args)``, its wall time recorded as ``prompt``'s ``stage`` (a failed stage records none)."""
     started = time.time()
     out = work(*args)
-    telemetry.stage_done(prompt, stage, time.time() - started)
+    _stage_done(progress, prompt, stage, time.time() - started)
     return out
+
+
+def _stage_done(progress: Progress | None, prompt: str, stage: str, seconds: float) -> None:
+    telemetry.stage_done(prompt, stage, seconds)
+    if progress is not None:
+        progress.finished(prompt, stage, seconds)
 
 
 def _fail(result: PromptResult, stage: str, error: BaseException) -> None:
@@ -89,13 +79,13 @@ def check_lengths(specs: list[PromptSpec], cfg: GenPIConfig) -> None:
 
 
 def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
-                   leases: Leases | None = None) -> dict[str, Exception]:
+                   leases: Leases | None = None, progress: Progress | None = None) -> dict[str, Exception]:
     """Synthesize (or find) every prompt's records on one set of engine actors; returns the failures.
 
     Each prompt's synthesis holds a lease (of ``leases``, else of its own) while it runs."""
     if leases is None:
         with Leases(store) as leases:
-            return synthesize_all(specs, cfg, store, leases)
+            return synthesize_all(specs, cfg, store, leases, progress)
     failures: dict[str, Exception] = {}
     todo = []
     for spec in specs:
@@ -126,7 +116,8 @@ def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactSto
         for start in range(0, len(todo), width):
             wave = todo[start:start + width]
             with ThreadPoolExecutor(max_workers=len(wave), thread_name_prefix="synth") as prompts:
-                running = {spec.name: prompts.submit(_timed, spec.name, "synthesis", synthesize, spec, cfg, *pools, store)
+                running = {spec.name: prompts.submit(_timed, progress, spec.name, "synthesis", synthesize, spec, cfg, *pools,
+                                                           store)
                            for spec in wave}
             for spec in wave:
                 leases.release(artifacts.synth_prefix(spec, cfg))
@@ -142,7 +133,8 @@ def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactSto
 
 
 def train_all(specs: list[PromptSpec], runs: list[GenPIConfig], store: ArtifactStore, cpus: float,
-              gpus: float, leases: Leases | None = None) -> tuple[dict[str, list[GenPIConfig]], dict[str, Exception]]:
+              gpus: float, leases: Leases | None = None,
+              progress: Progress | None = None) -> tuple[dict[str, list[GenPIConfig]], dict[str, Exception]]:
     """Every (prompt, run) as a Ray Train run, all submitted at once; a failing run stops no other.
 
     Returns each prompt's finished runs (in sweep order) and each prompt's first failure. Each run
@@ -150,7 +142,7 @@ def train_all(specs: list[PromptSpec], runs: list[GenPIConfig], store: ArtifactS
     """
     if leases is None:
         with Leases(store) as leases:
-            return train_all(specs, runs, store, cpus, gpus, leases)
+            return train_all(specs, runs, store, cpus, gpus, leases, progress)
     refs = {}
     started = time.time()
     held: dict[tuple[str, int], Exception] = {}
@@ -172,7 +164,7 @@ def train_all(specs: list[PromptSpec], runs: list[GenPIConfig], store: ArtifactS
         mine = [ref for (name, _), ref in refs.items() if name == spec.name]
         if mine:  # the prompt's training: from the runs' submission until its last run ends
             ray.wait(mine, num_returns=len(mine))
-            telemetry.stage_done(spec.name, "training", time.time() - started)
+            _stage_done(progress, spec.name, "training", time.time() - started)
         for k, run in enumerate(runs):
             try:
                 if (spec.name, k) in held:
@@ -231,6 +223,7 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
     cfg = resolve_backends(cfg)
     started = time.time()
     results = {s.name: PromptResult(s.name, s.prompt_hash) for s in specs}
+    progress = Progress(store, artifacts.batch_prefix(specs, cfg, real_inputs), cfg, results)
     check_lengths(specs, cfg)
     # Before any work: a stage asking for GPUs the cluster lacks would fail only after synthesis.
     cpus, gpus = task_resources("train", cfg.train.num_cpus, cfg.train.num_gpus)
@@ -239,15 +232,19 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
     with Leases(store) as leases:  # each stage in progress held against other jobs on this store
         if force:
             force_stages(specs, cfg, store, real_inputs, force, leases)
-        for name, error in synthesize_all(specs, cfg, store, leases).items():
+        for spec in specs:
+            progress.begin(spec.name, "synthesis")
+        for name, error in synthesize_all(specs, cfg, store, leases, progress).items():
             _fail(results[name], "synthesis", error)
+        for spec in specs:
+            progress.begin(spec.name, "training")
 
         # Workers get the store as resolved here: a relative folder means this process's folder.
         worker_cfg = cfg.to_dict()
         worker_cfg["store"]["url"] = store.url
         runs = [config_from_dict(r.to_dict() | {"store": worker_cfg["store"]}) for r in cfg.train_runs()]
         trained, errors = train_all([s for s in specs if results[s.name].status != "failed"], runs, store, cpus, gpus,
-                                    leases)
+                                    leases, progress)
         chosen: dict[str, GenPIConfig] = {}
         selections: dict[str, dict] = {}
         for spec in specs:
@@ -257,6 +254,7 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
                 _fail(results[spec.name], "training", errors.get(spec.name) or GenPIError("no run finished"))
                 continue
             chosen[spec.name] = trained[spec.name][0]
+            progress.begin(spec.name, "selection" if len(trained[spec.name]) > 1 else "evaluation")
         by_name = {s.name: s for s in specs}
         select_refs = {name: tasks.select_task.options(num_cpus=eval_cpus, num_gpus=eval_gpus)
                        .remote(by_name[name].to_json(), [r.to_dict() for r in trained[name]])
@@ -268,6 +266,8 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
             except Exception as e:
                 _fail(results[name], "selection", e)
                 chosen.pop(name)
+                continue
+            progress.begin(name, "evaluation")
 
         evaluating = time.time()
         eval_refs = {}
@@ -291,7 +291,7 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
                 continue
             finally:
                 leases.release(artifacts.eval_prefix(spec, chosen[spec.name], real_inputs.get(spec.name, [])))
-            telemetry.stage_done(spec.name, "evaluation", time.time() - evaluating)
+            _stage_done(progress, spec.name, "evaluation", time.time() - evaluating)
             telemetry.gate_figures(spec.name, {f"{c['metric']}_{c['kind']}": c["value"] for c in report["gate"]["checks"]})
             if spec.name in selections:
                 report = {**report, "selection": selections[spec.name]}
@@ -307,7 +307,9 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
                                 "report": report["location"],
                                 "records": store.location(f"{artifacts.synth_prefix(spec, cfg)}/records.jsonl"),
                                 "quality": store.location(f"{artifacts.synth_prefix(spec, cfg)}/quality.json")}
+            progress.update()
         for result in results.values():
             telemetry.prompt_ended("failed" if result.status == "failed" else "published" if result.passed else "gate_failed")
-    manifest.write_batch(specs, cfg, store, list(results.values()), reports, real_inputs, time.time() - started)
+    manifest.write_batch(specs, cfg, store, list(results.values()), reports, real_inputs, time.time() - started,
+                         progress.started_at)
     return list(results.values())

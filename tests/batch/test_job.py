@@ -71,6 +71,9 @@ def test_job_end_to_end_and_rerun(tmp_path: Path) -> None:
     assert table.returncode == 0 and table.stdout.count("FAILED: format_valid") == 3, table.stdout + table.stderr
     listing = genpi_command("ls", "--store.url", str(store_dir))
     assert listing.returncode == 0 and "no published adapters" in listing.stdout
+    status = genpi_command("status", "--store.url", str(store_dir))
+    assert status.returncode == 0 and "finished:" in status.stdout, status.stdout + status.stderr
+    assert status.stdout.count("not published: format_valid") == 3 and status.stdout.count("synthesis ") >= 3
     markers = {k: store.get_bytes(k) for k in store.list_keys("prompts") if k.endswith("_SUCCESS")}
 
     second = run_job("--prompts", str(prompts), "--store.url", str(store_dir), *TINY_RUN, *sweep)
