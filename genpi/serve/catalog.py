@@ -55,11 +55,12 @@ class Catalog:
         self.rejected: dict[str, str] = {}  # name@version -> why this server does not serve it
         self.parity: dict[str, str] = {}  # name@version -> its check's outcome, once a replica loaded it
         self._published: list[PublishedAdapter] = []
+        self._manifests: dict[str, PublishedAdapter] = {}
         self._published_at = self._seen_at = -float("inf")
 
     def published(self) -> list[PublishedAdapter]:
         if time.monotonic() - self._published_at >= self.refresh_s:
-            self._published = registry.published(self.store)
+            self._published = registry.published(self.store, read=self._manifests)
             self._published_at = time.monotonic()
         return self._published
 

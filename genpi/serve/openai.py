@@ -8,6 +8,7 @@ stream started is a ``data: {"error": ...}`` event, then ``data: [DONE]``.
 """
 
 
+import asyncio
 import hmac
 import json
 import logging
@@ -64,6 +65,12 @@ async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
 async def _http(request: Request, e: HTTPException) -> JSONResponse:
     kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
     return _error(APIError(e.status_code, str(e.detail), type=kind))
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+    log.exception("%s %s failed", request.method, request.url.path)
+    return _error(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
 
 
 def _param(loc: tuple | list) -> str | None:
@@ -140,7 +147,7 @@ class OpenAIServer:
     @api.get("/v1/models")
     async def models(self, request: Request) -> ModelList:
         self._authorize(request)
-        return ModelList(data=self.catalog.cards())
+        return ModelList(data=await asyncio.to_thread(self.catalog.cards))  # store reads off the event loop
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
@@ -156,7 +163,7 @@ class OpenAIServer:
         messages = self._messages(body)
         started = time.monotonic()
         for _ in range(_REJECTED_RETRIES):
-            target = self.catalog.resolve(body.model)
+            target = await asyncio.to_thread(self.catalog.resolve, body.model)
             conversation = fallback.prompt_conversation(target.spec, messages) if target.spec else messages
             n = len(request_ids(self.tokenizer, conversation))
             if leaves_no_room(n, self.max_context):
