@@ -129,6 +129,16 @@ def test_prompt_mode_first_then_the_adapter_once_published(store_dir: Path, clie
     assert time.monotonic() - started < 10
 
 
+def test_a_prompt_the_job_saw_without_a_passing_adapter_is_served_in_prompt_mode(store_dir: Path,
+                                                                                client: openai.OpenAI) -> None:
+    failed = prompt_spec("gate-failed")
+    open_store(str(store_dir / "store")).put_json(f"prompts/{failed.name}/{failed.prompt_hash}/prompt.json",
+                                                  failed.to_json())
+    time.sleep(0.6)
+    raw = ask(client, "gate-failed")
+    assert raw.headers["x-genpi-mode"] == "prompt" and raw.parse().system_fingerprint.startswith("prompt:gate-failed@")
+
+
 def test_an_adapter_published_while_serving_is_served_without_restart(store_dir: Path, client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError):
         ask(client, "web-agent")
