@@ -8,6 +8,10 @@ are held; past that Serve unloads the least recently used, and the replica frees
 store, checks its files against the manifest's digests and runs the parity check
 (:mod:`genpi.parity`); a version that fails is refused, with the reason, and never served.
 Loading a prompt (prompt mode) computes its KV once and keeps it.
+
+The engine is the hf backend, whatever ``models.target.backend`` says (the model, dtype, device,
+batch size and context come from ``models.target``): vLLM's engine lives in another environment,
+where Ray Serve does not import.
 """
 
 from __future__ import annotations

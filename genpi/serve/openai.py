@@ -217,7 +217,10 @@ class OpenAIServer:
 
     def _send(self, body: ChatCompletionRequest, target: Target, conversation: list[dict[str, str]]) -> AsyncIterator:
         params = {"max_new_tokens": body.max_completion_tokens or body.max_tokens or self.cfg.serve.max_tokens,
-                  "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed or 0,
+                  # greedy ignores the seed: leave it out so such requests batch together; an unseeded
+                  # sampled request gets seed 0 (the same conversation, the same sample)
+                  "temperature": body.temperature, "top_p": body.top_p,
+                  "seed": (body.seed or 0) if body.temperature > 0 else 0,
                   "stop": list(body.stop_strings())}
         description = ({"mode": "adapter", "adapter": target.adapter.to_json()} if target.adapter is not None
                        else {"mode": "prompt", "spec": target.spec.to_json()})
