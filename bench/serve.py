@@ -187,7 +187,8 @@ def main() -> None:
     inputs = [inputs[k % len(inputs)] for k in range(args.clients)]
 
     port = free_port()
-    extra = ["--serve.num-cpus", str(args.threads), "--models.target.threads", str(args.threads),
+    extra = ["--models.target.name", entry.base_model, "--serve.num-cpus", str(args.threads),
+             "--models.target.threads", str(args.threads),
              "--models.target.backend", "hf", *args.serve_args.split()]
     server = start_server(store_dir, prompt_dir, port, extra)
     result: dict[str, Any] = {}

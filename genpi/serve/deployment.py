@@ -141,7 +141,9 @@ class ModelServer:
                 part.rename(folder)
             outcome = await self.batcher.call(lambda: check_adapter(self.engine, entry, folder, self.cfg))
             name = await self.batcher.call(lambda: self.engine.add_adapter(folder))
-        except (Rejected, registry.RegistryError) as e:
+        except Exception as e:  # any version that does not load is refused, saying why
+            if not isinstance(e, (Rejected, registry.RegistryError)):
+                e = Rejected(f"cannot load it: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
             self.rejected[key] = str(e)
             self.metrics.rejections.inc(tags={"prompt": entry.prompt})
             shutil.rmtree(folder, ignore_errors=True)
