@@ -21,7 +21,7 @@ counts are reported beside each figure. Run it in a loopback-only namespace::
 
     unshare -n sh -c 'ip link set lo up; .venv/bin/python bench/serve.py --store.url artifacts'
 
-The last line is one JSON object.
+Each phase prints a line as it ends (to stderr); the last line of stdout is one JSON object.
 """
 
 from __future__ import annotations
@@ -150,6 +150,11 @@ def engine_turns(engine: Any, adapter: str | None, transcript: list[dict[str, An
     return seconds
 
 
+def phase(name: str, figures: dict[str, Any]) -> dict[str, Any]:
+    print(f"{name}: {json.dumps(figures)}", file=sys.stderr, flush=True)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--store.url", dest="store", default="artifacts", help="the store a make run left (read only)")
@@ -221,9 +226,10 @@ def main() -> None:
                   "prompt_tokens": [t["tokens"] for t in prompt_turns]}
 
         # concurrency: one prompt, adapter vs prompt mode; then four adapters
-        single = concurrent(client, [args.prompt], inputs, args.turns, args.tokens)
-        prompted = concurrent(client, [fallback_name], inputs, args.turns, args.tokens)
-        mixed = concurrent(client, names[:4], inputs, args.turns, args.tokens)
+        phase("batch1", batch1)
+        single = phase("single_adapter", concurrent(client, [args.prompt], inputs, args.turns, args.tokens))
+        prompted = phase("prompt_mode", concurrent(client, [fallback_name], inputs, args.turns, args.tokens))
+        mixed = phase("four_adapters", concurrent(client, names[:4], inputs, args.turns, args.tokens))
 
         # hot publish: a new version of the prompt, answered without a restart
         republish(store, entry, args.prompt, "hot")
