@@ -85,6 +85,9 @@ def test_streaming_equals_the_whole_reply_and_ends_with_usage(client: openai.Ope
     assert text == whole.choices[0].message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    raw = _post(str(client.base_url).rstrip("/"), {"model": "sql-agent", "messages": HELLO, "stream": True,
+                                                   "max_tokens": 4})
+    assert raw.headers["x-genpi-mode"] == "adapter" and raw.text.endswith("data: [DONE]\n\n")
 
 
 def test_two_prompts_answer_differently_and_seeded_sampling_repeats(client: openai.OpenAI) -> None:
