@@ -237,7 +237,8 @@ class ServeConfig:
     port: int = _f(8000, "port the server binds", low=1, high=65535)
     api_key: str = _f("", "bearer key clients must send; empty uses $GENPI_API_KEY, and no key when that is unset")
     replicas: int = _f(1, "model replicas (each holds the base model once and its adapters)", low=1, high=1024)
-    num_cpus: float = _f(1.0, "CPUs reserved per model replica", low=0)
+    num_cpus: float = _f(2.0, "CPUs reserved per model replica (its torch threads unless models.target.threads "
+                              "says)", low=0)
     num_gpus: float = _f(0.0, "GPUs per model replica", low=0)
     max_adapters: int = _f(8, "adapters and fallback prompts held per replica; the least recently used is "
                               "unloaded (its memory freed) past this", low=1, high=1024)

@@ -137,12 +137,19 @@ def download(store: ArtifactStore, entry: PublishedAdapter, folder: str | Path) 
     return local
 
 
-def published(store: ArtifactStore, prompt: str | None = None) -> list[PublishedAdapter]:
-    """Every published adapter (of ``prompt`` when given), newest first."""
+def published(store: ArtifactStore, prompt: str | None = None,
+              read: dict[str, PublishedAdapter] | None = None) -> list[PublishedAdapter]:
+    """Every published adapter (of ``prompt`` when given), newest first.
+
+    ``read`` keeps the manifests read, by key, across calls: a version is immutable, so a reader
+    that lists the registry again reads only the manifests published since."""
     root = f"{ROOT}/{prompt}" if prompt else ROOT
     keys = [k for k in store.list_keys(root) if k.endswith(f"/{MANIFEST}") and k.count("/") == 3]
-    entries = [PublishedAdapter.from_json(store.get_json(k)) for k in keys]
-    return sorted(entries, key=lambda e: (e.published_at, e.version), reverse=True)
+    read = {} if read is None else read
+    for key in keys:
+        if key not in read:
+            read[key] = PublishedAdapter.from_json(store.get_json(key))
+    return sorted((read[k] for k in keys), key=lambda e: (e.published_at, e.version), reverse=True)
 
 
 def split_model(model: str) -> tuple[str, str | None]:

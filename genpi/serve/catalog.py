@@ -55,12 +55,16 @@ class Catalog:
         self.rejected: dict[str, str] = {}  # name@version -> why this server does not serve it
         self.parity: dict[str, str] = {}  # name@version -> its check's outcome, once a replica loaded it
         self._published: list[PublishedAdapter] = []
+        self._manifests: dict[str, PublishedAdapter] = {}
         self._published_at = self._seen_at = -float("inf")
 
     def published(self) -> list[PublishedAdapter]:
         if time.monotonic() - self._published_at >= self.refresh_s:
-            self._published = registry.published(self.store)
+            self._published = registry.published(self.store, read=self._manifests)
             self._published_at = time.monotonic()
+            for a in self._published:
+                if a.base_model != self.base_model and a.name not in self.rejected:
+                    self.reject(a.name, f"trained on {a.base_model}; this server serves {self.base_model}")
         return self._published
 
     def _refresh_seen(self) -> None:
@@ -102,6 +106,7 @@ class Catalog:
                 entry = registry.resolve(self.store, model)
             except RegistryError as e:
                 raise APIError(404, str(e), param="model", code="model_not_found") from None
+            self.published()  # refuses versions of another base model
             if entry.name in self.rejected:
                 raise APIError(503, f"{entry.name} is not served: {self.rejected[entry.name]}", type="server_error",
                                param="model", code="model_rejected")

@@ -8,6 +8,10 @@ are held; past that Serve unloads the least recently used, and the replica frees
 store, checks its files against the manifest's digests and runs the parity check
 (:mod:`genpi.parity`); a version that fails is refused, with the reason, and never served.
 Loading a prompt (prompt mode) computes its KV once and keeps it.
+
+The engine is the hf backend, whatever ``models.target.backend`` says (the model, dtype, device,
+batch size and context come from ``models.target``): vLLM's engine lives in another environment,
+where Ray Serve does not import.
 """
 
 from __future__ import annotations
@@ -137,7 +141,9 @@ class ModelServer:
                 part.rename(folder)
             outcome = await self.batcher.call(lambda: check_adapter(self.engine, entry, folder, self.cfg))
             name = await self.batcher.call(lambda: self.engine.add_adapter(folder))
-        except (Rejected, registry.RegistryError) as e:
+        except Exception as e:  # any version that does not load is refused, saying why
+            if not isinstance(e, (Rejected, registry.RegistryError)):
+                e = Rejected(f"cannot load it: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
             self.rejected[key] = str(e)
             self.metrics.rejections.inc(tags={"prompt": entry.prompt})
             shutil.rmtree(folder, ignore_errors=True)

@@ -8,6 +8,7 @@ stream started is a ``data: {"error": ...}`` event, then ``data: [DONE]``.
 """
 
 
+import asyncio
 import hmac
 import json
 import logging
@@ -78,6 +79,12 @@ async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
 async def _http(request: Request, e: HTTPException) -> JSONResponse:
     kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
     return _error(APIError(e.status_code, str(e.detail), type=kind))
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+    log.exception("%s %s failed", request.method, request.url.path)
+    return _error(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
 
 
 def _param(loc: tuple | list) -> str | None:
@@ -154,7 +161,7 @@ class OpenAIServer:
     @api.get("/v1/models")
     async def models(self, request: Request) -> ModelList:
         self._authorize(request)
-        return ModelList(data=self.catalog.cards())
+        return ModelList(data=await asyncio.to_thread(self.catalog.cards))  # store reads off the event loop
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
@@ -170,7 +177,7 @@ class OpenAIServer:
         messages = self._messages(body)
         started = time.monotonic()
         for _ in range(_REJECTED_RETRIES):
-            target = self.catalog.resolve(body.model)
+            target = await asyncio.to_thread(self.catalog.resolve, body.model)
             conversation = fallback.prompt_conversation(target.spec, messages) if target.spec else messages
             n = len(request_ids(self.tokenizer, conversation))
             if leaves_no_room(n, self.max_context):
@@ -224,7 +231,10 @@ class OpenAIServer:
 
     def _send(self, body: ChatCompletionRequest, target: Target, conversation: list[dict[str, str]]) -> AsyncIterator:
         params = {"max_new_tokens": body.max_completion_tokens or body.max_tokens or self.cfg.serve.max_tokens,
-                  "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed or 0,
+                  # greedy ignores the seed: leave it out so such requests batch together; an unseeded
+                  # sampled request gets seed 0 (the same conversation, the same sample)
+                  "temperature": body.temperature, "top_p": body.top_p,
+                  "seed": (body.seed or 0) if body.temperature > 0 else 0,
                   "stop": list(body.stop_strings())}
         description = ({"mode": "adapter", "adapter": target.adapter.to_json()} if target.adapter is not None
                        else {"mode": "prompt", "spec": target.spec.to_json()})

@@ -27,3 +27,23 @@ def test_check_passes_good_versions_and_fails_a_tampered_one(tmp_path: Path, cap
     publish(store, spec, "tampered", random_adapter(tmp_path / "tampered", seed=3), probes_from=tmp_path / "good")
     assert main(flags) == 1
     assert "shell-agent@tampered: FAILED: parity check failed: probe 0" in capsys.readouterr().out
+
+
+def test_the_evaluate_stage_records_probes_that_the_check_accepts(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    from genpi import artifacts, registry
+    from genpi.config import load_config
+    from genpi.evaluate.stage import publish_run, record_probes
+
+    url = str(tmp_path / "store")
+    store, spec = open_store(url), prompt_spec("shell-agent")
+    cfg = load_config("local", overrides={"store.url": url, "models.target.name": TINY})
+    train = artifacts.train_prefix(spec, cfg)
+    store.upload_dir(random_adapter(tmp_path / "adapter", seed=4), f"{train}/adapter")
+    probes = record_probes(cfg, store, train, list(spec.example_inputs))
+    report = {"location": "report.md", "gate": {"passed": True}, "sets": {}}
+    publish_run(spec, cfg, store, report, probes)
+    [entry] = registry.published(store)
+    assert len(entry.probes) == 3 and entry.probes[0]["dtype"] == "float32" and entry.probes[0]["reply"]
+    assert main(["serve", "--check", "--store.url", url, "--models.target.name", TINY]) == 0
+    assert f"{entry.name}: passed" in capsys.readouterr().out

@@ -85,6 +85,9 @@ def test_streaming_equals_the_whole_reply_and_ends_with_usage(client: openai.Ope
     assert text == whole.choices[0].message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    raw = _post(str(client.base_url).rstrip("/"), {"model": "sql-agent", "messages": HELLO, "stream": True,
+                                                   "max_tokens": 4})
+    assert raw.headers["x-genpi-mode"] == "adapter" and raw.text.endswith("data: [DONE]\n\n")
 
 
 def test_two_prompts_answer_differently_and_seeded_sampling_repeats(client: openai.OpenAI) -> None:
@@ -127,6 +130,16 @@ def test_prompt_mode_first_then_the_adapter_once_published(store_dir: Path, clie
     mode = wait_for(lambda: ask(client, "deploy-now").headers["x-genpi-mode"] == "adapter", timeout=10)
     assert mode, "the published adapter was not served within 10 s"
     assert time.monotonic() - started < 10
+
+
+def test_a_prompt_the_job_saw_without_a_passing_adapter_is_served_in_prompt_mode(store_dir: Path,
+                                                                                client: openai.OpenAI) -> None:
+    failed = prompt_spec("gate-failed")
+    open_store(str(store_dir / "store")).put_json(f"prompts/{failed.name}/{failed.prompt_hash}/prompt.json",
+                                                  failed.to_json())
+    time.sleep(0.6)
+    raw = ask(client, "gate-failed")
+    assert raw.headers["x-genpi-mode"] == "prompt" and raw.parse().system_fingerprint.startswith("prompt:gate-failed@")
 
 
 def test_an_adapter_published_while_serving_is_served_without_restart(store_dir: Path, client: openai.OpenAI) -> None:
