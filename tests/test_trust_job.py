@@ -49,7 +49,8 @@ def test_two_jobs_on_one_store_end_consistent(tmp_path: Path) -> None:
         for code, out in zip(codes, outs):
             if code:  # the second job met a stage the first was running: one line naming the holder
                 assert "is in progress in another job" in out and "Traceback" not in out, out[-3000:]
-        assert list(tmp.iterdir()) == []  # each job removed its cluster's temp folder
+        # each job removed its cluster's temp folder, with its workers' scratch folders in it
+        assert not [p.name for p in tmp.iterdir() if p.name.startswith("genpi-")]
 
         store = open_store(str(store_dir))
         assert main(["verify", "--store.url", str(store_dir)]) == 0
