@@ -27,3 +27,14 @@ def s3_env(aws_env: pytest.MonkeyPatch, s3_server: S3Server) -> S3Server:
     aws_env.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
     aws_env.setenv("AWS_REGION", s3_server.region)
     return s3_server
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path):
+    """An empty artifact store of each backend: a local folder, then a bucket on the test S3 server."""
+    from genpi.store import open_store
+
+    if request.param == "local":
+        return open_store(str(tmp_path / "artifacts"))
+    server: S3Server = request.getfixturevalue("s3_env")
+    return open_store(f"s3://{server.create_bucket()}/runs", endpoint_url=server.endpoint_url)

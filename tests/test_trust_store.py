@@ -10,17 +10,13 @@ import pytest
 
 from genpi import registry
 from genpi.store import ArtifactStore, open_store
-from tests.s3_server import S3Server
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
-    if request.param == "local":
-        return open_store(str(tmp_path / "artifacts"))
-    server: S3Server = request.getfixturevalue("s3_env")
-    return open_store(f"s3://{server.create_bucket()}/runs", endpoint_url=server.endpoint_url)
+@pytest.fixture
+def store(any_store: ArtifactStore) -> ArtifactStore:
+    return any_store
 
 
 def test_a_jsonl_cut_at_a_line_boundary_is_not_done(store: ArtifactStore) -> None:
@@ -175,3 +171,26 @@ def test_replacing_a_model_folders_weights_changes_the_keys(tmp_path: Path) -> N
     model_fingerprint.cache_clear()  # a new run (fingerprints are cached per process)
     after = (artifacts.synth_prefix(spec, cfg), artifacts.train_prefix(spec, cfg), artifacts.eval_prefix(spec, cfg, []))
     assert all(a != b for a, b in zip(before, after))
+
+
+def test_genpi_verify_names_what_differs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from genpi.cli.main import main
+
+    store = open_store(str(tmp_path / "store"))
+    prefix = "prompts/shell/aaaa/synth/s1"
+    store.put_jsonl(f"{prefix}/records.jsonl", [{"id": 1}, {"id": 2}])
+    store.mark_done(prefix)
+    _adapter(store, "prompts/shell/aaaa/train/r1/adapter", 1)
+    entry = registry.publish(store, "prompts/shell/aaaa/train/r1/adapter", _entry())
+    store.put_json("batches/b1/manifest.json", {"prompts": [{"name": "shell", "prompt_hash": "aaaa"}]})
+    flags = ["--store.url", str(tmp_path / "store")]
+    assert main(["verify", *flags]) == 0 and "every file matches" in capsys.readouterr().out
+    store.put_jsonl(f"{prefix}/records.jsonl", [{"id": 1}])
+    store.put_bytes(f"{entry.prefix}/adapter_model.safetensors", b"altered")
+    assert main(["verify", "b1", *flags]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert any(f"{prefix}/records.jsonl does not match" in line for line in out)
+    assert any("adapter_model.safetensors differs" in line for line in out)
+    assert out[-1].endswith("2 problems")
+    assert store.exists(f"{prefix}/_SUCCESS")  # verify only reads
+    assert main(["verify", "nope", *flags]) == 2 and "b1" in capsys.readouterr().err

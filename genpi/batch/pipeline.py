@@ -198,7 +198,7 @@ def stage_prefixes(spec: PromptSpec, cfg: GenPIConfig, real_inputs: list[str]) -
 
 
 def force_stages(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore, real_inputs: dict[str, list[str]],
-           force: list[str], leases: Leases) -> None:
+                 force: list[str], leases: Leases) -> None:
     """``--force STAGE``: delete what that stage and the ones after it stored for these prompts, so
     this run redoes them (a stage another job is running is refused, naming the job)."""
     first = min(STAGES.index(stage) for stage in force)

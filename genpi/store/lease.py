@@ -47,15 +47,14 @@ class Leases:
         key = lease_key(prefix, self.store)
         for _ in range(2):
             if self.store.create_json(key, self._record(what)):
-                with self._lock:
-                    self._held[key] = what
-                self._start()
-                return
+                return self._hold(key, what)
             try:
                 held = self.store.get_json(key)
             except ArtifactNotFound:  # released meanwhile: try again
                 continue
             expires = float(held.get("expires_at", 0)) if isinstance(held, dict) else 0.0
+            if isinstance(held, dict) and held.get("owner") == self.owner:  # ours (a retried create)
+                return self._hold(key, what)
             if expires > time():
                 until = datetime.fromtimestamp(expires, UTC).isoformat(timespec="seconds")
                 raise LeaseHeld(f"{what} is in progress in another job ({held.get('owner', '?')}; lease "
@@ -97,7 +96,9 @@ class Leases:
             return None
         return held.get("owner") if isinstance(held, dict) else None
 
-    def _start(self) -> None:
+    def _hold(self, key: str, what: str) -> None:
+        with self._lock:
+            self._held[key] = what
         if self._renewer is None:
             self._renewer = threading.Thread(target=self._renew, name="genpi-leases", daemon=True)
             self._renewer.start()
