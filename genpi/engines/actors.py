@@ -98,7 +98,7 @@ class EnginePool:
                 restarted = [actor.info.remote() for actor in hung]
                 if ray.wait(restarted, num_returns=len(restarted), timeout=self.cfg.call_timeout_s)[1]:
                     raise EngineError(f"{which} did not come back within {self.cfg.call_timeout_s:g} s of a restart "
-                                      f"(models.{self.role}.call_timeout_s)")
+                                      f"(models.{self.role}.call_timeout_s)") from None
             except ray.exceptions.RayActorError as e:
                 lines = [line.strip() for line in str(e).splitlines() if line.strip()]
                 if e.actor_init_failed:  # the model or its settings, not the machine: the error says which

@@ -128,7 +128,7 @@ def _bootstrap(samples: dict[str, Samples], lower: bool, seed: int) -> dict[str,
     out = {}
     for i, kind in enumerate(("retention", "gap_closed")):
         interval = metrics.bootstrap_interval(
-            rows, lambda picked: compare({s: ratio(picked, k) for k, s in enumerate(("teacher", "base", "adapter"))},
+            rows, lambda picked, i=i: compare({s: ratio(picked, k) for k, s in enumerate(("teacher", "base", "adapter"))},
                                          lower)[i], seed=seed)
         out[kind] = None if interval is None else [round(x, 4) for x in interval]
     return out

@@ -137,7 +137,7 @@ class Batcher:
         for adapter in {job.adapter for job in batch} - {None} - set(self.engine.adapters):
             self.engine.add_adapter(adapter)  # unloaded (evicted) while its request waited: the folder stays
         for params, jobs in groups.items():
-            def on_token(i: int, token: int) -> None:
+            def on_token(i: int, token: int, jobs: list = jobs) -> None:
                 stream = jobs[i].stream
                 if stream is not None and (delta := stream.push(token)):
                     jobs[i].emit({"delta": delta})

@@ -293,7 +293,7 @@ class S3Store(ArtifactStore):
         keys = self.list_keys(prefix)
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": join_key(self.prefix, k)} for k in keys[start : start + 1000]]
-            response = self._call(None, lambda: self._client.delete_objects(
+            response = self._call(None, lambda batch=batch: self._client.delete_objects(
                 Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}))
             if response.get("Errors"):
                 first = response["Errors"][0]

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
 from genpi import parity, registry
 from genpi.models import TINY
 from genpi.prompt.spec import PromptSpec, Turn

@@ -18,8 +18,16 @@ import pytest
 import requests
 
 from genpi.store import open_store
-from tests.serve.support import (KEY, prompt_spec, publish, random_adapter, replica_stats, serve_config, start_app,
-                                 wait_for)
+from tests.serve.support import (
+    KEY,
+    prompt_spec,
+    publish,
+    random_adapter,
+    replica_stats,
+    serve_config,
+    start_app,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(240)
 

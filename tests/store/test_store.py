@@ -20,13 +20,10 @@ from tests.s3_server import S3Server
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
-    """An empty store of each backend."""
-    if request.param == "local":
-        return open_store(str(tmp_path / "artifacts"))
-    server: S3Server = request.getfixturevalue("s3_env")
-    return open_store(f"s3://{server.create_bucket()}/runs", endpoint_url=server.endpoint_url)
+@pytest.fixture
+def store(any_store: ArtifactStore) -> ArtifactStore:
+    """An empty store of each backend (``any_store`` in conftest.py)."""
+    return any_store
 
 
 def _closed_port() -> int:

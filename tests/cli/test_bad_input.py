@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.repo import ROOT
 from tests.s3_server import S3Server
-
-ROOT = Path(__file__).resolve().parents[1]
 
 VERBOSE_RUN = """
 import sys

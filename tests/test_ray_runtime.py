@@ -16,8 +16,7 @@ import pytest
 
 from genpi.config import RayConfig
 from genpi.reaper import marked_pids
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.repo import ROOT
 
 
 def _post_job(url: str, headers: dict[str, str]) -> int:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.repo import ROOT
+
 TINY = [
     "--profile", "local", "--ray.dashboard", "false", "--ray.num-cpus", "2", "--only", "shell-agent",
     "--models.generator.name", "tiny-random-llama", "--models.target.name", "tiny-random-llama",
