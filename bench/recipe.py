@@ -36,8 +36,15 @@ from genpi.train.stage import train_prompt  # noqa: E402
 
 RECIPES = {
     # The local profile before the fidelity work: 1 epoch, batch 8, top 15 layers, every PG example.
-    "before": {"train.epochs": 1, "train.batch_size": 8, "train.micro_batch_size": 2, "train.learning_rate": 3e-4,
-               "train.lora_layers": 15, "train.pg_fraction": 1.0, "train.pg_lambda": 0.3},
+    "before": {
+        "train.epochs": 1,
+        "train.batch_size": 8,
+        "train.micro_batch_size": 2,
+        "train.learning_rate": 3e-4,
+        "train.lora_layers": 15,
+        "train.pg_fraction": 1.0,
+        "train.pg_lambda": 0.3,
+    },
     # The shipped local profile.
     "local": {},
 }
@@ -78,12 +85,27 @@ def main() -> None:
             reports.append(evaluate_prompt(spec, cfg, store, real.get(spec.name, [])))
         rows = batch_rows(reports)
         print(f"\n## recipe {name}: {overrides}\n\n{batch_table(rows)}\n")
-        figures[name] = {"overrides": overrides, "train_seconds": seconds,
-                         "prompts": {r["prompt"]: {k: r[k] for k in ("adapter_format", "teacher_format", "base_format",
-                                                                      "format_retention", "nll_gap_closed", "passed")}
-                                     for r in rows},
-                         "real": {r["prompt"]: r["sets"]["real"]["comparison"].get("format_valid")
-                                  for r in reports if "real" in r["sets"]}}
+        figures[name] = {
+            "overrides": overrides,
+            "train_seconds": seconds,
+            "prompts": {
+                r["prompt"]: {
+                    k: r[k]
+                    for k in (
+                        "adapter_format",
+                        "teacher_format",
+                        "base_format",
+                        "format_retention",
+                        "nll_gap_closed",
+                        "passed",
+                    )
+                }
+                for r in rows
+            },
+            "real": {
+                r["prompt"]: r["sets"]["real"]["comparison"].get("format_valid") for r in reports if "real" in r["sets"]
+            },
+        }
     print(json.dumps({"bench": "recipe", "profile": args.profile, "recipes": figures}))
 
 

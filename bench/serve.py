@@ -48,8 +48,13 @@ from genpi.prompt.spec import PromptSpec  # noqa: E402
 from genpi.store import open_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-OBSERVATIONS = ["Output:\n3 files, 12 KB", "Output:\nPermission denied", "Output:\n(no output)",
-                "Output:\ndone", "Output:\n42"]
+OBSERVATIONS = [
+    "Output:\n3 files, 12 KB",
+    "Output:\nPermission denied",
+    "Output:\n(no output)",
+    "Output:\ndone",
+    "Output:\n42",
+]
 
 
 def copy_store(source: str, target: Path) -> None:
@@ -79,10 +84,24 @@ def free_port() -> int:
 
 def start_server(store: Path, prompts: Path, port: int, extra: list[str]) -> subprocess.Popen:
     log = open(store.parent / "serve.log", "w")
-    cmd = [sys.executable, "-m", "genpi.cli", "serve", "--store.url", str(store), "--prompts", str(prompts),
-           "--serve.port", str(port), "--ray.dashboard", "false", *extra]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "genpi.cli",
+        "serve",
+        "--store.url",
+        str(store),
+        "--prompts",
+        str(prompts),
+        "--serve.port",
+        str(port),
+        "--ray.dashboard",
+        "false",
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         text = (store.parent / "serve.log").read_text()
@@ -104,8 +123,14 @@ def conversation_turns(client: Any, model: str, first: str, turns: int, tokens: 
         started = time.perf_counter()
         reply = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=tokens)
         seconds = time.perf_counter() - started
-        out.append({"seconds": seconds, "tokens": reply.usage.completion_tokens, "messages": list(messages),
-                    "mode": reply.model_extra.get("genpi_mode")})
+        out.append(
+            {
+                "seconds": seconds,
+                "tokens": reply.usage.completion_tokens,
+                "messages": list(messages),
+                "mode": reply.model_extra.get("genpi_mode"),
+            }
+        )
         messages.append({"role": "assistant", "content": reply.choices[0].message.content})
     return out
 
@@ -132,12 +157,18 @@ def concurrent(client: Any, models: list[str], inputs: list[str], turns: int, to
     errors = [repr(r) for r in results if isinstance(r, BaseException)]
     done = [turn for r in results if not isinstance(r, BaseException) for turn in r]
     total = sum(turn["tokens"] for turn in done)
-    return {"wall_s": round(wall, 2), "tokens": total, "tokens_per_s": round(total / wall, 2), "errors": errors,
-            "modes": sorted({turn["mode"] for turn in done})}
+    return {
+        "wall_s": round(wall, 2),
+        "tokens": total,
+        "tokens_per_s": round(total / wall, 2),
+        "errors": errors,
+        "modes": sorted({turn["mode"] for turn in done}),
+    }
 
 
-def engine_turns(engine: Any, adapter: str | None, transcript: list[dict[str, Any]], prefix: list[dict[str, str]],
-                 tokens: int) -> list[float]:
+def engine_turns(
+    engine: Any, adapter: str | None, transcript: list[dict[str, Any]], prefix: list[dict[str, str]], tokens: int
+) -> list[float]:
     """Seconds per turn of the same requests on an engine in this process (``prefix``: the prompt's turns)."""
     from genpi.engines.base import SamplingParams
 
@@ -185,16 +216,28 @@ def main() -> None:
     prompt_dir = work / "prompts"
     prompt_dir.mkdir()
     fallback_name = f"{args.prompt}-prompt"
-    (prompt_dir / f"{fallback_name}.json").write_text(json.dumps(
-        {"name": fallback_name, "turns": [{"role": t.role, "content": t.content} for t in spec.turns]}))
-    inputs = [json.loads(line)["input"] for line in (ROOT / "inputs" / f"{args.prompt}.jsonl").read_text().splitlines()
-              if line.strip()]
+    (prompt_dir / f"{fallback_name}.json").write_text(
+        json.dumps({"name": fallback_name, "turns": [{"role": t.role, "content": t.content} for t in spec.turns]})
+    )
+    inputs = [
+        json.loads(line)["input"]
+        for line in (ROOT / "inputs" / f"{args.prompt}.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     inputs = [inputs[k % len(inputs)] for k in range(args.clients)]
 
     port = free_port()
-    extra = ["--models.target.name", entry.base_model, "--serve.num-cpus", str(args.threads),
-             "--models.target.threads", str(args.threads),
-             "--models.target.backend", "hf", *args.serve_args.split()]
+    extra = [
+        "--models.target.name",
+        entry.base_model,
+        "--serve.num-cpus",
+        str(args.threads),
+        "--models.target.threads",
+        str(args.threads),
+        "--models.target.backend",
+        "hf",
+        *args.serve_args.split(),
+    ]
     server = start_server(store_dir, prompt_dir, port, extra)
     result: dict[str, Any] = {}
     try:
@@ -219,11 +262,14 @@ def main() -> None:
         def later(values: list[float]) -> float:
             return sum(values[1:]) / max(1, len(values) - 1)
 
-        batch1 = {"adapter_s": later([t["seconds"] for t in adapter_turns]),
-                  "prompt_cached_s": later([t["seconds"] for t in prompt_turns]),
-                  "prompt_recomputed_s": later(recompute), "adapter_engine_s": later(own_adapter),
-                  "adapter_tokens": [t["tokens"] for t in adapter_turns],
-                  "prompt_tokens": [t["tokens"] for t in prompt_turns]}
+        batch1 = {
+            "adapter_s": later([t["seconds"] for t in adapter_turns]),
+            "prompt_cached_s": later([t["seconds"] for t in prompt_turns]),
+            "prompt_recomputed_s": later(recompute),
+            "adapter_engine_s": later(own_adapter),
+            "adapter_tokens": [t["tokens"] for t in adapter_turns],
+            "prompt_tokens": [t["tokens"] for t in prompt_turns],
+        }
 
         # concurrency: one prompt, adapter vs prompt mode; then four adapters
         phase("batch1", batch1)
@@ -236,8 +282,9 @@ def main() -> None:
         published_at = time.perf_counter()
         hot_s = None
         while time.perf_counter() - published_at < 60:
-            reply = client.chat.completions.create(model=args.prompt, messages=[{"role": "user", "content": "hi"}],
-                                                   max_tokens=1)
+            reply = client.chat.completions.create(
+                model=args.prompt, messages=[{"role": "user", "content": "hi"}], max_tokens=1
+            )
             if reply.system_fingerprint == f"{args.prompt}@hot":
                 hot_s = round(time.perf_counter() - published_at, 2)
                 break
@@ -249,11 +296,21 @@ def main() -> None:
             "mixed_vs_single": round(mixed["tokens_per_s"] / single["tokens_per_s"], 3),
             "http_overhead": round(sum(t["seconds"] for t in adapter_turns) / sum(own_adapter), 3),
             "hot_publish_s": hot_s,
-            "detail": {"batch1": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in batch1.items()},
-                       "single_adapter": single, "prompt_mode": prompted, "four_adapters": mixed,
-                       "adapters": names[:4], "prompt": args.prompt, "clients": args.clients, "turns": args.turns,
-                       "max_tokens": args.tokens, "threads": args.threads, "model": entry.base_model,
-                       "cpu": os.cpu_count()}}
+            "detail": {
+                "batch1": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in batch1.items()},
+                "single_adapter": single,
+                "prompt_mode": prompted,
+                "four_adapters": mixed,
+                "adapters": names[:4],
+                "prompt": args.prompt,
+                "clients": args.clients,
+                "turns": args.turns,
+                "max_tokens": args.tokens,
+                "threads": args.threads,
+                "model": entry.base_model,
+                "cpu": os.cpu_count(),
+            },
+        }
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)

@@ -45,10 +45,16 @@ from genpi.prompt.files import load_prompt  # noqa: E402
 from genpi.prompt.views import teacher_messages  # noqa: E402
 from genpi.synth.roleplay import role_play  # noqa: E402
 
-TASKS = ["Count the regular files under /var/log.", "Which process uses the most memory right now?",
-         "Print the kernel version.", "How many users have a login shell of /bin/bash?",
-         "Find the largest file in /etc.", "How much free space is left on /?",
-         "List the listening TCP ports.", "What time zone is this machine set to?"]
+TASKS = [
+    "Count the regular files under /var/log.",
+    "Which process uses the most memory right now?",
+    "Print the kernel version.",
+    "How many users have a login shell of /bin/bash?",
+    "Find the largest file in /etc.",
+    "How much free space is left on /?",
+    "List the listening TCP ports.",
+    "What time zone is this machine set to?",
+]
 
 
 class Counted:
@@ -69,8 +75,11 @@ PROJECTED_SAMPLES = 1000  # one prompt's data in the paper
 def timed_role_play(spec, cfg, engine, inputs, batched: bool) -> tuple[float, int, list[dict]]:
     counted = Counted(engine)
     start = time.perf_counter()
-    out = role_play(spec, cfg, counted, inputs) if batched else \
-        [role_play(spec, cfg, counted, [record])[0] for record in inputs]
+    out = (
+        role_play(spec, cfg, counted, inputs)
+        if batched
+        else [role_play(spec, cfg, counted, [record])[0] for record in inputs]
+    )
     return time.perf_counter() - start, counted.tokens, out
 
 
@@ -89,22 +98,32 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=32)
     parser.add_argument("--turns", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--baseline-inputs", type=int, default=0,
-                        help="conversations the one-at-a-time baseline times (0: all of them)")
+    parser.add_argument(
+        "--baseline-inputs", type=int, default=0, help="conversations the one-at-a-time baseline times (0: all of them)"
+    )
     args = parser.parse_args()
 
     spec = load_prompt(args.prompt)
-    cfg = SynthConfig(max_turns=args.turns, agent_max_tokens=args.max_tokens, env_max_tokens=args.max_tokens,
-                      agent_resamples=0)
-    inputs = [{"id": i, "input": TASKS[i % len(TASKS)] + ("" if i < len(TASKS) else f" (case {i})")}
-              for i in range(args.inputs)]
+    cfg = SynthConfig(
+        max_turns=args.turns, agent_max_tokens=args.max_tokens, env_max_tokens=args.max_tokens, agent_resamples=0
+    )
+    inputs = [
+        {"id": i, "input": TASKS[i % len(TASKS)] + ("" if i < len(TASKS) else f" (case {i})")}
+        for i in range(args.inputs)
+    ]
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    figures: dict[str, Any] = {"bench": "synthesis", "what": "self role-play", "device": device,
-                               "baseline": "one conversation at a time (the authors' scripts), transformers KV cache",
-                               "model": args.model, "conversations": len(inputs), "max_turns": args.turns,
-                               "max_tokens": args.max_tokens}
+    figures: dict[str, Any] = {
+        "bench": "synthesis",
+        "what": "self role-play",
+        "device": device,
+        "baseline": "one conversation at a time (the authors' scripts), transformers KV cache",
+        "model": args.model,
+        "conversations": len(inputs),
+        "max_turns": args.turns,
+        "max_tokens": args.max_tokens,
+    }
     runs: dict[str, tuple[float, int, list[dict]]] = {}
 
     hf = HFEngine(args.model, batch_size=max(1, args.inputs))
@@ -113,7 +132,7 @@ def main() -> None:
     warm_cfg = SynthConfig(max_turns=1, agent_max_tokens=4, env_max_tokens=4, agent_resamples=0)
     role_play(spec, warm_cfg, hf, inputs)
     hf.prefix_sharing, hf.growing_kv = False, False
-    baseline = inputs[:args.baseline_inputs] if args.baseline_inputs else inputs
+    baseline = inputs[: args.baseline_inputs] if args.baseline_inputs else inputs
     figures["baseline_conversations"] = len(baseline)
     runs["one_at_a_time"] = timed_role_play(spec, cfg, hf, baseline, batched=False)
     hf.prefix_sharing, hf.growing_kv = True, True
@@ -137,8 +156,10 @@ def main() -> None:
 
         ray_runtime.connect(RayConfig(num_cpus=2, dashboard=False))
         # Both cores, as the hf engine above has them (an engine's threads follow its reservation).
-        pool = EnginePool(ModelConfig(name=args.model, backend="vllm", num_gpus=0, num_cpus=2,
-                                      batch_size=max(1, args.inputs)), "target")
+        pool = EnginePool(
+            ModelConfig(name=args.model, backend="vllm", num_gpus=0, num_cpus=2, batch_size=max(1, args.inputs)),
+            "target",
+        )
         try:
             role_play(spec, warm_cfg, pool, inputs)  # warm-up
             runs["vllm"] = timed_role_play(spec, cfg, pool, inputs, batched=True)
@@ -156,9 +177,11 @@ def main() -> None:
         figures[f"{name}_s"] = round(seconds, 2)
         figures[f"{name}_tok_s"] = round(tokens / seconds, 1)
         figures[f"{name}_speedup"] = round(base / per_conversation(name), 2)
-        line = (f"{name:>14}: {seconds:8.2f} s for {len(out)}, {tokens / seconds:6.1f} tok/s "
-                f"({base / per_conversation(name):5.2f}x one at a time per conversation; "
-                f"{same}/{len(out)} conversations identical to hf)")
+        line = (
+            f"{name:>14}: {seconds:8.2f} s for {len(out)}, {tokens / seconds:6.1f} tok/s "
+            f"({base / per_conversation(name):5.2f}x one at a time per conversation; "
+            f"{same}/{len(out)} conversations identical to hf)"
+        )
         if f"{name}_raw_tok_s" in figures:
             figures[f"{name}_share_of_raw"] = round(tokens / seconds / figures[f"{name}_raw_tok_s"], 2)
             line += f"; {figures[f'{name}_share_of_raw']:.0%} of its raw batched {figures[f'{name}_raw_tok_s']} tok/s"
@@ -168,8 +191,10 @@ def main() -> None:
     sample_tokens = runs[best][1] / len(inputs) + 2 * args.max_tokens  # + student and teacher outputs
     minutes = PROJECTED_SAMPLES * sample_tokens / figures[f"{best}_tok_s"] / 60
     figures["projected_1000_samples_target_min"] = round(minutes, 1)
-    print(f"projected target work for {PROJECTED_SAMPLES} samples ({sample_tokens:.0f} generated tokens each) "
-          f"on {device} with {best}: {minutes:.1f} min")
+    print(
+        f"projected target work for {PROJECTED_SAMPLES} samples ({sample_tokens:.0f} generated tokens each) "
+        f"on {device} with {best}: {minutes:.1f} min"
+    )
     print(json.dumps(figures))
 
 

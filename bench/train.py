@@ -62,13 +62,18 @@ def load_examples(args: argparse.Namespace, cfg: Any) -> tuple[list[RecordExampl
 
     spec = next(s for s in load_prompts(args.prompts) if s.name == args.prompt)
     if args.records:
-        records, source = [json.loads(line) for line in Path(args.records).read_text().splitlines() if line], args.records
+        records, source = (
+            [json.loads(line) for line in Path(args.records).read_text().splitlines() if line],
+            args.records,
+        )
     else:
         store = open_store(args.store)
         key = f"{artifacts.synth_prefix(spec, cfg)}/records.jsonl"
         if not store.exists(key):
-            raise SystemExit(f"no synthesized records for {spec.name} under {store.location(key)}: run `make run` "
-                             f"first (same profile), or pass --store.url or --records")
+            raise SystemExit(
+                f"no synthesized records for {spec.name} under {store.location(key)}: run `make run` "
+                f"first (same profile), or pass --store.url or --records"
+            )
         records, source = store.get_jsonl(key), store.location(key)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.models.target.name))
     examples, _ = build_examples(tokenizer, records, spec, cfg.train.max_seq_len)
@@ -81,7 +86,7 @@ def plain_step(model: Any, step: list[RecordExamples], micro: int, pad_id: int) 
     together, its PG examples together), each through ``labels=`` and ``.loss``, token-weighted."""
     total = label_tokens([x for e in step for x in (e.sft, e.pg) if x is not None])
     for start in range(0, len(step), micro):
-        records = step[start:start + micro]
+        records = step[start : start + micro]
         for examples in ([e.sft for e in records if e.sft is not None], [e.pg for e in records if e.pg is not None]):
             if not examples:
                 continue
@@ -122,10 +127,18 @@ def run_loop(kind: str, cfg_dict: dict, steps: list[list[RecordExamples]], queue
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put({"tokens_per_s": round(tokens / seconds, 1), "supervised_tokens": tokens, "records": records,
-               "seconds": round(seconds, 2), "seconds_per_record": round(seconds / records, 4),
-               "peak_mib": round(peak, 1), "quantized_nf4": bool(getattr(model, "is_loaded_in_4bit", False)),
-               "optimizer": type(optimizer).__name__})
+    queue.put(
+        {
+            "tokens_per_s": round(tokens / seconds, 1),
+            "supervised_tokens": tokens,
+            "records": records,
+            "seconds": round(seconds, 2),
+            "seconds_per_record": round(seconds / records, 4),
+            "peak_mib": round(peak, 1),
+            "quantized_nf4": bool(getattr(model, "is_loaded_in_4bit", False)),
+            "optimizer": type(optimizer).__name__,
+        }
+    )
 
 
 def in_child(kind: str, cfg_dict: dict, steps: list[list[RecordExamples]]) -> dict:
@@ -154,10 +167,19 @@ def main() -> None:
     parser.add_argument("--records", default="", help="a synthesized records.jsonl to train on instead of the store's")
     parser.add_argument("--model", default="", help="target model (default: the profile's)")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps timed (after one warm-up step)")
-    parser.add_argument("--loops", default="plain,ours", choices=("plain,ours", "ours"),
-                        help="both loops, or ours alone (its projection only)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config setting, as the job's flags (e.g. train.micro_batch_size=8); repeatable")
+    parser.add_argument(
+        "--loops",
+        default="plain,ours",
+        choices=("plain,ours", "ours"),
+        help="both loops, or ours alone (its projection only)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config setting, as the job's flags (e.g. train.micro_batch_size=8); repeatable",
+    )
     args = parser.parse_args()
     overrides: dict[str, Any] = {"train.pg_fraction": 1.0}  # every step carries PG: the hard case
     for setting in args.set:
@@ -176,16 +198,33 @@ def main() -> None:
     ratio = results["plain"]["tokens_per_s"] / results["ours"]["tokens_per_s"] if len(results) == 2 else None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     paper_minutes = PAPER_RUN["samples"] * PAPER_RUN["epochs"] * results["ours"]["seconds_per_record"] / 60
-    print(f"projected paper-sized run ({PAPER_RUN['samples']} samples x {PAPER_RUN['epochs']} epochs, each sample "
-          f"an SFT and a PG example as here) on {device}: {paper_minutes:.1f} min", flush=True)
-    print(json.dumps({"bench": "train", "device": device, "profile": args.profile,
-                      "model": cfg.models.target.name, "method": cfg.train.method, "examples_from": source,
-                      "records": len(examples), "steps": args.steps, "batch_size": b,
-                      "micro_batch_size": cfg.train.micro_batch_size,
-                      "gradient_checkpointing": cfg.train.gradient_checkpointing, "quantization": cfg.train.quantization,
-                      "ours": results["ours"], "plain": results.get("plain"),
-                      "ours_cost_per_token_vs_plain": ratio and round(ratio, 3),
-                      "projected_paper_run_min": round(paper_minutes, 1)}))
+    print(
+        f"projected paper-sized run ({PAPER_RUN['samples']} samples x {PAPER_RUN['epochs']} epochs, each sample "
+        f"an SFT and a PG example as here) on {device}: {paper_minutes:.1f} min",
+        flush=True,
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "train",
+                "device": device,
+                "profile": args.profile,
+                "model": cfg.models.target.name,
+                "method": cfg.train.method,
+                "examples_from": source,
+                "records": len(examples),
+                "steps": args.steps,
+                "batch_size": b,
+                "micro_batch_size": cfg.train.micro_batch_size,
+                "gradient_checkpointing": cfg.train.gradient_checkpointing,
+                "quantization": cfg.train.quantization,
+                "ours": results["ours"],
+                "plain": results.get("plain"),
+                "ours_cost_per_token_vs_plain": ratio and round(ratio, 3),
+                "projected_paper_run_min": round(paper_minutes, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

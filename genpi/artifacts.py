@@ -37,15 +37,24 @@ def model_identity(model: ModelConfig) -> dict[str, Any]:
     """What of a model role changes its outputs. Placement (replicas, devices, batch size) changes
     speed, not the data; the backend stays: two engines give different bf16 numerics. The model
     enters by its content as well as its name: new weights under the same name are a new model."""
-    return {"name": model.name, "content": model_fingerprint(model.name), "backend": model.backend,
-            "dtype": model.dtype, "max_context": model.max_context}
+    return {
+        "name": model.name,
+        "content": model_fingerprint(model.name),
+        "backend": model.backend,
+        "dtype": model.dtype,
+        "max_context": model.max_context,
+    }
 
 
 def synth_key(cfg: GenPIConfig) -> dict[str, Any]:
     """Everything synthesized data depends on (hashed into its store key)."""
     synth = {k: v for k, v in dataclasses.asdict(cfg.synth).items() if k != "prompts_in_flight"}
-    return {"version": SYNTH_VERSION, "synth": synth, "generator": model_identity(cfg.models.generator),
-            "target": model_identity(cfg.models.target)}
+    return {
+        "version": SYNTH_VERSION,
+        "synth": synth,
+        "generator": model_identity(cfg.models.generator),
+        "target": model_identity(cfg.models.target),
+    }
 
 
 def train_key(cfg: GenPIConfig) -> dict[str, Any]:
@@ -60,8 +69,12 @@ def train_key(cfg: GenPIConfig) -> dict[str, Any]:
     read = set(METHOD_SETTINGS[cfg.train.method])
     for name in {n for settings in METHOD_SETTINGS.values() for n in settings} - read:
         train.pop(name)
-    return {"version": TRAIN_VERSION, "train": train, "split": dataclasses.asdict(cfg.split),
-            "target": model_identity(cfg.models.target)}
+    return {
+        "version": TRAIN_VERSION,
+        "train": train,
+        "split": dataclasses.asdict(cfg.split),
+        "target": model_identity(cfg.models.target),
+    }
 
 
 def eval_key(cfg: GenPIConfig) -> dict[str, Any]:
@@ -69,8 +82,12 @@ def eval_key(cfg: GenPIConfig) -> dict[str, Any]:
     evaluation = dataclasses.asdict(cfg.eval)
     for resource in ("num_gpus", "num_cpus", "threads", "batch_size"):
         evaluation.pop(resource)
-    return {"version": EVAL_VERSION, "eval": evaluation, "split": dataclasses.asdict(cfg.split),
-            "target": model_identity(cfg.models.target)}
+    return {
+        "version": EVAL_VERSION,
+        "eval": evaluation,
+        "split": dataclasses.asdict(cfg.split),
+        "target": model_identity(cfg.models.target),
+    }
 
 
 def synth_hash(cfg: GenPIConfig) -> str:
@@ -127,6 +144,11 @@ def published_version(spec: PromptSpec, cfg: GenPIConfig) -> str:
 
 def batch_prefix(specs: list[PromptSpec], cfg: GenPIConfig, real_inputs: dict[str, list[str]]) -> str:
     runs = [run_hash(r) for r in cfg.train_runs()]
-    return "batches/" + fingerprint({"prompts": [s.prompt_hash for s in specs],
-                                     "run": runs[0] if len(runs) == 1 else runs,
-                                     "eval": eval_hash(cfg), "user_inputs": real_inputs})
+    return "batches/" + fingerprint(
+        {
+            "prompts": [s.prompt_hash for s in specs],
+            "run": runs[0] if len(runs) == 1 else runs,
+            "eval": eval_hash(cfg),
+            "user_inputs": real_inputs,
+        }
+    )

@@ -20,8 +20,11 @@ DEFAULT_CONTEXT = 2048  # what a model config without max_position_embeddings is
 def chat_ids(tokenizer: Any, messages: Conversation, generation_prompt: bool = False) -> list[int]:
     """Token ids of ``messages`` rendered with the model's chat template (plus the assistant's
     generation header when ``generation_prompt``)."""
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
-                                              tokenize=True, return_dict=True)["input_ids"])
+    return list(
+        tokenizer.apply_chat_template(
+            messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=True
+        )["input_ids"]
+    )
 
 
 def request_ids(tokenizer: Any, conversation: Conversation) -> list[int]:
@@ -30,9 +33,15 @@ def request_ids(tokenizer: Any, conversation: Conversation) -> list[int]:
     A conversation that ends with an assistant message is a prefilled answer: the reply continues
     that message (no end of turn after it, no new header); like every reply, it comes stripped."""
     prefilled = bool(conversation) and conversation[-1]["role"] == "assistant"
-    return list(tokenizer.apply_chat_template(conversation, add_generation_prompt=not prefilled,
-                                              continue_final_message=prefilled, tokenize=True,
-                                              return_dict=True)["input_ids"])
+    return list(
+        tokenizer.apply_chat_template(
+            conversation,
+            add_generation_prompt=not prefilled,
+            continue_final_message=prefilled,
+            tokenize=True,
+            return_dict=True,
+        )["input_ids"]
+    )
 
 
 def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
@@ -47,6 +56,9 @@ def context_length(config: Any, default: int = DEFAULT_CONTEXT) -> int:
     """A model's context length from its config (a transformers config, a dict, or a model folder)."""
     if isinstance(config, (str, Path)):
         config = json.loads((Path(config) / "config.json").read_text())
-    value = config.get("max_position_embeddings") if isinstance(config, dict) else \
-        getattr(config, "max_position_embeddings", None)
+    value = (
+        config.get("max_position_embeddings")
+        if isinstance(config, dict)
+        else getattr(config, "max_position_embeddings", None)
+    )
     return int(value) if value else default

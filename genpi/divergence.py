@@ -18,6 +18,7 @@ def topk_tail_kl(p_logprobs: torch.Tensor, q_logprobs: torch.Tensor, k: int) -> 
     q_tail = (1 - q.sum(-1)).clamp_min(0)
     tiny = torch.finfo(torch.float32).tiny
     kl = (p * (top - q.clamp_min(tiny).log())).sum(-1)
-    tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(tiny).log() - q_tail.clamp_min(tiny).log()),
-                       torch.zeros_like(p_tail))
+    tail = torch.where(
+        p_tail > 0, p_tail * (p_tail.clamp_min(tiny).log() - q_tail.clamp_min(tiny).log()), torch.zeros_like(p_tail)
+    )
     return (kl + tail).clamp_min(0)

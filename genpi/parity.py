@@ -35,8 +35,10 @@ def record(engine: Any, adapter: str, inputs: list[str]) -> list[dict[str, Any]]
     """Probe records for a manifest: messages, the adapter's answer, and how it was decoded."""
     conversations = probe_conversations(inputs)
     replies = answers(engine, conversations, adapter, PROBE_TOKENS)
-    return [{"messages": c, "reply": r, "max_tokens": PROBE_TOKENS, "dtype": PROBE_DTYPE}
-            for c, r in zip(conversations, replies)]
+    return [
+        {"messages": c, "reply": r, "max_tokens": PROBE_TOKENS, "dtype": PROBE_DTYPE}
+        for c, r in zip(conversations, replies)
+    ]
 
 
 def verdict(engine: Any, adapter: str, probes: list[dict[str, Any]]) -> str | None:
@@ -47,8 +49,10 @@ def verdict(engine: Any, adapter: str, probes: list[dict[str, Any]]) -> str | No
     served = answers(engine, conversations, adapter, max_tokens)
     for k, (probe, reply) in enumerate(zip(probes, served)):
         if reply != probe["reply"]:
-            return (f"parity check failed: probe {k} answered {reply[:60]!r}, the trained adapter answered "
-                    f"{probe['reply'][:60]!r}")
+            return (
+                f"parity check failed: probe {k} answered {reply[:60]!r}, the trained adapter answered "
+                f"{probe['reply'][:60]!r}"
+            )
     if served == answers(engine, conversations, None, max_tokens):
         return "parity check failed: the adapter answers every probe as the base model does (it changes nothing)"
     return None

@@ -47,8 +47,11 @@ def connect(cfg: RayConfig) -> str:
     marker = secrets.token_hex(16)
     _reaper = subprocess.Popen(
         [sys.executable, reaper.__file__, marker, str(os.getpid()), temp_dir, "0" if cfg.temp_dir else "1"],
-        stdin=subprocess.PIPE, start_new_session=True, cwd="/",
-        env={k: v for k, v in os.environ.items() if k != reaper.MARKER_VAR})
+        stdin=subprocess.PIPE,
+        start_new_session=True,
+        cwd="/",
+        env={k: v for k, v in os.environ.items() if k != reaper.MARKER_VAR},
+    )
     os.environ.update({reaper.MARKER_VAR: marker, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": _TOKEN})
     # Ray read its auth mode when it was imported: make it read the environment again (as ray.init
     # does itself when it turns token auth on by default).
@@ -57,9 +60,15 @@ def connect(cfg: RayConfig) -> str:
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
     try:
-        context = ray.init(num_cpus=cfg.num_cpus or None, include_dashboard=cfg.dashboard,
-                           dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
-                           runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        context = ray.init(
+            num_cpus=cfg.num_cpus or None,
+            include_dashboard=cfg.dashboard,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            _temp_dir=temp_dir,
+            runtime_env={"env_vars": env_vars},
+            log_to_driver=True,
+        )
     except BaseException:
         disconnect()
         raise

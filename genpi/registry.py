@@ -99,16 +99,23 @@ def publish(store: ArtifactStore, source: str, entry: PublishedAdapter) -> Publi
         files = _digests(folder)
         if store.exists(manifest):
             return _same_or_conflict(store, entry, files)
-        entry = dataclasses.replace(entry, source=store.location(source), files=files,
-                                    published_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        entry = dataclasses.replace(
+            entry,
+            source=store.location(source),
+            files=files,
+            published_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
         for name, digest in files.items():
             key = f"{entry.prefix}/{name}"
-            if not store.create_bytes(key, (folder / name).read_bytes()) and \
-                    file_digest(store.get_bytes(key)) != digest:
+            if (
+                not store.create_bytes(key, (folder / name).read_bytes())
+                and file_digest(store.get_bytes(key)) != digest
+            ):
                 raise PublishConflict(
                     f"{store.location(key)} holds another file than {store.location(source)}: another job is "
                     f"publishing {entry.name} from another adapter; if it has no {MANIFEST} once that job "
-                    f"ended, delete {store.location(entry.prefix)} and rerun")
+                    f"ended, delete {store.location(entry.prefix)} and rerun"
+                )
     # last: the manifest is what makes the version exist, and only one writer creates it
     if store.create_json(manifest, entry.to_json()):
         return entry
@@ -119,9 +126,11 @@ def _same_or_conflict(store: ArtifactStore, entry: PublishedAdapter, files: dict
     """The version already published, when it is these files; else a PublishConflict naming it."""
     existing = PublishedAdapter.from_json(store.get_json(f"{entry.prefix}/{MANIFEST}"))
     if existing.files != files:
-        raise PublishConflict(f"{existing.name} is already published from other files "
-                              f"({existing.source or 'another run'}, {existing.published_at}); versions are "
-                              f"immutable: publish under another version")
+        raise PublishConflict(
+            f"{existing.name} is already published from other files "
+            f"({existing.source or 'another run'}, {existing.published_at}); versions are "
+            f"immutable: publish under another version"
+        )
     return existing
 
 
@@ -132,13 +141,16 @@ def download(store: ArtifactStore, entry: PublishedAdapter, folder: str | Path) 
     got = {k: v for k, v in _digests(local).items() if k != MANIFEST}
     for name, want in entry.files.items():
         if got.get(name, {}).get("sha256") != want.get("sha256"):
-            raise RegistryError(f"{entry.name}: file {name} differs from the digest its manifest records "
-                                f"(the published version was altered); it is not served")
+            raise RegistryError(
+                f"{entry.name}: file {name} differs from the digest its manifest records "
+                f"(the published version was altered); it is not served"
+            )
     return local
 
 
-def published(store: ArtifactStore, prompt: str | None = None,
-              read: dict[str, PublishedAdapter] | None = None) -> list[PublishedAdapter]:
+def published(
+    store: ArtifactStore, prompt: str | None = None, read: dict[str, PublishedAdapter] | None = None
+) -> list[PublishedAdapter]:
     """Every published adapter (of ``prompt`` when given), newest first.
 
     ``read`` keeps the manifests read, by key, across calls: a version is immutable, so a reader
@@ -166,13 +178,17 @@ def resolve(store: ArtifactStore, model: str) -> PublishedAdapter:
         if store.exists(key):
             return PublishedAdapter.from_json(store.get_json(key))
         versions = [e.version for e in published(store, prompt)]
-        raise RegistryError(f"{prompt!r} has no published version {version!r}"
-                            + (f"; published: {', '.join(versions)}" if versions else "; nothing of it is published"))
+        raise RegistryError(
+            f"{prompt!r} has no published version {version!r}"
+            + (f"; published: {', '.join(versions)}" if versions else "; nothing of it is published")
+        )
     entries = published(store, prompt) if prompt else []
     if not entries:
         names = sorted({e.prompt for e in published(store)})
-        raise RegistryError(f"no published adapter for {prompt!r}"
-                            + (f"; published prompts: {', '.join(names)}" if names else "; nothing is published yet"))
+        raise RegistryError(
+            f"no published adapter for {prompt!r}"
+            + (f"; published prompts: {', '.join(names)}" if names else "; nothing is published yet")
+        )
     return entries[0]
 
 

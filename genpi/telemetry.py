@@ -18,17 +18,30 @@ def _metrics() -> dict[str, Any]:
     from ray.util.metrics import Counter, Gauge, Histogram
 
     return {
-        "prompts": Counter("genpi_prompts", "prompts that ended a batch, by outcome (published, gate_failed, "
-                           "failed)", tag_keys=("outcome",)),
-        "stage": Histogram("genpi_stage_seconds", "wall time of one prompt's stage", boundaries=STAGE_SECONDS,
-                           tag_keys=("prompt", "stage")),
+        "prompts": Counter(
+            "genpi_prompts",
+            "prompts that ended a batch, by outcome (published, gate_failed, failed)",
+            tag_keys=("outcome",),
+        ),
+        "stage": Histogram(
+            "genpi_stage_seconds",
+            "wall time of one prompt's stage",
+            boundaries=STAGE_SECONDS,
+            tag_keys=("prompt", "stage"),
+        ),
         "tokens": Counter("genpi_tokens_generated", "tokens the engines generated", tag_keys=("role", "model")),
         "loss": Gauge("genpi_train_loss", "training loss at the latest step", tag_keys=("prompt", "run")),
-        "tokens_per_s": Gauge("genpi_train_tokens_per_second", "supervised tokens per second of the latest step",
-                              tag_keys=("prompt", "run")),
+        "tokens_per_s": Gauge(
+            "genpi_train_tokens_per_second",
+            "supervised tokens per second of the latest step",
+            tag_keys=("prompt", "run"),
+        ),
         "step": Gauge("genpi_train_step", "optimizer steps done", tag_keys=("prompt", "run")),
-        "fidelity": Gauge("genpi_gate_fidelity", "the gate's figures on the test split (format retention, NLL gap "
-                          "closed)", tag_keys=("prompt", "metric")),
+        "fidelity": Gauge(
+            "genpi_gate_fidelity",
+            "the gate's figures on the test split (format retention, NLL gap closed)",
+            tag_keys=("prompt", "metric"),
+        ),
     }
 
 

@@ -67,8 +67,10 @@ def mini_spec(**changes) -> PromptSpec:
         name="mini-shell",
         source="prompts/mini-shell.md",
         turns=(
-            Turn("system", "You are a shell agent. Reply with Think: and then Act: bash, Act: answer(...) "
-                           "or Act: finish."),
+            Turn(
+                "system",
+                "You are a shell agent. Reply with Think: and then Act: bash, Act: answer(...) or Act: finish.",
+            ),
             Turn("user", "Task: how many files are in /etc?"),
             Turn("assistant", "Think: count them.\nAct: bash\n```bash\nls /etc | wc -l\n```"),
             Turn("user", "Output: 42"),
@@ -76,10 +78,16 @@ def mini_spec(**changes) -> PromptSpec:
             Turn("user", "Task: make a folder /srv/x and tell me when it is done."),
         ),
         max_turns=4,
-        environment=EnvironmentSpec(description="A Linux shell that runs the agent's bash block.",
-                                    end_condition="the agent answered or finished", end_token="<END>"),
-        example_inputs=("Count the lines of /etc/passwd.", "Create the user deploy with home /home/deploy.",
-                        "Show the free disk space on the root filesystem."),
+        environment=EnvironmentSpec(
+            description="A Linux shell that runs the agent's bash block.",
+            end_condition="the agent answered or finished",
+            end_token="<END>",
+        ),
+        example_inputs=(
+            "Count the lines of /etc/passwd.",
+            "Create the user deploy with home /home/deploy.",
+            "Show the free disk space on the root filesystem.",
+        ),
         action_format=ActionFormat(actions=ACTIONS, final=FINAL),
     )
     fields.update(changes)
@@ -87,6 +95,7 @@ def mini_spec(**changes) -> PromptSpec:
 
 
 # ------------------------------------------------------------------ classifying requests
+
 
 def kind_of(conversation: Conversation) -> str:
     """Which GenPI request a conversation is: inputs, reason, environment, student or agent."""
@@ -136,8 +145,9 @@ class World:
 
     CHATTY = "Sure! I measured the folder for you."
 
-    def __init__(self, spec: PromptSpec, chatty_turn: Callable[[str], int] = lambda task: 0,
-                 sampling_fixes_chatty: bool = False):
+    def __init__(
+        self, spec: PromptSpec, chatty_turn: Callable[[str], int] = lambda task: 0, sampling_fixes_chatty: bool = False
+    ):
         self.spec = spec
         self.chatty_turn = chatty_turn
         self.sampling_fixes_chatty = sampling_fixes_chatty

@@ -181,8 +181,7 @@ def _wait_ready(process: WeedProcess, log: Path, timeout: float) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ServerExited(
-                f"weed mini exited with code {proc.returncode} while starting; log {log}:\n"
-                f"{log_tail(log)}"
+                f"weed mini exited with code {proc.returncode} while starting; log {log}:\n{log_tail(log)}"
             )
         try:
             try:
@@ -201,9 +200,7 @@ def _wait_ready(process: WeedProcess, log: Path, timeout: float) -> None:
     )
 
 
-def start_seaweedfs(
-    weed_bin: str, data_dir: Path, timeout: float = START_TIMEOUT_S
-) -> WeedProcess:
+def start_seaweedfs(weed_bin: str, data_dir: Path, timeout: float = START_TIMEOUT_S) -> WeedProcess:
     """Start ``weed mini`` in ``data_dir`` and wait until its S3 API accepts writes."""
     data_dir.mkdir(parents=True, exist_ok=True)
     config = data_dir / "s3.json"

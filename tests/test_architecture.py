@@ -18,17 +18,49 @@ PACKAGE = Path(__file__).resolve().parents[1] / "genpi"
 
 LAYERS = {
     "cli": 4,
-    "batch": 3, "serve": 3,
-    "synth": 2, "train": 2, "evaluate": 2,
-    "prompt": 1, "engines": 1, "store": 1, "registry": 1, "parity": 1, "artifacts": 1, "models": 1,
-    "chat": 0, "config": 0, "devices": 0, "divergence": 0, "embeddings": 0, "errors": 0, "fingerprint": 0,
-    "ray_runtime": 0, "reaper": 0, "telemetry": 0, "__init__": 0,
+    "batch": 3,
+    "serve": 3,
+    "synth": 2,
+    "train": 2,
+    "evaluate": 2,
+    "prompt": 1,
+    "engines": 1,
+    "store": 1,
+    "registry": 1,
+    "parity": 1,
+    "artifacts": 1,
+    "models": 1,
+    "chat": 0,
+    "config": 0,
+    "devices": 0,
+    "divergence": 0,
+    "embeddings": 0,
+    "errors": 0,
+    "fingerprint": 0,
+    "ray_runtime": 0,
+    "reaper": 0,
+    "telemetry": 0,
+    "__init__": 0,
 }
 ISOLATED = ({"synth", "train", "evaluate"}, {"batch", "serve"})  # no unit of a set imports another of it
 FORBIDDEN = {"train": {"engines"}}
 # The server reads what the job wrote only through the registry: these and nothing else.
-ONLY = {"serve": {"registry", "engines", "prompt", "chat", "config", "store", "errors", "models", "devices",
-                  "ray_runtime", "fingerprint", "parity"}}
+ONLY = {
+    "serve": {
+        "registry",
+        "engines",
+        "prompt",
+        "chat",
+        "config",
+        "store",
+        "errors",
+        "models",
+        "devices",
+        "ray_runtime",
+        "fingerprint",
+        "parity",
+    }
+}
 
 
 def unit_of(module: str) -> str | None:
@@ -61,8 +93,11 @@ def imports() -> list[tuple[str, str, str]]:
 
 
 def test_every_unit_has_a_layer() -> None:
-    units = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
-             if (p.suffix == ".py" or (p / "__init__.py").is_file())}
+    units = {
+        p.stem if p.is_file() else p.name
+        for p in PACKAGE.iterdir()
+        if (p.suffix == ".py" or (p / "__init__.py").is_file())
+    }
     assert units <= set(LAYERS), f"give these a layer in {__file__}: {sorted(units - set(LAYERS))}"
 
 

@@ -25,7 +25,14 @@ def test_defaults_are_the_papers() -> None:
     assert (cfg.synth.input_temperature, cfg.synth.input_top_p) == (1.0, 0.9)
     assert (cfg.synth.reason_temperature, cfg.synth.reason_top_p) == (0.7, 0.9)
     t = cfg.train
-    assert (t.lora_r, t.lora_alpha, t.lora_dropout, t.learning_rate, t.epochs, t.batch_size) == (16, 32, 0.05, 1e-4, 10, 32)
+    assert (t.lora_r, t.lora_alpha, t.lora_dropout, t.learning_rate, t.epochs, t.batch_size) == (
+        16,
+        32,
+        0.05,
+        1e-4,
+        10,
+        32,
+    )
     assert (t.lr_scheduler, t.warmup_ratio, t.max_grad_norm, t.target_modules) == ("cosine", 0.03, 1.0, "all-linear")
     assert t.quantization == "auto" and t.num_gpus == 1
 
@@ -44,7 +51,9 @@ def test_split_and_eval_are_not_part_of_the_synthesis_key() -> None:
     base = load_config("local")
     changed = load_config("local", overrides={"split.test_fraction": 0.4, "eval.max_turns": 3})
     assert artifacts.synth_hash(base) == artifacts.synth_hash(changed)
-    assert artifacts.train_hash(base) != artifacts.train_hash(changed) and artifacts.eval_hash(base) != artifacts.eval_hash(changed)
+    assert artifacts.train_hash(base) != artifacts.train_hash(changed) and artifacts.eval_hash(
+        base
+    ) != artifacts.eval_hash(changed)
     placement = load_config("local", overrides={"eval.num_cpus": 1, "eval.batch_size": 3})
     assert artifacts.eval_hash(placement) == artifacts.eval_hash(base)
 
@@ -53,25 +62,28 @@ def test_precedence_defaults_profile_yaml_flags(tmp_path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("synth:\n  num_inputs: 48\n  seed: 3\ntrain:\n  pg_lambda: 0.5\n")
     cfg = load_config("local", path, {"synth.seed": "7", "models.target.name": "tiny-random-llama"})
-    assert cfg.synth.num_inputs == 48          # YAML over profile
-    assert cfg.synth.seed == 7                  # flag over YAML, coerced from text
+    assert cfg.synth.num_inputs == 48  # YAML over profile
+    assert cfg.synth.seed == 7  # flag over YAML, coerced from text
     assert cfg.train.pg_lambda == 0.5
     assert cfg.train.epochs == PROFILES["local"]["train"]["epochs"]  # profile over defaults
     assert cfg.models.target.name == "tiny-random-llama"
 
 
-@pytest.mark.parametrize("yaml_text, words", [
-    ("synth:\n  num_inputz: 3\n", ["synth.num_inputz", "num_inputs"]),
-    ("synth: 3\n", ["synth", "mapping"]),
-    ("train:\n  epochs: ten\n", ["train.epochs", "int", "ten"]),
-    ("train:\n  epochs: 1.5\n", ["train.epochs", "int"]),
-    ("train:\n  pg_lambda: 1.5\n", ["train.pg_lambda", "at most 1"]),
-    ("train:\n  lr_scheduler: step\n", ["train.lr_scheduler", "cosine", "linear", "constant"]),
-    ("models:\n  target:\n    device: tpu\n", ["models.target.device", "auto", "cpu", "cuda"]),
-    ("train:\n  quantization: nf4\n  num_gpus: 0\n", ["nf4", "CUDA"]),
-    ("train:\n  micro_batch_size: 64\n  batch_size: 8\n", ["micro_batch_size", "batch_size"]),
-    ("synth: [\n", ["not valid YAML"]),
-])
+@pytest.mark.parametrize(
+    "yaml_text, words",
+    [
+        ("synth:\n  num_inputz: 3\n", ["synth.num_inputz", "num_inputs"]),
+        ("synth: 3\n", ["synth", "mapping"]),
+        ("train:\n  epochs: ten\n", ["train.epochs", "int", "ten"]),
+        ("train:\n  epochs: 1.5\n", ["train.epochs", "int"]),
+        ("train:\n  pg_lambda: 1.5\n", ["train.pg_lambda", "at most 1"]),
+        ("train:\n  lr_scheduler: step\n", ["train.lr_scheduler", "cosine", "linear", "constant"]),
+        ("models:\n  target:\n    device: tpu\n", ["models.target.device", "auto", "cpu", "cuda"]),
+        ("train:\n  quantization: nf4\n  num_gpus: 0\n", ["nf4", "CUDA"]),
+        ("train:\n  micro_batch_size: 64\n  batch_size: 8\n", ["micro_batch_size", "batch_size"]),
+        ("synth: [\n", ["not valid YAML"]),
+    ],
+)
 def test_yaml_errors_name_the_field(tmp_path, yaml_text: str, words: list[str]) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml_text)
@@ -100,20 +112,32 @@ def test_round_trip_through_dict() -> None:
 
 def test_hashes_follow_what_the_data_depends_on() -> None:
     base = load_config("local")
-    placed = load_config("local", overrides={"models.target.replicas": 4, "models.target.batch_size": 3,
-                                             "train.num_cpus": 1, "train.threads": 1})
-    assert artifacts.synth_hash(placed) == artifacts.synth_hash(base) and artifacts.train_hash(placed) == artifacts.train_hash(base)
+    placed = load_config(
+        "local",
+        overrides={"models.target.replicas": 4, "models.target.batch_size": 3, "train.num_cpus": 1, "train.threads": 1},
+    )
+    assert artifacts.synth_hash(placed) == artifacts.synth_hash(base) and artifacts.train_hash(
+        placed
+    ) == artifacts.train_hash(base)
     more = load_config("local", overrides={"synth.num_inputs": 40})
-    assert artifacts.synth_hash(more) != artifacts.synth_hash(base) and artifacts.train_hash(more) == artifacts.train_hash(base)
+    assert artifacts.synth_hash(more) != artifacts.synth_hash(base) and artifacts.train_hash(
+        more
+    ) == artifacts.train_hash(base)
     lam = load_config("local", overrides={"train.pg_lambda": 0.5})
-    assert artifacts.synth_hash(lam) == artifacts.synth_hash(base) and artifacts.train_hash(lam) != artifacts.train_hash(base)
-    assert artifacts.train_hash(load_config("local", overrides={"train.kl_weight": 2})) == artifacts.train_hash(base)  # genpi reads none
+    assert artifacts.synth_hash(lam) == artifacts.synth_hash(base) and artifacts.train_hash(
+        lam
+    ) != artifacts.train_hash(base)
+    assert artifacts.train_hash(load_config("local", overrides={"train.kl_weight": 2})) == artifacts.train_hash(
+        base
+    )  # genpi reads none
     kld = load_config("local", overrides={"train.method": "genpi-kld"})
     for setting, value in (("train.kl_weight", 2), ("train.pg_lambda", 0.5)):
         changed = load_config("local", overrides={"train.method": "genpi-kld", setting: value})
         assert artifacts.train_hash(changed) != artifacts.train_hash(kld), setting
     other_model = load_config("local", overrides={"models.target.name": "tiny-random-llama"})
-    assert artifacts.synth_hash(other_model) != artifacts.synth_hash(base) and artifacts.train_hash(other_model) != artifacts.train_hash(base)
+    assert artifacts.synth_hash(other_model) != artifacts.synth_hash(base) and artifacts.train_hash(
+        other_model
+    ) != artifacts.train_hash(base)
 
 
 def test_every_field_has_a_flag_with_help() -> None:
@@ -140,14 +164,21 @@ def test_every_field_has_a_flag_with_help() -> None:
 
 
 def test_sweep_lists_from_flags_and_yaml_and_their_runs(tmp_path) -> None:
-    cfg = load_config("local", overrides={"train.methods": "genpi, sft,prepend", "train.lambdas": "0.3,0.5",
-                                          "train.seeds": "0,1"})
+    cfg = load_config(
+        "local", overrides={"train.methods": "genpi, sft,prepend", "train.lambdas": "0.3,0.5", "train.seeds": "0,1"}
+    )
     assert (cfg.train.methods, cfg.train.lambdas, cfg.train.seeds) == (["genpi", "sft", "prepend"], [0.3, 0.5], [0, 1])
     runs = cfg.train_runs()
     assert [(r.train.method, r.train.pg_lambda, r.train.seed) for r in runs] == [
-        ("genpi", 0.3, 0), ("genpi", 0.3, 1), ("genpi", 0.5, 0), ("genpi", 0.5, 1),
-        ("sft", cfg.train.pg_lambda, 0), ("sft", cfg.train.pg_lambda, 1),
-        ("prepend", cfg.train.pg_lambda, 0), ("prepend", cfg.train.pg_lambda, 1)]
+        ("genpi", 0.3, 0),
+        ("genpi", 0.3, 1),
+        ("genpi", 0.5, 0),
+        ("genpi", 0.5, 1),
+        ("sft", cfg.train.pg_lambda, 0),
+        ("sft", cfg.train.pg_lambda, 1),
+        ("prepend", cfg.train.pg_lambda, 0),
+        ("prepend", cfg.train.pg_lambda, 1),
+    ]
     assert all(r.train.methods == r.train.lambdas == r.train.seeds == [] for r in runs)
     assert len({artifacts.train_hash(r) for r in runs}) == 8 and config_from_dict(cfg.to_dict()) == cfg
     # no sweep: the one run the scalars describe, with the same key as the config itself
@@ -157,8 +188,10 @@ def test_sweep_lists_from_flags_and_yaml_and_their_runs(tmp_path) -> None:
     assert [r.train.pg_lambda for r in load_config("paper").train_runs()] == [0.3, 0.5, 0.7]
     path = tmp_path / "sweep.yaml"
     path.write_text("train:\n  methods: [sft, seqkd-kld]\n  seeds: [3]\n")
-    assert [(r.train.method, r.train.seed) for r in load_config("local", path).train_runs()] == [("sft", 3),
-                                                                                                 ("seqkd-kld", 3)]
+    assert [(r.train.method, r.train.seed) for r in load_config("local", path).train_runs()] == [
+        ("sft", 3),
+        ("seqkd-kld", 3),
+    ]
     with pytest.raises(ConfigError, match=r"'train.methods\[1\]' is 'dpo'; allowed: genpi, sft"):
         load_config("local", overrides={"train.methods": "sft,dpo"})
     with pytest.raises(ConfigError, match=r"'train.lambdas\[0\]' is 1.5; it must be at most 1"):
@@ -169,12 +202,19 @@ def test_sweep_lists_from_flags_and_yaml_and_their_runs(tmp_path) -> None:
 
 def test_a_run_key_ignores_settings_its_method_does_not_read() -> None:
     sft = load_config("local", overrides={"train.method": "sft"})
-    assert artifacts.train_hash(load_config("local", overrides={"train.method": "sft", "train.pg_lambda": 0.9})) == artifacts.train_hash(sft)
-    assert artifacts.train_hash(load_config("local", overrides={"train.method": "sft", "train.kl_weight": 2})) == artifacts.train_hash(sft)
+    assert artifacts.train_hash(
+        load_config("local", overrides={"train.method": "sft", "train.pg_lambda": 0.9})
+    ) == artifacts.train_hash(sft)
+    assert artifacts.train_hash(
+        load_config("local", overrides={"train.method": "sft", "train.kl_weight": 2})
+    ) == artifacts.train_hash(sft)
     prepend = load_config("local", overrides={"train.method": "prepend"})
-    assert artifacts.train_hash(load_config("local", overrides={"train.method": "prepend", "train.prepend_fraction": 0.5})) \
-        != artifacts.train_hash(prepend)
+    assert artifacts.train_hash(
+        load_config("local", overrides={"train.method": "prepend", "train.prepend_fraction": 0.5})
+    ) != artifacts.train_hash(prepend)
     genpi = load_config("local")
     assert artifacts.train_hash(load_config("local", overrides={"train.pg_lambda": 0.5})) != artifacts.train_hash(genpi)
     assert artifacts.train_hash(load_config("local", overrides={"train.kl_weight": 3})) == artifacts.train_hash(genpi)
-    assert artifacts.train_hash(load_config("local", overrides={"train.max_failures": 5})) == artifacts.train_hash(genpi)
+    assert artifacts.train_hash(load_config("local", overrides={"train.max_failures": 5})) == artifacts.train_hash(
+        genpi
+    )

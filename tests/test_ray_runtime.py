@@ -20,8 +20,12 @@ from tests.repo import ROOT
 
 
 def _post_job(url: str, headers: dict[str, str]) -> int:
-    request = urllib.request.Request(f"{url}/api/jobs/", data=json.dumps({"entrypoint": "id"}).encode(),
-                                     headers={"Content-Type": "application/json", **headers}, method="POST")
+    request = urllib.request.Request(
+        f"{url}/api/jobs/",
+        data=json.dumps({"entrypoint": "id"}).encode(),
+        headers={"Content-Type": "application/json", **headers},
+        method="POST",
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status
@@ -40,8 +44,9 @@ def test_jobs_api_refuses_a_request_without_the_token() -> None:
         temp_dir = line.rsplit("temp folder ", 1)[1]
         assert _post_job(url, {}) == 401
         assert _post_job(url, {"Authorization": "Bearer " + "0" * 64}) == 403
-        request = urllib.request.Request(f"{url}/api/jobs/",
-                                         headers={"Authorization": f"Bearer {ray_runtime.auth_token()}"})
+        request = urllib.request.Request(
+            f"{url}/api/jobs/", headers={"Authorization": f"Bearer {ray_runtime.auth_token()}"}
+        )
         with urllib.request.urlopen(request, timeout=30) as response:  # the driver itself gets in
             assert response.status == 200
     finally:
@@ -76,8 +81,9 @@ def test_no_process_or_temp_folder_outlives_a_killed_driver(tmp_path: Path, sig:
     env.pop("RAY_ADDRESS", None)
     log = tmp_path / "driver.log"
     with open(log, "w") as out:
-        driver = subprocess.Popen([sys.executable, "-c", DRIVER], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                  start_new_session=True)
+        driver = subprocess.Popen(
+            [sys.executable, "-c", DRIVER], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 150
         while "scratch " not in log.read_text() and time.monotonic() < deadline:

@@ -30,6 +30,7 @@ def test_metrics_reach_the_prometheus_endpoint_tagged_by_prompt() -> None:
         port = s.getsockname()[1]
     ray.init(num_cpus=1, include_dashboard=False, _metrics_export_port=port, _node_ip_address="127.0.0.1")
     try:
+
         @ray.remote
         def stage() -> None:  # recorded in a worker, as the stages record
             telemetry.stage_done("shell-agent", "synthesis", 42.0)
@@ -38,7 +39,12 @@ def test_metrics_reach_the_prometheus_endpoint_tagged_by_prompt() -> None:
         ray.get(stage.remote())
         telemetry.gate_figures("shell-agent", {"format_valid_retention": 1.0, "nll_gap_closed": None})
         telemetry.prompt_ended("published")
-        wanted = ("ray_genpi_stage_seconds_count", "ray_genpi_train_loss", "ray_genpi_gate_fidelity", "ray_genpi_prompts")
+        wanted = (
+            "ray_genpi_stage_seconds_count",
+            "ray_genpi_train_loss",
+            "ray_genpi_gate_fidelity",
+            "ray_genpi_prompts",
+        )
         body, deadline = "", time.time() + 60
         while time.time() < deadline and not all(name in body for name in wanted):
             time.sleep(1)

@@ -73,13 +73,28 @@ class Progress:
             self._write()
 
     def _write(self) -> None:
-        self.store.put_json(f"{self.prefix}/manifest.json", {
-            "state": "running", "started_at": self.started_at, "updated_at": _now(), "config": self.cfg.to_dict(),
-            "prompts": [vars(r) for r in self.results.values()]})
+        self.store.put_json(
+            f"{self.prefix}/manifest.json",
+            {
+                "state": "running",
+                "started_at": self.started_at,
+                "updated_at": _now(),
+                "config": self.cfg.to_dict(),
+                "prompts": [vars(r) for r in self.results.values()],
+            },
+        )
 
 
-def write_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore, results: list[PromptResult],
-                reports: list[dict], real_inputs: dict[str, list[str]], seconds: float, started_at: str = "") -> str:
+def write_batch(
+    specs: list[PromptSpec],
+    cfg: GenPIConfig,
+    store: ArtifactStore,
+    results: list[PromptResult],
+    reports: list[dict],
+    real_inputs: dict[str, list[str]],
+    seconds: float,
+    started_at: str = "",
+) -> str:
     """The batch manifest and report (JSON and Markdown); returns the batch's store prefix."""
     from genpi.evaluate.plots import retention_plot
     from genpi.evaluate.report import batch_rows, batch_table, selection_table
@@ -87,18 +102,32 @@ def write_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
     prefix = artifacts.batch_prefix(specs, cfg, real_inputs)
     rows = batch_rows(reports)
     if rows:
-        store.put_bytes(f"{prefix}/retention.png", retention_plot(
-            "batch: first-turn action-format retention per prompt",
-            [{"metric": r["prompt"], "retention": r["format_retention"], "n": r["n"]} for r in rows],
-            cfg.eval.min_retention))
+        store.put_bytes(
+            f"{prefix}/retention.png",
+            retention_plot(
+                "batch: first-turn action-format retention per prompt",
+                [{"metric": r["prompt"], "retention": r["format_retention"], "n": r["n"]} for r in rows],
+                cfg.eval.min_retention,
+            ),
+        )
     finished = _now()
     selections = [r["selection"] for r in reports if r.get("selection")]
     store.put_json(f"{prefix}/report.json", {"finished_at": finished, "prompts": rows, "selections": selections})
     methods = "".join(f"\n{selection_table(s)}\n" for s in selections)
-    store.put_text(f"{prefix}/report.md", f"# genpi batch {prefix.rsplit('/', 1)[-1]}\n\nFinished {finished} "
-                   f"in {seconds / 60:.1f} min.\n\n{batch_table(rows)}\n{methods}")
-    record = {"state": "finished", "started_at": started_at, "finished_at": finished, "updated_at": finished,
-              "seconds": round(seconds, 1), "config": cfg.to_dict(), "prompts": [vars(r) for r in results]}
+    store.put_text(
+        f"{prefix}/report.md",
+        f"# genpi batch {prefix.rsplit('/', 1)[-1]}\n\nFinished {finished} "
+        f"in {seconds / 60:.1f} min.\n\n{batch_table(rows)}\n{methods}",
+    )
+    record = {
+        "state": "finished",
+        "started_at": started_at,
+        "finished_at": finished,
+        "updated_at": finished,
+        "seconds": round(seconds, 1),
+        "config": cfg.to_dict(),
+        "prompts": [vars(r) for r in results],
+    }
     # manifest.json is the newest run of the batch; history/ keeps every run's, never overwritten
     store.create_json(f"{prefix}/history/{finished.replace(':', '')}-{uuid.uuid4().hex[:8]}.json", record)
     store.put_json(f"{prefix}/manifest.json", record)
@@ -115,5 +144,7 @@ def batch_file(store: ArtifactStore, batch: str, name: str = "manifest.json") ->
     """The key of ``batches/<batch>/<name>``, or a GenPIError that lists the batches there."""
     batches = stored_batches(store, name)
     if batch not in batches:
-        raise GenPIError(f"store {store.url} has no batch {batch!r}; batches there: {', '.join(sorted(batches)) or 'none'}")
+        raise GenPIError(
+            f"store {store.url} has no batch {batch!r}; batches there: {', '.join(sorted(batches)) or 'none'}"
+        )
     return batches[batch]

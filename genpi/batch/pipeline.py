@@ -78,8 +78,13 @@ def check_lengths(specs: list[PromptSpec], cfg: GenPIConfig) -> None:
     check_prompt_lengths(specs, count, context - room, target.name)
 
 
-def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
-                   leases: Leases | None = None, progress: Progress | None = None) -> dict[str, Exception]:
+def synthesize_all(
+    specs: list[PromptSpec],
+    cfg: GenPIConfig,
+    store: ArtifactStore,
+    leases: Leases | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Exception]:
     """Synthesize (or find) every prompt's records on one set of engine actors; returns the failures.
 
     Each prompt's synthesis holds a lease (of ``leases``, else of its own) while it runs."""
@@ -114,11 +119,14 @@ def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactSto
         # A few prompts at a time, so that while one prompt's role play holds the target, another's
         # inputs or reasons keep the generator busy. Each call is self-contained: same records.
         for start in range(0, len(todo), width):
-            wave = todo[start:start + width]
+            wave = todo[start : start + width]
             with ThreadPoolExecutor(max_workers=len(wave), thread_name_prefix="synth") as prompts:
-                running = {spec.name: prompts.submit(_timed, progress, spec.name, "synthesis", synthesize, spec, cfg, *pools,
-                                                           store)
-                           for spec in wave}
+                running = {
+                    spec.name: prompts.submit(
+                        _timed, progress, spec.name, "synthesis", synthesize, spec, cfg, *pools, store
+                    )
+                    for spec in wave
+                }
             for spec in wave:
                 leases.release(artifacts.synth_prefix(spec, cfg))
             wave_failures = {name: f.exception() for name, f in running.items() if f.exception() is not None}
@@ -132,9 +140,15 @@ def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactSto
     return failures
 
 
-def train_all(specs: list[PromptSpec], runs: list[GenPIConfig], store: ArtifactStore, cpus: float,
-              gpus: float, leases: Leases | None = None,
-              progress: Progress | None = None) -> tuple[dict[str, list[GenPIConfig]], dict[str, Exception]]:
+def train_all(
+    specs: list[PromptSpec],
+    runs: list[GenPIConfig],
+    store: ArtifactStore,
+    cpus: float,
+    gpus: float,
+    leases: Leases | None = None,
+    progress: Progress | None = None,
+) -> tuple[dict[str, list[GenPIConfig]], dict[str, Exception]]:
     """Every (prompt, run) as a Ray Train run, all submitted at once; a failing run stops no other.
 
     Returns each prompt's finished runs (in sweep order) and each prompt's first failure. Each run
@@ -178,8 +192,14 @@ def train_all(specs: list[PromptSpec], runs: list[GenPIConfig], store: ArtifactS
             except Exception as e:  # reported; the prompt's other runs go on
                 if isinstance(e, ray.exceptions.RayTaskError):
                     e = e.as_instanceof_cause()
-                log.error("[%s] training run %s (lambda %.2f, seed %d) failed: %s", spec.name, run.train.method,
-                          run.train.pg_lambda, run.train.seed, e)
+                log.error(
+                    "[%s] training run %s (lambda %.2f, seed %d) failed: %s",
+                    spec.name,
+                    run.train.method,
+                    run.train.pg_lambda,
+                    run.train.seed,
+                    e,
+                )
                 errors.setdefault(spec.name, e)
     return finished, errors
 
@@ -190,15 +210,26 @@ STAGES = ("synth", "train", "eval")
 def stage_prefixes(spec: PromptSpec, cfg: GenPIConfig, real_inputs: list[str]) -> dict[str, list[str]]:
     """Where each stage keeps one prompt's results under ``cfg`` (every run of its sweep)."""
     runs = cfg.train_runs()
-    evals = [p for run in runs for p in (artifacts.validation_prefix(spec, run),
-                                         artifacts.eval_prefix(spec, run, real_inputs))]
-    return {"synth": [artifacts.synth_prefix(spec, cfg)],
-            "train": [artifacts.train_prefix(spec, run) for run in runs],
-            "eval": evals + ([artifacts.selection_prefix(spec, runs)] if len(runs) > 1 else [])}
+    evals = [
+        p
+        for run in runs
+        for p in (artifacts.validation_prefix(spec, run), artifacts.eval_prefix(spec, run, real_inputs))
+    ]
+    return {
+        "synth": [artifacts.synth_prefix(spec, cfg)],
+        "train": [artifacts.train_prefix(spec, run) for run in runs],
+        "eval": evals + ([artifacts.selection_prefix(spec, runs)] if len(runs) > 1 else []),
+    }
 
 
-def force_stages(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore, real_inputs: dict[str, list[str]],
-                 force: list[str], leases: Leases) -> None:
+def force_stages(
+    specs: list[PromptSpec],
+    cfg: GenPIConfig,
+    store: ArtifactStore,
+    real_inputs: dict[str, list[str]],
+    force: list[str],
+    leases: Leases,
+) -> None:
     """``--force STAGE``: delete what that stage and the ones after it stored for these prompts, so
     this run redoes them (a stage another job is running is refused, naming the job)."""
     first = min(STAGES.index(stage) for stage in force)
@@ -212,8 +243,13 @@ def force_stages(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore
         log.info("[%s] --force: %s redone", spec.name, ", ".join(STAGES[first:]))
 
 
-def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
-              real_inputs: dict[str, list[str]] | None = None, force: list[str] | None = None) -> list[PromptResult]:
+def run_batch(
+    specs: list[PromptSpec],
+    cfg: GenPIConfig,
+    store: ArtifactStore,
+    real_inputs: dict[str, list[str]] | None = None,
+    force: list[str] | None = None,
+) -> list[PromptResult]:
     """Run every prompt through synthesis, training and evaluation; returns one result per prompt.
 
     ``real_inputs`` maps prompt names to real inputs evaluated beside the synthesized test split;
@@ -243,8 +279,9 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
         worker_cfg = cfg.to_dict()
         worker_cfg["store"]["url"] = store.url
         runs = [config_from_dict(r.to_dict() | {"store": worker_cfg["store"]}) for r in cfg.train_runs()]
-        trained, errors = train_all([s for s in specs if results[s.name].status != "failed"], runs, store, cpus, gpus,
-                                    leases, progress)
+        trained, errors = train_all(
+            [s for s in specs if results[s.name].status != "failed"], runs, store, cpus, gpus, leases, progress
+        )
         chosen: dict[str, GenPIConfig] = {}
         selections: dict[str, dict] = {}
         for spec in specs:
@@ -256,9 +293,13 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
             chosen[spec.name] = trained[spec.name][0]
             progress.begin(spec.name, "selection" if len(trained[spec.name]) > 1 else "evaluation")
         by_name = {s.name: s for s in specs}
-        select_refs = {name: tasks.select_task.options(num_cpus=eval_cpus, num_gpus=eval_gpus)
-                       .remote(by_name[name].to_json(), [r.to_dict() for r in trained[name]])
-                       for name in chosen if len(trained[name]) > 1}
+        select_refs = {
+            name: tasks.select_task.options(num_cpus=eval_cpus, num_gpus=eval_gpus).remote(
+                by_name[name].to_json(), [r.to_dict() for r in trained[name]]
+            )
+            for name in chosen
+            if len(trained[name]) > 1
+        }
         for name, ref in select_refs.items():
             try:
                 selections[name] = ray.get(ref)
@@ -273,12 +314,15 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
         eval_refs = {}
         for name, run in chosen.items():
             try:
-                leases.take(artifacts.eval_prefix(by_name[name], run, real_inputs.get(name, [])), f"evaluation of {name}")
+                leases.take(
+                    artifacts.eval_prefix(by_name[name], run, real_inputs.get(name, [])), f"evaluation of {name}"
+                )
             except LeaseHeld as e:
                 _fail(results[name], "evaluation", e)
                 continue
             eval_refs[name] = tasks.evaluate_task.options(num_cpus=eval_cpus, num_gpus=eval_gpus).remote(
-                by_name[name].to_json(), run.to_dict(), real_inputs.get(name, []))
+                by_name[name].to_json(), run.to_dict(), real_inputs.get(name, [])
+            )
         reports = []
         for spec in specs:
             result = results[spec.name]
@@ -292,24 +336,38 @@ def run_batch(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore,
             finally:
                 leases.release(artifacts.eval_prefix(spec, chosen[spec.name], real_inputs.get(spec.name, [])))
             _stage_done(progress, spec.name, "evaluation", time.time() - evaluating)
-            telemetry.gate_figures(spec.name, {f"{c['metric']}_{c['kind']}": c["value"] for c in report["gate"]["checks"]})
+            telemetry.gate_figures(
+                spec.name, {f"{c['metric']}_{c['kind']}": c["value"] for c in report["gate"]["checks"]}
+            )
             if spec.name in selections:
                 report = {**report, "selection": selections[spec.name]}
             reports.append(report)
             train = artifacts.train_prefix(spec, chosen[spec.name])
             result.status, result.stage = "done", "evaluated"
             t = chosen[spec.name].train
-            result.run = f"{t.method}" + (f" lambda {t.pg_lambda:g}" if t.method in PG_METHODS else "") + f" seed {t.seed}" + \
-                (f" (best of {len(selections[spec.name]['runs'])} on validation)" if spec.name in selections else "")
-            result.passed, result.gate, result.published = report["gate"]["passed"], report["gate"]["summary"], \
-                report["published"]
-            result.artifacts = {"adapter": store.location(f"{train}/adapter"),
-                                "report": report["location"],
-                                "records": store.location(f"{artifacts.synth_prefix(spec, cfg)}/records.jsonl"),
-                                "quality": store.location(f"{artifacts.synth_prefix(spec, cfg)}/quality.json")}
+            result.run = (
+                f"{t.method}"
+                + (f" lambda {t.pg_lambda:g}" if t.method in PG_METHODS else "")
+                + f" seed {t.seed}"
+                + (f" (best of {len(selections[spec.name]['runs'])} on validation)" if spec.name in selections else "")
+            )
+            result.passed, result.gate, result.published = (
+                report["gate"]["passed"],
+                report["gate"]["summary"],
+                report["published"],
+            )
+            result.artifacts = {
+                "adapter": store.location(f"{train}/adapter"),
+                "report": report["location"],
+                "records": store.location(f"{artifacts.synth_prefix(spec, cfg)}/records.jsonl"),
+                "quality": store.location(f"{artifacts.synth_prefix(spec, cfg)}/quality.json"),
+            }
             progress.update()
         for result in results.values():
-            telemetry.prompt_ended("failed" if result.status == "failed" else "published" if result.passed else "gate_failed")
-    manifest.write_batch(specs, cfg, store, list(results.values()), reports, real_inputs, time.time() - started,
-                         progress.started_at)
+            telemetry.prompt_ended(
+                "failed" if result.status == "failed" else "published" if result.passed else "gate_failed"
+            )
+    manifest.write_batch(
+        specs, cfg, store, list(results.values()), reports, real_inputs, time.time() - started, progress.started_at
+    )
     return list(results.values())

@@ -48,6 +48,8 @@ def task_resources(section: str, num_cpus: float, num_gpus: float) -> tuple[floa
     forever), and GPUs only where the cluster has them, else a clear error before waiting."""
     cluster = ray.cluster_resources()
     if num_gpus and not cluster.get("GPU"):
-        raise ConfigError(f"config '{section}.num_gpus' is {num_gpus:g} but the Ray cluster has no GPUs; "
-                          f"set {section}.num_gpus 0 (or use --profile local / auto on a CPU-only cluster)")
+        raise ConfigError(
+            f"config '{section}.num_gpus' is {num_gpus:g} but the Ray cluster has no GPUs; "
+            f"set {section}.num_gpus 0 (or use --profile local / auto on a CPU-only cluster)"
+        )
     return min(num_cpus, cluster.get("CPU", 1.0)), num_gpus

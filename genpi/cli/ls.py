@@ -26,8 +26,13 @@ def execute(args: argparse.Namespace) -> int:
         return 0
     for a in adapters:
         fmt, nll = a.retention.get("format_valid"), a.gap_closed.get("nll")
-        figures = ", ".join(part for part in (
-            f"format retention {fmt:.0%}" if fmt is not None else "",
-            f"NLL gap closed {nll:.0%}" if nll is not None else "") if part)
+        figures = ", ".join(
+            part
+            for part in (
+                f"format retention {fmt:.0%}" if fmt is not None else "",
+                f"NLL gap closed {nll:.0%}" if nll is not None else "",
+            )
+            if part
+        )
         print(f"{a.name}  base {a.base_model}  published {a.published_at}  {figures}\n    {store.location(a.prefix)}")
     return 0

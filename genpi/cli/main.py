@@ -15,8 +15,14 @@ from genpi.cli import ls, report, run, serve, status, verify
 from genpi.cli.signals import EXIT_TERMINATED, Terminated, on_sigterm_unwind
 from genpi.errors import GenPIError
 
-COMMANDS: dict[str, ModuleType] = {"run": run, "report": report, "status": status, "ls": ls, "serve": serve,
-                                   "verify": verify}
+COMMANDS: dict[str, ModuleType] = {
+    "run": run,
+    "report": report,
+    "status": status,
+    "ls": ls,
+    "serve": serve,
+    "verify": verify,
+}
 
 
 def build_parser(prog: str = "genpi") -> argparse.ArgumentParser:

@@ -25,8 +25,10 @@ def execute(args: argparse.Namespace) -> int:
     store = store_for(cfg.store)
     reports = stored_batches(store, "report.json")
     if not reports:
-        raise GenPIError(f"store {store.url} has no batch reports yet; run the job first "
-                         f"(make run, or genpi --store.url {store.url})")
+        raise GenPIError(
+            f"store {store.url} has no batch reports yet; run the job first "
+            f"(make run, or genpi --store.url {store.url})"
+        )
     batch = args.batch or max(reports, key=lambda b: store.get_json(reports[b])["finished_at"])
     key = batch_file(store, batch, "report.json")
     data = store.get_json(key)

@@ -33,24 +33,46 @@ or starts a local cluster on 127.0.0.1."""
 
 
 def build_parser(prog: str = "genpi") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", default="prompts", metavar="DIR",
-                        help="folder of prompt files, one prompt per file (default: prompts)")
-    parser.add_argument("--only", action="append", default=[], metavar="NAME",
-                        help="run only the prompt with this name (repeatable)")
-    parser.add_argument("--profile", default="auto", choices=("auto", *PROFILES),
-                        help="settings to start from: paper = the paper's settings for a GPU cluster, local = "
-                             "sized for 2 CPU cores, auto = paper when the Ray cluster has GPUs, else local "
-                             "(default: auto)")
-    parser.add_argument("--real-inputs", "--eval-inputs", dest="real_inputs", metavar="DIR",
-                        help="folder of real (hand-written) inputs to evaluate each adapter on as well: one "
-                             "<prompt name>.jsonl per prompt, one {\"input\": ...} object per line")
-    parser.add_argument("--force", action="append", default=[], choices=("synth", "train", "eval"), metavar="STAGE",
-                        help="redo STAGE (synth, train or eval) and the stages after it for the selected prompts "
-                             "instead of reusing what the store holds (repeatable)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config as YAML and exit without running")
+    parser = argparse.ArgumentParser(
+        prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--prompts",
+        default="prompts",
+        metavar="DIR",
+        help="folder of prompt files, one prompt per file (default: prompts)",
+    )
+    parser.add_argument(
+        "--only", action="append", default=[], metavar="NAME", help="run only the prompt with this name (repeatable)"
+    )
+    parser.add_argument(
+        "--profile",
+        default="auto",
+        choices=("auto", *PROFILES),
+        help="settings to start from: paper = the paper's settings for a GPU cluster, local = "
+        "sized for 2 CPU cores, auto = paper when the Ray cluster has GPUs, else local "
+        "(default: auto)",
+    )
+    parser.add_argument(
+        "--real-inputs",
+        "--eval-inputs",
+        dest="real_inputs",
+        metavar="DIR",
+        help="folder of real (hand-written) inputs to evaluate each adapter on as well: one "
+        '<prompt name>.jsonl per prompt, one {"input": ...} object per line',
+    )
+    parser.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        choices=("synth", "train", "eval"),
+        metavar="STAGE",
+        help="redo STAGE (synth, train or eval) and the stages after it for the selected prompts "
+        "instead of reusing what the store holds (repeatable)",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit without running"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log genpi's debug detail (never a library's)")
     add_flags(parser)
     return parser
@@ -69,9 +91,11 @@ def _check_store_outlives_job(url: str) -> None:
         return
     here = Path.cwd().parts
     if "runtime_resources" in here and any(p.startswith("working_dir") for p in here):
-        raise GenPIError(f"store.url {url!r} is a relative folder, and this job runs in Ray's copy of its working "
-                         f"dir ({Path.cwd()}), which Ray deletes after the job; pass --store.url an absolute "
-                         f"folder that outlives the job, or s3://bucket/prefix")
+        raise GenPIError(
+            f"store.url {url!r} is a relative folder, and this job runs in Ray's copy of its working "
+            f"dir ({Path.cwd()}), which Ray deletes after the job; pass --store.url an absolute "
+            f"folder that outlives the job, or s3://bucket/prefix"
+        )
 
 
 def setup_logging(verbose: bool) -> None:
@@ -103,8 +127,10 @@ def execute(args: argparse.Namespace) -> int:
     if args.only:
         unknown = sorted(set(args.only) - {s.name for s in specs})
         if unknown:
-            raise GenPIError(f"--only names no prompt in {args.prompts}: {', '.join(unknown)}; "
-                             f"available: {', '.join(s.name for s in specs)}")
+            raise GenPIError(
+                f"--only names no prompt in {args.prompts}: {', '.join(unknown)}; "
+                f"available: {', '.join(s.name for s in specs)}"
+            )
         specs = [s for s in specs if s.name in args.only]
     _check_store_outlives_job(cfg.store.url)
     store = store_for(cfg.store)
@@ -120,8 +146,9 @@ def execute(args: argparse.Namespace) -> int:
             profile = "paper" if gpus else "local"
             cfg = _config(args, profile)
             log.info("profile %s (the cluster has %g GPUs)", profile, gpus)
-        results = run_batch(specs, cfg, store, {s.name: real_inputs[s.name] for s in specs if s.name in real_inputs},
-                            force=args.force)
+        results = run_batch(
+            specs, cfg, store, {s.name: real_inputs[s.name] for s in specs if s.name in real_inputs}, force=args.force
+        )
     finally:
         disconnect()
 

@@ -26,10 +26,17 @@ HELP = "serve the published adapters (and prompts without one) over an OpenAI-co
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=HELP)
-    parser.add_argument("--prompts", metavar="DIR", help="prompt folder: each prompt is served now, with the prompt "
-                        "prepended (prompt mode), until an adapter internalized from that text is published")
-    parser.add_argument("--check", action="store_true", help="check every published version (digests and parity "
-                        "probes) and exit; exit code 1 when one fails")
+    parser.add_argument(
+        "--prompts",
+        metavar="DIR",
+        help="prompt folder: each prompt is served now, with the prompt "
+        "prepended (prompt mode), until an adapter internalized from that text is published",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check every published version (digests and parity probes) and exit; exit code 1 when one fails",
+    )
     add_flags(parser, ("models", "serve", "store", "ray"))
     return parser
 

@@ -22,8 +22,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def describe(manifest: dict) -> str:
     """The batch as lines: its state and times, then one block per prompt."""
     state = manifest.get("state", "finished")
-    when = (f"finished {manifest['finished_at']} after {manifest['seconds'] / 60:.1f} min" if state == "finished"
-            else f"running since {manifest.get('started_at', '?')}, updated {manifest.get('updated_at', '?')}")
+    when = (
+        f"finished {manifest['finished_at']} after {manifest['seconds'] / 60:.1f} min"
+        if state == "finished"
+        else f"running since {manifest.get('started_at', '?')}, updated {manifest.get('updated_at', '?')}"
+    )
     lines = [f"{state}: {when}"]
     for p in manifest["prompts"]:
         stage, status = p.get("stage", ""), p.get("status", "")

@@ -14,7 +14,6 @@ from genpi.errors import ModelError
 __all__ = ["Conversation", "Message", "Engine", "Generation", "SamplingParams"]
 
 
-
 @dataclass(frozen=True)
 class SamplingParams:
     """How to decode. ``temperature == 0`` means greedy."""
@@ -55,8 +54,10 @@ def adapter_config(folder: str | Path) -> dict[str, Any]:
     """The ``adapter_config.json`` of a PEFT adapter folder, or a ModelError naming the folder."""
     path = Path(folder) / "adapter_config.json"
     if not path.is_file():
-        raise ModelError(f"adapter folder {folder} has no adapter_config.json; point at a PEFT adapter "
-                         f"folder (save_pretrained output)")
+        raise ModelError(
+            f"adapter folder {folder} has no adapter_config.json; point at a PEFT adapter "
+            f"folder (save_pretrained output)"
+        )
     return json.loads(path.read_text())
 
 
@@ -83,12 +84,10 @@ class Engine(Protocol):
     model_name: str
     max_context: int
 
-    def generate(self, conversations: list[Conversation], params: SamplingParams,
-                 adapters: list[str | None] | None = None) -> list[Generation]:
-        ...
+    def generate(
+        self, conversations: list[Conversation], params: SamplingParams, adapters: list[str | None] | None = None
+    ) -> list[Generation]: ...
 
-    def add_adapter(self, folder: str) -> str:
-        ...
+    def add_adapter(self, folder: str) -> str: ...
 
-    def count_tokens(self, conversations: list[Conversation]) -> list[int]:
-        ...
+    def count_tokens(self, conversations: list[Conversation]) -> list[int]: ...

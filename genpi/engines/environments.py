@@ -25,8 +25,10 @@ def vllm_python(configured: str = "") -> str | None:
     explicit = configured or os.environ.get("GENPI_VLLM_PYTHON", "")
     if explicit:
         if not Path(explicit).is_file():
-            raise ModelError(f"the vLLM interpreter {explicit} does not exist; run `make install-vllm` or "
-                             f"point models.<role>.python (or GENPI_VLLM_PYTHON) at a Python with vLLM")
+            raise ModelError(
+                f"the vLLM interpreter {explicit} does not exist; run `make install-vllm` or "
+                f"point models.<role>.python (or GENPI_VLLM_PYTHON) at a Python with vLLM"
+            )
         return explicit
     if importlib.util.find_spec("vllm") is not None:
         return ""
@@ -56,6 +58,8 @@ def engine_runtime_env(backend: str, configured_python: str = "") -> dict[str, s
         return {}
     python = vllm_python(configured_python)
     if python is None:
-        raise ModelError("backend 'vllm' needs vLLM: run `make install-vllm` (CPU, builds .venv-vllm) or "
-                         "`pip install vllm` on a GPU node, or set models.<role>.backend to hf")
+        raise ModelError(
+            "backend 'vllm' needs vLLM: run `make install-vllm` (CPU, builds .venv-vllm) or "
+            "`pip install vllm` on a GPU node, or set models.<role>.backend to hf"
+        )
     return {"py_executable": python} if python else {}

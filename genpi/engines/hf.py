@@ -41,6 +41,7 @@ BASE = "__base__"  # PEFT's adapter name for rows served by the base model in a 
 
 TokenCallback = Callable[[int, int], None]  # (request index, token id), as each token is decoded
 
+
 def load_model_and_tokenizer(name: str, dtype: str = "bfloat16", device: str = "auto") -> tuple[Any, Any]:
     """Load a registry/local/S3 model for inference or training; the tokenizer pads on the left."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -51,8 +52,7 @@ def load_model_and_tokenizer(name: str, dtype: str = "bfloat16", device: str = "
     spread = target == "cuda" and torch.cuda.device_count() > 1
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype],
-                                                     device_map="auto" if spread else None)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype], device_map="auto" if spread else None)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {name!r} from {folder}: {e}") from None
     if tokenizer.chat_template is None:
@@ -78,8 +78,12 @@ class SeededSampler(LogitsProcessor):
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)
         ranked, order = probs.sort(dim=-1, descending=True)
         ranked[(ranked.cumsum(dim=-1) - ranked) > self.top_p] = 0  # keep the smallest set reaching top_p
-        picks = torch.stack([order[row, torch.multinomial(ranked[row], 1, generator=generator)]
-                             for row, generator in enumerate(self.generators)])
+        picks = torch.stack(
+            [
+                order[row, torch.multinomial(ranked[row], 1, generator=generator)]
+                for row, generator in enumerate(self.generators)
+            ]
+        )
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, picks, 0.0)
 
@@ -110,9 +114,17 @@ class RowStreamer(BaseStreamer):
 class HFEngine:
     """Generates replies to chat conversations with ``transformers``."""
 
-    def __init__(self, name: str, dtype: str = "bfloat16", device: str = "auto", batch_size: int = 16,
-                 max_context: int = 0, threads: int = 0, prefix_sharing: bool = True,
-                 turn_cache_mib: int = 2048) -> None:
+    def __init__(
+        self,
+        name: str,
+        dtype: str = "bfloat16",
+        device: str = "auto",
+        batch_size: int = 16,
+        max_context: int = 0,
+        threads: int = 0,
+        prefix_sharing: bool = True,
+        turn_cache_mib: int = 2048,
+    ) -> None:
         if threads or pick_device(device) == "cpu":
             torch.set_num_threads(cpu_threads(threads))  # the actor's CPU reservation, unless configured
         self.model_name = name
@@ -192,8 +204,13 @@ class HFEngine:
         return [len(self.encode(c)) for c in conversations]
 
     @torch.inference_mode()
-    def generate(self, conversations: list[Conversation], params: SamplingParams,
-                 adapters: list[str | None] | None = None, on_token: TokenCallback | None = None) -> list[Generation]:
+    def generate(
+        self,
+        conversations: list[Conversation],
+        params: SamplingParams,
+        adapters: list[str | None] | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> list[Generation]:
         """One generation per conversation; ``adapters[i]`` names the LoRA adapter for request i (None: base).
         ``on_token(i, token_id)`` sees each token of request i as it is decoded."""
         tags = list(adapters) if adapters is not None else [None] * len(conversations)
@@ -204,8 +221,13 @@ class HFEngine:
             raise ModelError(f"adapter {missing[0]} was not loaded; call add_adapter first")
         return self._generate_all(conversations, params, tags, on_token)
 
-    def _generate_all(self, conversations: list[Conversation], params: SamplingParams, tags: list[str | None],
-                      on_token: TokenCallback | None) -> list[Generation]:
+    def _generate_all(
+        self,
+        conversations: list[Conversation],
+        params: SamplingParams,
+        tags: list[str | None],
+        on_token: TokenCallback | None,
+    ) -> list[Generation]:
         encoded = [self.encode(c) for c in conversations]
         results: list[Generation | None] = [None] * len(encoded)
         fits = []
@@ -221,8 +243,9 @@ class HFEngine:
         for chunk in self._chunks([encoded[i] for i in fits], fits):
             batch = [encoded[i] for i in chunk]
             self._tags = [tags[i] for i in chunk]
-            streamer = RowStreamer(on_token, chunk, set(self._eos_ids()) | {self.tokenizer.pad_token_id}) \
-                if on_token else None
+            streamer = (
+                RowStreamer(on_token, chunk, set(self._eos_ids()) | {self.tokenizer.pad_token_id}) if on_token else None
+            )
             # One adapter: it is the active one. Several: PEFT routes each row (see _mixed).
             uniform = len(set(self._tags)) == 1
             with self.adapter_scope(self._tags[0]) if uniform else contextlib.nullcontext():
@@ -240,8 +263,12 @@ class HFEngine:
         first = 0
         for k, ids in enumerate(ordered):
             n, opened = len(ids), len(ordered[first])
-            if not chunks or len(chunks[-1]) == self.batch_size or n > 2 * opened + _GROUP_BY \
-                    or opened > 2 * n + _GROUP_BY:
+            if (
+                not chunks
+                or len(chunks[-1]) == self.batch_size
+                or n > 2 * opened + _GROUP_BY
+                or opened > 2 * n + _GROUP_BY
+            ):
                 chunks.append([])
                 first = k
             chunks[-1].append(indexes[k])
@@ -289,8 +316,8 @@ class HFEngine:
             for row, (key, length) in enumerate(zip(keys, lengths)):
                 if key is not None:
                     kr, vr = turns.kv(key)[layer]
-                    k[row, :, width - length:] = kr[0, :, :length]
-                    v[row, :, width - length:] = vr[0, :, :length]
+                    k[row, :, width - length :] = kr[0, :, :length]
+                    v[row, :, width - length :] = vr[0, :, :length]
             cache.update(k, v, layer)
         return lengths, keys, cache
 
@@ -300,8 +327,9 @@ class HFEngine:
             return {}
         return {"adapter_names": [self.adapters[t] if t is not None else BASE for t in self._tags]}
 
-    def _generate_batch(self, batch: list[list[int]], params: SamplingParams, seeds: list[int],
-                        streamer: RowStreamer | None = None) -> list[Generation]:
+    def _generate_batch(
+        self, batch: list[list[int]], params: SamplingParams, seeds: list[int], streamer: RowStreamer | None = None
+    ) -> list[Generation]:
         turns = self._turn_cache()
         kept = self._kept_turns(batch, turns) if turns is not None and turns.entries else None
         if kept is not None:
@@ -325,14 +353,21 @@ class HFEngine:
         budget = max(1, min(params.max_new_tokens, self.max_context - width))
         sampling: dict[str, Any] = {"do_sample": False}
         if params.temperature > 0:  # sampled by the processor, row by row; greedy then takes its pick
-            sampling["logits_processor"] = LogitsProcessorList([SeededSampler(seeds, params.temperature,
-                                                                               params.top_p)])
+            sampling["logits_processor"] = LogitsProcessorList([SeededSampler(seeds, params.temperature, params.top_p)])
         extra: dict[str, Any] = {"stop_strings": list(params.stop), "tokenizer": self.tokenizer} if params.stop else {}
         extra.update(self._mixed())
         if streamer is not None:
             extra["streamer"] = streamer
-        out = self.model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=budget,
-                                  pad_token_id=pad, top_k=None, past_key_values=cache, **sampling, **extra)
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=budget,
+            pad_token_id=pad,
+            top_k=None,
+            past_key_values=cache,
+            **sampling,
+            **extra,
+        )
         eos = set(self._eos_ids())
         gens = []
         for r, (ids, row) in enumerate(zip(batch, out[:, width:].tolist())):
@@ -340,25 +375,36 @@ class HFEngine:
             ended = length is not None
             tokens = row[:length] if ended else row
             if turns is not None:
-                self._keep_turn(turns, cache, r, ids, masks[r], row[:len(tokens) + 1], keys[r], self._tags[r])
+                self._keep_turn(turns, cache, r, ids, masks[r], row[: len(tokens) + 1], keys[r], self._tags[r])
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             hit = min((s for s in params.stop if s in text), key=text.index, default="")
             if hit:
-                text, ended = text[:text.index(hit)], True
+                text, ended = text[: text.index(hit)], True
             gens.append(Generation(text.strip(), "stop" if ended else "length", len(ids), len(tokens), hit))
         return gens
 
-    def _keep_turn(self, turns: TurnCache, cache: Any, row: int, ids: list[int], mask: list[int],
-                   generated: list[int], continued: int | None, tag: str | None) -> None:
+    def _keep_turn(
+        self,
+        turns: TurnCache,
+        cache: Any,
+        row: int,
+        ids: list[int],
+        mask: list[int],
+        generated: list[int],
+        continued: int | None,
+        tag: str | None,
+    ) -> None:
         """Keep row ``row``'s KV (its real tokens, up to the last generated one, whose KV was never
         computed) for the conversation's next call."""
         width = len(mask)
         computed = cache.get_seq_length() - width  # generated positions whose KV exists
-        kept = generated[:max(0, min(len(generated) - 1, computed))]
+        kept = generated[: max(0, min(len(generated) - 1, computed))]
         positions = [p for p, m in enumerate(mask) if m] + list(range(width, width + len(kept)))
         index = torch.tensor(positions, device=self.model.device)
-        kv = [(layer.keys[row:row + 1].index_select(2, index), layer.values[row:row + 1].index_select(2, index))
-              for layer in cache.layers]
+        kv = [
+            (layer.keys[row : row + 1].index_select(2, index), layer.values[row : row + 1].index_select(2, index))
+            for layer in cache.layers
+        ]
         turns.put(ids, kept, kv, continued, tag)
 
     def _eos_ids(self) -> list[int]:
@@ -369,5 +415,12 @@ class HFEngine:
 
 def build(cfg: ModelConfig) -> HFEngine:
     """The ``hf`` backend's engine for one model role (:mod:`genpi.engines.backends`)."""
-    return HFEngine(cfg.name, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size,
-                    max_context=cfg.max_context, threads=cfg.threads, prefix_sharing=cfg.prefix_sharing)
+    return HFEngine(
+        cfg.name,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        max_context=cfg.max_context,
+        threads=cfg.threads,
+        prefix_sharing=cfg.prefix_sharing,
+    )

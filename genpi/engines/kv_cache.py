@@ -30,12 +30,13 @@ class GrowingLayer(DynamicLayer):
         k = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
         v = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
         if self._length:
-            k[..., :self._length, :] = self.keys
-            v[..., :self._length, :] = self.values
+            k[..., : self._length, :] = self.keys
+            v[..., : self._length, :] = self.values
         self._k, self._v = k, v
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start, end = self._length, self._length + key_states.shape[-2]

@@ -73,8 +73,9 @@ class TurnCache:
     def kv(self, key: int) -> KV:
         return self.entries[key].kv
 
-    def put(self, request: list[int], reply: list[int], kv: KV, continued: int | None = None,
-            tag: str | None = None) -> None:
+    def put(
+        self, request: list[int], reply: list[int], kv: KV, continued: int | None = None, tag: str | None = None
+    ) -> None:
         """Keep ``kv`` (one row, one position per token of ``request + reply``). The entry this
         conversation ``continued`` is superseded."""
         if continued is not None and continued in self.entries and continued not in self.pinned:

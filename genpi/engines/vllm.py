@@ -29,15 +29,25 @@ def _cpu_environment(threads: int, kv_cache_gb: float) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     # As in the hf backend: ``threads`` cores, or as many as Ray reserved for the actor.
     cores = sorted(os.sched_getaffinity(0))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores[:cpu_threads(threads)])))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores[: cpu_threads(threads)])))
 
 
 class VLLMEngine:
     """Generates replies to chat conversations with vLLM."""
 
-    def __init__(self, name: str, dtype: str = "bfloat16", device: str = "auto", batch_size: int = 32,
-                 max_context: int = 0, threads: int = 0, max_lora_rank: int = 0, kv_cache_gb: float = 2.0,
-                 gpu_memory_utilization: float = 0.85, tensor_parallel: int = 1) -> None:
+    def __init__(
+        self,
+        name: str,
+        dtype: str = "bfloat16",
+        device: str = "auto",
+        batch_size: int = 32,
+        max_context: int = 0,
+        threads: int = 0,
+        max_lora_rank: int = 0,
+        kv_cache_gb: float = 2.0,
+        gpu_memory_utilization: float = 0.85,
+        tensor_parallel: int = 1,
+    ) -> None:
         folder = resolve_model(name)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the job log is for genpi's progress lines
         on_cpu = device == "cpu" or (device == "auto" and not _has_cuda())
@@ -46,19 +56,26 @@ class VLLMEngine:
         try:
             from vllm import LLM
         except ImportError as e:
-            raise ModelError(f"backend 'vllm' needs vLLM in the engine's environment ({e}); run "
-                             f"`make install-vllm` (CPU) or `pip install vllm` on a GPU node") from None
+            raise ModelError(
+                f"backend 'vllm' needs vLLM in the engine's environment ({e}); run "
+                f"`make install-vllm` (CPU) or `pip install vllm` on a GPU node"
+            ) from None
         own = context_length(folder)
         self.model_name = name
         self.max_context = min(max_context, own) if max_context else own
         self.max_lora_rank = max_lora_rank
         options: dict[str, Any] = {
-            "model": str(folder), "dtype": dtype, "max_model_len": self.max_context, "seed": 0,
-            "enable_prefix_caching": True, "max_num_seqs": batch_size,
+            "model": str(folder),
+            "dtype": dtype,
+            "max_model_len": self.max_context,
+            "seed": 0,
+            "enable_prefix_caching": True,
+            "max_num_seqs": batch_size,
             # A seeded request whose prefill is split across steps rewinds its generator, which
             # vLLM's CPU build cannot do ("CPU Generator does not use offset"): prefill whole
             # prompts, a step holding as many as fit in one context length.
-            "enable_chunked_prefill": False, "max_num_batched_tokens": max(self.max_context, 4096),
+            "enable_chunked_prefill": False,
+            "max_num_batched_tokens": max(self.max_context, 4096),
             "tensor_parallel_size": tensor_parallel,
             # CUDA graphs take minutes to capture and gain little for batch jobs; eager loads in seconds.
             "enforce_eager": True,
@@ -80,12 +97,16 @@ class VLLMEngine:
         if name in self.adapters:
             return name
         if not self.max_lora_rank:
-            raise ModelError("this vllm engine was started without LoRA; set models.<role>.max_lora_rank "
-                             "to the largest adapter rank it should serve")
+            raise ModelError(
+                "this vllm engine was started without LoRA; set models.<role>.max_lora_rank "
+                "to the largest adapter rank it should serve"
+            )
         rank = int(adapter_config(folder).get("r", 0))
         if rank > self.max_lora_rank:
-            raise ModelError(f"adapter {folder} has LoRA rank {rank}, above this engine's max_lora_rank "
-                             f"{self.max_lora_rank}; raise models.<role>.max_lora_rank")
+            raise ModelError(
+                f"adapter {folder} has LoRA rank {rank}, above this engine's max_lora_rank "
+                f"{self.max_lora_rank}; raise models.<role>.max_lora_rank"
+            )
         from vllm.lora.request import LoRARequest
 
         number = len(self.adapters) + 1  # vLLM adapter ids start at 1
@@ -95,8 +116,9 @@ class VLLMEngine:
     def count_tokens(self, conversations: list[Conversation]) -> list[int]:
         return [len(request_ids(self.tokenizer, c)) for c in conversations]
 
-    def generate(self, conversations: list[Conversation], params: SamplingParams,
-                 adapters: list[str | None] | None = None) -> list[Generation]:
+    def generate(
+        self, conversations: list[Conversation], params: SamplingParams, adapters: list[str | None] | None = None
+    ) -> list[Generation]:
         """One generation per conversation; ``adapters[i]`` names the LoRA adapter for request i (None: base)."""
         from vllm import SamplingParams as VLLMParams
         from vllm.inputs import TokensPrompt
@@ -115,16 +137,20 @@ class VLLMEngine:
                 results[i] = Generation("", "context", len(ids), 0)
                 continue
             greedy = params.temperature <= 0
-            sampling.append(VLLMParams(
-                max_tokens=max(1, min(params.max_new_tokens, self.max_context - len(ids))),
-                temperature=0.0 if greedy else params.temperature, top_p=1.0 if greedy else params.top_p,
-                seed=None if greedy else seeds[i], stop=list(params.stop) or None))
+            sampling.append(
+                VLLMParams(
+                    max_tokens=max(1, min(params.max_new_tokens, self.max_context - len(ids))),
+                    temperature=0.0 if greedy else params.temperature,
+                    top_p=1.0 if greedy else params.top_p,
+                    seed=None if greedy else seeds[i],
+                    stop=list(params.stop) or None,
+                )
+            )
             prompts.append(TokensPrompt(prompt_token_ids=ids))
             loras.append(self.adapters[adapters[i]] if adapters and adapters[i] else None)
             picked.append(i)
         if prompts:
-            outputs = self.llm.generate(prompts, sampling, use_tqdm=False,
-                                        lora_request=loras if any(loras) else None)
+            outputs = self.llm.generate(prompts, sampling, use_tqdm=False, lora_request=loras if any(loras) else None)
             eos = self._eos_ids()
             for i, out in zip(picked, outputs):
                 results[i] = self._generation(out, len(encoded[i]), eos)
@@ -155,7 +181,15 @@ def _has_cuda() -> bool:
 def build(cfg: ModelConfig) -> VLLMEngine:
     """The ``vllm`` backend's engine for one model role (:mod:`genpi.engines.backends`); an actor
     given several GPUs runs the model tensor-parallel over them."""
-    return VLLMEngine(cfg.name, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size,
-                      max_context=cfg.max_context, threads=cfg.threads, max_lora_rank=cfg.max_lora_rank,
-                      kv_cache_gb=cfg.kv_cache_gb, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                      tensor_parallel=max(1, int(cfg.num_gpus)) if cfg.num_gpus >= 1 else 1)
+    return VLLMEngine(
+        cfg.name,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        max_context=cfg.max_context,
+        threads=cfg.threads,
+        max_lora_rank=cfg.max_lora_rank,
+        kv_cache_gb=cfg.kv_cache_gb,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        tensor_parallel=max(1, int(cfg.num_gpus)) if cfg.num_gpus >= 1 else 1,
+    )

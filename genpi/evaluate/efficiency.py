@@ -28,8 +28,14 @@ MODES = ("recompute", "kv_reuse", "adapter")
 # ---------------------------------------------------------------------------- FLOPs
 
 
-def forward_flops(config: Any, new_tokens: int, cached_tokens: int, logits_tokens: int,
-                  lora_rank: int = 0, lora_layers: int | None = None) -> int:
+def forward_flops(
+    config: Any,
+    new_tokens: int,
+    cached_tokens: int,
+    logits_tokens: int,
+    lora_rank: int = 0,
+    lora_layers: int | None = None,
+) -> int:
     """FLOPs of one forward of ``new_tokens`` over ``cached_tokens`` of KV cache (batch 1).
 
     Counts, per layer, the q/k/v/o projections, the gated MLP (gate, up, down), attention
@@ -38,8 +44,12 @@ def forward_flops(config: Any, new_tokens: int, cached_tokens: int, logits_token
     with ``lora_rank > 0`` the LoRA A and B matmuls on all seven linears of the top
     ``lora_layers`` layers (None or 0: every layer). ``config`` is a Llama-like transformers config.
     """
-    for name, value in (("new_tokens", new_tokens), ("cached_tokens", cached_tokens),
-                        ("logits_tokens", logits_tokens), ("lora_rank", lora_rank)):
+    for name, value in (
+        ("new_tokens", new_tokens),
+        ("cached_tokens", cached_tokens),
+        ("logits_tokens", logits_tokens),
+        ("lora_rank", lora_rank),
+    ):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
     shape = _shape(config)
@@ -54,8 +64,13 @@ def forward_flops(config: Any, new_tokens: int, cached_tokens: int, logits_token
     return flops
 
 
-def episode_prefill_flops(config: Any, prompt_tokens: int, turn_tokens: list[tuple[int, int]],
-                          lora_rank: int = 0, lora_layers: int | None = None) -> dict[str, Any]:
+def episode_prefill_flops(
+    config: Any,
+    prompt_tokens: int,
+    turn_tokens: list[tuple[int, int]],
+    lora_rank: int = 0,
+    lora_layers: int | None = None,
+) -> dict[str, Any]:
     """Per-turn and total prefill FLOPs of an episode served the three ways (see the module doc).
 
     ``turn_tokens[i] = (read, written)``: the tokens the agent reads new at turn i (user input or
@@ -113,15 +128,21 @@ def _shape(config: Any) -> dict[str, int]:
     names = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [n for n in names if getattr(config, n, None) is None]
     if missing:
-        raise ModelError(f"model config {type(config).__name__} lacks {', '.join(missing)}; the FLOPs formula "
-                         "needs a Llama-like decoder config (hidden_size, intermediate_size, num_hidden_layers, "
-                         "num_attention_heads, vocab_size)")
+        raise ModelError(
+            f"model config {type(config).__name__} lacks {', '.join(missing)}; the FLOPs formula "
+            "needs a Llama-like decoder config (hidden_size, intermediate_size, num_hidden_layers, "
+            "num_attention_heads, vocab_size)"
+        )
     heads = int(config.num_attention_heads)
-    return {"hidden": int(config.hidden_size), "inter": int(config.intermediate_size),
-            "layers": int(config.num_hidden_layers), "heads": heads,
-            "kv_heads": int(getattr(config, "num_key_value_heads", None) or heads),
-            "head_dim": int(getattr(config, "head_dim", None) or config.hidden_size // heads),
-            "vocab": int(config.vocab_size)}
+    return {
+        "hidden": int(config.hidden_size),
+        "inter": int(config.intermediate_size),
+        "layers": int(config.num_hidden_layers),
+        "heads": heads,
+        "kv_heads": int(getattr(config, "num_key_value_heads", None) or heads),
+        "head_dim": int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+        "vocab": int(config.vocab_size),
+    }
 
 
 def _linears(s: dict[str, int]) -> list[tuple[int, int]]:
@@ -133,16 +154,27 @@ def _linears(s: dict[str, int]) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------------------- latency
 
 
-def measure_episode_latency(model: Any, tokenizer: Any, prompt_messages: list[dict[str, str]],
-                            turns: list[tuple[str, str]], new_tokens: int, mode: str) -> list[float]:
+def measure_episode_latency(
+    model: Any,
+    tokenizer: Any,
+    prompt_messages: list[dict[str, str]],
+    turns: list[tuple[str, str]],
+    new_tokens: int,
+    mode: str,
+) -> list[float]:
     """Wall seconds per turn of a timed episode served in ``mode`` (see :func:`play_timed_episode`)."""
     return play_timed_episode(model, tokenizer, prompt_messages, turns, new_tokens, mode)[0]
 
 
 @torch.inference_mode()
-def play_timed_episode(model: Any, tokenizer: Any, prompt_messages: list[dict[str, str]],
-                       turns: list[tuple[str, str]], new_tokens: int,
-                       mode: str) -> tuple[list[float], list[list[int]]]:
+def play_timed_episode(
+    model: Any,
+    tokenizer: Any,
+    prompt_messages: list[dict[str, str]],
+    turns: list[tuple[str, str]],
+    new_tokens: int,
+    mode: str,
+) -> tuple[list[float], list[list[int]]]:
     """Per-turn wall seconds and greedy token ids of an episode on a loaded eval-mode model.
 
     Each turn the agent reads ``turns[i][0]`` and generates exactly ``new_tokens`` tokens
@@ -180,12 +212,21 @@ def play_timed_episode(model: Any, tokenizer: Any, prompt_messages: list[dict[st
         if cache.get_seq_length() > keep:
             cache.crop(keep - cache.get_seq_length())
         input_ids = torch.tensor([ids], device=model.device)
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             top_k=None, top_p=None, temperature=None, pad_token_id=eos)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            past_key_values=cache,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            top_k=None,
+            top_p=None,
+            temperature=None,
+            pad_token_id=eos,
+        )
         _sync(model)
         seconds.append(time.perf_counter() - start)
-        generated.append(out[0, len(ids):].tolist())
+        generated.append(out[0, len(ids) :].tolist())
         cache.crop(len(ids) - cache.get_seq_length())  # drop the generated tokens: the recorded reply follows
         seen = ids
         messages.append({"role": "assistant", "content": reply})

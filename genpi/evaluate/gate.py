@@ -22,16 +22,25 @@ def gate_decision(report: dict[str, Any], cfg: EvalConfig, set_name: str = "test
             continue  # e.g. a prompt without action regexes has no format metric
         value = comparison[metric][kind]
         passed = value is not None and value >= threshold
-        checks.append({"metric": metric, "kind": kind, "value": value, "threshold": threshold, "passed": passed,
-                       "interval": comparison[metric].get(f"{kind}_interval"),
-                       "short_by": None if passed or value is None else round(threshold - value, 4)})
+        checks.append(
+            {
+                "metric": metric,
+                "kind": kind,
+                "value": value,
+                "threshold": threshold,
+                "passed": passed,
+                "interval": comparison[metric].get(f"{kind}_interval"),
+                "short_by": None if passed or value is None else round(threshold - value, 4),
+            }
+        )
     if not checks:
-        return {"passed": False, "set": set_name, "checks": [],
-                "summary": f"no {set_name} inputs were evaluated"}
+        return {"passed": False, "set": set_name, "checks": [], "summary": f"no {set_name} inputs were evaluated"}
     failed = [c for c in checks if not c["passed"]]
     summary = "; ".join(
         f"{c['metric']} {c['kind']} {'n/a' if c['value'] is None else format(c['value'], '.0%')} "
         + (f"[95% {c['interval'][0]:.0%}, {c['interval'][1]:.0%}] " if c["interval"] and c["value"] is not None else "")
         + f"{'>=' if c['passed'] else '<'} {c['threshold']:.0%}"
-        + (f" (short by {c['short_by']:.0%})" if c["short_by"] else "") for c in checks)
+        + (f" (short by {c['short_by']:.0%})" if c["short_by"] else "")
+        for c in checks
+    )
     return {"passed": not failed, "set": set_name, "checks": checks, "summary": summary}

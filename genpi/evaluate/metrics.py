@@ -66,7 +66,7 @@ def action_text(fmt: ActionFormat, text: str) -> str | None:
     m = _compiled(fmt.actions[kind]).search(text)
     assert m is not None  # action_type found it
     start = m.start(_ACTION_GROUP) if _ACTION_GROUP in m.re.groupindex else m.start()
-    return " ".join(text[start:_line_end(text, m.end())].split())
+    return " ".join(text[start : _line_end(text, m.end())].split())
 
 
 def exact_action_match(fmt: ActionFormat, a: str, b: str) -> bool:
@@ -120,16 +120,22 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def bootstrap_interval(samples: Sequence[T], statistic: Callable[[list[T]], float | None], resamples: int = 2000,
-                       seed: int = 0, level: float = 0.95) -> tuple[float, float] | None:
+def bootstrap_interval(
+    samples: Sequence[T],
+    statistic: Callable[[list[T]], float | None],
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float] | None:
     """Percentile bootstrap interval of ``statistic`` over ``samples`` (one per input, resampled with
     replacement, fixed seed); resamples where the statistic is undefined are left out. None when
     fewer than half of them are defined (the interval would describe a different population)."""
     if not samples:
         return None
     rng = random.Random(seed)
-    values = sorted(v for v in (statistic(rng.choices(samples, k=len(samples))) for _ in range(resamples))
-                    if v is not None)
+    values = sorted(
+        v for v in (statistic(rng.choices(samples, k=len(samples))) for _ in range(resamples)) if v is not None
+    )
     if len(values) < resamples / 2:
         return None
     tail = (1 - level) / 2

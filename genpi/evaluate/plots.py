@@ -16,8 +16,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-MODE_LABELS = {"recompute": "recompute (with prompt)", "kv_reuse": "KV reuse (with prompt)",
-               "adapter": "adapter (no prompt)"}
+MODE_LABELS = {
+    "recompute": "recompute (with prompt)",
+    "kv_reuse": "KV reuse (with prompt)",
+    "adapter": "adapter (no prompt)",
+}
 _PASS, _FAIL, _NONE = "#2a9d8f", "#e76f51", "#bbbbbb"
 
 
@@ -48,8 +51,11 @@ def retention_plot(prompt_name: str, rows: Sequence[Mapping[str, Any]], threshol
     return _png(fig)
 
 
-def efficiency_plot(prompt_name: str, flops_per_turn: Mapping[str, Sequence[float | None]],
-                    latency_per_turn: Mapping[str, Sequence[float | None]]) -> bytes:
+def efficiency_plot(
+    prompt_name: str,
+    flops_per_turn: Mapping[str, Sequence[float | None]],
+    latency_per_turn: Mapping[str, Sequence[float | None]],
+) -> bytes:
     """Two panels, one line per serving mode: prefill FLOPs per turn and measured seconds per turn."""
     fig = Figure(figsize=(11, 4), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)

@@ -51,8 +51,15 @@ def _figure(samples: Samples, rate: bool = False) -> dict[str, Any]:
     return out
 
 
-def system_samples(spec: PromptSpec, episodes: list[dict], teacher: list[dict], scores: list[dict], system: str,
-                   similarity: list[float] | None, agreement: list[dict] | None = None) -> dict[str, Samples]:
+def system_samples(
+    spec: PromptSpec,
+    episodes: list[dict],
+    teacher: list[dict],
+    scores: list[dict],
+    system: str,
+    similarity: list[float] | None,
+    agreement: list[dict] | None = None,
+) -> dict[str, Samples]:
     """Every metric of one system on one input set, as one (numerator, denominator) per input."""
     fmt = spec.action_format
     out: dict[str, Samples] = {}
@@ -62,32 +69,46 @@ def system_samples(spec: PromptSpec, episodes: list[dict], teacher: list[dict], 
 
     if fmt.has_actions:
         out["format_valid"] = mean([metrics.format_valid(fmt, _first(e)) for e in episodes])
-        out["format_valid_all_turns"] = [(sum(metrics.format_valid(fmt, t["agent"]) for t in e["turns"]),
-                                          len(e["turns"])) for e in episodes]
+        out["format_valid_all_turns"] = [
+            (sum(metrics.format_valid(fmt, t["agent"]) for t in e["turns"]), len(e["turns"])) for e in episodes
+        ]
     if fmt.has_final:
-        out["final_valid"] = mean([bool(e["turns"]) and metrics.final_valid(fmt, e["turns"][-1]["agent"])
-                                   for e in episodes])
+        out["final_valid"] = mean(
+            [bool(e["turns"]) and metrics.final_valid(fmt, e["turns"][-1]["agent"]) for e in episodes]
+        )
     if fmt.has_actions:
-        out["same_action_type"] = mean([metrics.action_type(fmt, _first(e)) is not None
-                                        and metrics.action_type(fmt, _first(e)) == metrics.action_type(fmt, _first(t))
-                                        for e, t in zip(episodes, teacher)])
-        out["exact_action"] = mean([metrics.exact_action_match(fmt, _first(e), _first(t))
-                                    for e, t in zip(episodes, teacher)])
+        out["same_action_type"] = mean(
+            [
+                metrics.action_type(fmt, _first(e)) is not None
+                and metrics.action_type(fmt, _first(e)) == metrics.action_type(fmt, _first(t))
+                for e, t in zip(episodes, teacher)
+            ]
+        )
+        out["exact_action"] = mean(
+            [metrics.exact_action_match(fmt, _first(e), _first(t)) for e, t in zip(episodes, teacher)]
+        )
     out["token_f1"] = mean([metrics.token_f1(_first(e), _first(t)) for e, t in zip(episodes, teacher)])
     if similarity is not None:
         out["embedding_similarity"] = mean(similarity)
     out["nll"] = [(r[system]["nll_sum"], r[system]["tokens"]) for r in scores]
     out["kl_topk"] = [(r[system]["kl_sum"], r[system]["tokens"]) for r in scores]
     if agreement is not None:
-        out["nll_under_teacher"] = [(a["nll_under_teacher"][system]["nll_sum"],
-                                     a["nll_under_teacher"][system]["tokens"]) for a in agreement]
+        out["nll_under_teacher"] = [
+            (a["nll_under_teacher"][system]["nll_sum"], a["nll_under_teacher"][system]["tokens"]) for a in agreement
+        ]
         out["action_in_teacher_samples"] = mean([a["in_teacher_samples"][system] for a in agreement])
     out["avg_turns"] = mean([len(e["turns"]) for e in episodes])
     return out
 
 
-RATES = ("format_valid", "format_valid_all_turns", "final_valid", "same_action_type", "exact_action",
-         "action_in_teacher_samples")
+RATES = (
+    "format_valid",
+    "format_valid_all_turns",
+    "final_valid",
+    "same_action_type",
+    "exact_action",
+    "action_in_teacher_samples",
+)
 TOKEN_MEANS = ("nll", "kl_topk")
 
 
@@ -102,8 +123,12 @@ def system_figures(samples: dict[str, Samples]) -> dict[str, dict[str, Any]]:
 
 def per_turn_validity(spec: PromptSpec, episodes: list[dict], turns: int) -> list[dict[str, Any]]:
     """Action-format validity at each turn index, over the episodes that reached it."""
-    return [metrics.mean_figure([metrics.format_valid(spec.action_format, e["turns"][k]["agent"])
-                                 for e in episodes if len(e["turns"]) > k]) for k in range(turns)]
+    return [
+        metrics.mean_figure(
+            [metrics.format_valid(spec.action_format, e["turns"][k]["agent"]) for e in episodes if len(e["turns"]) > k]
+        )
+        for k in range(turns)
+    ]
 
 
 def compare(values: dict[str, float | None], lower: bool) -> tuple[float | None, float | None]:
@@ -111,8 +136,11 @@ def compare(values: dict[str, float | None], lower: bool) -> tuple[float | None,
 
     Lower is better: retention is teacher / adapter, undefined when the teacher's value is 0 (the
     KL of the teacher to itself), where gap closed still tells the story."""
-    kept = ((metrics.retention(values["teacher"], values["adapter"]) if values["teacher"] else None) if lower
-            else metrics.retention(values["adapter"], values["teacher"]))
+    kept = (
+        (metrics.retention(values["teacher"], values["adapter"]) if values["teacher"] else None)
+        if lower
+        else metrics.retention(values["adapter"], values["teacher"])
+    )
     return kept, metrics.gap_closed(values["adapter"], values["base"], values["teacher"])
 
 
@@ -128,14 +156,24 @@ def _bootstrap(samples: dict[str, Samples], lower: bool, seed: int) -> dict[str,
     out = {}
     for i, kind in enumerate(("retention", "gap_closed")):
         interval = metrics.bootstrap_interval(
-            rows, lambda picked, i=i: compare({s: ratio(picked, k) for k, s in enumerate(("teacher", "base", "adapter"))},
-                                         lower)[i], seed=seed)
+            rows,
+            lambda picked, i=i: compare(
+                {s: ratio(picked, k) for k, s in enumerate(("teacher", "base", "adapter"))}, lower
+            )[i],
+            seed=seed,
+        )
         out[kind] = None if interval is None else [round(x, 4) for x in interval]
     return out
 
 
-def summarize_set(spec: PromptSpec, episodes: dict[str, list[dict]], scores: list[dict],
-                  embed: Any = None, seed: int = 0, agreement: list[dict] | None = None) -> dict[str, Any]:
+def summarize_set(
+    spec: PromptSpec,
+    episodes: dict[str, list[dict]],
+    scores: list[dict],
+    embed: Any = None,
+    seed: int = 0,
+    agreement: list[dict] | None = None,
+) -> dict[str, Any]:
     """Figures of all three systems on one input set, and the adapter's retention and gap closed,
     each with a 95% bootstrap interval over the inputs (``seed`` fixes the resamples).
     ``agreement`` (per input, :meth:`Evaluation.agreement`) adds how the teacher judges each
@@ -143,14 +181,18 @@ def summarize_set(spec: PromptSpec, episodes: dict[str, list[dict]], scores: lis
     teacher = episodes["teacher"]
     similarity: dict[str, list[float] | None] = {"teacher": None, "base": None, "adapter": None}
     if embed is not None:
-        similarity = {s: embed.similarity([_first(e) for e in episodes[s]], [_first(t) for t in teacher])
-                      for s in episodes if s != "teacher"}
+        similarity = {
+            s: embed.similarity([_first(e) for e in episodes[s]], [_first(t) for t in teacher])
+            for s in episodes
+            if s != "teacher"
+        }
         similarity["teacher"] = [1.0] * len(teacher)  # the teacher's reply is its own reference
     samples = {s: system_samples(spec, episodes[s], teacher, scores, s, similarity[s], agreement) for s in episodes}
     systems = {s: system_figures(samples[s]) for s in episodes}
     longest = max((len(e["turns"]) for eps in episodes.values() for e in eps), default=0)
-    per_turn = ({s: per_turn_validity(spec, episodes[s], longest) for s in episodes}
-                if spec.action_format.has_actions else {})
+    per_turn = (
+        {s: per_turn_validity(spec, episodes[s], longest) for s in episodes} if spec.action_format.has_actions else {}
+    )
     comparison = {}
     for metric in systems["adapter"]:
         if metric == "avg_turns":
@@ -159,10 +201,15 @@ def summarize_set(spec: PromptSpec, episodes: dict[str, list[dict]], scores: lis
         lower = metric in LOWER_IS_BETTER
         kept, closed = compare(values, lower)
         intervals = _bootstrap({s: samples[s][metric] for s in samples}, lower, seed)
-        comparison[metric] = {**values, "n": systems["adapter"][metric]["n"], "lower_is_better": lower,
-                              "retention": _round(kept), "gap_closed": _round(closed),
-                              "retention_interval": intervals["retention"],
-                              "gap_closed_interval": intervals["gap_closed"]}
+        comparison[metric] = {
+            **values,
+            "n": systems["adapter"][metric]["n"],
+            "lower_is_better": lower,
+            "retention": _round(kept),
+            "gap_closed": _round(closed),
+            "retention_interval": intervals["retention"],
+            "gap_closed_interval": intervals["gap_closed"],
+        }
         for s in systems:
             if "interval" in systems[s][metric]:
                 comparison[metric][f"{s}_interval"] = systems[s][metric]["interval"]
@@ -195,28 +242,43 @@ def pct_interval(value: float | None, interval: list[float] | None) -> str:
 def prompt_report_markdown(report: dict[str, Any]) -> str:
     """The per-prompt report for people."""
     gate = report["gate"]
-    lines = [f"# Fidelity report: {report['prompt']}", "",
-             f"Adapter `{report['adapter']}` (run {report['run_hash']}), episodes of up to "
-             f"{report['max_turns']} agent turns, greedy.", "",
-             f"**Gate: {'PASSED' if gate['passed'] else 'FAILED'}** ({gate['summary']})"
-             + (f"; published as `{report['published']}`" if report.get("published") else ""), ""]
+    lines = [
+        f"# Fidelity report: {report['prompt']}",
+        "",
+        f"Adapter `{report['adapter']}` (run {report['run_hash']}), episodes of up to "
+        f"{report['max_turns']} agent turns, greedy.",
+        "",
+        f"**Gate: {'PASSED' if gate['passed'] else 'FAILED'}** ({gate['summary']})"
+        + (f"; published as `{report['published']}`" if report.get("published") else ""),
+        "",
+    ]
     for set_name, figures in report["sets"].items():
-        lines += [f"## {set_name} inputs (n = {figures['n']})", "",
-                  "Rates with their 95% Wilson interval; retention and gap closed with a 95% bootstrap interval "
-                  "over the inputs.", "",
-                  "| metric | teacher (prompt) | base (no prompt) | adapter (no prompt) | retention | gap closed | n |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {set_name} inputs (n = {figures['n']})",
+            "",
+            "Rates with their 95% Wilson interval; retention and gap closed with a 95% bootstrap interval "
+            "over the inputs.",
+            "",
+            "| metric | teacher (prompt) | base (no prompt) | adapter (no prompt) | retention | gap closed | n |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for metric, row in figures["comparison"].items():
-            lines.append(f"| {TITLES.get(metric, metric)} | "
-                         + " | ".join(_cell(metric, row[s], row.get(f"{s}_interval")) for s in SYSTEMS)
-                         + f" | {pct_interval(row['retention'], row.get('retention_interval'))} | "
-                         f"{pct_interval(row['gap_closed'], row.get('gap_closed_interval'))} | {row['n']} |")
+            lines.append(
+                f"| {TITLES.get(metric, metric)} | "
+                + " | ".join(_cell(metric, row[s], row.get(f"{s}_interval")) for s in SYSTEMS)
+                + f" | {pct_interval(row['retention'], row.get('retention_interval'))} | "
+                f"{pct_interval(row['gap_closed'], row.get('gap_closed_interval'))} | {row['n']} |"
+            )
         per_turn = figures.get("per_turn_format_valid") or {}
         if per_turn:
             width = max(len(v) for v in per_turn.values())
-            lines += ["", "Action-format validity per turn (episodes that reached the turn):", "",
-                      "| system | " + " | ".join(f"turn {k + 1}" for k in range(width)) + " |",
-                      "|---|" + "---|" * width]
+            lines += [
+                "",
+                "Action-format validity per turn (episodes that reached the turn):",
+                "",
+                "| system | " + " | ".join(f"turn {k + 1}" for k in range(width)) + " |",
+                "|---|" + "---|" * width,
+            ]
             for system, row in per_turn.items():
                 cells = [f"{_pct(f['value'])} ({f['n']})" for f in row] + [""] * (width - len(row))
                 lines.append(f"| {system} | " + " | ".join(cells) + " |")
@@ -224,20 +286,30 @@ def prompt_report_markdown(report: dict[str, Any]) -> str:
     eff = report.get("efficiency") or {}
     if eff:
         flops = eff["flops"]
-        lines += ["## Efficiency per turn", "",
-                  f"Prompt tokens avoided per turn: {eff['prompt_tokens']}. Timed episode: {eff['turns']} turns "
-                  f"on {eff['device']} ({eff['threads']} threads).", "",
-                  "| turn | prefill FLOPs, prompt recomputed | prompt KV cache reused | adapter, no prompt | "
-                  "latency recomputed (s) | latency KV reused (s) | latency adapter (s) |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Efficiency per turn",
+            "",
+            f"Prompt tokens avoided per turn: {eff['prompt_tokens']}. Timed episode: {eff['turns']} turns "
+            f"on {eff['device']} ({eff['threads']} threads).",
+            "",
+            "| turn | prefill FLOPs, prompt recomputed | prompt KV cache reused | adapter, no prompt | "
+            "latency recomputed (s) | latency KV reused (s) | latency adapter (s) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for t in range(eff["turns"]):
-            lines.append(f"| {t + 1} | {flops['per_turn']['recompute'][t]:.3g} | {flops['per_turn']['kv_reuse'][t]:.3g} | "
-                         f"{flops['per_turn']['adapter'][t]:.3g} | {eff['latency_s']['recompute'][t]:.3f} | "
-                         f"{eff['latency_s']['kv_reuse'][t]:.3f} | {eff['latency_s']['adapter'][t]:.3f} |")
-        lines += ["", f"Theoretical prefill saving of the adapter: {_pct(flops.get('theoretical_saving'))} vs the "
-                  f"reused prompt cache, {_pct(flops.get('theoretical_saving_vs_recompute'))} vs recomputing; "
-                  f"measured latency saving: {_pct(eff['measured_saving_vs_kv_reuse'])} vs the reused cache, "
-                  f"{_pct(eff['measured_saving_vs_recompute'])} vs recomputing.", ""]
+            lines.append(
+                f"| {t + 1} | {flops['per_turn']['recompute'][t]:.3g} | {flops['per_turn']['kv_reuse'][t]:.3g} | "
+                f"{flops['per_turn']['adapter'][t]:.3g} | {eff['latency_s']['recompute'][t]:.3f} | "
+                f"{eff['latency_s']['kv_reuse'][t]:.3f} | {eff['latency_s']['adapter'][t]:.3f} |"
+            )
+        lines += [
+            "",
+            f"Theoretical prefill saving of the adapter: {_pct(flops.get('theoretical_saving'))} vs the "
+            f"reused prompt cache, {_pct(flops.get('theoretical_saving_vs_recompute'))} vs recomputing; "
+            f"measured latency saving: {_pct(eff['measured_saving_vs_kv_reuse'])} vs the reused cache, "
+            f"{_pct(eff['measured_saving_vs_recompute'])} vs recomputing.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -247,28 +319,44 @@ def batch_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in reports:
         test = r["sets"].get("test", {}).get("comparison", {})
         fv, nll = test.get("format_valid", {}), test.get("nll", {})
-        rows.append({"prompt": r["prompt"], "n": r["sets"].get("test", {}).get("n", 0),
-                     "teacher_format": fv.get("teacher"), "base_format": fv.get("base"),
-                     "adapter_format": fv.get("adapter"), "format_retention": fv.get("retention"),
-                     "format_retention_interval": fv.get("retention_interval"),
-                     "nll_gap_closed_interval": nll.get("gap_closed_interval"),
-                     "nll_teacher": nll.get("teacher"), "nll_base": nll.get("base"), "nll_adapter": nll.get("adapter"),
-                     "nll_gap_closed": nll.get("gap_closed"),
-                     "prompt_tokens": (r.get("efficiency") or {}).get("prompt_tokens"),
-                     "passed": r["gate"]["passed"], "gate": r["gate"]["summary"], "published": r.get("published")})
+        rows.append(
+            {
+                "prompt": r["prompt"],
+                "n": r["sets"].get("test", {}).get("n", 0),
+                "teacher_format": fv.get("teacher"),
+                "base_format": fv.get("base"),
+                "adapter_format": fv.get("adapter"),
+                "format_retention": fv.get("retention"),
+                "format_retention_interval": fv.get("retention_interval"),
+                "nll_gap_closed_interval": nll.get("gap_closed_interval"),
+                "nll_teacher": nll.get("teacher"),
+                "nll_base": nll.get("base"),
+                "nll_adapter": nll.get("adapter"),
+                "nll_gap_closed": nll.get("gap_closed"),
+                "prompt_tokens": (r.get("efficiency") or {}).get("prompt_tokens"),
+                "passed": r["gate"]["passed"],
+                "gate": r["gate"]["summary"],
+                "published": r.get("published"),
+            }
+        )
     return rows
 
 
 def batch_table(rows: list[dict[str, Any]]) -> str:
     """The batch table as Markdown (also what ``genpi report`` prints)."""
-    lines = ["| prompt | n | format: teacher | base | adapter | retention | NLL: teacher | base | adapter | "
-             "gap closed | gate |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| prompt | n | format: teacher | base | adapter | retention | NLL: teacher | base | adapter | "
+        "gap closed | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['prompt']} | {r['n']} | {_pct(r['teacher_format'])} | {_pct(r['base_format'])} | "
-                     f"{_pct(r['adapter_format'])} | {pct_interval(r['format_retention'], r.get('format_retention_interval'))} | "
-                     f"{_num(r['nll_teacher'])} | {_num(r['nll_base'])} | {_num(r['nll_adapter'])} | "
-                     f"{pct_interval(r['nll_gap_closed'], r.get('nll_gap_closed_interval'))} | "
-                     f"{'passed' if r['passed'] else 'FAILED: ' + r['gate']} |")
+        lines.append(
+            f"| {r['prompt']} | {r['n']} | {_pct(r['teacher_format'])} | {_pct(r['base_format'])} | "
+            f"{_pct(r['adapter_format'])} | {pct_interval(r['format_retention'], r.get('format_retention_interval'))} | "
+            f"{_num(r['nll_teacher'])} | {_num(r['nll_base'])} | {_num(r['nll_adapter'])} | "
+            f"{pct_interval(r['nll_gap_closed'], r.get('nll_gap_closed_interval'))} | "
+            f"{'passed' if r['passed'] else 'FAILED: ' + r['gate']} |"
+        )
     return "\n".join(lines)
 
 
@@ -280,11 +368,17 @@ def selection_table(selection: dict[str, Any]) -> str:
         std = group[f"{figure}_std"]
         return _pct(group[figure]) + (f" ± {std * 100:.0f}" if std is not None else "")
 
-    lines = [f"### {selection['prompt']}: runs on the validation split", "",
-             "| method | λ | seeds | format retention | NLL gap closed | chosen |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"### {selection['prompt']}: runs on the validation split",
+        "",
+        "| method | λ | seeds | format retention | NLL gap closed | chosen |",
+        "|---|---|---|---|---|---|",
+    ]
     for g in selection["groups"]:
         mark = "yes" if (g["method"], g["pg_lambda"]) == (best["method"], best["pg_lambda"]) else ""
         lam = f"{g['pg_lambda']:.2f}" if g["method"] in PG_METHODS else "-"
-        lines.append(f"| {g['method']} | {lam} | {g['seeds']} | {cell(g, 'format_retention')} | "
-                     f"{cell(g, 'nll_gap_closed')} | {mark} |")
+        lines.append(
+            f"| {g['method']} | {lam} | {g['seeds']} | {cell(g, 'format_retention')} | "
+            f"{cell(g, 'nll_gap_closed')} | {mark} |"
+        )
     return "\n".join(lines)

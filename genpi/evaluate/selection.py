@@ -26,17 +26,23 @@ def run_figures(spec: PromptSpec, summary: dict[str, Any]) -> dict[str, float | 
     """What a run is chosen by: format-validity retention (agent prompts) and NLL gap closed."""
     comparison = summary.get("comparison", {})
     fmt = comparison.get("format_valid", {}) if spec.action_format.has_actions else {}
-    return {"format_retention": fmt.get("retention"), "adapter_format": fmt.get("adapter"),
-            "nll_gap_closed": comparison.get("nll", {}).get("gap_closed"), "n": summary.get("n", 0)}
+    return {
+        "format_retention": fmt.get("retention"),
+        "adapter_format": fmt.get("adapter"),
+        "nll_gap_closed": comparison.get("nll", {}).get("gap_closed"),
+        "n": summary.get("n", 0),
+    }
 
 
 def choose(rows: list[dict[str, Any]]) -> int:
     """Index of the best row by (format retention, NLL gap closed); a missing figure ranks lowest."""
+
     def key(k: int) -> tuple[float, float, int]:
         r = rows[k]
         low = float("-inf")
         fmt, gap = r["format_retention"], r["nll_gap_closed"]
         return (low if fmt is None else fmt, low if gap is None else gap, -k)
+
     return max(range(len(rows)), key=key)
 
 
@@ -70,12 +76,25 @@ def select_run(spec: PromptSpec, runs: list[GenPIConfig], store: ArtifactStore) 
             train = artifacts.train_prefix(spec, run)
             adapter = engine.add_adapter(store.download_dir(f"{train}/adapter", Path(tmp) / f"adapter-{k}"))
             summary = validation_summary(spec, run, store, engine, adapter)
-            rows.append({"method": run.train.method, "pg_lambda": run.train.pg_lambda, "seed": run.train.seed,
-                         "run_hash": artifacts.run_hash(run), **run_figures(spec, summary)})
+            rows.append(
+                {
+                    "method": run.train.method,
+                    "pg_lambda": run.train.pg_lambda,
+                    "seed": run.train.seed,
+                    "run_hash": artifacts.run_hash(run),
+                    **run_figures(spec, summary),
+                }
+            )
     best = choose(rows)
     selection = {"prompt": spec.name, "split": "val", "chosen": best, "runs": rows, "groups": seed_groups(rows)}
     store.put_json(f"{prefix}/selection.json", selection)
     store.mark_done(prefix)
-    log.info("[%s] chose %s (lambda %.2f, seed %d) of %d runs on validation fidelity", spec.name,
-             rows[best]["method"], rows[best]["pg_lambda"], rows[best]["seed"], len(rows))
+    log.info(
+        "[%s] chose %s (lambda %.2f, seed %d) of %d runs on validation fidelity",
+        spec.name,
+        rows[best]["method"],
+        rows[best]["pg_lambda"],
+        rows[best]["seed"],
+        len(rows),
+    )
     return selection

@@ -32,21 +32,23 @@ def reply_ids(tokenizer: Any, context: Conversation, reply: str) -> list[int]:
     """The tokens of ``reply`` as the assistant's turn after ``context``, end of turn included."""
     head = chat_ids(tokenizer, context, generation_prompt=True)
     full = chat_ids(tokenizer, [*context, {"role": "assistant", "content": reply}], generation_prompt=False)
-    if full[:len(head)] != head:
+    if full[: len(head)] != head:
         raise ValueError("the chat template does not render the reply after its context")
-    return full[len(head):]
+    return full[len(head) :]
 
 
-def _reply_logprobs(model: Any, context_ids: list[int], reply: list[int], cache: Any = None,
-                    cached: int = 0) -> torch.Tensor:
+def _reply_logprobs(
+    model: Any, context_ids: list[int], reply: list[int], cache: Any = None, cached: int = 0
+) -> torch.Tensor:
     """Log-softmax over the vocabulary at each position that predicts a reply token: [len(reply), vocab].
 
     With ``cache`` holding the KV of the first ``cached`` context tokens, only the rest is computed,
     and the cache is cut back to those tokens afterwards.
     """
     ids = torch.tensor([(context_ids + reply)[cached:]], device=model.device)
-    logits = model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
-                   logits_to_keep=len(reply) + 1).logits[0, :-1]
+    logits = model(
+        input_ids=ids, past_key_values=cache, use_cache=cache is not None, logits_to_keep=len(reply) + 1
+    ).logits[0, :-1]
     if cache is not None:
         cache.crop(cached - cache.get_seq_length())  # a negative count: tokens to drop from the end
     return torch.log_softmax(logits.float(), dim=-1)
@@ -68,9 +70,15 @@ def _prefix_cache(model: Any, contexts: list[list[int]]) -> tuple[Any, int]:
 
 
 @torch.inference_mode()
-def score_replies(engine: Any, teacher_contexts: list[Conversation], student_contexts: list[Conversation],
-                  replies: list[str], student_adapters: dict[str, str | None], top_k: int,
-                  share_prefix: bool = True) -> dict[str, list[ReplyScore]]:
+def score_replies(
+    engine: Any,
+    teacher_contexts: list[Conversation],
+    student_contexts: list[Conversation],
+    replies: list[str],
+    student_adapters: dict[str, str | None],
+    top_k: int,
+    share_prefix: bool = True,
+) -> dict[str, list[ReplyScore]]:
     """Score each teacher reply under the teacher and every named student system.
 
     ``student_adapters`` maps a system name (``base``, ``adapter``) to the adapter that serves

@@ -36,9 +36,11 @@ class Resampling:
     turns: int = 1
 
 
-def _resample(views: list[Conversation], replies: list[Generation], generate: Generate,
-              resampling: Resampling) -> tuple[list[Generation], set[int]]:
+def _resample(
+    views: list[Conversation], replies: list[Generation], generate: Generate, resampling: Resampling
+) -> tuple[list[Generation], set[int]]:
     """``replies`` with rejected ones replaced where a sample was accepted; the replaced positions."""
+
     def rejected(gen: Generation) -> bool:
         return gen.finish_reason != CONTEXT and not (gen.text.strip() and resampling.accept(gen.text))
 
@@ -61,11 +63,19 @@ def _stopped(gen: Generation) -> str:
     return "" if gen.text.strip() else EMPTY
 
 
-def play_episodes(spec: PromptSpec, real_inputs: list[str], agent_views: list[Conversation],
-                  agent_generate: Generate, env_generate: Generate, limit: int,
-                  agent_params: SamplingParams, env_params: SamplingParams,
-                  last_observation: bool = True, first_turns: list[Generation] | None = None,
-                  resampling: Resampling | None = None) -> list[dict]:
+def play_episodes(
+    spec: PromptSpec,
+    real_inputs: list[str],
+    agent_views: list[Conversation],
+    agent_generate: Generate,
+    env_generate: Generate,
+    limit: int,
+    agent_params: SamplingParams,
+    env_params: SamplingParams,
+    last_observation: bool = True,
+    first_turns: list[Generation] | None = None,
+    resampling: Resampling | None = None,
+) -> list[dict]:
     """One episode per input, the agent starting from its opening conversation in ``agent_views``.
 
     Returns ``{"turns": [{"agent", "observation", "agent_finish"}...], "end"}`` per input, in

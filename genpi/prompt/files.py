@@ -75,13 +75,11 @@ def load_prompts(folder: str | Path) -> list[PromptSpec]:
     if not d.is_dir():
         raise PromptError(f"{folder} is not a folder; pass the folder that holds the prompt files")
     files = sorted(
-        f for f in d.iterdir()
-        if f.is_file() and not f.name.startswith(".") and f.name.lower() not in SKIPPED_NAMES
+        f for f in d.iterdir() if f.is_file() and not f.name.startswith(".") and f.name.lower() not in SKIPPED_NAMES
     )
     if not files:
         raise PromptError(
-            f"prompt folder {folder} has no prompt files; add one prompt per file "
-            f"({', '.join(ALLOWED_EXTENSIONS)})"
+            f"prompt folder {folder} has no prompt files; add one prompt per file ({', '.join(ALLOWED_EXTENSIONS)})"
         )
     specs: list[PromptSpec] = []
     errors: list[str] = []
@@ -91,8 +89,9 @@ def load_prompts(folder: str | Path) -> list[PromptSpec]:
         except PromptError as e:
             errors.append(str(e))
     if errors:
-        raise PromptError(errors[0] if len(errors) == 1 else
-                          f"{len(errors)} prompt files have problems:\n" + "\n".join(errors))
+        raise PromptError(
+            errors[0] if len(errors) == 1 else f"{len(errors)} prompt files have problems:\n" + "\n".join(errors)
+        )
     seen: dict[str, str] = {}
     for s in specs:
         if s.name in seen:
@@ -111,18 +110,16 @@ def _parse_text(src: str, text: str) -> tuple[dict[str, Any], list[Turn]]:
         end = next((i for i in range(1, len(lines)) if lines[i].rstrip() == "---"), None)
         if end is None:
             raise PromptError(
-                f"{src}: front matter opened with '---' on line 1 is never closed; "
-                "add a line '---' after the settings"
+                f"{src}: front matter opened with '---' on line 1 is never closed; add a line '---' after the settings"
             )
         settings = parse_yaml("\n".join(lines[1:end]), src, PromptError, what="front matter", line_offset=1)
         if settings is None:
             settings = {}
         if not isinstance(settings, dict):
             raise PromptError(
-                f"{src}: front matter must be a YAML mapping of settings (key: value), "
-                f"got a {type(settings).__name__}"
+                f"{src}: front matter must be a YAML mapping of settings (key: value), got a {type(settings).__name__}"
             )
-        lines = lines[end + 1:]
+        lines = lines[end + 1 :]
         if not "\n".join(lines).strip():
             raise PromptError(f"{src}: has front matter but no prompt text after it; add the prompt below the '---'")
     _check_keys(src, settings, SETTINGS_KEYS, "front matter")
@@ -147,8 +144,7 @@ def _parse_text(src: str, text: str) -> tuple[dict[str, Any], list[Turn]]:
             turns.append(Turn(role, content))
         elif explicit:
             raise PromptError(
-                f"{src}: turn {len(turns) + 1} ({role}) is empty; write its text below the "
-                "marker or remove the marker"
+                f"{src}: turn {len(turns) + 1} ({role}) is empty; write its text below the marker or remove the marker"
             )
     return settings, turns
 

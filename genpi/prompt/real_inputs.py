@@ -28,7 +28,8 @@ def load_real_inputs(folder: str | Path, prompt_names: list[str]) -> dict[str, l
     if unknown:
         raise RealInputError(
             f"--eval-inputs {folder}: {', '.join(unknown)} match(es) no prompt; name each file "
-            f"<prompt name>.jsonl with one of: {', '.join(prompt_names)}")
+            f"<prompt name>.jsonl with one of: {', '.join(prompt_names)}"
+        )
     out: dict[str, list[str]] = {}
     for path in files:
         inputs = []
@@ -38,10 +39,12 @@ def load_real_inputs(folder: str | Path, prompt_names: list[str]) -> dict[str, l
                 continue
             row = parse_json(line, f"{path}:{number}", RealInputError, fix='write one {"input": "..."} object per line')
             if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not row["input"].strip():
-                raise RealInputError(f'{path}:{number}: expected an object with a non-empty "input" string, '
-                                     f"got {short_repr(line.strip())}")
+                raise RealInputError(
+                    f'{path}:{number}: expected an object with a non-empty "input" string, '
+                    f"got {short_repr(line.strip())}"
+                )
             inputs.append(row["input"].strip())
         if not inputs:
-            raise RealInputError(f"{path} has no inputs; add lines like {{\"input\": \"...\"}} or remove the file")
+            raise RealInputError(f'{path} has no inputs; add lines like {{"input": "..."}} or remove the file')
         out[path.stem] = inputs
     return out

@@ -26,7 +26,6 @@ DEFAULT_END_CONDITION = "the agent has given its final answer or action"
 DEFAULT_END_TOKEN = "<END>"
 
 
-
 @dataclass(frozen=True)
 class Turn:
     """One chat turn of a prompt: ``role`` is system, user or assistant."""

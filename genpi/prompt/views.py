@@ -85,7 +85,8 @@ def environment_system(spec: PromptSpec) -> str:
         "Every message you receive is the agent's latest action; the first one of an episode comes with "
         "the agent's task. Reply with exactly what the environment returns for that action (command "
         "output, page text, tool result), without commentary and without acting for the agent. The "
-        f"episode is over when {env.end_condition}; then reply with {env.end_token} and nothing else.")
+        f"episode is over when {env.end_condition}; then reply with {env.end_token} and nothing else."
+    )
 
 
 def environment_opening(user_input: str, action: str) -> str:
@@ -112,10 +113,12 @@ def environment_conversation(spec: PromptSpec) -> Conversation:
 
 def prompt_generation_input(user_input: str, student: str, teacher: str) -> str:
     """The user turn of a Prompt Generation example: the input and both answers."""
-    return (f"User input:\n{user_input}\n\n"
-            f"AS-IS answer (without the instructions):\n{student}\n\n"
-            f"TO-BE answer (with the instructions):\n{teacher}\n\n"
-            "Write the instructions that turn the AS-IS answer into the TO-BE answer, then explain why.")
+    return (
+        f"User input:\n{user_input}\n\n"
+        f"AS-IS answer (without the instructions):\n{student}\n\n"
+        f"TO-BE answer (with the instructions):\n{teacher}\n\n"
+        "Write the instructions that turn the AS-IS answer into the TO-BE answer, then explain why."
+    )
 
 
 def prompt_generation_target(spec: PromptSpec, reason: str) -> str:

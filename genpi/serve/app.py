@@ -26,8 +26,10 @@ def application(cfg: GenPIConfig, specs: list[PromptSpec]) -> Application:
     settings: dict[str, Any] = {"config": cfg.to_dict(), "prompts": [s.to_json() for s in specs]}
     s = cfg.serve
     model = ModelServer.options(  # type: ignore[attr-defined]
-        num_replicas=s.replicas, max_ongoing_requests=max(64, 4 * cfg.models.target.batch_size),
-        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}).bind(settings)
+        num_replicas=s.replicas,
+        max_ongoing_requests=max(64, 4 * cfg.models.target.batch_size),
+        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+    ).bind(settings)
     return OpenAIServer.bind(model, settings)  # type: ignore[attr-defined]
 
 

@@ -47,7 +47,7 @@ class TextStream:
             text = text[:hit]
         else:
             hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            text = text[:len(text) - hold]
+            text = text[: len(text) - hold]
         return self._advance(text.rstrip())
 
     def finish(self, final: str) -> str:
@@ -56,7 +56,7 @@ class TextStream:
     def _advance(self, text: str) -> str:
         if not text.startswith(self.sent) or len(text) == len(self.sent):
             return ""
-        delta, self.sent = text[len(self.sent):], text
+        delta, self.sent = text[len(self.sent) :], text
         return delta
 
 
@@ -137,18 +137,32 @@ class Batcher:
         for adapter in {job.adapter for job in batch} - {None} - set(self.engine.adapters):
             self.engine.add_adapter(adapter)  # unloaded (evicted) while its request waited: the folder stays
         for params, jobs in groups.items():
+
             def on_token(i: int, token: int, jobs: list = jobs) -> None:
                 stream = jobs[i].stream
                 if stream is not None and (delta := stream.push(token)):
                     jobs[i].emit({"delta": delta})
 
-            gens = self.engine.generate([j.conversation for j in jobs], params, [j.adapter for j in jobs],
-                                        on_token=on_token if any(j.stream for j in jobs) else None)
+            gens = self.engine.generate(
+                [j.conversation for j in jobs],
+                params,
+                [j.adapter for j in jobs],
+                on_token=on_token if any(j.stream for j in jobs) else None,
+            )
             self.batches += 1
             for job, gen in zip(jobs, gens):
                 if job.stream is not None and (delta := job.stream.finish(gen.text)):
                     job.emit({"delta": delta})
-                job.emit({"done": {"text": gen.text, "finish_reason": gen.finish_reason, "batch": len(jobs),
-                                   "prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.output_tokens,
-                                   **job.extra}})
+                job.emit(
+                    {
+                        "done": {
+                            "text": gen.text,
+                            "finish_reason": gen.finish_reason,
+                            "batch": len(jobs),
+                            "prompt_tokens": gen.prompt_tokens,
+                            "completion_tokens": gen.output_tokens,
+                            **job.extra,
+                        }
+                    }
+                )
         self.tidy()

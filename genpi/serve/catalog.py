@@ -95,8 +95,9 @@ class Catalog:
         the versions internalized from that very text (an edited prompt falls back until its own
         adapter is published)."""
         given = self.given.get(name)
-        return [a for a in self.published() if a.prompt == name
-                and (given is None or a.prompt_hash == given.prompt_hash)]
+        return [
+            a for a in self.published() if a.prompt == name and (given is None or a.prompt_hash == given.prompt_hash)
+        ]
 
     def resolve(self, model: str) -> Target:
         """The target of ``model``; an APIError (404 unknown, 503 every version refused) otherwise."""
@@ -108,8 +109,13 @@ class Catalog:
                 raise APIError(404, str(e), param="model", code="model_not_found") from None
             self.published()  # refuses versions of another base model
             if entry.name in self.rejected:
-                raise APIError(503, f"{entry.name} is not served: {self.rejected[entry.name]}", type="server_error",
-                               param="model", code="model_rejected")
+                raise APIError(
+                    503,
+                    f"{entry.name} is not served: {self.rejected[entry.name]}",
+                    type="server_error",
+                    param="model",
+                    code="model_rejected",
+                )
             return Target(name, "adapter", adapter=entry)
         candidates = self._candidates(name)
         entry = next((a for a in candidates if a.name not in self.rejected), None)
@@ -120,11 +126,20 @@ class Catalog:
             return Target(name, "prompt", spec=spec)
         if candidates:
             why = "; ".join(f"{a.name}: {self.rejected[a.name]}" for a in candidates)
-            raise APIError(503, f"no version of {name!r} is served: {why}", type="server_error", param="model",
-                           code="model_rejected")
+            raise APIError(
+                503,
+                f"no version of {name!r} is served: {why}",
+                type="server_error",
+                param="model",
+                code="model_rejected",
+            )
         known = sorted(self.names())
-        raise APIError(404, f"unknown model {model!r}; served: {', '.join(known) if known else 'nothing yet'}",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"unknown model {model!r}; served: {', '.join(known) if known else 'nothing yet'}",
+            param="model",
+            code="model_not_found",
+        )
 
     def reject(self, name: str, reason: str) -> None:
         log.error("not serving %s: %s", name, reason)
@@ -138,23 +153,38 @@ class Catalog:
         """``GET /v1/models``: every servable prompt, what answers it now and why."""
         cards = []
         for name in sorted(self.names()):
-            rejected = {a.name: self.rejected[a.name] for a in self.published() if a.prompt == name
-                        and a.name in self.rejected}
+            rejected = {
+                a.name: self.rejected[a.name] for a in self.published() if a.prompt == name and a.name in self.rejected
+            }
             try:
                 target = self.resolve(name)
             except APIError:
-                cards.append(ModelCard(id=name, created=0, base_model=self.base_model, mode="unavailable",
-                                       rejected=rejected))
+                cards.append(
+                    ModelCard(id=name, created=0, base_model=self.base_model, mode="unavailable", rejected=rejected)
+                )
                 continue
             a = target.adapter
             if a is None:
-                cards.append(ModelCard(id=name, created=0, base_model=self.base_model, mode="prompt",
-                                       rejected=rejected))
+                cards.append(
+                    ModelCard(id=name, created=0, base_model=self.base_model, mode="prompt", rejected=rejected)
+                )
                 continue
-            parity = self.parity.get(a.name) or (NO_PROBES if not a.probes else "not checked yet (first request loads it)")
-            cards.append(ModelCard(id=name, created=_epoch(a.published_at), version=a.version, base_model=a.base_model,
-                                   mode="adapter", retention=a.retention, gap_closed=a.gap_closed, parity=parity,
-                                   rejected=rejected))
+            parity = self.parity.get(a.name) or (
+                NO_PROBES if not a.probes else "not checked yet (first request loads it)"
+            )
+            cards.append(
+                ModelCard(
+                    id=name,
+                    created=_epoch(a.published_at),
+                    version=a.version,
+                    base_model=a.base_model,
+                    mode="adapter",
+                    retention=a.retention,
+                    gap_closed=a.gap_closed,
+                    parity=parity,
+                    rejected=rejected,
+                )
+            )
         return cards
 
 

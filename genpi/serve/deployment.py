@@ -51,8 +51,17 @@ class Held:
     """Something a replica holds for a multiplexed id: an adapter, or a prompt's pinned KV.
     Serve calls ``__del__`` when it evicts it; the memory is freed on the engine's thread."""
 
-    def __init__(self, server: ModelServer, key: str, prompt: str, mode: str, adapter: str | None = None,
-                 pinned: int | None = None, prefix: int = 0, parity: str = "") -> None:
+    def __init__(
+        self,
+        server: ModelServer,
+        key: str,
+        prompt: str,
+        mode: str,
+        adapter: str | None = None,
+        pinned: int | None = None,
+        prefix: int = 0,
+        parity: str = "",
+    ) -> None:
         self.server, self.key, self.prompt, self.mode = server, key, prompt, mode
         self.adapter, self.pinned, self.prefix, self.parity = adapter, pinned, prefix, parity
 
@@ -64,9 +73,16 @@ class Held:
 
 def _serving_engine(cfg: GenPIConfig, dtype: str | None = None) -> HFEngine:
     target, threads = cfg.models.target, cfg.models.target.threads or max(1, int(cfg.serve.num_cpus))
-    return HFEngine(target.name, dtype=dtype or target.dtype, device=target.device, batch_size=target.batch_size,
-                    max_context=target.max_context, threads=threads, prefix_sharing=target.prefix_sharing,
-                    turn_cache_mib=0 if dtype else 2048)
+    return HFEngine(
+        target.name,
+        dtype=dtype or target.dtype,
+        device=target.device,
+        batch_size=target.batch_size,
+        max_context=target.max_context,
+        threads=threads,
+        prefix_sharing=target.prefix_sharing,
+        turn_cache_mib=0 if dtype else 2048,
+    )
 
 
 def check_adapter(engine: HFEngine, entry: PublishedAdapter, folder: Path, cfg: GenPIConfig) -> str:
@@ -181,10 +197,14 @@ class ModelServer:
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         extra = {"parity": held.parity, "cached_tokens": held.prefix}
         params = SamplingParams(**{**request["params"], "stop": tuple(request["params"]["stop"])})
-        job = Job(request["messages"], params, held.adapter,
-                  lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-                  TextStream(self.engine.tokenizer, tuple(request["params"]["stop"])) if request["stream"] else None,
-                  extra)
+        job = Job(
+            request["messages"],
+            params,
+            held.adapter,
+            lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+            TextStream(self.engine.tokenizer, tuple(request["params"]["stop"])) if request["stream"] else None,
+            extra,
+        )
         self.batcher.submit(job)
         while True:
             event = await events.get()
@@ -194,8 +214,12 @@ class ModelServer:
 
     def stats(self) -> dict[str, Any]:
         """What this replica holds now (tests and benchmarks read it)."""
-        return {"held": sorted(self.held), "adapters": len(self.engine.adapters), "batches": self.batcher.batches,
-                "rejected": dict(self.rejected)}
+        return {
+            "held": sorted(self.held),
+            "adapters": len(self.engine.adapters),
+            "batches": self.batcher.batches,
+            "rejected": dict(self.rejected),
+        }
 
     def __del__(self) -> None:
         self.batcher.stop()

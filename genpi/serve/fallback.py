@@ -26,7 +26,7 @@ def prefix_ids(tokenizer: Any, spec: PromptSpec) -> list[int]:
     """The token ids every prompt-mode conversation of ``spec`` opens with."""
     # Inputs of different openings: the boundary token may merge with what follows it.
     rendered = [request_ids(tokenizer, teacher_messages(spec, x)) for x in ("A", "z", "1", " (", "\n-", "Ä")]
-    return rendered[0][:common_prefix(rendered)]
+    return rendered[0][: common_prefix(rendered)]
 
 
 def prompt_tokens(tokenizer: Any, spec: PromptSpec) -> int:

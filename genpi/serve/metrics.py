@@ -18,18 +18,27 @@ class RequestMetrics:
         self.requests = Counter("genpi_requests", "chat completion requests", tag_keys=(*tags, "status"))
         self.prompt_tokens = Counter("genpi_prompt_tokens", "prompt tokens read", tag_keys=tags)
         self.completion_tokens = Counter("genpi_completion_tokens", "completion tokens generated", tag_keys=tags)
-        self.saved_tokens = Counter("genpi_prompt_tokens_saved", "prompt tokens an adapter made unnecessary",
-                                    tag_keys=tags)
-        self.latency = Histogram("genpi_request_latency_s", "request latency, seconds", boundaries=_LATENCY_S,
-                                 tag_keys=tags)
-        self.first_token = Histogram("genpi_time_to_first_token_s", "streamed requests' time to first token, "
-                                     "seconds", boundaries=_LATENCY_S, tag_keys=tags)
+        self.saved_tokens = Counter(
+            "genpi_prompt_tokens_saved", "prompt tokens an adapter made unnecessary", tag_keys=tags
+        )
+        self.latency = Histogram(
+            "genpi_request_latency_s", "request latency, seconds", boundaries=_LATENCY_S, tag_keys=tags
+        )
+        self.first_token = Histogram(
+            "genpi_time_to_first_token_s",
+            "streamed requests' time to first token, seconds",
+            boundaries=_LATENCY_S,
+            tag_keys=tags,
+        )
 
     def finished(self, prompt: str, mode: str, status: int, usage: dict | None, seconds: float) -> None:
         tags = {"prompt": prompt, "mode": mode}
         self.requests.inc(tags={**tags, "status": str(status)})
-        counts = {self.prompt_tokens: "prompt_tokens", self.completion_tokens: "completion_tokens",
-                  self.saved_tokens: "prompt_tokens_saved"}
+        counts = {
+            self.prompt_tokens: "prompt_tokens",
+            self.completion_tokens: "completion_tokens",
+            self.saved_tokens: "prompt_tokens_saved",
+        }
         for counter, field in counts.items():
             if usage and usage.get(field):  # Ray's counters refuse an increment of 0
                 counter.inc(usage[field], tags=tags)
@@ -41,8 +50,14 @@ class ReplicaMetrics:
     """What a model replica counts: adapter loads, evictions and rejections (failed checks)."""
 
     def __init__(self) -> None:
-        self.loads = Counter("genpi_adapter_loads", "adapters (or prompt KV caches) loaded", tag_keys=("prompt", "mode"))
-        self.evictions = Counter("genpi_adapter_evictions", "adapters (or prompt KV caches) unloaded, memory freed",
-                                 tag_keys=("prompt", "mode"))
-        self.rejections = Counter("genpi_adapter_rejections", "published versions refused (digest or parity check)",
-                                  tag_keys=("prompt",))
+        self.loads = Counter(
+            "genpi_adapter_loads", "adapters (or prompt KV caches) loaded", tag_keys=("prompt", "mode")
+        )
+        self.evictions = Counter(
+            "genpi_adapter_evictions",
+            "adapters (or prompt KV caches) unloaded, memory freed",
+            tag_keys=("prompt", "mode"),
+        )
+        self.rejections = Counter(
+            "genpi_adapter_rejections", "published versions refused (digest or parity check)", tag_keys=("prompt",)
+        )

@@ -7,7 +7,6 @@ context, and streams the model replica's events back as OpenAI responses. A clie
 stream started is a ``data: {"error": ...}`` event, then ``data: [DONE]``.
 """
 
-
 import asyncio
 import hmac
 import json
@@ -98,10 +97,13 @@ def _param(loc: tuple | list) -> str | None:
 
 
 def _usage(done: dict[str, Any], saved: int) -> Usage:
-    return Usage(prompt_tokens=done["prompt_tokens"], completion_tokens=done["completion_tokens"],
-                 total_tokens=done["prompt_tokens"] + done["completion_tokens"],
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=done.get("cached_tokens", 0)),
-                 prompt_tokens_saved=saved)
+    return Usage(
+        prompt_tokens=done["prompt_tokens"],
+        completion_tokens=done["completion_tokens"],
+        total_tokens=done["prompt_tokens"] + done["completion_tokens"],
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=done.get("cached_tokens", 0)),
+        prompt_tokens_saved=saved,
+    )
 
 
 def _finish(reason: str) -> str:
@@ -136,8 +138,9 @@ class OpenAIServer:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           param=None, code="invalid_api_key")
+            raise APIError(
+                401, "missing or wrong API key: send 'Authorization: Bearer <key>'", param=None, code="invalid_api_key"
+            )
 
     async def _body(self, request: Request) -> Any:
         limit = self.cfg.serve.max_body_kib * 1024
@@ -170,8 +173,9 @@ class OpenAIServer:
             body = ChatCompletionRequest.model_validate(await self._body(request))
         except ValidationError as e:
             first = e.errors()[0]
-            raise APIError(400, f"{_param(first['loc']) or 'request'}: {first['msg']}",
-                           param=_param(first["loc"])) from None
+            raise APIError(
+                400, f"{_param(first['loc']) or 'request'}: {first['msg']}", param=_param(first["loc"])
+            ) from None
         if (refused := unsupported(body)) is not None:
             raise refused
         messages = self._messages(body)
@@ -181,25 +185,33 @@ class OpenAIServer:
             conversation = fallback.prompt_conversation(target.spec, messages) if target.spec else messages
             n = len(request_ids(self.tokenizer, conversation))
             if leaves_no_room(n, self.max_context):
-                raise APIError(400, f"the conversation is {n} tokens{' with the prompt' if target.spec else ''}; "
-                               f"this model's context is {self.max_context}", param="messages",
-                               code="context_length_exceeded")
+                raise APIError(
+                    400,
+                    f"the conversation is {n} tokens{' with the prompt' if target.spec else ''}; "
+                    f"this model's context is {self.max_context}",
+                    param="messages",
+                    code="context_length_exceeded",
+                )
             events = self._send(body, target, conversation)
             first = await events.__anext__()
             if "rejected" not in first:
                 break
             self.catalog.reject(target.key, first["rejected"])
         else:
-            raise APIError(503, f"{body.model}: every version tried was refused", type="server_error",
-                           code="model_rejected")
+            raise APIError(
+                503, f"{body.model}: every version tried was refused", type="server_error", code="model_rejected"
+            )
         if "error" in first:
             self.metrics.finished(target.prompt, target.mode, 500, None, 0)
             raise APIError(500, first["error"], type="server_error")
         saved = self._saved(target)
         headers = {MODE_HEADER: target.mode}
         if body.stream:
-            return StreamingResponse(self._stream(body, target, first, events, saved, started),
-                                     media_type="text/event-stream", headers=headers)
+            return StreamingResponse(
+                self._stream(body, target, first, events, saved, started),
+                media_type="text/event-stream",
+                headers=headers,
+            )
         done = first if "done" in first else None
         async for event in events:  # a non-streamed request gets no deltas: this is its one event
             done = event
@@ -211,10 +223,17 @@ class OpenAIServer:
         self._checked(target, result)
         usage = _usage(result, saved)
         self.metrics.finished(target.prompt, target.mode, 200, usage.model_dump(), time.monotonic() - started)
-        reply = ChatCompletion(id=completion_id(), created=now(), model=body.model, system_fingerprint=target.key,
-                               genpi_mode=target.mode,
-                               choices=[Choice(message=AssistantMessage(content=result["text"]),
-                                               finish_reason=_finish(result["finish_reason"]))], usage=usage)
+        reply = ChatCompletion(
+            id=completion_id(),
+            created=now(),
+            model=body.model,
+            system_fingerprint=target.key,
+            genpi_mode=target.mode,
+            choices=[
+                Choice(message=AssistantMessage(content=result["text"]), finish_reason=_finish(result["finish_reason"]))
+            ],
+            usage=usage,
+        )
         return JSONResponse(reply.model_dump(), headers=headers)
 
     def _messages(self, body: ChatCompletionRequest) -> list[dict[str, str]]:
@@ -230,17 +249,24 @@ class OpenAIServer:
         return out
 
     def _send(self, body: ChatCompletionRequest, target: Target, conversation: list[dict[str, str]]) -> AsyncIterator:
-        params = {"max_new_tokens": body.max_completion_tokens or body.max_tokens or self.cfg.serve.max_tokens,
-                  # greedy ignores the seed: leave it out so such requests batch together; an unseeded
-                  # sampled request gets seed 0 (the same conversation, the same sample)
-                  "temperature": body.temperature, "top_p": body.top_p,
-                  "seed": (body.seed or 0) if body.temperature > 0 else 0,
-                  "stop": list(body.stop_strings())}
-        description = ({"mode": "adapter", "adapter": target.adapter.to_json()} if target.adapter is not None
-                       else {"mode": "prompt", "spec": target.spec.to_json()})
+        params = {
+            "max_new_tokens": body.max_completion_tokens or body.max_tokens or self.cfg.serve.max_tokens,
+            # greedy ignores the seed: leave it out so such requests batch together; an unseeded
+            # sampled request gets seed 0 (the same conversation, the same sample)
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "seed": (body.seed or 0) if body.temperature > 0 else 0,
+            "stop": list(body.stop_strings()),
+        }
+        description = (
+            {"mode": "adapter", "adapter": target.adapter.to_json()}
+            if target.adapter is not None
+            else {"mode": "prompt", "spec": target.spec.to_json()}
+        )
         handle = self.model.options(multiplexed_model_id=target.key, stream=True)
-        return handle.generate.remote({"target": description, "messages": conversation, "params": params,
-                                       "stream": body.stream}).__aiter__()
+        return handle.generate.remote(
+            {"target": description, "messages": conversation, "params": params, "stream": body.stream}
+        ).__aiter__()
 
     def _saved(self, target: Target) -> int:
         """The prompt tokens an adapter saved this request (0 in prompt mode, or when the prompt's text is unknown)."""
@@ -256,15 +282,30 @@ class OpenAIServer:
         if target.adapter is not None and result.get("parity"):
             self.catalog.parity[target.key] = result["parity"]
 
-    async def _stream(self, body: ChatCompletionRequest, target: Target, first: dict[str, Any], events: AsyncIterator,
-                      saved: int, started: float) -> AsyncIterator[str]:
+    async def _stream(
+        self,
+        body: ChatCompletionRequest,
+        target: Target,
+        first: dict[str, Any],
+        events: AsyncIterator,
+        saved: int,
+        started: float,
+    ) -> AsyncIterator[str]:
         cid, created, status, usage = completion_id(), now(), 200, None
 
         def chunk(delta: Delta, finish: str | None = None, usage: Usage | None = None, last: bool = False) -> str:
             choices = [] if last else [ChunkChoice(delta=delta, finish_reason=finish)]
-            return _sse(ChatCompletionChunk(id=cid, created=created, model=body.model, system_fingerprint=target.key,
-                                            choices=choices, usage=usage, genpi_mode=target.mode
-                                            ).model_dump(exclude_none=True))
+            return _sse(
+                ChatCompletionChunk(
+                    id=cid,
+                    created=created,
+                    model=body.model,
+                    system_fingerprint=target.key,
+                    choices=choices,
+                    usage=usage,
+                    genpi_mode=target.mode,
+                ).model_dump(exclude_none=True)
+            )
 
         yield chunk(Delta(role="assistant", content=""))
         event: dict[str, Any] | None = first
@@ -274,8 +315,9 @@ class OpenAIServer:
                 if "delta" in event:
                     if not streamed:
                         streamed = True
-                        self.metrics.first_token.observe(time.monotonic() - started,
-                                                         tags={"prompt": target.prompt, "mode": target.mode})
+                        self.metrics.first_token.observe(
+                            time.monotonic() - started, tags={"prompt": target.prompt, "mode": target.mode}
+                        )
                     yield chunk(Delta(content=event["delta"]))
                 elif "done" in event:
                     result = event["done"]
@@ -295,5 +337,6 @@ class OpenAIServer:
             status = 500
             yield _sse(APIError(500, f"generation failed: {e}", type="server_error").body())
         yield _sse("[DONE]")
-        self.metrics.finished(target.prompt, target.mode, status, usage.model_dump() if usage else None,
-                              time.monotonic() - started)
+        self.metrics.finished(
+            target.prompt, target.mode, status, usage.model_dump() if usage else None, time.monotonic() - started
+        )

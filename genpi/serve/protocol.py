@@ -20,8 +20,14 @@ MODE_HEADER = "x-genpi-mode"
 class APIError(Exception):
     """An error the client sees as ``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
@@ -73,18 +79,37 @@ class ChatCompletionRequest(BaseModel):
 
 
 # Fields the OpenAI API defines whose effect genpi does not give; a request using them gets a 400.
-_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logit_bias",
-                "logprobs", "top_logprobs", "audio", "modalities", "prediction", "parallel_tool_calls")
+_UNSUPPORTED = (
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "audio",
+    "modalities",
+    "prediction",
+    "parallel_tool_calls",
+)
 # Fields accepted and ignored because their neutral value is all a client can mean by them here.
-_NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "store": False, "metadata": None,
-            "service_tier": None, "reasoning_effort": None}
+_NEUTRAL = {
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "store": False,
+    "metadata": None,
+    "service_tier": None,
+    "reasoning_effort": None,
+}
 
 
 def unsupported(request: ChatCompletionRequest) -> APIError | None:
     """A 400 naming the first request field this server does not support, or None."""
     if request.n != 1:
-        return APIError(400, "n > 1 is not supported: ask once per reply (or vary seed)", param="n",
-                        code="unsupported_parameter")
+        return APIError(
+            400, "n > 1 is not supported: ask once per reply (or vary seed)", param="n", code="unsupported_parameter"
+        )
     extra = request.model_extra or {}
     for name in _UNSUPPORTED:
         if extra.get(name) not in (None, False, [], {}):

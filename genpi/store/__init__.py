@@ -26,7 +26,10 @@ def __getattr__(name: str) -> object:
 
 
 def open_store(
-    url: str = "artifacts", *, endpoint_url: str | None = None, region: str | None = None,
+    url: str = "artifacts",
+    *,
+    endpoint_url: str | None = None,
+    region: str | None = None,
     retry_s: float | None = None,
 ) -> ArtifactStore:
     """Open the store at ``url``.
@@ -38,9 +41,7 @@ def open_store(
     (``endpoint_url``, ``region`` and ``retry_s`` are ignored there).
     """
     if not isinstance(url, str) or not url.strip():
-        raise StoreError(
-            f"empty store URL {url!r}: pass a folder path or s3://bucket/prefix"
-        )
+        raise StoreError(f"empty store URL {url!r}: pass a folder path or s3://bucket/prefix")
     match = _SCHEME_RE.match(url)
     scheme = match.group(1).lower() if match else ""
     if scheme == "s3":
@@ -51,19 +52,14 @@ def open_store(
         parsed = urlparse(url)
         if parsed.netloc not in ("", "localhost"):
             raise StoreError(
-                f"store URL {url!r} names host {parsed.netloc!r}: file URLs must be local, "
-                "like file:///abs/path"
+                f"store URL {url!r} names host {parsed.netloc!r}: file URLs must be local, like file:///abs/path"
             )
         return LocalStore(url2pathname(parsed.path))
     if scheme:
-        raise StoreError(
-            f"unsupported store URL {url!r}: use a folder path, file:///abs/path or "
-            "s3://bucket/prefix"
-        )
+        raise StoreError(f"unsupported store URL {url!r}: use a folder path, file:///abs/path or s3://bucket/prefix")
     return LocalStore(url)
 
 
 def store_for(cfg: StoreConfig) -> ArtifactStore:
     """The store a config's ``store`` section names."""
-    return open_store(cfg.url, endpoint_url=cfg.endpoint_url or None, region=cfg.region or None,
-                      retry_s=cfg.retry_s)
+    return open_store(cfg.url, endpoint_url=cfg.endpoint_url or None, region=cfg.region or None, retry_s=cfg.retry_s)

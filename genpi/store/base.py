@@ -182,8 +182,7 @@ class ArtifactStore(abc.ABC):
             return json.loads(text)
         except json.JSONDecodeError as e:
             raise StoreError(
-                f"{self.location(key)} is not valid JSON ({e}): delete it and rerun the stage "
-                "that writes it"
+                f"{self.location(key)} is not valid JSON ({e}): delete it and rerun the stage that writes it"
             ) from e
 
     def put_jsonl(self, key: str, records: Iterable[dict]) -> None:
@@ -212,8 +211,9 @@ class ArtifactStore(abc.ABC):
         return records
 
     def _local_write_failed(self, dest: Path, key: str, error: OSError) -> StoreError:
-        return StoreError(f"cannot write local file {dest} (copying {key!r} from store {self.url}): "
-                          f"{error.strerror or error}")
+        return StoreError(
+            f"cannot write local file {dest} (copying {key!r} from store {self.url}): {error.strerror or error}"
+        )
 
     def upload_dir(self, local_dir: str | Path, prefix: str) -> None:
         """Store every file below ``local_dir`` under ``prefix``, keeping relative paths."""
@@ -253,8 +253,14 @@ class ArtifactStore(abc.ABC):
         prefix = check_prefix(prefix, self.url)
         marker = self._marker(prefix)
         names = tuple(vouch) if vouch is not None else None
-        keys = [k for k in self.list_keys(prefix) if k != marker and (names is None or any(
-            k == join_key(prefix, n) or k.startswith(join_key(prefix, n) + "/") for n in names))]
+        keys = [
+            k
+            for k in self.list_keys(prefix)
+            if k != marker
+            and (
+                names is None or any(k == join_key(prefix, n) or k.startswith(join_key(prefix, n) + "/") for n in names)
+            )
+        ]
         record = {"finished_at": datetime.now(UTC).isoformat(timespec="seconds")}
         record.update(info or {})
         record["files"] = self.digests(keys, len(prefix) + 1)
@@ -283,9 +289,11 @@ class ArtifactStore(abc.ABC):
                 problems.append(f"{self.location(key)} is missing")
                 continue
             if actual != expected:
-                problems.append(f"{self.location(key)} does not match its marker: {actual['size']} bytes, "
-                                f"sha256 {actual['sha256'][:12]}; recorded {expected.get('size')} bytes, "
-                                f"sha256 {str(expected.get('sha256'))[:12]}")
+                problems.append(
+                    f"{self.location(key)} does not match its marker: {actual['size']} bytes, "
+                    f"sha256 {actual['sha256'][:12]}; recorded {expected.get('size')} bytes, "
+                    f"sha256 {str(expected.get('sha256'))[:12]}"
+                )
         return problems
 
     def is_done(self, prefix: str) -> bool:

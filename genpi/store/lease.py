@@ -57,11 +57,16 @@ class Leases:
                 return self._hold(key, what)
             if expires > time():
                 until = datetime.fromtimestamp(expires, UTC).isoformat(timespec="seconds")
-                raise LeaseHeld(f"{what} is in progress in another job ({held.get('owner', '?')}; lease "
-                                f"{self.store.location(key)} until {until}, renewed while it runs); rerun when it "
-                                "has finished and its results are reused")
-            log.warning("taking over %s: its job (%s) stopped renewing it", self.store.location(key),
-                        held.get("owner", "?") if isinstance(held, dict) else "?")
+                raise LeaseHeld(
+                    f"{what} is in progress in another job ({held.get('owner', '?')}; lease "
+                    f"{self.store.location(key)} until {until}, renewed while it runs); rerun when it "
+                    "has finished and its results are reused"
+                )
+            log.warning(
+                "taking over %s: its job (%s) stopped renewing it",
+                self.store.location(key),
+                held.get("owner", "?") if isinstance(held, dict) else "?",
+            )
             self.store.delete_key(key)
         raise LeaseHeld(f"{what}: another job took {self.store.location(key)} at the same time; rerun later")
 

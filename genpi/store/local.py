@@ -57,10 +57,7 @@ class LocalStore(ArtifactStore):
         self.root = Path(os.path.abspath(os.path.expanduser(root)))
         self.url = str(self.root)
         if self.root.exists() and not self.root.is_dir():
-            raise StoreError(
-                f"store path {self.url} is a file, not a folder: remove it or choose another "
-                "store path"
-            )
+            raise StoreError(f"store path {self.url} is a file, not a folder: remove it or choose another store path")
 
     def location(self, key: str) -> str:
         return str(self.root / key)
@@ -86,9 +83,7 @@ class LocalStore(ArtifactStore):
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ArtifactNotFound(f"artifact {key!r} not found at {path}") from None
         except OSError as e:
-            raise StoreError(
-                f"cannot read {path} in store {self.url}: {e.strerror or e}; check its permissions"
-            ) from e
+            raise StoreError(f"cannot read {path} in store {self.url}: {e.strerror or e}; check its permissions") from e
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write(key, lambda f: f.write(data))
@@ -105,8 +100,10 @@ class LocalStore(ArtifactStore):
             finally:
                 os.unlink(tmp)
         except OSError as e:
-            raise StoreError(f"cannot write {path} in store {self.url}: {e.strerror or e}; make sure the folder "
-                             "is writable and its filesystem supports hard links") from e
+            raise StoreError(
+                f"cannot write {path} in store {self.url}: {e.strerror or e}; make sure the folder "
+                "is writable and its filesystem supports hard links"
+            ) from e
         _fsync_dir(path.parent)
         return True
 
@@ -118,9 +115,7 @@ class LocalStore(ArtifactStore):
         try:
             source = open(path, "rb")
         except OSError as e:
-            raise StoreError(
-                f"cannot read local file {path} to store it in {self.url}: {e.strerror or e}"
-            ) from e
+            raise StoreError(f"cannot read local file {path} to store it in {self.url}: {e.strerror or e}") from e
         with source:
             self._write(key, lambda f: shutil.copyfileobj(source, f, _COPY_CHUNK))
 
@@ -144,18 +139,13 @@ class LocalStore(ArtifactStore):
 
         def fail(e: OSError) -> None:
             raise StoreError(
-                f"cannot list {e.filename} in store {self.url}: {e.strerror or e}; check its "
-                "permissions"
+                f"cannot list {e.filename} in store {self.url}: {e.strerror or e}; check its permissions"
             ) from e
 
         keys = []
         for folder, _dirs, files in os.walk(base, onerror=fail):
             rel = Path(folder).relative_to(self.root).as_posix()
-            keys.extend(
-                name if rel == "." else f"{rel}/{name}"
-                for name in files
-                if not name.endswith(TEMP_SUFFIX)
-            )
+            keys.extend(name if rel == "." else f"{rel}/{name}" for name in files if not name.endswith(TEMP_SUFFIX))
         return sorted(keys)
 
     def delete_key(self, key: str) -> None:
@@ -163,8 +153,9 @@ class LocalStore(ArtifactStore):
         try:
             path.unlink(missing_ok=True)
         except OSError as e:
-            raise StoreError(f"cannot delete {path} in store {self.url}: {e.strerror or e}; check its "
-                             "permissions") from e
+            raise StoreError(
+                f"cannot delete {path} in store {self.url}: {e.strerror or e}; check its permissions"
+            ) from e
 
     def delete_prefix(self, prefix: str) -> None:
         target = self.root / check_prefix(prefix, self.url, allow_root=False)
@@ -174,6 +165,5 @@ class LocalStore(ArtifactStore):
             shutil.rmtree(target)
         except OSError as e:
             raise StoreError(
-                f"cannot delete {target} in store {self.url}: {e.strerror or e}; check its "
-                "permissions"
+                f"cannot delete {target} in store {self.url}: {e.strerror or e}; check its permissions"
             ) from e

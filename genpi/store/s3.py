@@ -43,8 +43,15 @@ _CLIENT_CONFIG = dict(
 # anything else (credentials, a missing bucket, a clock off by minutes: RequestTimeTooSkewed) fails at once.
 RETRY_S = 60.0
 _MAX_BACKOFF_S = 8.0
-_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
-                    "ThrottlingException", "ConditionalRequestConflict"}
+_TRANSIENT_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+    "ConditionalRequestConflict",
+}
 T = TypeVar("T")
 log = logging.getLogger("genpi")
 # Their DEBUG lines are the wire (Authorization headers, access key ids, response bodies that carry
@@ -108,9 +115,7 @@ class S3Store(ArtifactStore):
 
     def _make_client(self) -> Any:
         explicit_endpoint = (
-            self._endpoint_arg
-            or os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL")
+            self._endpoint_arg or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         )
         try:
             session = boto3.session.Session()
@@ -169,9 +174,7 @@ class S3Store(ArtifactStore):
         except ParamValidationError as e:
             raise StoreError(f"bad S3 request for store {self.url}: {e}") from e
         except BotoCoreError as e:
-            raise StoreError(
-                f"S3 request to {self.endpoint_url} failed for store {self.url}: {e}"
-            ) from e
+            raise StoreError(f"S3 request to {self.endpoint_url} failed for store {self.url}: {e}") from e
 
     def _client_error(self, e: ClientError, key: str | None) -> StoreError:
         error = e.response.get("Error", {})
@@ -185,8 +188,10 @@ class S3Store(ArtifactStore):
         if key is not None and code in _MISSING_CODES:
             return ArtifactNotFound(f"artifact {key!r} not found at {self.location(key)}")
         if code == "RequestTimeTooSkewed":
-            return StoreError(f"{self.endpoint_url} refused a request for store {self.url}: this machine's clock "
-                              "differs from the server's by minutes; set the clock right (NTP) and rerun")
+            return StoreError(
+                f"{self.endpoint_url} refused a request for store {self.url}: this machine's clock "
+                "differs from the server's by minutes; set the clock right (NTP) and rerun"
+            )
         if code in _CREDENTIAL_CODES or status == 403:
             return StoreError(
                 f"credentials rejected by {self.endpoint_url} for store {self.url} ({code}): "
@@ -199,9 +204,7 @@ class S3Store(ArtifactStore):
                 f"{self.url} ({code}): set --store.region or AWS_DEFAULT_REGION"
             )
         message = error.get("Message") or e
-        return StoreError(
-            f"S3 request to {self.endpoint_url} failed for store {self.url}: {code} {message}"
-        )
+        return StoreError(f"S3 request to {self.endpoint_url} failed for store {self.url}: {code} {message}")
 
     def _call(self, key: str | None, action: Callable[[], T], retry_s: float | None = None) -> T:
         """Run one request, again on a passing failure until ``retry_s`` (default: the store's) seconds have passed."""
@@ -212,13 +215,15 @@ class S3Store(ArtifactStore):
                 with self._errors(key):
                     return action()
             except StoreError as e:
-                pause = min(_MAX_BACKOFF_S, 0.5 * 2 ** attempt) * random.uniform(0.8, 1.2)
+                pause = min(_MAX_BACKOFF_S, 0.5 * 2**attempt) * random.uniform(0.8, 1.2)
                 if not _transient(e.__cause__):
                     raise
                 if time.monotonic() + pause > deadline:
                     if retry_s:
-                        raise StoreError(f"{e} (still failing after {retry_s:g} s of retries; a longer outage "
-                                         "needs a larger --store.retry-s)") from e.__cause__
+                        raise StoreError(
+                            f"{e} (still failing after {retry_s:g} s of retries; a longer outage "
+                            "needs a larger --store.retry-s)"
+                        ) from e.__cause__
                     raise
                 log.warning("S3 request for %s failed (%s); trying again", self.location(key or ""), e)
                 time.sleep(pause)
@@ -231,8 +236,7 @@ class S3Store(ArtifactStore):
     def create_bytes(self, key: str, data: bytes) -> bool:
         s3_key = self._key(key)
         try:
-            self._call(key, lambda: self._client.put_object(Bucket=self.bucket, Key=s3_key, Body=data,
-                                                            IfNoneMatch="*"))
+            self._call(key, lambda: self._client.put_object(Bucket=self.bucket, Key=s3_key, Body=data, IfNoneMatch="*"))
         except StoreError as e:
             if isinstance(e.__cause__, ClientError) and _code(e.__cause__) in _EXISTS_CODES:
                 return False
@@ -278,9 +282,14 @@ class S3Store(ArtifactStore):
 
         def listing() -> dict[str, str]:  # retried as a whole: pages are not resumed
             pages = self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=f"{full}/" if full else "")
-            return {obj["Key"][cut:]: f"{obj['Size']} {obj.get('ETag', '')}" for page in pages
-                    for obj in page.get("Contents", ()) if not obj["Key"].endswith("/")}  # no folder placeholders
+                Bucket=self.bucket, Prefix=f"{full}/" if full else ""
+            )
+            return {
+                obj["Key"][cut:]: f"{obj['Size']} {obj.get('ETag', '')}"
+                for page in pages
+                for obj in page.get("Contents", ())
+                if not obj["Key"].endswith("/")
+            }  # no folder placeholders
 
         return self._call(None, listing)
 
@@ -293,8 +302,12 @@ class S3Store(ArtifactStore):
         keys = self.list_keys(prefix)
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": join_key(self.prefix, k)} for k in keys[start : start + 1000]]
-            response = self._call(None, lambda batch=batch: self._client.delete_objects(
-                Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}))
+            response = self._call(
+                None,
+                lambda batch=batch: self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                ),
+            )
             if response.get("Errors"):
                 first = response["Errors"][0]
                 raise StoreError(

@@ -48,7 +48,7 @@ def parse_candidates(text: str) -> list[str]:
     """Inputs from one generator reply: the items of its numbered or bulleted list. Other lines
     (commentary, code, an item's wrapped tail) are not requests."""
     matches = [_ITEM.match(line) for line in text.splitlines()]
-    items = [m.group(1).strip().strip('"“”\'').strip() for m in matches if m]
+    items = [m.group(1).strip().strip("\"“”'").strip() for m in matches if m]
     return [item for item in items if item]
 
 
@@ -89,8 +89,14 @@ def _rejection(candidate: str, seen_demos: set[str]) -> str:
     return ""
 
 
-def generate_inputs(spec: PromptSpec, cfg: SynthConfig, generator, store: ArtifactStore, prefix: str,
-                    embed: Callable[[list[str]], Any] | None = None) -> tuple[list[str], InputStats]:
+def generate_inputs(
+    spec: PromptSpec,
+    cfg: SynthConfig,
+    generator,
+    store: ArtifactStore,
+    prefix: str,
+    embed: Callable[[list[str]], Any] | None = None,
+) -> tuple[list[str], InputStats]:
     """Up to ``cfg.num_inputs`` unique pseudo inputs for ``spec``, and how they were obtained.
 
     ``embed`` (texts → unit-length embeddings) enables the near-duplicate filter when
@@ -100,8 +106,11 @@ def generate_inputs(spec: PromptSpec, cfg: SynthConfig, generator, store: Artifa
     seen: set[str] = set()
     demos = list(spec.example_inputs)
     demo_keys = {normalize(d) for d in demos}
-    near = NearDuplicates(cfg.near_duplicate_threshold, embed, demos) \
-        if embed is not None and cfg.near_duplicate_threshold > 0 else None
+    near = (
+        NearDuplicates(cfg.near_duplicate_threshold, embed, demos)
+        if embed is not None and cfg.near_duplicate_threshold > 0
+        else None
+    )
     for round_no in range(cfg.max_input_rounds):
         if len(kept) >= cfg.num_inputs:
             break
@@ -115,11 +124,17 @@ def generate_inputs(spec: PromptSpec, cfg: SynthConfig, generator, store: Artifa
             rng = random.Random(f"{cfg.seed}-{round_no}")
             shown = [rng.sample(demos, min(cfg.demos_per_request, len(demos))) for _ in range(n_requests)]
             conversations = [templates.input_request(spec, d, cfg.inputs_per_request) for d in shown]
-            params = SamplingParams(max_new_tokens=cfg.input_max_tokens, temperature=cfg.input_temperature,
-                                    top_p=cfg.input_top_p, seed=cfg.seed + round_no)
+            params = SamplingParams(
+                max_new_tokens=cfg.input_max_tokens,
+                temperature=cfg.input_temperature,
+                top_p=cfg.input_top_p,
+                seed=cfg.seed + round_no,
+            )
             # the list the generator continued, from its first new item on
-            replies = [{"reply": f"{templates.first_new_item(d)} {g.text}", "finish": g.finish_reason}
-                       for d, g in zip(shown, generator.generate(conversations, params))]
+            replies = [
+                {"reply": f"{templates.first_new_item(d)} {g.text}", "finish": g.finish_reason}
+                for d, g in zip(shown, generator.generate(conversations, params))
+            ]
             store.put_jsonl(key, replies)
         stats.rounds += 1
         stats.requests += len(replies)
@@ -144,6 +159,6 @@ def generate_inputs(spec: PromptSpec, cfg: SynthConfig, generator, store: Artifa
                     fresh.append(candidate)
         verdicts = near.keep(fresh) if near else [True] * len(fresh)
         stats.near_duplicates += verdicts.count(False)
-        kept.extend([c for c, ok in zip(fresh, verdicts) if ok][:cfg.num_inputs - len(kept)])
+        kept.extend([c for c, ok in zip(fresh, verdicts) if ok][: cfg.num_inputs - len(kept)])
     stats.kept = len(kept)
     return kept, stats

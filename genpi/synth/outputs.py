@@ -17,7 +17,15 @@ def single_turn_outputs(spec: PromptSpec, cfg: SynthConfig, target, inputs: Sequ
     teacher = [teacher_messages(spec, r["input"]) for r in inputs]
     gens = target.generate(student + teacher, params)
     n = len(inputs)
-    return [{"id": r["id"], "student": s.text, "teacher": t.text,
-             "student_finish": s.finish_reason, "teacher_finish": t.finish_reason,
-             "teacher_prompt_tokens": t.prompt_tokens, "student_prompt_tokens": s.prompt_tokens}
-            for r, s, t in zip(inputs, gens[:n], gens[n:])]
+    return [
+        {
+            "id": r["id"],
+            "student": s.text,
+            "teacher": t.text,
+            "student_finish": s.finish_reason,
+            "teacher_finish": t.finish_reason,
+            "teacher_prompt_tokens": t.prompt_tokens,
+            "student_prompt_tokens": s.prompt_tokens,
+        }
+        for r, s, t in zip(inputs, gens[:n], gens[n:])
+    ]

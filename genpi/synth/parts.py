@@ -16,8 +16,14 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-def run_in_parts(store: ArtifactStore, prefix: str, items: Sequence[T], part_size: int,
-                 produce: Callable[[Sequence[T]], list[dict]], what: str) -> list[dict]:
+def run_in_parts(
+    store: ArtifactStore,
+    prefix: str,
+    items: Sequence[T],
+    part_size: int,
+    produce: Callable[[Sequence[T]], list[dict]],
+    what: str,
+) -> list[dict]:
     """Map ``produce`` over ``items`` in parts stored as ``{prefix}/part-NNNNN.jsonl``; reuse stored parts."""
     records: list[dict] = []
     parts = range(0, len(items), part_size)
@@ -26,7 +32,7 @@ def run_in_parts(store: ArtifactStore, prefix: str, items: Sequence[T], part_siz
         if store.exists(key):
             records.extend(store.get_jsonl(key))
             continue
-        produced = produce(items[start:start + part_size])
+        produced = produce(items[start : start + part_size])
         store.put_jsonl(key, produced)
         records.extend(produced)
         log.info("%s: part %d/%d done", what, number + 1, len(parts))

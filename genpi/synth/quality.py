@@ -16,8 +16,9 @@ def _share(n: int, total: int) -> float:
     return round(n / total, 4) if total else 0.0
 
 
-def quality_report(spec: PromptSpec, records: list[dict], conversations: list[dict], input_stats: InputStats,
-                   max_turns: int) -> dict[str, Any]:
+def quality_report(
+    spec: PromptSpec, records: list[dict], conversations: list[dict], input_stats: InputStats, max_turns: int
+) -> dict[str, Any]:
     """Counts and shares that tell whether the synthetic data looks like the prompt's examples.
 
     ``records`` are joined records (input, student, teacher, reason, filtered turns);
@@ -64,12 +65,15 @@ def quality_report(spec: PromptSpec, records: list[dict], conversations: list[di
     if fmt.has_actions:
         report["teacher_action_format"] = _share(sum(fmt.is_action(r["teacher"]) for r in records), n)
         report["student_action_format"] = _share(sum(fmt.is_action(r["student"]) for r in records), n)
-        report["agent_turns_in_action_format"] = _share(sum(fmt.is_action(t["agent"]) for t in generated),
-                                                        len(generated))
+        report["agent_turns_in_action_format"] = _share(
+            sum(fmt.is_action(t["agent"]) for t in generated), len(generated)
+        )
         report["agent_turns_resampled_into_format"] = sum(bool(t.get("resampled")) for t in generated)
-        report["agent_turns_in_action_format_after_filter"] = _share(sum(fmt.is_action(t["agent"]) for t in kept),
-                                                                     len(kept))
+        report["agent_turns_in_action_format_after_filter"] = _share(
+            sum(fmt.is_action(t["agent"]) for t in kept), len(kept)
+        )
     if fmt.has_final:
         report["missing_final_action"] = _share(
-            sum(not (c["turns"] and fmt.is_final(c["turns"][-1]["agent"])) for c in conversations), n)
+            sum(not (c["turns"] and fmt.is_final(c["turns"][-1]["agent"])) for c in conversations), n
+        )
     return report

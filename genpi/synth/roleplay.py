@@ -34,18 +34,32 @@ def role_play(spec: PromptSpec, cfg: SynthConfig, target, inputs: Sequence[dict]
     """
     seed = cfg.seed + (inputs[0]["id"] if inputs else 0)
     agent_params = SamplingParams(max_new_tokens=cfg.agent_max_tokens, temperature=0.0, seed=seed)
-    env_params = SamplingParams(max_new_tokens=cfg.env_max_tokens, temperature=0.0, seed=seed,
-                                stop=(spec.environment.end_token,))
+    env_params = SamplingParams(
+        max_new_tokens=cfg.env_max_tokens, temperature=0.0, seed=seed, stop=(spec.environment.end_token,)
+    )
     texts = [r["input"] for r in inputs]
     first = None
     if cfg.output_max_tokens == cfg.agent_max_tokens and all("teacher" in r for r in inputs):
         first = [Generation(r["teacher"], r["teacher_finish"], 0, 0) for r in inputs]
     resampling = None
     if cfg.agent_resamples and spec.action_format.has_actions:
-        resampling = Resampling(cfg.agent_resamples, SamplingParams(
-            max_new_tokens=cfg.agent_max_tokens, temperature=cfg.resample_temperature, seed=seed + 1),
-            spec.action_format.is_action, cfg.resample_turns)
-    episodes = play_episodes(spec, texts, [teacher_messages(spec, x) for x in texts], target.generate,
-                             target.generate, max_turns_for(spec, cfg), agent_params, env_params,
-                             last_observation=False, first_turns=first, resampling=resampling)
+        resampling = Resampling(
+            cfg.agent_resamples,
+            SamplingParams(max_new_tokens=cfg.agent_max_tokens, temperature=cfg.resample_temperature, seed=seed + 1),
+            spec.action_format.is_action,
+            cfg.resample_turns,
+        )
+    episodes = play_episodes(
+        spec,
+        texts,
+        [teacher_messages(spec, x) for x in texts],
+        target.generate,
+        target.generate,
+        max_turns_for(spec, cfg),
+        agent_params,
+        env_params,
+        last_observation=False,
+        first_turns=first,
+        resampling=resampling,
+    )
     return [{"id": r["id"], **episode} for r, episode in zip(inputs, episodes)]

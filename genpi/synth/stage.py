@@ -56,8 +56,9 @@ def reason_ids(ids: list[int], fraction: float, seed: int) -> set[int]:
 def with_unexplained(rows: list[dict], reason_rows: list[dict]) -> list[dict]:
     """``reason_rows`` plus an empty reason (``reason_finish`` ``"none"``) for every other row."""
     have = {r["id"] for r in reason_rows}
-    return reason_rows + [{"id": r["id"], "reason": "", "reason_finish": NO_REASON}
-                          for r in rows if r["id"] not in have]
+    return reason_rows + [
+        {"id": r["id"], "reason": "", "reason_finish": NO_REASON} for r in rows if r["id"] not in have
+    ]
 
 
 class TooFewInputs(GenPIError):
@@ -87,34 +88,62 @@ def synthesize(spec: PromptSpec, cfg: GenPIConfig, generator, target, store: Art
             raise TooFewInputs(
                 f"{spec.source}: the generator wrote only {len(texts)} usable unique inputs in "
                 f"{stats.rounds} rounds (need synth.min_inputs={s.min_inputs}); add example_inputs to the "
-                f"prompt's settings, raise synth.max_input_rounds, or use a stronger generator model")
+                f"prompt's settings, raise synth.max_input_rounds, or use a stronger generator model"
+            )
         inputs = [{"id": i, "input": x} for i, x in enumerate(texts)]
         store.put_jsonl(f"{prefix}/inputs/inputs.jsonl", inputs)
         store.mark_done(f"{prefix}/inputs", {"stats": vars(stats)})
-    log.info("[%s] %d pseudo inputs (%d candidates; removed: %d duplicates, %d near duplicates)",
-             spec.name, len(inputs), stats.candidates, stats.duplicates, stats.near_duplicates)
+    log.info(
+        "[%s] %d pseudo inputs (%d candidates; removed: %d duplicates, %d near duplicates)",
+        spec.name,
+        len(inputs),
+        stats.candidates,
+        stats.duplicates,
+        stats.near_duplicates,
+    )
 
-    outputs = run_in_parts(store, f"{prefix}/outputs", inputs, s.part_size,
-                           lambda part: single_turn_outputs(spec, s, target, part), f"[{spec.name}] outputs")
+    outputs = run_in_parts(
+        store,
+        f"{prefix}/outputs",
+        inputs,
+        s.part_size,
+        lambda part: single_turn_outputs(spec, s, target, part),
+        f"[{spec.name}] outputs",
+    )
     joined = join_by_id(inputs, outputs)
     explained = reason_ids([r["id"] for r in inputs], s.reason_fraction, s.seed)
     # Reasons (generator) and role play (target) need only the outputs: run them side by side.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reasons") as side:
-        reasons_done = side.submit(run_in_parts, store, f"{prefix}/reasons",
-                                   [r for r in joined if r["id"] in explained], s.part_size,
-                                   lambda part: reasons(spec, s, generator, part), f"[{spec.name}] reasons")
-        conversations = run_in_parts(store, f"{prefix}/conversations", joined, s.part_size,
-                                     lambda part: role_play(spec, s, target, part), f"[{spec.name}] role play")
+        reasons_done = side.submit(
+            run_in_parts,
+            store,
+            f"{prefix}/reasons",
+            [r for r in joined if r["id"] in explained],
+            s.part_size,
+            lambda part: reasons(spec, s, generator, part),
+            f"[{spec.name}] reasons",
+        )
+        conversations = run_in_parts(
+            store,
+            f"{prefix}/conversations",
+            joined,
+            s.part_size,
+            lambda part: role_play(spec, s, target, part),
+            f"[{spec.name}] role play",
+        )
         reason_rows = with_unexplained(joined, reasons_done.result())
     conversations = join_by_id(inputs, conversations)  # in the inputs' order, as the records
-    records = [filter_record(spec, row, s.filter_off_format)
-               for row in join_by_id(joined, reason_rows, conversations)]
+    records = [filter_record(spec, row, s.filter_off_format) for row in join_by_id(joined, reason_rows, conversations)]
 
     quality = quality_report(spec, records, conversations, stats, max_turns_for(spec, s))
     store.put_jsonl(f"{prefix}/records.jsonl", records)
     store.put_json(f"{prefix}/quality.json", quality)
     store.mark_done(prefix, {"records": len(records), "config": artifacts.synth_key(cfg)})
-    log.info("[%s] synthesis done: %d records, avg %.2f turns, %s", spec.name, len(records),
-             quality["avg_turns"], store.location(prefix))
+    log.info(
+        "[%s] synthesis done: %d records, avg %.2f turns, %s",
+        spec.name,
+        len(records),
+        quality["avg_turns"],
+        store.location(prefix),
+    )
     return prefix
-

@@ -38,15 +38,30 @@ class Checkpoints(Protocol):
         """Keep the checkpoint in ``folder`` (written after ``epoch`` epochs)."""
 
 
-def save_state(folder: Path, model: Any, optimizer: torch.optim.Optimizer, rng: random.Random,
-               epoch: int, step: int, history: list[dict[str, float]]) -> None:
+def save_state(
+    folder: Path,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    rng: random.Random,
+    epoch: int,
+    step: int,
+    history: list[dict[str, float]],
+) -> None:
     """Write everything a resumed run needs into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"lora": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                "optimizer": optimizer.state_dict(), "python_rng": rng.getstate(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "epoch": epoch, "step": step, "history": history}, folder / STATE_FILE)
+    torch.save(
+        {
+            "lora": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": optimizer.state_dict(),
+            "python_rng": rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "epoch": epoch,
+            "step": step,
+            "history": history,
+        },
+        folder / STATE_FILE,
+    )
     (folder / DIGEST_FILE).write_text(json.dumps(file_digest((folder / STATE_FILE).read_bytes())))
 
 
@@ -58,8 +73,10 @@ def state_problem(folder: Path) -> str | None:
     except (OSError, ValueError) as e:
         return f"checkpoint {folder} is incomplete ({e})"
     if actual != expected:
-        return f"checkpoint {folder / STATE_FILE} does not match its digest ({actual['size']} bytes, recorded " \
-               f"{expected.get('size') if isinstance(expected, dict) else '?'})"
+        return (
+            f"checkpoint {folder / STATE_FILE} does not match its digest ({actual['size']} bytes, recorded "
+            f"{expected.get('size') if isinstance(expected, dict) else '?'})"
+        )
     return None
 
 
@@ -74,8 +91,9 @@ def usable(folder: Path | None) -> Path | None:
     return folder
 
 
-def load_state(folder: Path, model: Any, optimizer: torch.optim.Optimizer,
-               rng: random.Random) -> tuple[int, int, list[dict[str, float]]]:
+def load_state(
+    folder: Path, model: Any, optimizer: torch.optim.Optimizer, rng: random.Random
+) -> tuple[int, int, list[dict[str, float]]]:
     """Restore a saved state in place; returns (epochs done, steps done, loss history)."""
     problem = state_problem(folder)
     if problem:
@@ -83,8 +101,10 @@ def load_state(folder: Path, model: Any, optimizer: torch.optim.Optimizer,
     try:  # tensors and plain data only: whoever can write the store must not run code here
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise GenPIError(f"{folder / STATE_FILE} is not a checkpoint genpi wrote ({str(e)[:200]}); "
-                         "delete the run's checkpoints and rerun") from None
+        raise GenPIError(
+            f"{folder / STATE_FILE} is not a checkpoint genpi wrote ({str(e)[:200]}); "
+            "delete the run's checkpoints and rerun"
+        ) from None
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state["lora"].items():
@@ -104,9 +124,12 @@ class StoreCheckpoints:
         self.store, self.prefix, self.scratch = store, prefix, scratch
 
     def _epochs(self) -> list[int]:
-        names = {key[len(self.prefix) + 1:].split("/", 1)[0] for key in self.store.list_keys(self.prefix)}
-        return sorted(int(n.split("-")[1]) for n in names
-                      if n.startswith("epoch-") and self.store.exists(f"{self.prefix}/{n}/{STATE_FILE}"))
+        names = {key[len(self.prefix) + 1 :].split("/", 1)[0] for key in self.store.list_keys(self.prefix)}
+        return sorted(
+            int(n.split("-")[1])
+            for n in names
+            if n.startswith("epoch-") and self.store.exists(f"{self.prefix}/{n}/{STATE_FILE}")
+        )
 
     def latest(self) -> Path | None:
         epochs = self._epochs()

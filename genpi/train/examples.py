@@ -112,11 +112,12 @@ def tokenize_chat(tokenizer: Any, messages: Conversation, open_end: bool = False
         if message["role"] != "assistant" or k < label_from:
             continue
         start = len(chat_ids(tokenizer, messages[:k], generation_prompt=True))
-        through = chat_ids(tokenizer, messages[:k + 1])
+        through = chat_ids(tokenizer, messages[: k + 1])
         end = len(through)
         if ids[:end] != through:
-            raise ValueError("the chat template does not render conversations prefix by prefix; "
-                             "assistant spans cannot be located")
+            raise ValueError(
+                "the chat template does not render conversations prefix by prefix; assistant spans cannot be located"
+            )
         labels[start:end] = ids[start:end]
         if open_end and k == len(messages) - 1:
             stop = next((p for p in range(start, end) if ids[p] == tokenizer.eos_token_id), end - 1)
@@ -126,13 +127,13 @@ def tokenize_chat(tokenizer: Any, messages: Conversation, open_end: bool = False
 
 def _shorten(tokenizer: Any, text: str, max_tokens: int) -> str:
     ids = tokenizer.encode(text, add_special_tokens=False)
-    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max(0, max_tokens)])
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[: max(0, max_tokens)])
 
 
 def complete_sentences(text: str) -> str:
     """``text`` up to its last full sentence (ending with . ! or ?), "" when it has none."""
     ends = [m.end() for m in _SENTENCE_END.finditer(text)]
-    return text[:ends[-1]] if ends else ""
+    return text[: ends[-1]] if ends else ""
 
 
 def learnable_turns(turns: list[dict], report: ExampleReport) -> list[dict]:
@@ -144,7 +145,7 @@ def learnable_turns(turns: list[dict], report: ExampleReport) -> list[dict]:
         if turn.get("agent_finish") == "length":
             report.sft_cut_turns_open += 1
             report.sft_cut_turns_dropped += len(turns) - k - 1
-            return turns[:k + 1]
+            return turns[: k + 1]
     return list(turns)
 
 
@@ -172,8 +173,11 @@ def sft_example(tokenizer: Any, record: dict, max_len: int, report: ExampleRepor
     if not turns:
         report.sft_records_without_turns += 1
         return None
-    example, dropped = _fitted(lambda kept: tokenize_chat(tokenizer, student_messages(record["input"], kept),
-                                                          open_end=_open(kept)), turns, max_len)
+    example, dropped = _fitted(
+        lambda kept: tokenize_chat(tokenizer, student_messages(record["input"], kept), open_end=_open(kept)),
+        turns,
+        max_len,
+    )
     if example is None:
         report.sft_examples_dropped += 1
     elif dropped:
@@ -182,16 +186,22 @@ def sft_example(tokenizer: Any, record: dict, max_len: int, report: ExampleRepor
     return example
 
 
-def teacher_example(tokenizer: Any, record: dict, spec: PromptSpec, max_len: int,
-                    report: ExampleReport) -> Example | None:
+def teacher_example(
+    tokenizer: Any, record: dict, spec: PromptSpec, max_len: int, report: ExampleReport
+) -> Example | None:
     """The prompt, then the record's learnable turns, labelled on those turns only; trailing turns
     that do not fit are dropped (counted), None when not even one fits."""
     turns = learnable_turns(record["turns"], ExampleReport())  # counted once, by sft_example
     if not turns:
         return None
     opening = len(teacher_messages(spec, record["input"]))
-    example, dropped = _fitted(lambda kept: tokenize_chat(tokenizer, teacher_messages(spec, record["input"], kept),
-                                                          open_end=_open(kept), label_from=opening), turns, max_len)
+    example, dropped = _fitted(
+        lambda kept: tokenize_chat(
+            tokenizer, teacher_messages(spec, record["input"], kept), open_end=_open(kept), label_from=opening
+        ),
+        turns,
+        max_len,
+    )
     report.teacher_turns_dropped += dropped
     return example
 
@@ -214,8 +224,10 @@ def _fewer_sentences(tokenizer: Any, reason: str, budget: int) -> str:
 
 
 def _pg_messages(user_input: str, student: str, teacher: str, spec: PromptSpec, reason: str) -> Conversation:
-    return [{"role": "user", "content": prompt_generation_input(user_input, student, teacher)},
-            {"role": "assistant", "content": prompt_generation_target(spec, reason)}]
+    return [
+        {"role": "user", "content": prompt_generation_input(user_input, student, teacher)},
+        {"role": "assistant", "content": prompt_generation_target(spec, reason)},
+    ]
 
 
 def check_pg_fits(tokenizer: Any, spec: PromptSpec, max_len: int) -> int:
@@ -227,7 +239,8 @@ def check_pg_fits(tokenizer: Any, spec: PromptSpec, max_len: int) -> int:
         raise PromptError(
             f"{spec.source}: the prompt is {prompt_tokens:,} tokens and its Prompt Generation examples need at "
             f"least {n:,} tokens, more than the training length max_len={max_len:,}, so the PG loss could "
-            "not be trained; raise train.max_seq_len or use a target model with a longer context")
+            "not be trained; raise train.max_seq_len or use a target model with a longer context"
+        )
     return n
 
 
@@ -279,25 +292,34 @@ def pg_example(tokenizer: Any, record: dict, spec: PromptSpec, max_len: int, rep
     return example
 
 
-def build_examples(tokenizer: Any, records: list[dict], spec: PromptSpec,
-                   max_len: int) -> tuple[list[RecordExamples], ExampleReport]:
+def build_examples(
+    tokenizer: Any, records: list[dict], spec: PromptSpec, max_len: int
+) -> tuple[list[RecordExamples], ExampleReport]:
     """Each record's examples (student-view SFT, PG and teacher view), in order."""
     report = ExampleReport(max_len=max_len)
-    examples = [RecordExamples(sft_example(tokenizer, r, max_len, report),
-                               pg_example(tokenizer, r, spec, max_len, report),
-                               teacher_example(tokenizer, r, spec, max_len, report),
-                               chat_ids(tokenizer, student_messages(r["input"]), generation_prompt=True),
-                               chat_ids(tokenizer, teacher_messages(spec, r["input"]), generation_prompt=True))
-                for r in records]
+    examples = [
+        RecordExamples(
+            sft_example(tokenizer, r, max_len, report),
+            pg_example(tokenizer, r, spec, max_len, report),
+            teacher_example(tokenizer, r, spec, max_len, report),
+            chat_ids(tokenizer, student_messages(r["input"]), generation_prompt=True),
+            chat_ids(tokenizer, teacher_messages(spec, r["input"]), generation_prompt=True),
+        )
+        for r in records
+    ]
     report.sft = sum(e.sft is not None for e in examples)
     report.pg = sum(e.pg is not None for e in examples)
     report.teacher = sum(e.teacher is not None for e in examples)
     if report.sft_records_without_turns:
-        report.notes.append(f"{report.sft_records_without_turns} records have no learnable agent turn (none was "
-                            f"kept by the format filter, or the first was empty) and give no SFT example")
+        report.notes.append(
+            f"{report.sft_records_without_turns} records have no learnable agent turn (none was "
+            f"kept by the format filter, or the first was empty) and give no SFT example"
+        )
     if report.pg_empty_dropped:
         report.notes.append(f"{report.pg_empty_dropped} PG examples with an empty answer or reason were left out")
     if report.sft_examples_dropped or report.pg_examples_dropped:
-        report.notes.append(f"{report.sft_examples_dropped} SFT and {report.pg_examples_dropped} PG examples "
-                            f"did not fit in {max_len} tokens and were left out")
+        report.notes.append(
+            f"{report.sft_examples_dropped} SFT and {report.pg_examples_dropped} PG examples "
+            f"did not fit in {max_len} tokens and were left out"
+        )
     return examples, report

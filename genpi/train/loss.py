@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from genpi.train.examples import IGNORE, Example
 
 
-def label_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                 past_key_values: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+def label_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], past_key_values: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits that predict each label token of a right-padded batch, ``[n, vocab]``, and
     those ``n`` labels, row by row in order. With ``past_key_values`` (one row per batch row),
     the batch continues the tokens that cache holds.
@@ -29,8 +30,12 @@ def label_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     labels = batch["labels"]
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE
-    logits = model(input_ids=batch["input_ids"], logits_to_keep=keep, past_key_values=past_key_values,
-                   use_cache=past_key_values is not None).logits
+    logits = model(
+        input_ids=batch["input_ids"],
+        logits_to_keep=keep,
+        past_key_values=past_key_values,
+        use_cache=past_key_values is not None,
+    ).logits
     return logits, labels[:, 1:][keep[:, :-1]]
 
 
@@ -52,8 +57,9 @@ def label_tokens(examples: list[Example]) -> int:
     return sum(sum(label != IGNORE for label in e.labels[1:]) for e in examples)
 
 
-def joint_loss(sft_sum: torch.Tensor, sft_tokens: int, pg_sum: torch.Tensor, pg_tokens: int,
-               pg_lambda: float) -> torch.Tensor:
+def joint_loss(
+    sft_sum: torch.Tensor, sft_tokens: int, pg_sum: torch.Tensor, pg_tokens: int, pg_lambda: float
+) -> torch.Tensor:
     """``(1 - pg_lambda) * L_SFT + pg_lambda * L_PG`` from summed losses and each term's label-token
     count for the whole step."""
     loss = torch.zeros((), device=sft_sum.device)

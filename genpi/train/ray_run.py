@@ -44,8 +44,9 @@ class RayTrainCheckpoints:
         if saved is not None:  # a restarted worker of this run
             return usable(Path(saved.to_directory(str(self.scratch / "restored"))))
         # every attempt's checkpoints (a folder each): the one of the most epochs
-        states = sorted((int(m.group(1)), key) for key in self.store.list_keys(self.ray_prefix)
-                        if (m := _CHECKPOINT.search(key)))
+        states = sorted(
+            (int(m.group(1)), key) for key in self.store.list_keys(self.ray_prefix) if (m := _CHECKPOINT.search(key))
+        )
         if not states:  # a new run
             return None
         newest = states[-1][1].rsplit("/", 1)[0]
@@ -55,8 +56,11 @@ class RayTrainCheckpoints:
         import ray.train
 
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        ray.train.report({**numbers, "epoch": epoch}, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                         checkpoint_dir_name=f"checkpoint_epoch-{epoch:04d}")
+        ray.train.report(
+            {**numbers, "epoch": epoch},
+            checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+            checkpoint_dir_name=f"checkpoint_epoch-{epoch:04d}",
+        )
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -80,7 +84,7 @@ def ray_storage(cfg: GenPIConfig, store: ArtifactStore, spec: PromptSpec, attemp
     if store.url.startswith("s3://"):
         from pyarrow import fs
 
-        bucket_and_root = store.url[len("s3://"):].rstrip("/")
+        bucket_and_root = store.url[len("s3://") :].rstrip("/")
         options: dict[str, Any] = {}
         # pyarrow reads neither AWS_ENDPOINT_URL nor the AWS config's region the way boto3 does:
         # hand it the endpoint and region the store itself resolved.
@@ -125,10 +129,14 @@ def fit_run(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, cpus: floa
         _train_loop,
         train_loop_config={"cfg": worker_cfg, "spec": spec.to_json()},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=bool(gpus), resources_per_worker=resources),
-        run_config=RunConfig(name=f"{spec.name}-{artifacts.run_hash(cfg)[:12]}", storage_path=storage_path,
-                             storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)))
+        run_config=RunConfig(
+            name=f"{spec.name}-{artifacts.run_hash(cfg)[:12]}",
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
+    )
     try:
         trainer.fit()
     except TrainingFailedError as e:

@@ -44,8 +44,9 @@ from genpi.train.trainer import train_adapter
 log = logging.getLogger(__name__)
 
 
-def train_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore,
-                 checkpoints: Checkpoints | None = None) -> str:
+def train_prompt(
+    spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, checkpoints: Checkpoints | None = None
+) -> str:
     """Train (or find) the adapter of ``spec`` under ``cfg``; returns the run's store prefix.
 
     Each epoch's checkpoint goes to ``checkpoints`` (default: ``{run}/checkpoints/`` in the
@@ -67,8 +68,7 @@ def train_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore,
     if cfg.train.method in PG_METHODS and cfg.train.pg_lambda > 0 and cfg.train.pg_fraction > 0:
         check_pg_fits(tokenizer, spec, max_len)
     records = store.get_jsonl(f"{artifacts.synth_prefix(spec, cfg)}/records.jsonl")
-    split = assign_splits([r["id"] for r in records], cfg.split.val_fraction, cfg.split.test_fraction,
-                          cfg.split.seed)
+    split = assign_splits([r["id"] for r in records], cfg.split.val_fraction, cfg.split.test_fraction, cfg.split.seed)
     records = [r for r in records if split[r["id"]] != TEST]
     examples, report = stored_examples(spec, cfg, store, tokenizer, records, max_len)
     for note in report.notes:
@@ -78,27 +78,42 @@ def train_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore,
     val = [e for e, r in usable if split[r["id"]] == VAL]
     if not train:
         why = "; ".join(report.notes) or "the split left no training records"
-        raise GenPIError(f"{spec.source}: no training example could be built within {max_len} tokens "
-                         f"(train.max_seq_len={cfg.train.max_seq_len}): {why}; raise train.max_seq_len, "
-                         f"or check the synthesized data's quality.json")
+        raise GenPIError(
+            f"{spec.source}: no training example could be built within {max_len} tokens "
+            f"(train.max_seq_len={cfg.train.max_seq_len}): {why}; raise train.max_seq_len, "
+            f"or check the synthesized data's quality.json"
+        )
     lam = f", lambda {cfg.train.pg_lambda:.2f}" if cfg.train.method in PG_METHODS else ""
     log.info("[%s] training %s on %d records (%d validation)%s", spec.name, cfg.train.method, len(train), len(val), lam)
     with tempfile.TemporaryDirectory(prefix="genpi-adapter-") as tmp:
         adapter_dir = Path(tmp) / "adapter"
-        metrics = train_adapter(cfg.train, target.name, target.dtype, train, val, adapter_dir,
-                                log=lambda line: log.info("[%s] %s", spec.name, line),
-                                checkpoints=checkpoints or StoreCheckpoints(store, f"{prefix}/checkpoints", Path(tmp)),
-                                on_step=functools.partial(telemetry.train_step, spec.name, prefix.rsplit("/", 1)[-1]))
+        metrics = train_adapter(
+            cfg.train,
+            target.name,
+            target.dtype,
+            train,
+            val,
+            adapter_dir,
+            log=lambda line: log.info("[%s] %s", spec.name, line),
+            checkpoints=checkpoints or StoreCheckpoints(store, f"{prefix}/checkpoints", Path(tmp)),
+            on_step=functools.partial(telemetry.train_step, spec.name, prefix.rsplit("/", 1)[-1]),
+        )
         provenance = provenance_of(spec, cfg)
         (adapter_dir / "genpi.json").write_text(json.dumps(provenance, indent=2), encoding="utf-8")
         store.upload_dir(adapter_dir, f"{prefix}/adapter")
     metrics["examples"] = vars(report)
     store.put_json(f"{prefix}/metrics.json", metrics)
-    store.put_json(f"{prefix}/summary.json", {
-        **provenance, "adapter": store.location(f"{prefix}/adapter"),
-        "records": {"train": len(train), "val": len(val), "test": sum(v == TEST for v in split.values())},
-        "final": metrics["final"],
-        "seconds": metrics["seconds"], "trainable_params": metrics["trainable_params"]})
+    store.put_json(
+        f"{prefix}/summary.json",
+        {
+            **provenance,
+            "adapter": store.location(f"{prefix}/adapter"),
+            "records": {"train": len(train), "val": len(val), "test": sum(v == TEST for v in split.values())},
+            "final": metrics["final"],
+            "seconds": metrics["seconds"],
+            "trainable_params": metrics["trainable_params"],
+        },
+    )
     # vouches for the run's results, not for its checkpoints (dropped next)
     store.mark_done(prefix, {"run_hash": artifacts.run_hash(cfg)}, vouch=("adapter", "metrics.json", "summary.json"))
     store.delete_prefix(f"{prefix}/checkpoints")  # only a run still going needs them
@@ -106,24 +121,46 @@ def train_prompt(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore,
     return prefix
 
 
-def stored_examples(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, tokenizer: Any, records: list[dict],
-                    max_len: int) -> tuple[list[RecordExamples], ExampleReport]:
+def stored_examples(
+    spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, tokenizer: Any, records: list[dict], max_len: int
+) -> tuple[list[RecordExamples], ExampleReport]:
     """The records' examples, built and tokenized once per prompt, data, split and length, and
     stored beside the records: every run of a sweep reads them instead of tokenizing again."""
-    key = fingerprint({"version": EXAMPLES_VERSION, "split": dataclasses.asdict(cfg.split), "max_len": max_len,
-                       "target": artifacts.train_key(cfg)["target"]})
+    key = fingerprint(
+        {
+            "version": EXAMPLES_VERSION,
+            "split": dataclasses.asdict(cfg.split),
+            "max_len": max_len,
+            "target": artifacts.train_key(cfg)["target"],
+        }
+    )
     prefix = f"{artifacts.synth_prefix(spec, cfg)}/examples/{key}"
     if store.is_done(prefix):
         rows = store.get_jsonl(f"{prefix}/examples.jsonl")
         report = ExampleReport(**store.get_json(f"{prefix}/report.json"))
-        return [RecordExamples(*(None if row[k] is None else Example(*row[k]) for k in ("sft", "pg", "teacher")),
-                               row["student_opening"], row["teacher_opening"]) for row in rows], report
+        return [
+            RecordExamples(
+                *(None if row[k] is None else Example(*row[k]) for k in ("sft", "pg", "teacher")),
+                row["student_opening"],
+                row["teacher_opening"],
+            )
+            for row in rows
+        ], report
     examples, report = build_examples(tokenizer, records, spec, max_len)
-    store.put_jsonl(f"{prefix}/examples.jsonl", [
-        {**{k: None if e is None else [e.input_ids, e.labels] for k, e in (("sft", x.sft), ("pg", x.pg),
-                                                                        ("teacher", x.teacher))},
-         "student_opening": x.student_opening, "teacher_opening": x.teacher_opening}
-        for x in examples])
+    store.put_jsonl(
+        f"{prefix}/examples.jsonl",
+        [
+            {
+                **{
+                    k: None if e is None else [e.input_ids, e.labels]
+                    for k, e in (("sft", x.sft), ("pg", x.pg), ("teacher", x.teacher))
+                },
+                "student_opening": x.student_opening,
+                "teacher_opening": x.teacher_opening,
+            }
+            for x in examples
+        ],
+    )
     store.put_json(f"{prefix}/report.json", vars(report))
     store.mark_done(prefix)
     return examples, report
@@ -131,7 +168,15 @@ def stored_examples(spec: PromptSpec, cfg: GenPIConfig, store: ArtifactStore, to
 
 def provenance_of(spec: PromptSpec, cfg: GenPIConfig) -> dict[str, Any]:
     """What an adapter was made from: enough to find and reproduce it."""
-    return {"prompt_name": spec.name, "prompt_hash": spec.prompt_hash, "prompt_id": spec.id,
-            "base_model": cfg.models.target.name, "generator_model": cfg.models.generator.name,
-            "synth_hash": artifacts.synth_hash(cfg), "run_hash": artifacts.run_hash(cfg), "pg_lambda": cfg.train.pg_lambda,
-            "method": cfg.train.method, "train": artifacts.train_key(cfg)["train"]}
+    return {
+        "prompt_name": spec.name,
+        "prompt_hash": spec.prompt_hash,
+        "prompt_id": spec.id,
+        "base_model": cfg.models.target.name,
+        "generator_model": cfg.models.generator.name,
+        "synth_hash": artifacts.synth_hash(cfg),
+        "run_hash": artifacts.run_hash(cfg),
+        "pg_lambda": cfg.train.pg_lambda,
+        "method": cfg.train.method,
+        "train": artifacts.train_key(cfg)["train"],
+    }

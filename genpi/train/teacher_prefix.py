@@ -46,8 +46,11 @@ class TeacherPrefix:
 
             self.cache = DynamicCache(config=model.config)
             with _teacher(model):
-                model(input_ids=torch.tensor([self.tokens], device=model.device), past_key_values=self.cache,
-                      use_cache=True)
+                model(
+                    input_ids=torch.tensor([self.tokens], device=model.device),
+                    past_key_values=self.cache,
+                    use_cache=True,
+                )
 
     def label_logits(self, model: Any, examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`genpi.train.loss.label_logits` of the teacher (adapter disabled, no gradient) on

@@ -46,18 +46,32 @@ def load_for_training(cfg: TrainConfig, model_name: str, dtype: str) -> tuple[An
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-    targets: Any = cfg.target_modules if cfg.target_modules == "all-linear" else \
-        [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
+    targets: Any = (
+        cfg.target_modules
+        if cfg.target_modules == "all-linear"
+        else [m.strip() for m in cfg.target_modules.split(",") if m.strip()]
+    )
     torch.manual_seed(cfg.seed)
     layers = None
     if cfg.lora_layers:
         depth = model.config.num_hidden_layers
         layers = list(range(max(0, depth - cfg.lora_layers), depth))
         if targets == "all-linear":  # PEFT takes layer indices only with explicit module names
-            targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                              if isinstance(module, torch.nn.Linear) and ".layers." in name})
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, layers_to_transform=layers, task_type="CAUSAL_LM")
+            targets = sorted(
+                {
+                    name.rsplit(".", 1)[-1]
+                    for name, module in model.named_modules()
+                    if isinstance(module, torch.nn.Linear) and ".layers." in name
+                }
+            )
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        layers_to_transform=layers,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora), tokenizer
 
 
@@ -83,15 +97,21 @@ def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
     return 1.0
 
 
-def step_loss(model: Any, step: list[RecordExamples], cfg: TrainConfig, pad_id: int, backward: bool,
-              objective: Objective | None = None) -> dict[str, float]:
+def step_loss(
+    model: Any,
+    step: list[RecordExamples],
+    cfg: TrainConfig,
+    pad_id: int,
+    backward: bool,
+    objective: Objective | None = None,
+) -> dict[str, float]:
     """The objective's loss of one optimizer step over ``step``, accumulated over micro-batches
     (backward after each, so only one micro-batch's graph is alive at a time)."""
     objective = objective or objective_for(cfg)
     counts = objective.token_counts(step)
     totals: dict[str, float] = {"loss": 0.0}
     for start in range(0, len(step), cfg.micro_batch_size):
-        out = objective.micro_loss(model, step[start:start + cfg.micro_batch_size], counts, pad_id)
+        out = objective.micro_loss(model, step[start : start + cfg.micro_batch_size], counts, pad_id)
         if out is None:
             continue
         loss, terms = out
@@ -103,10 +123,17 @@ def step_loss(model: Any, step: list[RecordExamples], cfg: TrainConfig, pad_id: 
     return totals
 
 
-def train_adapter(cfg: TrainConfig, model_name: str, dtype: str, train_examples: list[RecordExamples],
-                  val_examples: list[RecordExamples], out_dir: str | Path,
-                  log: Callable[[str], None] = print, checkpoints: Checkpoints | None = None,
-                  on_step: Callable[[int, float, float], None] | None = None) -> dict[str, Any]:
+def train_adapter(
+    cfg: TrainConfig,
+    model_name: str,
+    dtype: str,
+    train_examples: list[RecordExamples],
+    val_examples: list[RecordExamples],
+    out_dir: str | Path,
+    log: Callable[[str], None] = print,
+    checkpoints: Checkpoints | None = None,
+    on_step: Callable[[int, float, float], None] | None = None,
+) -> dict[str, Any]:
     """Train one adapter with ``cfg.method``, save it in PEFT format to ``out_dir``; returns the metrics.
 
     ``on_step(step, loss, supervised tokens per second)`` is called after every optimizer step.
@@ -144,7 +171,7 @@ def train_adapter(cfg: TrainConfig, model_name: str, dtype: str, train_examples:
             if step == total:
                 break
             step_started = time.time()
-            batch = objective.select([train_examples[i] for i in order[start:start + cfg.batch_size]], step)
+            batch = objective.select([train_examples[i] for i in order[start : start + cfg.batch_size]], step)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.learning_rate * lr_factor(cfg, step, total)
             losses = step_loss(model, batch, cfg, pad_id, backward=True, objective=objective)
@@ -153,12 +180,21 @@ def train_adapter(cfg: TrainConfig, model_name: str, dtype: str, train_examples:
                 optimizer.step()  # a step left with no example (no SFT turn, PG not drawn) must not move Adam
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            history.append({"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                            "grad_norm": float(grad_norm), **losses})
+            history.append(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": float(grad_norm),
+                    **losses,
+                }
+            )
             rate = (time.time() - started) / (step - start_step)
             terms = ", ".join(f"{k.removesuffix('_loss')} {v:.4f}" for k, v in losses.items() if k != "loss")
-            log(f"step {step}/{total} epoch {epoch + 1} loss {losses['loss']:.4f} ({terms}) {rate:.1f}s/step, "
-                f"{rate * (total - step):.0f}s left")
+            log(
+                f"step {step}/{total} epoch {epoch + 1} loss {losses['loss']:.4f} ({terms}) {rate:.1f}s/step, "
+                f"{rate * (total - step):.0f}s left"
+            )
             if on_step is not None:
                 tokens = sum(objective.token_counts(batch).values())
                 on_step(step, losses["loss"], tokens / max(time.time() - step_started, 1e-9))
@@ -174,8 +210,16 @@ def train_adapter(cfg: TrainConfig, model_name: str, dtype: str, train_examples:
                 checkpoints.save(Path(tmp), epoch + 1, history[-1] if history else {})
     model.save_pretrained(str(out_dir))
     trainable = sum(p.numel() for p in params)
-    return {"method": objective.name, "steps": step, "epochs": epochs, "seconds": round(time.time() - started, 2),
-            "resumed_after_epoch": first_epoch,
-            "trainable_params": trainable, "total_params": sum(p.numel() for p in model.parameters()),
-            "quantized_nf4": quantized, "device": str(next(model.parameters()).device),
-            "final": history[-1] if history else {}, "history": history}
+    return {
+        "method": objective.name,
+        "steps": step,
+        "epochs": epochs,
+        "seconds": round(time.time() - started, 2),
+        "resumed_after_epoch": first_epoch,
+        "trainable_params": trainable,
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "quantized_nf4": quantized,
+        "device": str(next(model.parameters()).device),
+        "final": history[-1] if history else {},
+        "history": history,
+    }

@@ -19,9 +19,21 @@ def test_embedded_adapter_internalizes_the_prompt(tmp_path: Path) -> None:
     teacher keeps the format on ~90% of synthesized turns, so its synthesis needs the fewest
     resampled turns and is the quickest of the three.)"""
     store_dir = tmp_path / "artifacts"
-    result = run_job("--prompts", str(ROOT / "prompts"), "--only", "web-shop-agent", "--profile", "local",
-                     "--eval-inputs", str(ROOT / "inputs"), "--ray.dashboard", "false",
-                     "--store.url", str(store_dir), timeout=1700)
+    result = run_job(
+        "--prompts",
+        str(ROOT / "prompts"),
+        "--only",
+        "web-shop-agent",
+        "--profile",
+        "local",
+        "--eval-inputs",
+        str(ROOT / "inputs"),
+        "--ray.dashboard",
+        "false",
+        "--store.url",
+        str(store_dir),
+        timeout=1700,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     store = open_store(str(store_dir))
     [quality_key] = [k for k in store.list_keys("prompts") if k.endswith("quality.json")]

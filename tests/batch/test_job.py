@@ -79,7 +79,10 @@ def test_job_end_to_end_and_rerun(tmp_path: Path) -> None:
     second = run_job("--prompts", str(prompts), "--store.url", str(store_dir), *TINY_RUN, *sweep)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "starting engines" not in second.stdout  # nothing to synthesize
-    assert second.stdout.count("adapter found at") == 6 and (second.stdout + second.stderr).count("evaluation found at") == 3
+    assert (
+        second.stdout.count("adapter found at") == 6
+        and (second.stdout + second.stderr).count("evaluation found at") == 3
+    )
     assert {k: store.get_bytes(k) for k in store.list_keys("prompts") if k.endswith("_SUCCESS")} == markers
 
 
@@ -98,8 +101,10 @@ def test_bad_input_is_one_clear_line(tmp_path: Path) -> None:
 
 
 def test_help_describes_every_flag() -> None:
-    for command in ([sys.executable, str(ROOT / "jobs" / "internalize.py"), "--help"],
-                    [str(Path(sys.executable).parent / "genpi"), "--help"]):
+    for command in (
+        [sys.executable, str(ROOT / "jobs" / "internalize.py"), "--help"],
+        [str(Path(sys.executable).parent / "genpi"), "--help"],
+    ):
         if not Path(command[0]).exists():
             pytest.skip("genpi console script not installed in this environment")
         text = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
@@ -129,9 +134,22 @@ def test_sigterm_ends_the_job_with_one_line_and_its_exit_code(tmp_path: Path) ->
     import time
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "internalize.py"), "--prompts", str(ROOT / "prompts"),
-                            "--store.url", str(tmp_path / "artifacts"), *TINY_RUN], cwd=ROOT, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "internalize.py"),
+            "--prompts",
+            str(ROOT / "prompts"),
+            "--store.url",
+            str(tmp_path / "artifacts"),
+            *TINY_RUN,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     seen = ""
     while "started a local Ray cluster" not in seen and time.time() < deadline and job.poll() is None:

@@ -29,9 +29,24 @@ TINY = [
 def _job(store: Path, tmp: Path, *flags: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(TMPDIR=str(tmp), PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-m", "genpi.cli", "--prompts", str(ROOT / "prompts"),
-                             "--store.url", str(store), *TINY, *flags], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "genpi.cli",
+            "--prompts",
+            str(ROOT / "prompts"),
+            "--store.url",
+            str(store),
+            *TINY,
+            *flags,
+        ],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 @pytest.mark.timeout(900)

@@ -30,10 +30,25 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.timeout(60)
 def test_verbose_logs_no_wire_trace(s3_env: S3Server) -> None:
     url = f"s3://{s3_env.create_bucket()}/runs"
-    result = subprocess.run([sys.executable, "-c", VERBOSE_RUN, "-v", "--prompts", str(ROOT / "prompts"),
-                             "--store.url", url, "--store.endpoint-url", s3_env.endpoint_url],
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            VERBOSE_RUN,
+            "-v",
+            "--prompts",
+            str(ROOT / "prompts"),
+            "--store.url",
+            url,
+            "--store.endpoint-url",
+            s3_env.endpoint_url,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     out = result.stdout + result.stderr
     assert result.returncode == 2 and "stopped before Ray" in out, out[-2000:]
     assert f"store {url}" in out  # it got as far as the store
@@ -41,7 +56,8 @@ def test_verbose_logs_no_wire_trace(s3_env: S3Server) -> None:
 
 
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{b}: &{b} [*{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+    f"{b}: &{b} [*{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}]\n" for a, b in zip("abcdefgh", "bcdefghi")
+)
 SHELL = "You are a shell agent. Answer with one command.\n"
 
 
@@ -78,8 +94,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], Path]]:
     return cases
 
 
-def test_each_bad_input_is_one_line_and_exit_2_within_a_second(tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture) -> None:
+def test_each_bad_input_is_one_line_and_exit_2_within_a_second(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import time
 
     from genpi.cli.main import main

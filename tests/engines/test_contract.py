@@ -20,8 +20,9 @@ pytestmark = pytest.mark.timeout(300)
 
 BACKENDS = [
     "hf",
-    pytest.param("vllm", marks=pytest.mark.skipif(vllm_python() is None,
-                                                  reason="vLLM is not installed: run `make install-vllm`")),
+    pytest.param(
+        "vllm", marks=pytest.mark.skipif(vllm_python() is None, reason="vLLM is not installed: run `make install-vllm`")
+    ),
 ]
 SHELL = [{"role": "system", "content": "You are a shell agent. Reply with one line: Act: bash `<command>`."}]
 CONVERSATIONS = [
@@ -61,8 +62,18 @@ def pool(request: pytest.FixtureRequest, ray_cluster: None):
     from genpi.engines.actors import EnginePool
 
     # One CPU reserved (the parity test starts two more engines beside it), both cores used.
-    cfg = ModelConfig(name=EMBEDDED, backend=request.param, dtype="float32", num_gpus=0, num_cpus=1, threads=2,
-                      batch_size=4, max_context=1024, kv_cache_gb=1, max_lora_rank=16)
+    cfg = ModelConfig(
+        name=EMBEDDED,
+        backend=request.param,
+        dtype="float32",
+        num_gpus=0,
+        num_cpus=1,
+        threads=2,
+        batch_size=4,
+        max_context=1024,
+        kv_cache_gb=1,
+        max_lora_rank=16,
+    )
     engines = EnginePool(cfg, "target")
     yield engines
     engines.shutdown()
@@ -94,8 +105,13 @@ def test_seeds_are_per_request(pool) -> None:
 
 def test_sampled_batch_longer_than_one_step(pool) -> None:
     """More prompt tokens than one engine step takes (vLLM: 4096): seeded sampling still works."""
-    long = [[{"role": "system", "content": "Rules of the shell agent. " * 150},
-             {"role": "user", "content": f"Task {k}: list the files."}] for k in range(6)]
+    long = [
+        [
+            {"role": "system", "content": "Rules of the shell agent. " * 150},
+            {"role": "user", "content": f"Task {k}: list the files."},
+        ]
+        for k in range(6)
+    ]
     params = SamplingParams(max_new_tokens=4, temperature=1.0, seed=1)
     first = pool.generate(long, params)
     assert sum(g.prompt_tokens for g in first) > 4096 and all(g.output_tokens for g in first)
@@ -143,14 +159,26 @@ def test_float32_greedy_parity_between_backends(ray_cluster: None, adapter_folde
 
     texts = {}
     for backend in ("hf", "vllm"):
-        cfg = ModelConfig(name=EMBEDDED, backend=backend, dtype="float32", num_gpus=0, num_cpus=1, threads=2,
-                          batch_size=4, max_context=1024, kv_cache_gb=1, max_lora_rank=16)
+        cfg = ModelConfig(
+            name=EMBEDDED,
+            backend=backend,
+            dtype="float32",
+            num_gpus=0,
+            num_cpus=1,
+            threads=2,
+            batch_size=4,
+            max_context=1024,
+            kv_cache_gb=1,
+            max_lora_rank=16,
+        )
         engines = EnginePool(cfg, "target")
         try:
             name = engines.add_adapter(adapter_folder)
             params = SamplingParams(max_new_tokens=24)
-            texts[backend] = [g.text for g in engines.generate(CONVERSATIONS, params)
-                              + engines.generate(CONVERSATIONS, params, [name] * 3)]
+            texts[backend] = [
+                g.text
+                for g in engines.generate(CONVERSATIONS, params) + engines.generate(CONVERSATIONS, params, [name] * 3)
+            ]
         finally:
             engines.shutdown()
     assert texts["vllm"] == texts["hf"]
@@ -172,8 +200,8 @@ def test_engines_are_sized_to_fit_the_cluster_together() -> None:
 def test_a_prefilled_answer_is_continued(pool) -> None:
     """A conversation ending with an assistant message: the reply goes on from that message."""
     full = pool.generate(CONVERSATIONS[:1], SamplingParams(max_new_tokens=12))[0].text
-    head = full[:full.index(" ", 4)]  # whole words of the greedy reply
+    head = full[: full.index(" ", 4)]  # whole words of the greedy reply
     prefilled = CONVERSATIONS[0] + [{"role": "assistant", "content": head}]
     cont = pool.generate([prefilled], SamplingParams(max_new_tokens=6))[0]
-    assert cont.text and full[len(head):].strip().startswith(cont.text)  # replies come stripped
+    assert cont.text and full[len(head) :].strip().startswith(cont.text)  # replies come stripped
     assert cont.prompt_tokens == pool.count_tokens([prefilled])[0] > pool.count_tokens(CONVERSATIONS[:1])[0]

@@ -15,8 +15,10 @@ pytestmark = pytest.mark.timeout(180)
 
 CONVERSATIONS = [
     [{"role": "user", "content": "List the files in /tmp."}],
-    [{"role": "system", "content": "You are a shell agent. Answer with Act: bash."},
-     {"role": "user", "content": "How much disk space is free on the root filesystem of this machine?"}],
+    [
+        {"role": "system", "content": "You are a shell agent. Answer with Act: bash."},
+        {"role": "user", "content": "How much disk space is free on the root filesystem of this machine?"},
+    ],
     [{"role": "user", "content": "hi"}],
 ]
 
@@ -74,15 +76,18 @@ def test_registry_names_and_folders(tmp_path) -> None:
 
 def test_shared_prefix_cache_gives_the_same_outputs() -> None:
     prompt = [{"role": "system", "content": "You operate a Linux shell. " * 20}]
-    conversations = [prompt + [{"role": "user", "content": q}]
-                     for q in ("List /tmp.", "Show the kernel version, please.", "Count users.")]
+    conversations = [
+        prompt + [{"role": "user", "content": q}]
+        for q in ("List /tmp.", "Show the kernel version, please.", "Count users.")
+    ]
     conversations.append([{"role": "user", "content": "no prompt here"}])
     params = SamplingParams(max_new_tokens=10)
     plain = HFEngine(TINY, dtype="float32", batch_size=4, prefix_sharing=False)
     shared = HFEngine(TINY, dtype="float32", batch_size=4, prefix_sharing=True)
     assert shared._shared_prefix([shared.encode(c) for c in conversations[:3]])[0] > 100
-    assert [g.text for g in shared.generate(conversations, params)] == \
-        [g.text for g in plain.generate(conversations, params)]
+    assert [g.text for g in shared.generate(conversations, params)] == [
+        g.text for g in plain.generate(conversations, params)
+    ]
 
 
 def test_kept_turns_prefill_only_new_tokens_and_give_the_same_outputs() -> None:
@@ -104,8 +109,10 @@ def test_kept_turns_prefill_only_new_tokens_and_give_the_same_outputs() -> None:
             growth.append(sum(n - s for n, s in zip(now, sizes)))  # tokens added since the last call
             sizes = now
             replies.append([g.text for g in out])
-            chats = [c + [{"role": "assistant", "content": g.text}, {"role": "user", "content": f"Output: {turn}"}]
-                     for c, g in zip(chats, out)]
+            chats = [
+                c + [{"role": "assistant", "content": g.text}, {"role": "user", "content": f"Output: {turn}"}]
+                for c, g in zip(chats, out)
+            ]
         return replies, prefilled, growth
 
     whole = HFEngine(TINY, dtype="float32", batch_size=4, turn_cache_mib=0)
@@ -176,5 +183,6 @@ def test_short_and_long_conversations_are_not_batched_together(engine: HFEngine)
     assert engine._chunks(encoded, [0, 1, 2, 3]) == [[0, 1], [2], [3]]  # batch_size 2, and the long one alone
     long_first = [encoded[3], encoded[0], encoded[1]]
     assert engine._chunks(long_first, [3, 0, 1]) == [[3], [0, 1]]  # a short one never joins a long one's batch
-    assert [g.text for g in engine.generate(short + long, SamplingParams(max_new_tokens=6))] == \
-        [engine.generate([c], SamplingParams(max_new_tokens=6))[0].text for c in short + long]
+    assert [g.text for g in engine.generate(short + long, SamplingParams(max_new_tokens=6))] == [
+        engine.generate([c], SamplingParams(max_new_tokens=6))[0].text for c in short + long
+    ]

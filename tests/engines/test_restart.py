@@ -18,11 +18,22 @@ from genpi.prompt.files import load_prompts
 from genpi.store import open_store
 from tests.repo import ROOT
 
-TINY = {"models.generator.name": "tiny-random-llama", "models.target.name": "tiny-random-llama",
-        "models.generator.backend": "hf", "models.target.backend": "hf",
-        "synth.num_inputs": 6, "synth.min_inputs": 4, "synth.part_size": 4, "synth.max_turns": 2,
-        "synth.input_max_tokens": 48, "synth.output_max_tokens": 12, "synth.reason_max_tokens": 12,
-        "synth.agent_max_tokens": 12, "synth.env_max_tokens": 12, "synth.filter_off_format": False}
+TINY = {
+    "models.generator.name": "tiny-random-llama",
+    "models.target.name": "tiny-random-llama",
+    "models.generator.backend": "hf",
+    "models.target.backend": "hf",
+    "synth.num_inputs": 6,
+    "synth.min_inputs": 4,
+    "synth.part_size": 4,
+    "synth.max_turns": 2,
+    "synth.input_max_tokens": 48,
+    "synth.output_max_tokens": 12,
+    "synth.reason_max_tokens": 12,
+    "synth.agent_max_tokens": 12,
+    "synth.env_max_tokens": 12,
+    "synth.filter_off_format": False,
+}
 
 
 def engine_pids() -> set[int]:
@@ -110,8 +121,9 @@ def test_a_hung_engine_is_killed_restarted_and_its_call_retried(ray_cluster: Non
     from genpi.engines.actors import EnginePool
     from genpi.engines.base import SamplingParams
 
-    pool = EnginePool(ModelConfig(name="tiny-random-llama", num_gpus=0, num_cpus=1, restarts=1,
-                                  call_timeout_s=20), "target")
+    pool = EnginePool(
+        ModelConfig(name="tiny-random-llama", num_gpus=0, num_cpus=1, restarts=1, call_timeout_s=20), "target"
+    )
     try:
         frozen = pool.pids()[0]
         os.kill(frozen, signal.SIGSTOP)

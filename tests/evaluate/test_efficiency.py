@@ -28,8 +28,15 @@ LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def tiny_config(**overrides: Any) -> LlamaConfig:
-    sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=128, attn_implementation="sdpa")
+    sizes = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        attn_implementation="sdpa",
+    )
     return LlamaConfig(**{**sizes, **overrides})
 
 
@@ -62,8 +69,15 @@ def prefilled_cache(model: Any, tokens: int) -> DynamicCache:
 
 
 def test_forward_flops_by_hand() -> None:
-    config = SimpleNamespace(hidden_size=2, intermediate_size=3, num_hidden_layers=1, num_attention_heads=1,
-                             num_key_value_heads=1, head_dim=2, vocab_size=5)
+    config = SimpleNamespace(
+        hidden_size=2,
+        intermediate_size=3,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=2,
+        vocab_size=5,
+    )
     # q, k, v, o: 2·2·2 each; gate, up, down: 2·2·3 each; attention: 2·2·(1 query · 1 key · dim 2); head 2·2·5
     assert forward_flops(config, 1, 0, 1) == 4 * 8 + 3 * 12 + 8 + 20
     # LoRA r=1 adds 2·1·(in + out) per linear: 4 · 2·4 + 3 · 2·5
@@ -88,8 +102,9 @@ def test_cached_forward_flops_match_the_flop_counter(model: LlamaForCausalLM) ->
 
 @pytest.mark.parametrize("layers", [None, 1])
 def test_lora_flops_match_the_flop_counter(model: LlamaForCausalLM, layers: int | None) -> None:
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LINEARS,
-                      layers_to_transform=[1] if layers else None)
+    lora = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LINEARS, layers_to_transform=[1] if layers else None
+    )
     peft_model = get_peft_model(model, lora).eval()
     try:
         cache = prefilled_cache(peft_model, 4)
@@ -129,8 +144,7 @@ def test_episode_flops_per_turn_and_totals() -> None:
     # decode: turn 1 writes 5 tokens one at a time after 110 tokens of context
     assert result["decode_flops"]["kv_reuse"][0] == sum(forward_flops(config, 1, 110 + k, 1) for k in range(5))
     assert result["decode_flops"]["recompute"] == result["decode_flops"]["kv_reuse"]
-    assert result["decode_flops"]["adapter"][0] == sum(forward_flops(config, 1, 10 + k, 1, **lora)
-                                                       for k in range(5))
+    assert result["decode_flops"]["adapter"][0] == sum(forward_flops(config, 1, 10 + k, 1, **lora) for k in range(5))
 
 
 def test_without_a_prompt_the_adapter_saves_nothing_or_costs_more() -> None:
@@ -151,9 +165,11 @@ def test_empty_episode_has_no_saving() -> None:
 # ---------------------------------------------------------------------------- timed episode
 
 PROMPT = [{"role": "system", "content": "You are a shell agent. Reply with Think: and Act: lines. " * 4}]
-TURNS = [("How many files are in /tmp?", "Think: list them.\nAct: bash\n```bash\nls /tmp | wc -l\n```"),
-         ("Output: 12", "Think: done.\nAct: answer(12)"),
-         ("Now count /var too.", "Think: same again.\nAct: bash\n```bash\nls /var | wc -l\n```")]
+TURNS = [
+    ("How many files are in /tmp?", "Think: list them.\nAct: bash\n```bash\nls /tmp | wc -l\n```"),
+    ("Output: 12", "Think: done.\nAct: answer(12)"),
+    ("Now count /var too.", "Think: same again.\nAct: bash\n```bash\nls /var | wc -l\n```"),
+]
 NEW_TOKENS = 3
 
 
@@ -169,8 +185,12 @@ def tiny() -> tuple[Any, Any]:
 def episodes(tiny: tuple[Any, Any]) -> dict[str, dict[str, Any]]:
     """Each mode's episode (and recompute without the prompt): seconds, greedy tokens, prefill lengths."""
     model, tokenizer = tiny
-    runs = {"recompute": (PROMPT, "recompute"), "kv_reuse": (PROMPT, "kv_reuse"), "adapter": (PROMPT, "adapter"),
-            "no_prompt": ([], "recompute")}
+    runs = {
+        "recompute": (PROMPT, "recompute"),
+        "kv_reuse": (PROMPT, "kv_reuse"),
+        "adapter": (PROMPT, "adapter"),
+        "no_prompt": ([], "recompute"),
+    }
     out = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model gains nothing from threads, and loses much on a busy machine
@@ -218,15 +238,21 @@ def test_kv_reuse_prefills_only_unseen_tokens(tiny: tuple[Any, Any], episodes: d
     full = []
     for said, reply in TURNS:
         messages.append({"role": "user", "content": said})
-        full.append(len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                      return_dict=True)["input_ids"]))
+        full.append(
+            len(
+                tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                    "input_ids"
+                ]
+            )
+        )
         messages.append({"role": "assistant", "content": reply})
     assert episodes["recompute"]["prefill"] == full
     reuse = episodes["kv_reuse"]["prefill"]
     # the prompt's KV cache is computed ahead of the episode: turn 1 prefills only what follows it
     prompt_ids = tokenizer.apply_chat_template([dict(m) for m in PROMPT], tokenize=True, return_dict=True)["input_ids"]
-    first = tokenizer.apply_chat_template([*PROMPT, {"role": "user", "content": TURNS[0][0]}],
-                                          add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    first = tokenizer.apply_chat_template(
+        [*PROMPT, {"role": "user", "content": TURNS[0][0]}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
     shared = next((k for k, (a, b) in enumerate(zip(prompt_ids, first)) if a != b), len(prompt_ids))
     assert episodes["kv_reuse"]["ahead"] == len(prompt_ids) and reuse[0] == full[0] - shared < full[0]
     # later turns prefill only what the conversation gained since the last turn: the reply and the new input

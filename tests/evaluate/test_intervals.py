@@ -14,7 +14,7 @@ from genpi.prompt.spec import ActionFormat, PromptSpec, Turn
 def test_wilson_interval_known_answers() -> None:
     low, high = wilson_interval(6, 8)
     assert math.isclose(low, 0.40927, abs_tol=1e-4) and math.isclose(high, 0.92852, abs_tol=1e-4)
-    z2 = 1.959963984540054 ** 2
+    z2 = 1.959963984540054**2
     assert wilson_interval(0, 8) == (0.0, pytest.approx(z2 / (8 + z2)))  # upper end at 0 successes
     assert wilson_interval(8, 8) == (pytest.approx(8 / (8 + z2)), 1.0)
     assert wilson_interval(50, 100) == (pytest.approx(0.40383, abs=1e-4), pytest.approx(0.59617, abs=1e-4))
@@ -40,8 +40,12 @@ def test_bootstrap_interval_on_a_fixed_sample() -> None:
     assert bootstrap_interval([], lambda xs: 0.0) is None
 
 
-SPEC = PromptSpec(name="mini", source="mini.md", turns=(Turn("system", "Answer with Act: lines."),),
-                  action_format=ActionFormat(actions=(r"^Act: \S",)))
+SPEC = PromptSpec(
+    name="mini",
+    source="mini.md",
+    turns=(Turn("system", "Answer with Act: lines."),),
+    action_format=ActionFormat(actions=(r"^Act: \S",)),
+)
 
 
 def episodes(replies: list[str]) -> list[dict]:
@@ -52,8 +56,13 @@ def test_summarize_set_reports_intervals_and_the_batch_table_shows_them() -> Non
     teacher = episodes(["Act: ls"] * 8)
     base = episodes(["no"] * 8)
     adapter = episodes(["Act: ls"] * 6 + ["no"] * 2)
-    scores = [{s: {"tokens": 10, "nll_sum": nll, "kl_sum": 0.0} for s, nll in
-               (("teacher", 5.0), ("base", 15.0), ("adapter", 7.0 + i % 2))} for i in range(8)]
+    scores = [
+        {
+            s: {"tokens": 10, "nll_sum": nll, "kl_sum": 0.0}
+            for s, nll in (("teacher", 5.0), ("base", 15.0), ("adapter", 7.0 + i % 2))
+        }
+        for i in range(8)
+    ]
     summary = summarize_set(SPEC, {"teacher": teacher, "base": base, "adapter": adapter}, scores)
     fv = summary["comparison"]["format_valid"]
     assert fv["adapter"] == 0.75 and fv["adapter_interval"] == [round(x, 4) for x in wilson_interval(6, 8)]

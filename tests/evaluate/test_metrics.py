@@ -31,10 +31,13 @@ SHELL = load_prompt(PROMPTS / "shell-agent.md").action_format
 SHOP = load_prompt(PROMPTS / "web-shop-agent.yaml").action_format
 SUPPORT = load_prompt(PROMPTS / "support-agent.json").action_format
 
-BASH = ("Think: I should count the files first.\n"
-        "Act: bash\n\n```bash\nfind /usr/share/doc -type f -size +10k | wc -l\n```")
-BASH_OTHER_REASON = ("Think:   Counting   is the way.\nMore thoughts.\n"
-                     "Act: bash\n```bash\nfind /usr/share/doc -type f   -size +10k | wc -l\n```")
+BASH = (
+    "Think: I should count the files first.\nAct: bash\n\n```bash\nfind /usr/share/doc -type f -size +10k | wc -l\n```"
+)
+BASH_OTHER_REASON = (
+    "Think:   Counting   is the way.\nMore thoughts.\n"
+    "Act: bash\n```bash\nfind /usr/share/doc -type f   -size +10k | wc -l\n```"
+)
 BASH_OTHER_COMMAND = "Think: I should count the files first.\nAct: bash\n\n```bash\nls /usr/share/doc | wc -l\n```"
 ANSWER = "Think: The output says 42.\nAct: answer(42)"
 FINISH = "Think: The directory exists now.\nAct: finish"
@@ -122,17 +125,20 @@ def test_exact_action_match_ignores_reasoning_and_whitespace_only() -> None:
 # ---------------------------------------------------------------------------- token F1
 
 
-@pytest.mark.parametrize(("a", "b", "expected"), [
-    ("the cat sat", "the cat sat", 1.0),
-    ("the cat sat", "the cat", 0.8),  # precision 2/3, recall 1
-    ("Hello, world!", "hello world", 2 / 3),  # punctuation tokens count; case does not
-    ("a a a", "a", 0.5),  # a bag: one shared token, precision 1/3
-    ("red shoes", "blue hat", 0.0),
-    ("", "", 1.0),
-    ("  ", "", 1.0),
-    ("something", "", 0.0),
-    ("", "something", 0.0),
-])
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ("the cat sat", "the cat sat", 1.0),
+        ("the cat sat", "the cat", 0.8),  # precision 2/3, recall 1
+        ("Hello, world!", "hello world", 2 / 3),  # punctuation tokens count; case does not
+        ("a a a", "a", 0.5),  # a bag: one shared token, precision 1/3
+        ("red shoes", "blue hat", 0.0),
+        ("", "", 1.0),
+        ("  ", "", 1.0),
+        ("something", "", 0.0),
+        ("", "something", 0.0),
+    ],
+)
 def test_token_f1(a: str, b: str, expected: float) -> None:
     assert token_f1(a, b) == pytest.approx(expected)
     assert token_f1(b, a) == pytest.approx(expected)
@@ -142,7 +148,10 @@ def test_token_f1(a: str, b: str, expected: float) -> None:
 
 
 def test_mean_figure() -> None:
-    assert {k: v for k, v in mean_figure([True, False, True, True]).items() if k != "interval"} == {"value": 0.75, "n": 4}
+    assert {k: v for k, v in mean_figure([True, False, True, True]).items() if k != "interval"} == {
+        "value": 0.75,
+        "n": 4,
+    }
     assert mean_figure([0.5, 1.0]) == {"value": 0.75, "n": 2}
     assert mean_figure([False, False])["value"] == 0.0 and mean_figure([False, False])["n"] == 2
     assert mean_figure([]) == {"value": None, "n": 0}
@@ -194,7 +203,8 @@ def test_similarity_ranks_a_paraphrase_above_an_unrelated_sentence(embedder: emb
 
 
 def test_embeddings_are_unit_length_and_batching_does_not_change_them(
-        embedder: embedding.SentenceEmbedder, monkeypatch: pytest.MonkeyPatch) -> None:
+    embedder: embedding.SentenceEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
     texts = ["short", "a somewhat longer sentence with more words in it", "", "third one"]
     together = embedder.embed(texts)
     assert tuple(together.shape) == (4, embedder.dim) == (4, 384)
@@ -233,10 +243,12 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 
 def test_retention_plot_is_a_png_and_grows_with_its_rows() -> None:
-    rows = [{"metric": "format_valid", "retention": 0.95, "n": 20},
-            {"metric": "final_valid", "retention": 0.4, "n": 20},
-            {"metric": "exact_action", "retention": None, "n": 0},
-            {"metric": "kl_gap_closed", "retention": -0.2, "n": 20}]
+    rows = [
+        {"metric": "format_valid", "retention": 0.95, "n": 20},
+        {"metric": "final_valid", "retention": 0.4, "n": 20},
+        {"metric": "exact_action", "retention": None, "n": 0},
+        {"metric": "kl_gap_closed", "retention": -0.2, "n": 20},
+    ]
     four = retention_plot("shell-agent", rows, 0.8)
     one = retention_plot("shell-agent", rows[:1], 0.8)
     empty = retention_plot("shell-agent", [], 0.8)

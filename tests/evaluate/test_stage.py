@@ -21,9 +21,11 @@ from genpi.prompt.real_inputs import load_real_inputs
 
 pytestmark = pytest.mark.timeout(180)
 
-CHATS = [[{"role": "user", "content": "List the files in /tmp."}],
-         [{"role": "user", "content": "How much disk space is free?"}],
-         [{"role": "user", "content": "hi"}]]
+CHATS = [
+    [{"role": "user", "content": "List the files in /tmp."}],
+    [{"role": "user", "content": "How much disk space is free?"}],
+    [{"role": "user", "content": "hi"}],
+]
 
 
 def _logp(probs: list[float]) -> torch.Tensor:
@@ -71,30 +73,39 @@ def test_teacher_forced_scores(engine_and_adapter) -> None:
     engine, adapter = engine_and_adapter
     prompt = [{"role": "system", "content": "Answer with Act: bash and one command."}]
     replies = [g.text for g in engine.generate([prompt + c for c in CHATS], SamplingParams(max_new_tokens=8))]
-    scores = score_replies(engine, [prompt + c for c in CHATS], CHATS, replies,
-                           {"base": None, "same": None, "adapter": adapter}, top_k=5)
-    assert [s.tokens for s in scores["teacher"]] == [len(reply_ids(engine.tokenizer, prompt + c, r))
-                                                     for c, r in zip(CHATS, replies)]
+    scores = score_replies(
+        engine, [prompt + c for c in CHATS], CHATS, replies, {"base": None, "same": None, "adapter": adapter}, top_k=5
+    )
+    assert [s.tokens for s in scores["teacher"]] == [
+        len(reply_ids(engine.tokenizer, prompt + c, r)) for c, r in zip(CHATS, replies)
+    ]
     for t, b, same in zip(scores["teacher"], scores["base"], scores["same"]):
         assert t.kl_sum == 0 and b.kl_sum > 0 and b == same  # deterministic, and context matters
     # The teacher's greedy tokens are its most likely ones: it finds them likelier than the students do.
     assert sum(s.nll_sum for s in scores["teacher"]) < sum(s.nll_sum for s in scores["adapter"])
     # Computing the shared prompt once gives the same figures as computing it for every reply.
-    plain = score_replies(engine, [prompt * 20 + c for c in CHATS], CHATS, replies, {"base": None}, 5, share_prefix=False)
+    plain = score_replies(
+        engine, [prompt * 20 + c for c in CHATS], CHATS, replies, {"base": None}, 5, share_prefix=False
+    )
     shared = score_replies(engine, [prompt * 20 + c for c in CHATS], CHATS, replies, {"base": None}, 5)
     for a, b in zip(plain["teacher"] + plain["base"], shared["teacher"] + shared["base"]):
         assert a.tokens == b.tokens and a.nll_sum == pytest.approx(b.nll_sum, rel=1e-4, abs=1e-4)
         assert a.kl_sum == pytest.approx(b.kl_sum, rel=1e-3, abs=1e-4)
     # With the teacher's own context, a student without adapter is the teacher: KL 0, same NLL.
-    own = score_replies(engine, [prompt + c for c in CHATS], [prompt + c for c in CHATS], replies,
-                        {"base": None}, top_k=5)
-    assert all(b.kl_sum == pytest.approx(0, abs=1e-5) and b.nll_sum == pytest.approx(t.nll_sum, rel=1e-5)
-               for t, b in zip(own["teacher"], own["base"]))
+    own = score_replies(
+        engine, [prompt + c for c in CHATS], [prompt + c for c in CHATS], replies, {"base": None}, top_k=5
+    )
+    assert all(
+        b.kl_sum == pytest.approx(0, abs=1e-5) and b.nll_sum == pytest.approx(t.nll_sum, rel=1e-5)
+        for t, b in zip(own["teacher"], own["base"])
+    )
 
 
 def _report(fv_retention: float | None, nll_gap: float | None) -> dict:
-    comparison = {"format_valid": {"retention": fv_retention, "gap_closed": None},
-                  "nll": {"retention": None, "gap_closed": nll_gap}}
+    comparison = {
+        "format_valid": {"retention": fv_retention, "gap_closed": None},
+        "nll": {"retention": None, "gap_closed": nll_gap},
+    }
     return {"sets": {"test": {"comparison": comparison}}}
 
 
@@ -110,7 +121,9 @@ def test_gate_both_ways() -> None:
 
 def test_user_inputs_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "shell-agent.jsonl").write_text('{"input": "Count files in /etc."}\n\n{"input": "Free space?"}\n')
-    assert load_real_inputs(tmp_path, ["shell-agent", "web"]) == {"shell-agent": ["Count files in /etc.", "Free space?"]}
+    assert load_real_inputs(tmp_path, ["shell-agent", "web"]) == {
+        "shell-agent": ["Count files in /etc.", "Free space?"]
+    }
     (tmp_path / "nobody.jsonl").write_text('{"input": "x"}\n')
     with pytest.raises(GenPIError, match="nobody.jsonl match\\(es\\) no prompt.*shell-agent"):
         load_real_inputs(tmp_path, ["shell-agent"])
@@ -135,10 +148,16 @@ def test_publish_is_immutable_and_listed(tmp_path: Path, capsys: pytest.CaptureF
     source = f"{artifacts.train_prefix(spec, cfg)}/adapter"
     store.put_text(f"{source}/adapter_config.json", "{}")
     store.put_bytes(f"{source}/adapter_model.safetensors", b"weights")
-    comparison = {"format_valid": {"teacher": 0.75, "base": 0.0, "adapter": 0.75, "retention": 1.0, "gap_closed": 1.0},
-                  "nll": {"teacher": 0.5, "base": 2.5, "adapter": 1.0, "retention": 0.5, "gap_closed": 0.75}}
-    report = {"prompt": spec.name, "location": "somewhere/report.md", "efficiency": {"prompt_tokens": 900},
-              "sets": {"test": {"n": 4, "comparison": comparison}}}
+    comparison = {
+        "format_valid": {"teacher": 0.75, "base": 0.0, "adapter": 0.75, "retention": 1.0, "gap_closed": 1.0},
+        "nll": {"teacher": 0.5, "base": 2.5, "adapter": 1.0, "retention": 0.5, "gap_closed": 0.75},
+    }
+    report = {
+        "prompt": spec.name,
+        "location": "somewhere/report.md",
+        "efficiency": {"prompt_tokens": 900},
+        "sets": {"test": {"n": 4, "comparison": comparison}},
+    }
     report["gate"] = gate_decision(report, cfg.eval)
     where = publish_run(spec, cfg, store, report)
     version = artifacts.published_version(spec, cfg)
@@ -161,8 +180,9 @@ def test_publish_is_immutable_and_listed(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["report", "--store.url", str(tmp_path / "store")]) == 2  # no batch yet: one clear line
     assert "has no batch reports yet" in capsys.readouterr().err
     report["published"] = where
-    store.put_json("batches/abc/report.json", {"finished_at": "2026-01-01T00:00:00+00:00",
-                                               "prompts": batch_rows([report])})
+    store.put_json(
+        "batches/abc/report.json", {"finished_at": "2026-01-01T00:00:00+00:00", "prompts": batch_rows([report])}
+    )
     assert main(["report", "--store.url", str(tmp_path / "store")]) == 0
     out = capsys.readouterr().out
     assert "batch abc" in out and f"| {spec.name} | 4 | 75% | 0% | 75% | 100% |" in out and "passed" in out
@@ -178,16 +198,33 @@ def test_agreement_under_the_teacher(engine_and_adapter, tmp_path: Path) -> None
     from genpi.store import open_store
 
     engine, adapter = engine_and_adapter
-    spec = PromptSpec(name="mini", source="mini.md", turns=(Turn("system", "Answer with Act: and a word."),),
-                      action_format=ActionFormat(actions=(r"(?s).*",)))  # every reply is an action: its text
+    spec = PromptSpec(
+        name="mini",
+        source="mini.md",
+        turns=(Turn("system", "Answer with Act: and a word."),),
+        action_format=ActionFormat(actions=(r"(?s).*",)),
+    )  # every reply is an action: its text
     cfg = load_config("local", overrides={"eval.teacher_samples": 3, "eval.max_tokens": 8})
     inputs = ["count the files", "show the date"]
-    greedy = [g.text for g in engine.generate([teacher_messages(spec, x) for x in inputs], SamplingParams(max_new_tokens=8))]
-    episodes = {"teacher": [{"input": x, "turns": [{"agent": r, "observation": ""}]} for x, r in zip(inputs, greedy)],
-                "base": [{"input": x, "turns": [{"agent": "no such action", "observation": ""}]} for x in inputs],
-                "adapter": [{"input": x, "turns": []} for x in inputs]}
-    run = Evaluation(spec, cfg, open_store(str(tmp_path / "store")), engine, adapter, "eval/x", [], lambda _: None,
-                     sets={"test": [{"input": x} for x in inputs]})
+    greedy = [
+        g.text for g in engine.generate([teacher_messages(spec, x) for x in inputs], SamplingParams(max_new_tokens=8))
+    ]
+    episodes = {
+        "teacher": [{"input": x, "turns": [{"agent": r, "observation": ""}]} for x, r in zip(inputs, greedy)],
+        "base": [{"input": x, "turns": [{"agent": "no such action", "observation": ""}]} for x in inputs],
+        "adapter": [{"input": x, "turns": []} for x in inputs],
+    }
+    run = Evaluation(
+        spec,
+        cfg,
+        open_store(str(tmp_path / "store")),
+        engine,
+        adapter,
+        "eval/x",
+        [],
+        lambda _: None,
+        sets={"test": [{"input": x} for x in inputs]},
+    )
     rows = run.agreement("test", episodes)
     own = score_replies(engine, [teacher_messages(spec, x) for x in inputs], [], greedy, {}, top_k=5)["teacher"]
     for row, score, sampled_greedy in zip(rows, own, greedy):
@@ -201,14 +238,24 @@ def test_sampled_action_match_both_ways_in_the_report() -> None:
     from genpi.evaluate.report import summarize_set
     from genpi.prompt.spec import ActionFormat, PromptSpec, Turn
 
-    spec = PromptSpec(name="mini", source="mini.md", turns=(Turn("system", "Act."),),
-                      action_format=ActionFormat(actions=(r"^Act: \S",)))
+    spec = PromptSpec(
+        name="mini",
+        source="mini.md",
+        turns=(Turn("system", "Act."),),
+        action_format=ActionFormat(actions=(r"^Act: \S",)),
+    )
     eps = [{"input": str(i), "turns": [{"agent": "Act: ls", "observation": ""}]} for i in range(4)]
     scores = [{s: {"tokens": 1, "nll_sum": 1.0, "kl_sum": 0.0} for s in ("teacher", "base", "adapter")}] * 4
-    agreement = [{"nll_under_teacher": {s: {"tokens": 2, "nll_sum": v} for s, v in
-                                        (("teacher", 1.0), ("base", 9.0), ("adapter", 2.0 + i))},
-                  "teacher_actions": ["Act: ls"],
-                  "in_teacher_samples": {"teacher": True, "base": False, "adapter": i < 3}} for i in range(4)]
+    agreement = [
+        {
+            "nll_under_teacher": {
+                s: {"tokens": 2, "nll_sum": v} for s, v in (("teacher", 1.0), ("base", 9.0), ("adapter", 2.0 + i))
+            },
+            "teacher_actions": ["Act: ls"],
+            "in_teacher_samples": {"teacher": True, "base": False, "adapter": i < 3},
+        }
+        for i in range(4)
+    ]
     summary = summarize_set(spec, {"teacher": eps, "base": eps, "adapter": eps}, scores, agreement=agreement)
     row = summary["comparison"]["action_in_teacher_samples"]
     assert (row["teacher"], row["base"], row["adapter"], row["retention"]) == (1.0, 0.0, 0.75, 0.75)

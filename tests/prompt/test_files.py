@@ -107,7 +107,10 @@ def test_json_list_and_yaml_mapping(tmp_path: Path) -> None:
     turns = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]
     spec = load_prompt(write(tmp_path, "j.json", json.dumps(turns)))
     assert spec.turns == (Turn("user", "Q?"), Turn("assistant", "A."))
-    y = write(tmp_path, "y.yml", """\
+    y = write(
+        tmp_path,
+        "y.yml",
+        """\
 name: y-agent
 max_turns: 7
 environment: {description: A box., end_condition: it stops., end_token: "[[DONE]]"}
@@ -116,7 +119,8 @@ action_format: {actions: ['^Act: \\w+'], final: ['^Act: stop']}
 turns:
   - {role: system, content: sys}
   - {role: user, content: go}
-""")
+""",
+    )
     spec = load_prompt(y)
     assert spec.name == "y-agent" and spec.max_turns == 7
     assert spec.environment == EnvironmentSpec("A box.", "it stops.", "[[DONE]]")
@@ -165,7 +169,11 @@ def test_action_format_without_regexes() -> None:
         ("e.md", "---\nenvironment: nope\n---\nbody", ["environment must be a mapping"]),
         ("e.md", "---\nexample_inputs: just one\n---\nbody", ["example_inputs must be a list"]),
         ("e.md", "---\nexample_inputs: ['ok', '']\n---\nbody", ["example_inputs"]),
-        ("e.md", "---\naction_format: {actions: ['^Act: (bash']}\n---\nbody", ["action_format.actions[0]", "^Act: (bash"]),
+        (
+            "e.md",
+            "---\naction_format: {actions: ['^Act: (bash']}\n---\nbody",
+            ["action_format.actions[0]", "^Act: (bash"],
+        ),
         ("e.md", "---\naction_format: {final: ['ok', '[x']}\n---\nbody", ["action_format.final[1]", "[x"]),
         ("e.md", "---\naction_format: {acts: []}\n---\nbody", ["'acts'", "actions, final"]),
         ("e.md", "---\nturns: []\n---\nbody", ["'turns'"]),
@@ -197,14 +205,25 @@ def test_bad_turns_in_text(tmp_path: Path, body: str, fragments: list[str]) -> N
         ("d.json", '{"name": "x"}', ["no 'turns' key"]),
         ("d.json", '"just a string"', ["list of turns or a mapping"]),
         ("d.json", '{"turns": []}', ["non-empty list"]),
-        ("d.json", '{"turns": [{"role": "user", "content": "a"}], "colour": 1}', ["'colour'", "turns, name, max_turns"]),
+        (
+            "d.json",
+            '{"turns": [{"role": "user", "content": "a"}], "colour": 1}',
+            ["'colour'", "turns, name, max_turns"],
+        ),
         ("d.json", '[{"role": "user"}]', ["turn 1", "'role' and 'content'"]),
         ("d.json", '[{"role": "bot", "content": "a"}]', ["turn 1", "'bot'"]),
         ("d.json", '[{"role": "user", "content": "  "}]', ["turn 1", "non-empty"]),
         ("d.json", '[{"role": "user", "content": 5}]', ["turn 1", "non-empty"]),
-        ("d.yaml", "- {role: user, content: a}\n- {role: assistant, content: b}\n- {role: assistant, content: c}\n",
-         ["turn 3", "user turn was expected"]),
-        ("d.yml", "- {role: system, content: a}\n- {role: assistant, content: b}\n", ["turn 2", "user turn was expected"]),
+        (
+            "d.yaml",
+            "- {role: user, content: a}\n- {role: assistant, content: b}\n- {role: assistant, content: c}\n",
+            ["turn 3", "user turn was expected"],
+        ),
+        (
+            "d.yml",
+            "- {role: system, content: a}\n- {role: assistant, content: b}\n",
+            ["turn 2", "user turn was expected"],
+        ),
     ],
 )
 def test_bad_data_files(tmp_path: Path, name: str, content: str, fragments: list[str]) -> None:

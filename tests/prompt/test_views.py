@@ -48,6 +48,7 @@ def two_episode_spec(**changes) -> PromptSpec:
 
 # ------------------------------------------------------------------ teacher and student
 
+
 def test_teacher_messages_append_the_input_to_the_last_user_turn() -> None:
     messages = teacher_messages(SPEC, "Count the users.")
     assert messages[:-1] == [{"role": t.role, "content": t.content} for t in SPEC.turns[:-1]]
@@ -59,12 +60,16 @@ def test_teacher_messages_append_the_input_to_the_last_user_turn() -> None:
 def test_student_messages_drop_prompt_and_trailing_observation() -> None:
     turns = [{"agent": "a1", "observation": "o1"}, {"agent": "a2", "observation": "o2"}]
     assert student_messages("do x", turns) == [
-        {"role": "user", "content": "do x"}, {"role": "assistant", "content": "a1"},
-        {"role": "user", "content": "o1"}, {"role": "assistant", "content": "a2"}]
+        {"role": "user", "content": "do x"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "o1"},
+        {"role": "assistant", "content": "a2"},
+    ]
     assert student_messages("do x") == [{"role": "user", "content": "do x"}]
 
 
 # ------------------------------------------------------------------ Prompt Generation
+
 
 @pytest.mark.parametrize("spec", [SPEC, two_episode_spec(), *SHIPPED], ids=lambda s: s.name)
 def test_pg_target_holds_every_turn_the_teacher_saw_verbatim_in_order(spec: PromptSpec) -> None:
@@ -85,6 +90,7 @@ def test_pg_target_excludes_the_input_and_pg_input_shows_both_answers() -> None:
 
 
 # ------------------------------------------------------------------ environment persona
+
 
 def instructions_block(system: str) -> str:
     return re.search(r"The agent was given these instructions:\n<<<\n(.*)\n>>>", system, re.DOTALL).group(1)
@@ -112,8 +118,16 @@ def test_example_episodes_split_at_final_actions() -> None:
     ]
     one = two_episode_spec(action_format=ActionFormat(actions=SPEC.action_format.actions))  # no final regexes
     assert example_episodes(one) == [
-        (t[1].content, [(t[2].content, "Output: 42"), (t[4].content, t[5].content),
-                        (t[6].content, "Output: (no output)"), (t[8].content, "")])]
+        (
+            t[1].content,
+            [
+                (t[2].content, "Output: 42"),
+                (t[4].content, t[5].content),
+                (t[6].content, "Output: (no output)"),
+                (t[8].content, ""),
+            ],
+        )
+    ]
 
 
 def test_environment_conversation_swaps_roles_and_opens_each_episode() -> None:
@@ -124,8 +138,8 @@ def test_environment_conversation_swaps_roles_and_opens_each_episode() -> None:
     assert conv[1:] == [
         {"role": "user", "content": environment_opening(t[1].content, t[2].content)},
         {"role": "assistant", "content": "Output: 42"},
-        {"role": "user", "content": t[4].content},                # the final answer ...
-        {"role": "assistant", "content": "<END>"},                # ... is answered with the end token
+        {"role": "user", "content": t[4].content},  # the final answer ...
+        {"role": "assistant", "content": "<END>"},  # ... is answered with the end token
         {"role": "user", "content": environment_opening(t[5].content, t[6].content)},
         {"role": "assistant", "content": "Output: (no output)"},
         {"role": "user", "content": t[8].content},
@@ -135,8 +149,11 @@ def test_environment_conversation_swaps_roles_and_opens_each_episode() -> None:
 
 
 def test_environment_conversation_last_agent_turn_without_observation() -> None:
-    spec = mini_spec(turns=SPEC.turns[:5], environment=dataclasses.replace(SPEC.environment, end_token="[[DONE]]"),
-                     action_format=dataclasses.replace(SPEC.action_format, final=()))
+    spec = mini_spec(
+        turns=SPEC.turns[:5],
+        environment=dataclasses.replace(SPEC.environment, end_token="[[DONE]]"),
+        action_format=dataclasses.replace(SPEC.action_format, final=()),
+    )
     conv = environment_conversation(spec)
     assert conv[-1] == {"role": "assistant", "content": "[[DONE]]"}
     assert conv[2] == {"role": "assistant", "content": "Output: 42"}
@@ -146,15 +163,26 @@ def test_example_and_live_first_turns_share_one_format() -> None:
     spec = two_episode_spec()
     agent = FakeEngine(lambda conv, params: "Think: look.\nAct: bash\n```bash\nls\n```")
     env = FakeEngine(lambda conv, params: "Output: a b")
-    play_episodes(spec, ["Task: list /srv."], [teacher_messages(spec, "Task: list /srv.")], agent.generate,
-                  env.generate, 1, SamplingParams(), SamplingParams())
+    play_episodes(
+        spec,
+        ["Task: list /srv."],
+        [teacher_messages(spec, "Task: list /srv.")],
+        agent.generate,
+        env.generate,
+        1,
+        SamplingParams(),
+        SamplingParams(),
+    )
     live = env.calls[0][0][0][-1]["content"]
     persona = environment_conversation(spec)
     firsts = [m["content"] for m in persona if m["role"] == "user" and "A new episode starts" in m["content"]]
     assert len(firsts) == len(example_episodes(spec)) == 2
     shapes = set()
-    for text, (task, action) in zip(firsts + [live], [(e[0], e[1][0][0]) for e in example_episodes(spec)]
-                                    + [("Task: list /srv.", "Think: look.\nAct: bash\n```bash\nls\n```")]):
+    for text, (task, action) in zip(
+        firsts + [live],
+        [(e[0], e[1][0][0]) for e in example_episodes(spec)]
+        + [("Task: list /srv.", "Think: look.\nAct: bash\n```bash\nls\n```")],
+    ):
         match = OPENING.fullmatch(text)
         assert match and (match["task"], match["action"]) == (task, action)
         shapes.add(text.replace(task, "{task}").replace(action, "{action}"))

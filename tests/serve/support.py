@@ -36,8 +36,9 @@ def random_adapter(folder: Path, seed: int, zero: bool = False) -> Path:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32)
-    lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"],
-                                            init_lora_weights=False))
+    lora = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    )
     if zero:
         with torch.no_grad():
             for name, p in lora.named_parameters():
@@ -59,8 +60,14 @@ def probe_engine() -> Any:
     return _ENGINE[0]
 
 
-def publish(store: ArtifactStore, spec: PromptSpec, version: str, folder: Path,
-            probes_from: Path | None = None, probes: bool = True) -> registry.PublishedAdapter:
+def publish(
+    store: ArtifactStore,
+    spec: PromptSpec,
+    version: str,
+    folder: Path,
+    probes_from: Path | None = None,
+    probes: bool = True,
+) -> registry.PublishedAdapter:
     """Publish ``folder`` as ``spec.name@version`` with probes recorded from ``probes_from`` (default:
     the adapter itself; another adapter's answers make a tampered version)."""
     source = f"runs/{spec.name}/{version}/adapter"
@@ -72,9 +79,21 @@ def publish(store: ArtifactStore, spec: PromptSpec, version: str, folder: Path,
         recorded = parity.record(engine, name, INPUTS)
         engine.remove_adapter(name)
     store.put_json(f"prompts/{spec.name}/{spec.prompt_hash}/prompt.json", spec.to_json())
-    return registry.publish(store, source, registry.PublishedAdapter(
-        prompt=spec.name, version=version, prompt_hash=spec.prompt_hash, run_hash=version, base_model=TINY,
-        published_at="", retention={"format_valid": 0.9}, gap_closed={"nll": 0.6}, probes=recorded))
+    return registry.publish(
+        store,
+        source,
+        registry.PublishedAdapter(
+            prompt=spec.name,
+            version=version,
+            prompt_hash=spec.prompt_hash,
+            run_hash=version,
+            base_model=TINY,
+            published_at="",
+            retention={"format_valid": 0.9},
+            gap_closed={"nll": 0.6},
+            probes=recorded,
+        ),
+    )
 
 
 def free_port() -> int:
@@ -86,10 +105,22 @@ def free_port() -> int:
 def serve_config(store_url: str, port: int, **overrides: Any) -> Any:
     from genpi.config import load_config
 
-    flags = {"store.url": store_url, "models.target.name": TINY, "models.target.dtype": "float32",
-             "models.target.batch_size": 16, "models.target.backend": "hf", "serve.port": port,
-             "serve.num_cpus": 1, "serve.max_adapters": 3, "serve.batch_window_ms": 30, "serve.refresh_s": 0.5,
-             "serve.max_tokens": 16, "ray.num_cpus": 2, "ray.dashboard": False, **overrides}
+    flags = {
+        "store.url": store_url,
+        "models.target.name": TINY,
+        "models.target.dtype": "float32",
+        "models.target.batch_size": 16,
+        "models.target.backend": "hf",
+        "serve.port": port,
+        "serve.num_cpus": 1,
+        "serve.max_adapters": 3,
+        "serve.batch_window_ms": 30,
+        "serve.refresh_s": 0.5,
+        "serve.max_tokens": 16,
+        "ray.num_cpus": 2,
+        "ray.dashboard": False,
+        **overrides,
+    }
     return load_config("local", overrides=flags)
 
 

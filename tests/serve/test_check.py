@@ -19,8 +19,16 @@ def test_check_passes_good_versions_and_fails_a_tampered_one(tmp_path: Path, cap
     spec = prompt_spec("shell-agent")
     publish(store, spec, "good", random_adapter(tmp_path / "good", seed=1))
     publish(store, spec, "unprobed", random_adapter(tmp_path / "unprobed", seed=2), probes=False)
-    flags = ["serve", "--check", "--store.url", str(tmp_path / "store"), "--models.target.name", TINY,
-             "--models.target.dtype", "bfloat16"]  # probes were float32: the check uses a float32 twin
+    flags = [
+        "serve",
+        "--check",
+        "--store.url",
+        str(tmp_path / "store"),
+        "--models.target.name",
+        TINY,
+        "--models.target.dtype",
+        "bfloat16",
+    ]  # probes were float32: the check uses a float32 twin
     assert main(flags) == 0
     out = capsys.readouterr().out
     assert "shell-agent@good: passed" in out and "shell-agent@unprobed: unchecked (no probes recorded)" in out
@@ -29,8 +37,9 @@ def test_check_passes_good_versions_and_fails_a_tampered_one(tmp_path: Path, cap
     assert "shell-agent@tampered: FAILED: parity check failed: probe 0" in capsys.readouterr().out
 
 
-def test_the_evaluate_stage_records_probes_that_the_check_accepts(tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture) -> None:
+def test_the_evaluate_stage_records_probes_that_the_check_accepts(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from genpi import artifacts, registry
     from genpi.config import load_config
     from genpi.evaluate.stage import publish_run, record_probes

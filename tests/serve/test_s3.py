@@ -21,8 +21,9 @@ SHELL = prompt_spec("shell-agent")
 def base_url(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory):
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")}
     # set before Ray starts: the replicas inherit them, as a deployment's environment would give them
-    os.environ.update(AWS_ACCESS_KEY_ID=s3_server.access_key, AWS_SECRET_ACCESS_KEY=s3_server.secret_key,
-                      AWS_REGION=s3_server.region)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID=s3_server.access_key, AWS_SECRET_ACCESS_KEY=s3_server.secret_key, AWS_REGION=s3_server.region
+    )
     url = f"s3://{s3_server.create_bucket()}/artifacts"
     store = open_store(url, endpoint_url=s3_server.endpoint_url)
     root: Path = tmp_path_factory.mktemp("s3serve")
@@ -42,7 +43,8 @@ def test_serves_an_adapter_from_s3(base_url: str) -> None:
     client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=120)
     assert [m.id for m in client.models.list().data] == ["shell-agent"]
     raw = client.chat.completions.with_raw_response.create(
-        model="shell-agent", messages=[{"role": "user", "content": "List /tmp."}], temperature=0, max_tokens=8)
+        model="shell-agent", messages=[{"role": "user", "content": "List /tmp."}], temperature=0, max_tokens=8
+    )
     assert raw.headers["x-genpi-mode"] == "adapter" and raw.parse().choices[0].message.content
     card = client.models.list().data[0].model_dump()
     assert card["parity"] == "passed"

@@ -86,29 +86,42 @@ def test_chat_with_the_adapter_reports_mode_and_tokens_saved(client: openai.Open
 
 def test_streaming_equals_the_whole_reply_and_ends_with_usage(client: openai.OpenAI) -> None:
     whole = ask(client, "sql-agent", max_tokens=16).parse()
-    stream = client.chat.completions.create(model="sql-agent", messages=HELLO, temperature=0, max_tokens=16,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="sql-agent",
+        messages=HELLO,
+        temperature=0,
+        max_tokens=16,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
-    raw = _post(str(client.base_url).rstrip("/"), {"model": "sql-agent", "messages": HELLO, "stream": True,
-                                                   "max_tokens": 4})
+    raw = _post(
+        str(client.base_url).rstrip("/"), {"model": "sql-agent", "messages": HELLO, "stream": True, "max_tokens": 4}
+    )
     assert raw.headers["x-genpi-mode"] == "adapter" and raw.text.endswith("data: [DONE]\n\n")
 
 
 def test_two_prompts_answer_differently_and_seeded_sampling_repeats(client: openai.OpenAI) -> None:
-    shell, sql = (ask(client, m, max_tokens=16).parse().choices[0].message.content for m in ("shell-agent", "sql-agent"))
+    shell, sql = (
+        ask(client, m, max_tokens=16).parse().choices[0].message.content for m in ("shell-agent", "sql-agent")
+    )
     assert shell != sql
-    sampled = [ask(client, "shell-agent", temperature=1.0, seed=7, max_tokens=16).parse().choices[0].message.content
-               for _ in range(2)]
+    sampled = [
+        ask(client, "shell-agent", temperature=1.0, seed=7, max_tokens=16).parse().choices[0].message.content
+        for _ in range(2)
+    ]
     assert sampled[0] == sampled[1]
 
 
 def test_requests_together_share_one_batch_and_equal_single_answers(client: openai.OpenAI) -> None:
-    requests = [(m, [{"role": "user", "content": f"task {k}"}])
-                for k, m in enumerate(["shell-agent", "sql-agent", "deploy-now"] * 2)]
+    requests = [
+        (m, [{"role": "user", "content": f"task {k}"}])
+        for k, m in enumerate(["shell-agent", "sql-agent", "deploy-now"] * 2)
+    ]
     alone = [ask(client, m, msgs).parse().choices[0].message.content for m, msgs in requests]
     before = replica_stats()["batches"]
     together: list[str | None] = [None] * len(requests)
@@ -140,11 +153,13 @@ def test_prompt_mode_first_then_the_adapter_once_published(store_dir: Path, clie
     assert time.monotonic() - started < 10
 
 
-def test_a_prompt_the_job_saw_without_a_passing_adapter_is_served_in_prompt_mode(store_dir: Path,
-                                                                                client: openai.OpenAI) -> None:
+def test_a_prompt_the_job_saw_without_a_passing_adapter_is_served_in_prompt_mode(
+    store_dir: Path, client: openai.OpenAI
+) -> None:
     failed = prompt_spec("gate-failed")
-    open_store(str(store_dir / "store")).put_json(f"prompts/{failed.name}/{failed.prompt_hash}/prompt.json",
-                                                  failed.to_json())
+    open_store(str(store_dir / "store")).put_json(
+        f"prompts/{failed.name}/{failed.prompt_hash}/prompt.json", failed.to_json()
+    )
     time.sleep(0.6)
     raw = ask(client, "gate-failed")
     assert raw.headers["x-genpi-mode"] == "prompt" and raw.parse().system_fingerprint.startswith("prompt:gate-failed@")
@@ -229,20 +244,26 @@ def _post(base_url: str, body: object, key: str | None = KEY, raw: bytes | None 
     return requests.post(f"{base_url}/chat/completions", data=content, headers=headers, timeout=60)
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"model": "shell-agent", "messages": "hello"}, "messages"),
-    ({"model": "shell-agent", "messages": HELLO, "temperature": "hot"}, "temperature"),
-    ({"model": "shell-agent", "messages": HELLO, "max_tokens": 0}, "max_tokens"),
-    ({"model": "shell-agent", "messages": []}, "messages"),
-    ({"model": "shell-agent", "messages": [{"role": "user", "content": "  "}]}, "messages[0].content"),
-    ({"model": "shell-agent", "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
-    ({"model": "shell-agent", "messages": HELLO, "n": 2}, "n"),
-    ({"model": "shell-agent", "messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"model": "shell-agent", "messages": HELLO, "logprobs": True}, "logprobs"),
-    ({"model": "shell-agent", "messages": HELLO, "response_format": {"type": "json_object"}}, "response_format"),
-    ({"model": "shell-agent", "messages": HELLO, "frobnicate": 1}, "frobnicate"),
-    ({"messages": HELLO}, "model"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": "shell-agent", "messages": "hello"}, "messages"),
+        ({"model": "shell-agent", "messages": HELLO, "temperature": "hot"}, "temperature"),
+        ({"model": "shell-agent", "messages": HELLO, "max_tokens": 0}, "max_tokens"),
+        ({"model": "shell-agent", "messages": []}, "messages"),
+        ({"model": "shell-agent", "messages": [{"role": "user", "content": "  "}]}, "messages[0].content"),
+        ({"model": "shell-agent", "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+        ({"model": "shell-agent", "messages": HELLO, "n": 2}, "n"),
+        (
+            {"model": "shell-agent", "messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            "tools",
+        ),
+        ({"model": "shell-agent", "messages": HELLO, "logprobs": True}, "logprobs"),
+        ({"model": "shell-agent", "messages": HELLO, "response_format": {"type": "json_object"}}, "response_format"),
+        ({"model": "shell-agent", "messages": HELLO, "frobnicate": 1}, "frobnicate"),
+        ({"messages": HELLO}, "model"),
+    ],
+)
 def test_bad_input_is_a_400_naming_the_parameter(base_url: str, body: dict, param: str) -> None:
     response = _post(base_url, body)
     assert response.status_code == 400, response.text

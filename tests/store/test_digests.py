@@ -24,7 +24,8 @@ def test_a_jsonl_cut_at_a_line_boundary_is_not_done(store: ArtifactStore) -> Non
     store.put_json("synth/abc/quality.json", {"n": 3})
     store.mark_done("synth/abc", {"records": 3})
     assert store.done_info("synth/abc")["files"]["records.jsonl"]["size"] == len(
-        store.get_bytes("synth/abc/records.jsonl"))
+        store.get_bytes("synth/abc/records.jsonl")
+    )
     assert open_store_again(store).is_done("synth/abc")
     store.put_jsonl("synth/abc/records.jsonl", [{"id": i} for i in range(2)])  # cut after line 2
     fresh = open_store_again(store)
@@ -42,8 +43,7 @@ def test_a_corrupted_adapter_is_detected(store: ArtifactStore) -> None:
     store.put_json(f"{prefix}/adapter/adapter_config.json", {"r": 4})
     store.put_json(f"{prefix}/checkpoints/epoch-0001/state.json", {})
     store.mark_done(prefix, vouch=("adapter",))
-    assert set(store.done_info(prefix)["files"]) == {"adapter/adapter_model.safetensors",
-                                                    "adapter/adapter_config.json"}
+    assert set(store.done_info(prefix)["files"]) == {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"}
     store.delete_prefix(f"{prefix}/checkpoints")  # not vouched for: dropping it changes nothing
     assert open_store_again(store).is_done(prefix)
     flipped = bytearray(weights)
@@ -74,8 +74,9 @@ def _adapter(store: ArtifactStore, source: str, seed: int) -> None:
 
 
 def _entry(version: str = "aaaa1111-bbbb2222") -> registry.PublishedAdapter:
-    return registry.PublishedAdapter(prompt="shell", version=version, prompt_hash="a" * 12, run_hash="b" * 12,
-                                     base_model="tiny", published_at="")
+    return registry.PublishedAdapter(
+        prompt="shell", version=version, prompt_hash="a" * 12, run_hash="b" * 12, base_model="tiny", published_at=""
+    )
 
 
 def test_two_concurrent_publishes_give_one_winner_and_one_clear_loser(store: ArtifactStore) -> None:
@@ -99,7 +100,7 @@ def test_two_concurrent_publishes_give_one_winner_and_one_clear_loser(store: Art
     winners = {s: o for s, o in outcomes.items() if isinstance(o, registry.PublishedAdapter)}
     losers = {s: o for s, o in outcomes.items() if not isinstance(o, registry.PublishedAdapter)}
     assert len(winners) == 1 and len(losers) == 1, outcomes
-    (source, entry), = winners.items()
+    ((source, entry),) = winners.items()
     (error,) = losers.values()
     assert isinstance(error, registry.PublishConflict) and entry.name in str(error)
     published = registry.resolve(store, entry.name)
@@ -161,10 +162,21 @@ def test_replacing_a_model_folders_weights_changes_the_keys(tmp_path: Path) -> N
 
     folder = tmp_path / "my-model"
     shutil.copytree(resolve_model("tiny-random-llama"), folder)
-    cfg = load_config("local", overrides={"models.generator.name": str(folder), "models.target.name": str(folder),
-                                          "models.generator.backend": "hf", "models.target.backend": "hf"})
+    cfg = load_config(
+        "local",
+        overrides={
+            "models.generator.name": str(folder),
+            "models.target.name": str(folder),
+            "models.generator.backend": "hf",
+            "models.target.backend": "hf",
+        },
+    )
     spec = PromptSpec(name="p", source="p.md", turns=(Turn("system", "Be brief."),))
-    before = (artifacts.synth_prefix(spec, cfg), artifacts.train_prefix(spec, cfg), artifacts.eval_prefix(spec, cfg, []))
+    before = (
+        artifacts.synth_prefix(spec, cfg),
+        artifacts.train_prefix(spec, cfg),
+        artifacts.eval_prefix(spec, cfg, []),
+    )
     weights = bytearray((folder / "model.safetensors").read_bytes())
     weights[-100] ^= 0xFF  # same shapes, same header: other weights
     (folder / "model.safetensors").write_bytes(bytes(weights))

@@ -53,8 +53,13 @@ def test_a_skewed_clock_is_not_retried(s3_env: S3Server, monkeypatch: pytest.Mon
 
     def skewed(**kwargs):
         calls.append(kwargs)
-        raise ClientError({"Error": {"Code": "RequestTimeTooSkewed", "Message": "fix your clock"},
-                           "ResponseMetadata": {"HTTPStatusCode": 403}}, "GetObject")
+        raise ClientError(
+            {
+                "Error": {"Code": "RequestTimeTooSkewed", "Message": "fix your clock"},
+                "ResponseMetadata": {"HTTPStatusCode": 403},
+            },
+            "GetObject",
+        )
 
     monkeypatch.setattr(store._client, "get_object", skewed)
     with pytest.raises(StoreError) as caught:

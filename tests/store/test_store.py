@@ -234,9 +234,7 @@ def test_open_store_local_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
             open_store(bad)
 
 
-def test_local_replace_failure_keeps_old_content(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_local_replace_failure_keeps_old_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = LocalStore(tmp_path / "s")
     store.put_text("k.txt", "old")
     temp_paths: list[str] = []
@@ -294,9 +292,7 @@ def test_local_root_not_writable(tmp_path: Path) -> None:
 # -- S3 specifics and errors -----------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "url", ["s3://", "s3:///prefix", "s3://bucket//x", "s3://bucket/../x", "s3://bad bucket/x"]
-)
+@pytest.mark.parametrize("url", ["s3://", "s3:///prefix", "s3://bucket//x", "s3://bucket/../x", "s3://bad bucket/x"])
 def test_s3_malformed_urls(url: str) -> None:
     with pytest.raises(StoreError) as caught:
         open_store(url)
@@ -323,9 +319,7 @@ def test_s3_unreachable_endpoint(aws_env: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.s3
-def test_s3_endpoint_and_region_from_environment(
-    s3_env: S3Server, aws_env: pytest.MonkeyPatch
-) -> None:
+def test_s3_endpoint_and_region_from_environment(s3_env: S3Server, aws_env: pytest.MonkeyPatch) -> None:
     bucket = s3_env.create_bucket()
     aws_env.setenv("AWS_ENDPOINT_URL", s3_env.endpoint_url)
     store = open_store(f"s3://{bucket}")
@@ -360,9 +354,7 @@ def test_s3_missing_bucket(s3_env: S3Server) -> None:
 
 @pytest.mark.s3
 @pytest.mark.parametrize("wrong", ["AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"])
-def test_s3_bad_credentials(
-    s3_env: S3Server, aws_env: pytest.MonkeyPatch, wrong: str
-) -> None:
+def test_s3_bad_credentials(s3_env: S3Server, aws_env: pytest.MonkeyPatch, wrong: str) -> None:
     bucket = s3_env.create_bucket()
     aws_env.setenv(wrong, "wrong-value")
     url = f"s3://{bucket}/p"
@@ -373,15 +365,16 @@ def test_s3_bad_credentials(
 
 def failing(error: Exception, calls: list):
     """A put_object that records its key and raises ``error``."""
+
     def put_object(**kwargs):
         calls.append(kwargs["Key"])
         raise error
+
     return put_object
 
 
 @pytest.mark.s3
-def test_s3_write_that_fails_for_a_passing_reason_is_retried(s3_env: S3Server,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_write_that_fails_for_a_passing_reason_is_retried(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
     from botocore.exceptions import ClientError, EndpointConnectionError
 
     from genpi.store import s3 as s3_module
@@ -403,8 +396,9 @@ def test_s3_write_that_fails_for_a_passing_reason_is_retried(s3_env: S3Server,
     assert len(calls) == 3 and store.get_text("a.txt") == "kept"
 
     calls.clear()
-    denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "no"},
-                          "ResponseMetadata": {"HTTPStatusCode": 403}}, "PutObject")
+    denied = ClientError(
+        {"Error": {"Code": "AccessDenied", "Message": "no"}, "ResponseMetadata": {"HTTPStatusCode": 403}}, "PutObject"
+    )
     monkeypatch.setattr(store._client, "put_object", failing(denied, calls))
     with pytest.raises(StoreError, match="credentials rejected"):
         store.put_text("b.txt", "x")
@@ -412,8 +406,9 @@ def test_s3_write_that_fails_for_a_passing_reason_is_retried(s3_env: S3Server,
 
     calls.clear()
     started = clock[0]
-    monkeypatch.setattr(store._client, "put_object",
-                        failing(EndpointConnectionError(endpoint_url=s3_env.endpoint_url), calls))
+    monkeypatch.setattr(
+        store._client, "put_object", failing(EndpointConnectionError(endpoint_url=s3_env.endpoint_url), calls)
+    )
     with pytest.raises(StoreError, match="cannot reach the S3 endpoint.*after 60 s of retries"):
         store.put_text("c.txt", "x")
     assert 8 <= len(calls) <= 12 and 50 <= clock[0] - started <= 60  # 0.5, 1, 2, 4, 8, 8, ... s apart for 60 s

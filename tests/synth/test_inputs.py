@@ -22,14 +22,21 @@ def synth_cfg(**changes) -> SynthConfig:
 
 # ------------------------------------------------------------------ parse_candidates
 
+
 def test_parse_numbered_list_with_preamble_and_quotes() -> None:
-    reply = ("Here are three requests:\n\n"
-             "1. \"Count the files in /tmp.\"\n"
-             "2) List users with a login shell\n"
-             "  3: 'Show the kernel version'  \n"
-             "10 - “Free disk space on /”\n")
-    assert parse_candidates(reply) == ["Count the files in /tmp.", "List users with a login shell",
-                                       "Show the kernel version", "Free disk space on /"]
+    reply = (
+        "Here are three requests:\n\n"
+        '1. "Count the files in /tmp."\n'
+        "2) List users with a login shell\n"
+        "  3: 'Show the kernel version'  \n"
+        "10 - “Free disk space on /”\n"
+    )
+    assert parse_candidates(reply) == [
+        "Count the files in /tmp.",
+        "List users with a login shell",
+        "Show the kernel version",
+        "Free disk space on /",
+    ]
 
 
 def test_parse_bulleted_list() -> None:
@@ -38,13 +45,14 @@ def test_parse_bulleted_list() -> None:
 
 
 def test_parse_keeps_only_list_items() -> None:
-    reply = "6. Count the files in /tmp.\n```python\nfor x in y:\n```\n7.\n8. \"Show the uptime of the machine\"\nDone.\n"
+    reply = '6. Count the files in /tmp.\n```python\nfor x in y:\n```\n7.\n8. "Show the uptime of the machine"\nDone.\n'
     assert parse_candidates(reply) == ["Count the files in /tmp.", "Show the uptime of the machine"]
     assert parse_candidates("Count the files in /tmp.\nShow the uptime.") == []
     assert parse_candidates("") == []
 
 
 # ------------------------------------------------------------------ generate_inputs
+
 
 def scripted_replies(*replies: str) -> FakeEngine:
     """A generator whose n-th conversation overall gets the n-th reply (then empty replies)."""
@@ -56,11 +64,11 @@ def test_generate_inputs_dedups_rejects_and_counts(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     gen = scripted_replies(
         " Find the five largest files in /var.\n"
-        "2. ls\n"                                           # too short
-        "3.   find the FIVE largest   files in /var.  \n"    # duplicate once case/space folded
-        "4. count the lines of /etc/passwd.\n",              # copies example input 1
+        "2. ls\n"  # too short
+        "3.   find the FIVE largest   files in /var.  \n"  # duplicate once case/space folded
+        "4. count the lines of /etc/passwd.\n",  # copies example input 1
         " Show which process listens on port 80.\n"
-        "2. Find the five largest files in /var.\n",          # duplicate across requests
+        "2. Find the five largest files in /var.\n",  # duplicate across requests
     )
     cfg = synth_cfg(num_inputs=10, inputs_per_request=5, max_input_rounds=1, seed=3)
     kept, stats = generate_inputs(SPEC, cfg, gen, store, "p/inputs")
@@ -90,8 +98,13 @@ def test_generate_inputs_drops_the_item_the_token_limit_cut(tmp_path: Path) -> N
     kept, stats = generate_inputs(SPEC, cfg, gen, LocalStore(tmp_path), "p/inputs")
     assert kept == ["Find the five largest files in /var."] and stats.cut_off == 1
     whole = FakeEngine(lambda conv, params: Generation(cut.text + " 80.", "stop", 50, 31))
-    kept, stats = generate_inputs(SPEC, synth_cfg(num_inputs=2, inputs_per_request=5, max_input_rounds=1),
-                                  whole, LocalStore(tmp_path / "whole"), "p/inputs")
+    kept, stats = generate_inputs(
+        SPEC,
+        synth_cfg(num_inputs=2, inputs_per_request=5, max_input_rounds=1),
+        whole,
+        LocalStore(tmp_path / "whole"),
+        "p/inputs",
+    )
     assert kept[1] == "Show which process listens on port 80." and stats.cut_off == 0
     # a reply that is one long item cut off keeps it (some inputs are longer than the limit)
     alone = FakeEngine(lambda conv, params: Generation(" Summarize this email: Dear team, the", "length", 50, 30))
@@ -104,9 +117,9 @@ def test_generate_inputs_drops_near_duplicates_by_sentence_embedding(tmp_path: P
 
     gen = scripted_replies(
         " Find the five largest files in /var.\n"
-        "2. Find the 5 biggest files in /var.\n"                 # a paraphrase of the first
+        "2. Find the 5 biggest files in /var.\n"  # a paraphrase of the first
         "3. Show which process listens on port 80.\n"
-        "4. Count the lines of the file /etc/passwd.\n",          # a paraphrase of an example input
+        "4. Count the lines of the file /etc/passwd.\n",  # a paraphrase of an example input
     )
     cfg = synth_cfg(num_inputs=10, inputs_per_request=5, max_input_rounds=1, near_duplicate_threshold=0.9)
     kept, stats = generate_inputs(SPEC, cfg, gen, LocalStore(tmp_path), "p/inputs", load_embedder().embed)
@@ -165,8 +178,9 @@ def test_generate_inputs_reuses_stored_rounds(tmp_path: Path) -> None:
 
 def test_generate_inputs_uses_configured_sampling(tmp_path: Path) -> None:
     gen = FakeEngine(World(SPEC))
-    cfg = synth_cfg(num_inputs=2, inputs_per_request=2, input_temperature=0.85, input_top_p=0.77,
-                    input_max_tokens=123, seed=11)
+    cfg = synth_cfg(
+        num_inputs=2, inputs_per_request=2, input_temperature=0.85, input_top_p=0.77, input_max_tokens=123, seed=11
+    )
     generate_inputs(SPEC, cfg, gen, LocalStore(tmp_path), "p/inputs")
     params = gen.calls[0][1]
     assert (params.temperature, params.top_p, params.max_new_tokens) == (0.85, 0.77, 123)

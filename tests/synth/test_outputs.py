@@ -19,6 +19,7 @@ def synth_cfg(**changes) -> SynthConfig:
 
 # ------------------------------------------------------------------ single-turn outputs and reasons
 
+
 def test_single_turn_outputs_student_has_no_prompt_teacher_has_it() -> None:
     def reply(conv, params):
         return ("S:" if kind_of(conv) == "student" else "T:") + conv[-1]["content"].rsplit("\n\n", 1)[-1]
@@ -43,11 +44,21 @@ def test_single_turn_outputs_student_has_no_prompt_teacher_has_it() -> None:
 def test_reasons_use_generator_with_reason_sampling() -> None:
     gen = FakeEngine(World(SPEC))
     cfg = synth_cfg(reason_temperature=0.65, reason_top_p=0.8, reason_max_tokens=99, reason_sentences=3)
-    rows = reasons(SPEC, cfg, gen, [{"id": 0, "input": "Show the uptime of the machine", "student": "no",
-                                     "teacher": "Think: x\nAct: bash"}])
+    rows = reasons(
+        SPEC,
+        cfg,
+        gen,
+        [{"id": 0, "input": "Show the uptime of the machine", "student": "no", "teacher": "Think: x\nAct: bash"}],
+    )
     convs, params = gen.calls[0]
     assert (params.temperature, params.top_p, params.max_new_tokens) == (0.65, 0.8, 99)
     text = convs[0][-1]["content"]
     assert "In about 3 sentences" in text and "AS-IS answer" in text and "Think: x\nAct: bash" in text
-    assert rows == [{"id": 0, "reason": "The prompt demands Think/Act lines, so for 'Show the uptime of the "
-                                        "machine' the answer becomes an action.", "reason_finish": "stop"}]
+    assert rows == [
+        {
+            "id": 0,
+            "reason": "The prompt demands Think/Act lines, so for 'Show the uptime of the "
+            "machine' the answer becomes an action.",
+            "reason_finish": "stop",
+        }
+    ]

@@ -12,6 +12,7 @@ from tests.fakes import ScriptedFailure
 
 # ------------------------------------------------------------------ parts
 
+
 def test_run_in_parts_resumes_after_a_crash(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     items = list(range(7))

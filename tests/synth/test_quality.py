@@ -17,11 +17,26 @@ SPEC = mini_spec()
 
 # ------------------------------------------------------------------ format filter, quality report, split
 
-def record(turns: list[str], end: str, teacher: str = "Think: a\nAct: finish", student: str = "plain",
-           finishes: tuple[str, str, str] = ("stop", "stop", "stop"), agent_finish: str = "stop") -> dict:
-    return {"input": "x" * 10, "student": student, "teacher": teacher, "reason": "r" * 20,
-            "student_finish": finishes[0], "teacher_finish": finishes[1], "reason_finish": finishes[2],
-            "turns": [{"agent": a, "observation": "o", "agent_finish": agent_finish} for a in turns], "end": end}
+
+def record(
+    turns: list[str],
+    end: str,
+    teacher: str = "Think: a\nAct: finish",
+    student: str = "plain",
+    finishes: tuple[str, str, str] = ("stop", "stop", "stop"),
+    agent_finish: str = "stop",
+) -> dict:
+    return {
+        "input": "x" * 10,
+        "student": student,
+        "teacher": teacher,
+        "reason": "r" * 20,
+        "student_finish": finishes[0],
+        "teacher_finish": finishes[1],
+        "reason_finish": finishes[2],
+        "turns": [{"agent": a, "observation": "o", "agent_finish": agent_finish} for a in turns],
+        "end": end,
+    }
 
 
 BASH = "Think: look\nAct: bash"
@@ -52,18 +67,18 @@ def test_quality_report_numbers() -> None:
     stats = InputStats(requests=3, candidates=9, kept=5, rounds=1)
     q = quality_report(SPEC, records, raw, stats, 3)
     assert q["records"] == 5
-    assert q["avg_turns"] == 2.2                 # (2 + 3 + 2 + 1 + 3) / 5, as generated
+    assert q["avg_turns"] == 2.2  # (2 + 3 + 2 + 1 + 3) / 5, as generated
     assert q["hit_max_turns"] == 0.2
     assert q["abnormal_termination"] == 0.2
     assert q["end_reasons"] == {END_TOKEN: 3, MAX_TURNS: 1, EMPTY: 1}
-    assert q["missing_final_action"] == 0.4      # the max-turns and the chatty records
+    assert q["missing_final_action"] == 0.4  # the max-turns and the chatty records
     assert q["teacher_action_format"] == 0.8
     assert q["student_action_format"] == 0.2
     assert q["agent_turns_in_action_format"] == round(9 / 11, 4)  # before the filter
     assert q["agent_turns_in_action_format_after_filter"] == 1.0  # 8 of 8 kept turns
-    assert q["off_format_turns_removed"] == 3    # "chatty reply"; "I am done." and the finish after it
+    assert q["off_format_turns_removed"] == 3  # "chatty reply"; "I am done." and the finish after it
     assert q["records_cut_by_format_filter"] == 2 and q["records_without_valid_turns"] == 1
-    assert q["avg_turns_after_filter"] == 1.6    # (2 + 3 + 2 + 0 + 1) / 5
+    assert q["avg_turns_after_filter"] == 1.6  # (2 + 3 + 2 + 0 + 1) / 5
     assert q["truncated_outputs"] == {"student": 0.2, "teacher": 0.0, "reason": 0.0, "agent_turns": round(2 / 11, 4)}
     assert q["gold_turns_in_prompt"] == 2 and q["max_turns"] == 3
     assert q["inputs"]["kept"] == 5

@@ -36,6 +36,7 @@ def synth_cfg(**changes) -> SynthConfig:
 
 # ------------------------------------------------------------------ role play
 
+
 def roleplay_world(spec, behaviours: dict[str, str]):
     """Agent says ``Act: step N``; behaviour per task decides when things end.
 
@@ -43,6 +44,7 @@ def roleplay_world(spec, behaviours: dict[str, str]):
     token1: env answers the 1st action with the bare end-token text (no stop string);
     never: env always observes; empty2: the agent's 2nd reply is empty; ctx1: agent's first turn has no room.
     """
+
     def reply(conv, params):
         how = behaviours[task_of(conv, spec)]
         if kind_of(conv) == "environment":
@@ -58,12 +60,18 @@ def roleplay_world(spec, behaviours: dict[str, str]):
         if how == "ctx1":
             return Generation("", "context", 5000, 0)
         return Generation(f"Think: go.\nAct: step {n}", "length" if n == 3 else "stop", 5, 4)
+
     return reply
 
 
 def test_role_play_ends_and_batches_turn_by_turn() -> None:
-    behaviours = {"task end2": "end2", "task token1": "token1", "task never": "never",
-                  "task empty2": "empty2", "task ctx1": "ctx1"}
+    behaviours = {
+        "task end2": "end2",
+        "task token1": "token1",
+        "task never": "never",
+        "task empty2": "empty2",
+        "task ctx1": "ctx1",
+    }
     target = FakeEngine(roleplay_world(SPEC, behaviours))
     inputs = [{"id": 10 + k, "input": x} for k, x in enumerate(behaviours)]
     cfg = synth_cfg(max_turns=3, agent_max_tokens=55, env_max_tokens=44, seed=2, agent_resamples=0)
@@ -71,12 +79,18 @@ def test_role_play_ends_and_batches_turn_by_turn() -> None:
 
     assert [r["id"] for r in out] == [10, 11, 12, 13, 14]
     ends = {x["input"]: r["end"] for x, r in zip(inputs, out)}
-    assert ends == {"task end2": END_TOKEN, "task token1": END_TOKEN, "task never": MAX_TURNS,
-                    "task empty2": EMPTY, "task ctx1": CONTEXT}
+    assert ends == {
+        "task end2": END_TOKEN,
+        "task token1": END_TOKEN,
+        "task never": MAX_TURNS,
+        "task empty2": EMPTY,
+        "task ctx1": CONTEXT,
+    }
     by_task = {x["input"]: r["turns"] for x, r in zip(inputs, out)}
     assert by_task["task end2"] == [
         {"agent": "Think: go.\nAct: step 1", "observation": "Output: ok 1", "agent_finish": "stop"},
-        {"agent": "Think: go.\nAct: step 2", "observation": "", "agent_finish": "stop"}]
+        {"agent": "Think: go.\nAct: step 2", "observation": "", "agent_finish": "stop"},
+    ]
     assert by_task["task token1"] == [{"agent": "Think: go.\nAct: step 1", "observation": "", "agent_finish": "stop"}]
     # the environment never answers the last allowed turn: nothing would read it
     assert [t["observation"] for t in by_task["task never"]] == ["Output: ok 1", "Output: ok 2", ""]
@@ -104,11 +118,13 @@ def test_role_play_conversations_grow_in_both_personas() -> None:
     last_agent, last_env = target.calls[2][0][0], target.calls[3][0][0]
     assert last_agent == SPEC.messages_with_input("task never") + [
         {"role": "assistant", "content": "Think: go.\nAct: step 1"},
-        {"role": "user", "content": "Output: ok 1"}]
+        {"role": "user", "content": "Output: ok 1"},
+    ]
     assert last_env == environment_conversation(SPEC) + [
         {"role": "user", "content": environment_opening("task never", "Think: go.\nAct: step 1")},
         {"role": "assistant", "content": "Output: ok 1"},
-        {"role": "user", "content": "Think: go.\nAct: step 2"}]
+        {"role": "user", "content": "Think: go.\nAct: step 2"},
+    ]
     assert all(m["content"] for m in last_env)  # never an empty message to the environment
 
 
@@ -134,30 +150,55 @@ def test_role_play_empty_part_makes_no_calls() -> None:
 def test_play_episodes_student_view_and_separate_generators() -> None:
     """The evaluate stage's use: an agent without the prompt, and its own generate function."""
     agent = FakeEngine(lambda conv, params: f"Think: go.\nAct: step {(len(conv) + 1) // 2}")
-    env = FakeEngine(lambda conv, params: (Generation("", "stop", 5, 1, stop_string="<END>")
-                                           if conv[-1]["content"].endswith("step 2") else "Output: ok"))
+    env = FakeEngine(
+        lambda conv, params: (
+            Generation("", "stop", 5, 1, stop_string="<END>")
+            if conv[-1]["content"].endswith("step 2")
+            else "Output: ok"
+        )
+    )
     views = [[{"role": "user", "content": "task a"}], [{"role": "user", "content": "task b"}]]
     before = [list(v) for v in views]
     agent_params, env_params = SamplingParams(max_new_tokens=9), SamplingParams(max_new_tokens=7, stop=("<END>",))
     out = play_episodes(SPEC, ["task a", "task b"], views, agent.generate, env.generate, 3, agent_params, env_params)
     assert views == before  # the opening conversations are not modified
-    assert out == [{"turns": [{"agent": "Think: go.\nAct: step 1", "observation": "Output: ok", "agent_finish": "stop"},
-                              {"agent": "Think: go.\nAct: step 2", "observation": "", "agent_finish": "stop"}],
-                    "end": END_TOKEN}] * 2
+    assert (
+        out
+        == [
+            {
+                "turns": [
+                    {"agent": "Think: go.\nAct: step 1", "observation": "Output: ok", "agent_finish": "stop"},
+                    {"agent": "Think: go.\nAct: step 2", "observation": "", "agent_finish": "stop"},
+                ],
+                "end": END_TOKEN,
+            }
+        ]
+        * 2
+    )
     assert [len(c) for c, _ in agent.calls] == [2, 2] and [len(c) for c, _ in env.calls] == [2, 2]
     assert all(p is agent_params for _, p in agent.calls) and all(p is env_params for _, p in env.calls)
     # the agent never sees the prompt; the environment gets the task with the first action
-    assert agent.calls[1][0][0] == [{"role": "user", "content": "task a"},
-                                    {"role": "assistant", "content": "Think: go.\nAct: step 1"},
-                                    {"role": "user", "content": "Output: ok"}]
+    assert agent.calls[1][0][0] == [
+        {"role": "user", "content": "task a"},
+        {"role": "assistant", "content": "Think: go.\nAct: step 1"},
+        {"role": "user", "content": "Output: ok"},
+    ]
     assert env.calls[0][0][1][-1]["content"] == environment_opening("task b", "Think: go.\nAct: step 1")
 
 
 def test_play_episodes_blank_agent_reply_ends_the_episode() -> None:
     agent = FakeEngine(lambda conv, params: " \n ")
     env = FakeEngine(lambda conv, params: pytest.fail("a blank action must not reach the environment"))
-    out = play_episodes(SPEC, ["t"], [[{"role": "user", "content": "t"}]], agent.generate, env.generate, 3,
-                        SamplingParams(), SamplingParams())
+    out = play_episodes(
+        SPEC,
+        ["t"],
+        [[{"role": "user", "content": "t"}]],
+        agent.generate,
+        env.generate,
+        3,
+        SamplingParams(),
+        SamplingParams(),
+    )
     assert out == [{"turns": [], "end": EMPTY}]
 
 
@@ -165,8 +206,18 @@ def test_play_episodes_reuses_given_first_turns_and_can_skip_the_last_observatio
     agent = FakeEngine(lambda conv, params: f"Think: go.\nAct: step {(len(conv) + 1) // 2}")
     env = FakeEngine(lambda conv, params: "Output: ok")
     first = [Generation("Think: known.\nAct: step 1", "stop", 0, 0)]
-    out = play_episodes(SPEC, ["t"], [[{"role": "user", "content": "t"}]], agent.generate, env.generate, 2,
-                        SamplingParams(), SamplingParams(), last_observation=False, first_turns=first)
+    out = play_episodes(
+        SPEC,
+        ["t"],
+        [[{"role": "user", "content": "t"}]],
+        agent.generate,
+        env.generate,
+        2,
+        SamplingParams(),
+        SamplingParams(),
+        last_observation=False,
+        first_turns=first,
+    )
     assert len(agent.calls) == 1 and len(env.calls) == 1  # turn 1 was given; no answer to the last turn
     assert [t["agent"] for t in out[0]["turns"]] == ["Think: known.\nAct: step 1", "Think: go.\nAct: step 2"]
     assert out[0]["turns"][0]["observation"] == "Output: ok" and out[0]["end"] == MAX_TURNS
@@ -191,9 +242,18 @@ def test_play_episodes_resamples_rejected_agent_turns() -> None:
     env = FakeEngine(lambda conv, params: "Output: ok")
     tasks = ["good", "fixable", "hopeless"]
     params = SamplingParams(max_new_tokens=9, temperature=0.8, seed=3)
-    out = play_episodes(SPEC, tasks, [[{"role": "user", "content": t}] for t in tasks], agent.generate,
-                        env.generate, 2, SamplingParams(), SamplingParams(), last_observation=False,
-                        resampling=Resampling(3, params, lambda text: text.startswith("Act:")))
+    out = play_episodes(
+        SPEC,
+        tasks,
+        [[{"role": "user", "content": t}] for t in tasks],
+        agent.generate,
+        env.generate,
+        2,
+        SamplingParams(),
+        SamplingParams(),
+        last_observation=False,
+        resampling=Resampling(3, params, lambda text: text.startswith("Act:")),
+    )
     assert [t["turns"][0]["agent"] for t in out] == ["Act: fine", "Act: cut", "chat"]
     assert [t["turns"][0].get("resampled", False) for t in out] == [False, True, False]
     assert out[1]["turns"][0]["agent_finish"] == "length"
@@ -207,17 +267,26 @@ def test_play_episodes_resamples_rejected_agent_turns() -> None:
 
 def test_play_episodes_never_resamples_a_full_context() -> None:
     agent = FakeEngine(lambda conv, params: Generation("", "context", 9, 0))
-    out = play_episodes(SPEC, ["t"], [[{"role": "user", "content": "t"}]], agent.generate,
-                        FakeEngine(lambda c, p: "x").generate, 2, SamplingParams(), SamplingParams(),
-                        resampling=Resampling(4, SamplingParams(temperature=1.0), lambda text: True))
+    out = play_episodes(
+        SPEC,
+        ["t"],
+        [[{"role": "user", "content": "t"}]],
+        agent.generate,
+        FakeEngine(lambda c, p: "x").generate,
+        2,
+        SamplingParams(),
+        SamplingParams(),
+        resampling=Resampling(4, SamplingParams(temperature=1.0), lambda text: True),
+    )
     assert out == [{"turns": [], "end": CONTEXT}] and len(agent.calls) == 1
 
 
 def test_role_play_takes_the_teacher_output_as_its_first_turn() -> None:
     world = World(SPEC)
     target = FakeEngine(world)
-    inputs = [{"id": 0, "input": "Count files in /etc", "teacher": "Think: given.\nAct: finish",
-               "teacher_finish": "stop"}]
+    inputs = [
+        {"id": 0, "input": "Count files in /etc", "teacher": "Think: given.\nAct: finish", "teacher_finish": "stop"}
+    ]
     [same] = role_play(SPEC, synth_cfg(output_max_tokens=64, agent_max_tokens=64), target, inputs)
     assert same["turns"][0]["agent"] == "Think: given.\nAct: finish"
     [own] = role_play(SPEC, synth_cfg(output_max_tokens=32, agent_max_tokens=64), FakeEngine(world), inputs)

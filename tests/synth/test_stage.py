@@ -21,21 +21,31 @@ SPEC = mini_spec()
 
 # ------------------------------------------------------------------ synthesize end to end
 
+
 def test_join_by_id_never_by_position() -> None:
     inputs = [{"id": 0, "input": "a"}, {"id": 1, "input": "b"}]
     outputs = [{"id": 1, "teacher": "B"}, {"id": 0, "teacher": "A"}]  # e.g. from replicas in another order
-    assert join_by_id(inputs, outputs) == [{"id": 0, "input": "a", "teacher": "A"},
-                                           {"id": 1, "input": "b", "teacher": "B"}]
+    assert join_by_id(inputs, outputs) == [
+        {"id": 0, "input": "a", "teacher": "A"},
+        {"id": 1, "input": "b", "teacher": "B"},
+    ]
     with pytest.raises(ValueError, match=r"lack ids \[1\]"):
         join_by_id(inputs, outputs[1:])
 
 
 def tiny_config(**synth) -> GenPIConfig:
-    overrides = {"synth.num_inputs": 6, "synth.min_inputs": 4, "synth.part_size": 4, "synth.max_turns": 3,
-                 "synth.inputs_per_request": 3,
-                 # the scripted inputs differ in one number: near duplicates by design (tested apart)
-                 "synth.near_duplicate_threshold": 0.0, "synth.reason_fraction": 1.0,
-                 "models.generator.name": "tiny-random-llama", "models.target.name": "tiny-random-llama"}
+    overrides = {
+        "synth.num_inputs": 6,
+        "synth.min_inputs": 4,
+        "synth.part_size": 4,
+        "synth.max_turns": 3,
+        "synth.inputs_per_request": 3,
+        # the scripted inputs differ in one number: near duplicates by design (tested apart)
+        "synth.near_duplicate_threshold": 0.0,
+        "synth.reason_fraction": 1.0,
+        "models.generator.name": "tiny-random-llama",
+        "models.target.name": "tiny-random-llama",
+    }
     overrides.update({f"synth.{k}": v for k, v in synth.items()})
     return load_config("local", overrides=overrides)
 
@@ -54,6 +64,7 @@ def test_reasons_and_role_play_run_side_by_side(tmp_path: Path) -> None:
                 met.append(True)
                 both_started.wait()  # raises BrokenBarrierError if the other side never comes
             return world(conversation, params)
+
         return reply
 
     generator, target = FakeEngine(meet_once("reason")), FakeEngine(meet_once("environment"))
@@ -81,16 +92,23 @@ def test_synthesize_end_to_end_and_rerun(tmp_path: Path) -> None:
     assert r0["student"].startswith("I am a language model")
     assert r0["teacher"].startswith("Think: measure it.") and "reason" in r0 and r0["end"] == END_TOKEN
     assert r0["turns"] == [
-        {"agent": "Think: measure it.\nAct: bash\n```bash\ndu -sb /data\n```", "observation": "Output: 4096",
-         "agent_finish": "stop"},
-        {"agent": "Think: the shell printed it.\nAct: finish", "observation": "", "agent_finish": "stop"}]
+        {
+            "agent": "Think: measure it.\nAct: bash\n```bash\ndu -sb /data\n```",
+            "observation": "Output: 4096",
+            "agent_finish": "stop",
+        },
+        {"agent": "Think: the shell printed it.\nAct: finish", "observation": "", "agent_finish": "stop"},
+    ]
     assert all("split" not in r and r["turns_generated"] == 2 for r in records)
     quality = store.get_json(f"{prefix}/quality.json")
     assert quality["records"] == 6 and quality["avg_turns"] == 2.0 and quality["hit_max_turns"] == 0.0
     assert quality["missing_final_action"] == 0.0 and quality["max_turns"] == 3
     assert quality["inputs"]["kept"] == 6
-    assert (quality["off_format_turns_removed"], quality["records_cut_by_format_filter"],
-            quality["records_without_valid_turns"]) == (0, 0, 0)
+    assert (
+        quality["off_format_turns_removed"],
+        quality["records_cut_by_format_filter"],
+        quality["records_without_valid_turns"],
+    ) == (0, 0, 0)
     assert quality["agent_turns_in_action_format"] == quality["agent_turns_in_action_format_after_filter"] == 1.0
 
     # generator: 1 input round + 2 reason parts; target: 2 output parts + 2 role-play parts x (2 turns x 2
@@ -161,14 +179,24 @@ def test_synthesize_resamples_off_format_turns(tmp_path: Path, resamples: int) -
     """A target that follows its prompt only when sampling: resampled first turns replace the
     chatty ones (counted), so the filter keeps every conversation whole; with 0 tries it cuts them."""
     store = LocalStore(tmp_path)
-    world = World(SPEC, chatty_turn=lambda task: 1 if task.endswith(("1 in bytes.", "3 in bytes.")) else 0,
-                  sampling_fixes_chatty=True)
+    world = World(
+        SPEC,
+        chatty_turn=lambda task: 1 if task.endswith(("1 in bytes.", "3 in bytes.")) else 0,
+        sampling_fixes_chatty=True,
+    )
     prefix = synthesize(SPEC, tiny_config(agent_resamples=resamples), FakeEngine(world), FakeEngine(world), store)
     records = store.get_jsonl(f"{prefix}/records.jsonl")
     quality = store.get_json(f"{prefix}/quality.json")
     if resamples:
         assert [len(r["turns"]) for r in records] == [2] * 6
-        assert [any(t.get("resampled") for t in r["turns"]) for r in records] == [False, True, False, True, False, False]
+        assert [any(t.get("resampled") for t in r["turns"]) for r in records] == [
+            False,
+            True,
+            False,
+            True,
+            False,
+            False,
+        ]
         assert quality["agent_turns_resampled_into_format"] == 2 and quality["off_format_turns_removed"] == 0
     else:
         assert [len(r["turns"]) for r in records] == [2, 0, 2, 0, 2, 2]
@@ -178,8 +206,7 @@ def test_synthesize_resamples_off_format_turns(tmp_path: Path, resamples: int) -
 
 def test_split_config_is_not_part_of_the_synthesis_key() -> None:
     cfg = tiny_config()
-    other = dataclasses.replace(cfg, split=dataclasses.replace(cfg.split, val_fraction=0.3, test_fraction=0.05,
-                                                               seed=9))
+    other = dataclasses.replace(cfg, split=dataclasses.replace(cfg.split, val_fraction=0.3, test_fraction=0.05, seed=9))
     assert artifacts.synth_hash(other) == artifacts.synth_hash(cfg)
     assert artifacts.run_hash(other) != artifacts.run_hash(cfg)  # an adapter does depend on its training split
     assert artifacts.synth_hash(tiny_config(filter_off_format=False)) != artifacts.synth_hash(cfg)
@@ -224,8 +251,11 @@ def test_too_few_inputs_names_the_prompt_file(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     cfg = tiny_config(max_input_rounds=2)
     generator = FakeEngine(lambda c, p: "1. ok\n2. sure\n3. Count the lines of /etc/passwd.")
-    with pytest.raises(TooFewInputs, match=r"prompts/mini-shell\.md: the generator wrote only 0 usable unique "
-                                           r"inputs in 2 rounds \(need synth\.min_inputs=4\)"):
+    with pytest.raises(
+        TooFewInputs,
+        match=r"prompts/mini-shell\.md: the generator wrote only 0 usable unique "
+        r"inputs in 2 rounds \(need synth\.min_inputs=4\)",
+    ):
         synthesize(SPEC, cfg, generator, FakeEngine(lambda c, p: pytest.fail("no target calls")), store)
     assert len(generator.calls) == 2
     assert not store.is_done(artifacts.synth_prefix(SPEC, cfg))

@@ -21,6 +21,7 @@ def synth_cfg(**changes) -> SynthConfig:
 
 # ------------------------------------------------------------------ on the real tiny model
 
+
 class Recording:
     """Wraps a real engine and counts its generate calls."""
 
@@ -56,8 +57,8 @@ def test_outputs_and_role_play_on_the_tiny_model(tiny_engine) -> None:
     again = role_play(SPEC, cfg, target, inputs)
     assert first == again  # greedy: reproducible
     runs = target.calls[1:]
-    assert len(runs) % 2 == 0 and runs[:len(runs) // 2] == runs[len(runs) // 2:]
-    per_run = runs[:len(runs) // 2]
+    assert len(runs) % 2 == 0 and runs[: len(runs) // 2] == runs[len(runs) // 2 :]
+    per_run = runs[: len(runs) // 2]
     assert 1 <= len(per_run) <= 2 * 2  # at most one agent and one environment call per turn
     assert per_run[0][0] == 2 and all(n <= 2 for n, _ in per_run)  # both conversations in one call
     assert [p.stop for _, p in per_run[1::2]] == [("<END>",)] * len(per_run[1::2])

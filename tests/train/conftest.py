@@ -29,4 +29,3 @@ def lora_model():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     model.eval()
     return model, tok
-

@@ -22,7 +22,8 @@ from tests.train.tiny import short_pairs, tcfg
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
-    reason="QLoRA needs a CUDA GPU and bitsandbytes (pip install 'genpi[gpu]'); CPU trains bf16 LoRA")
+    reason="QLoRA needs a CUDA GPU and bitsandbytes (pip install 'genpi[gpu]'); CPU trains bf16 LoRA",
+)
 
 
 def qcfg(**changes):

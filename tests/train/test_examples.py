@@ -47,17 +47,22 @@ def labelled_text(tokenizer, example: Example) -> str:
 
 # ------------------------------------------------------------------ tokenize_chat
 
+
 def test_tokenize_chat_labels_exactly_the_assistant_turns(tokenizer) -> None:
-    messages = [{"role": "system", "content": "You run shell commands."},
-                {"role": "user", "content": "Count the files in /etc."},
-                {"role": "assistant", "content": "Think: list them.\nAct: bash"},
-                {"role": "user", "content": "Output: 42"},
-                {"role": "assistant", "content": "Think: done.\nAct: answer(42)"}]
+    messages = [
+        {"role": "system", "content": "You run shell commands."},
+        {"role": "user", "content": "Count the files in /etc."},
+        {"role": "assistant", "content": "Think: list them.\nAct: bash"},
+        {"role": "user", "content": "Output: 42"},
+        {"role": "assistant", "content": "Think: done.\nAct: answer(42)"},
+    ]
     ex = tokenize_chat(tokenizer, messages)
     full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     assert ex.input_ids == list(full) and len(ex.labels) == len(ex.input_ids)
     assert all(label in (IGNORE, token) for token, label in zip(ex.input_ids, ex.labels))
-    assert [tokenizer.decode(s) for s in spans(ex)] == [m["content"] + END for m in messages if m["role"] == "assistant"]
+    assert [tokenizer.decode(s) for s in spans(ex)] == [
+        m["content"] + END for m in messages if m["role"] == "assistant"
+    ]
     # the masked part is everything else: system, user turns and the assistant headers
     masked = tokenizer.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab == IGNORE])
     assert "You run shell commands." in masked and "Output: 42" in masked and "Act:" not in masked
@@ -71,6 +76,7 @@ def test_tokenize_chat_without_system_turn_masks_the_default_system(tokenizer) -
 
 
 # ------------------------------------------------------------------ sft_example / pg_example
+
 
 def test_sft_example_learns_agent_turns_without_prompt(tokenizer) -> None:
     report = ExampleReport()
@@ -119,8 +125,10 @@ def test_sft_example_never_learns_an_empty_agent_turn(tokenizer) -> None:
 
 
 def pg_messages(record, spec):
-    return [{"role": "user", "content": prompt_generation_input(record["input"], record["student"], record["teacher"])},
-            {"role": "assistant", "content": prompt_generation_target(spec, record["reason"])}]
+    return [
+        {"role": "user", "content": prompt_generation_input(record["input"], record["student"], record["teacher"])},
+        {"role": "assistant", "content": prompt_generation_target(spec, record["reason"])},
+    ]
 
 
 def pg_target_len(tokenizer, record, spec) -> int:
@@ -151,7 +159,7 @@ def test_pg_example_shortens_the_reason_at_a_sentence_never_the_prompt(tokenizer
     target = labelled_text(tokenizer, ex)
     head = shell_spec.text() + "\n\n### Why the answer changes\n"
     assert target.startswith(head)  # the whole prompt, uncut, comes first
-    kept_reason = target[len(head):-len(END)]
+    kept_reason = target[len(head) : -len(END)]
     assert 0 < len(kept_reason) < len(RECORD["reason"]) and RECORD["reason"].startswith(kept_reason)
     assert kept_reason.endswith("Act lines.")  # whole sentences only
     assert report.pg_reasons_shortened == 1 and report.pg_answers_shortened == 0 and report.pg_examples_dropped == 0
@@ -169,9 +177,11 @@ def test_pg_example_dropped_and_reported_when_the_prompt_cannot_fit(tokenizer, s
     assert [(e.sft is not None, e.pg is not None) for e in examples] == [(True, False), (False, False)]
     assert (report.sft, report.pg, report.pg_examples_dropped, report.max_len) == (1, 0, 2, prompt_tokens)
     assert report.sft_records_without_turns == 1
-    assert report.notes == ["1 records have no learnable agent turn (none was kept by the format filter, or the "
-                            "first was empty) and give no SFT example",
-                            f"0 SFT and 2 PG examples did not fit in {prompt_tokens} tokens and were left out"]
+    assert report.notes == [
+        "1 records have no learnable agent turn (none was kept by the format filter, or the "
+        "first was empty) and give no SFT example",
+        f"0 SFT and 2 PG examples did not fit in {prompt_tokens} tokens and were left out",
+    ]
 
 
 def test_pg_example_cuts_one_long_answer_enough(tokenizer) -> None:
@@ -217,7 +227,11 @@ def test_complete_sentences() -> None:
 
 
 def test_pg_example_trims_a_cut_reason_to_its_last_full_sentence(tokenizer) -> None:
-    cut = {**RECORD, "reason": "The prompt wants Think lines. It also wants one Act line per re", "reason_finish": "length"}
+    cut = {
+        **RECORD,
+        "reason": "The prompt wants Think lines. It also wants one Act line per re",
+        "reason_finish": "length",
+    }
     report = ExampleReport()
     ex = pg_example(tokenizer, cut, SPEC, 8192, report)
     assert labelled_text(tokenizer, ex) == prompt_generation_target(SPEC, "The prompt wants Think lines.") + END
@@ -234,8 +248,11 @@ def test_pg_example_trims_a_cut_reason_to_its_last_full_sentence(tokenizer) -> N
 
 
 def test_check_pg_fits_names_the_prompt_its_size_and_the_fix(tokenizer, shell_spec) -> None:
-    smallest = len(tokenize_chat(tokenizer, pg_messages({"input": "", "student": "", "teacher": "", "reason": ""},
-                                                        shell_spec)).input_ids)
+    smallest = len(
+        tokenize_chat(
+            tokenizer, pg_messages({"input": "", "student": "", "teacher": "", "reason": ""}, shell_spec)
+        ).input_ids
+    )
     assert check_pg_fits(tokenizer, shell_spec, smallest) == smallest
     prompt_tokens = len(tokenizer.encode(shell_spec.text(), add_special_tokens=False))
     with pytest.raises(PromptError) as error:

@@ -59,7 +59,9 @@ def test_step_loss_skips_pairs_without_examples(lora_model) -> None:
     model.zero_grad(set_to_none=True)
     alone = step_loss(model, pairs, tcfg(micro_batch_size=1), tok.pad_token_id, backward=True)
     model.zero_grad(set_to_none=True)
-    with_empty = step_loss(model, pairs + [RecordExamples(None, None)], tcfg(micro_batch_size=1), tok.pad_token_id, backward=True)
+    with_empty = step_loss(
+        model, pairs + [RecordExamples(None, None)], tcfg(micro_batch_size=1), tok.pad_token_id, backward=True
+    )
     model.zero_grad(set_to_none=True)
     assert with_empty["loss"] == pytest.approx(alone["loss"], rel=1e-6)
 
@@ -73,6 +75,7 @@ def test_collate_pads_right_without_loss_or_attention(tokenizer) -> None:
 
 
 # ------------------------------------------------------------------ learning rate
+
 
 def test_lr_factor_warmup_then_cosine() -> None:
     cfg = tcfg(warmup_ratio=0.1, lr_scheduler="cosine")

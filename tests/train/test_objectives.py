@@ -73,10 +73,12 @@ def test_gradient_accumulation_1x8_equals_8x1(lora_model) -> None:
     model, tok = lora_model
     step = (short_pairs(tok) * 2)[:8]
     for method in ("genpi", "seqkd-kld", "genpi-kld"):
-        one, one_grads = run(model, step, tcfg(method=method, batch_size=8, micro_batch_size=8, pg_fraction=1.0),
-                             tok.pad_token_id)
-        eight, eight_grads = run(model, step, tcfg(method=method, batch_size=8, micro_batch_size=1, pg_fraction=1.0),
-                                 tok.pad_token_id)
+        one, one_grads = run(
+            model, step, tcfg(method=method, batch_size=8, micro_batch_size=8, pg_fraction=1.0), tok.pad_token_id
+        )
+        eight, eight_grads = run(
+            model, step, tcfg(method=method, batch_size=8, micro_batch_size=1, pg_fraction=1.0), tok.pad_token_id
+        )
         for key in one:
             assert eight[key] == pytest.approx(one[key], rel=1e-5), (method, key)
         assert_same_grads(one_grads, eight_grads, exact=False)
@@ -128,8 +130,9 @@ def test_genpi_kld_adds_the_kl_to_the_sft_term_and_at_weight_zero_is_exactly_gen
     model, tok = lora_model
     step = short_pairs(tok)
     genpi, genpi_grads = run(model, step, tcfg(method="genpi", pg_lambda=0.4, pg_fraction=1.0), tok.pad_token_id)
-    zero, zero_grads = run(model, step, tcfg(method="genpi-kld", pg_lambda=0.4, pg_fraction=1.0, kl_weight=0.0),
-                           tok.pad_token_id)
+    zero, zero_grads = run(
+        model, step, tcfg(method="genpi-kld", pg_lambda=0.4, pg_fraction=1.0, kl_weight=0.0), tok.pad_token_id
+    )
     assert zero["loss"] == pytest.approx(genpi["loss"], rel=1e-6) and zero["kl_loss"] > 1e-4
     assert zero["sft_loss"] == pytest.approx(genpi["sft_loss"], rel=1e-6)
     assert zero["pg_loss"] == pytest.approx(genpi["pg_loss"], rel=1e-6)
@@ -153,12 +156,24 @@ def test_shared_opening_stops_before_the_first_label() -> None:
 def test_teacher_logits_from_the_cached_prompt_equal_a_full_forward(lora_model) -> None:
     model, tok = lora_model
     prompt = "You run shell commands for the user. Reply with one Act: line, then stop. " * 4
-    views = [tokenize_chat(tok, [{"role": "system", "content": prompt}, {"role": "user", "content": q},
-                                 {"role": "assistant", "content": a}], label_from=1)
-             for q, a in [("count files", "Act: bash ls | wc -l"), ("date?", "Act: bash date"),
-                          ("who am i on this machine", "Act: bash whoami")]]
+    views = [
+        tokenize_chat(
+            tok,
+            [
+                {"role": "system", "content": prompt},
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": a},
+            ],
+            label_from=1,
+        )
+        for q, a in [
+            ("count files", "Act: bash ls | wc -l"),
+            ("date?", "Act: bash date"),
+            ("who am i on this machine", "Act: bash whoami"),
+        ]
+    ]
     prefix = TeacherPrefix(model, views)
-    assert len(prefix.tokens) >= 32 and all(v.input_ids[:len(prefix.tokens)] == prefix.tokens for v in views)
+    assert len(prefix.tokens) >= 32 and all(v.input_ids[: len(prefix.tokens)] == prefix.tokens for v in views)
     model.train()
     for batch in (views, views[1:2]):
         got, got_targets = prefix.label_logits(model, batch, tok.pad_token_id)
@@ -198,10 +213,12 @@ def test_onpolicy_kl_warms_up_as_sft_then_learns_reverse_kl_on_its_own_samples(l
 
     torch.manual_seed(0)
     sampled = objective.select(step, 5)  # on-policy from step 5 on
-    assert len(sampled) == 4 and all(type(e).__name__ == "Sampled" for e in sampled)  # the record without turns has none
+    assert len(sampled) == 4 and all(
+        type(e).__name__ == "Sampled" for e in sampled
+    )  # the record without turns has none
     for e, source in zip(sampled, [x for x in step if x.student_opening]):
-        reply = e.sft.input_ids[len(source.student_opening):]
-        assert e.sft.input_ids[:len(source.student_opening)] == source.student_opening and 1 <= len(reply) <= 5
+        reply = e.sft.input_ids[len(source.student_opening) :]
+        assert e.sft.input_ids[: len(source.student_opening)] == source.student_opening and 1 <= len(reply) <= 5
         assert e.teacher.input_ids == source.teacher_opening + reply  # the same sample, read with the prompt
         assert e.sft.labels == [-100] * len(source.student_opening) + reply
     model.zero_grad(set_to_none=True)
@@ -224,10 +241,13 @@ def test_teacher_example_labels_only_the_records_turns(tokenizer) -> None:
     from genpi.train.examples import ExampleReport
 
     spec = mini_spec()
-    record = {"input": "List /tmp.", "turns": [{"agent": "Think: list.\nAct: bash", "observation": "a b",
-                                               "agent_finish": "stop"},
-                                              {"agent": "Think: done.\nAct: finish", "observation": "",
-                                               "agent_finish": "stop"}]}
+    record = {
+        "input": "List /tmp.",
+        "turns": [
+            {"agent": "Think: list.\nAct: bash", "observation": "a b", "agent_finish": "stop"},
+            {"agent": "Think: done.\nAct: finish", "observation": "", "agent_finish": "stop"},
+        ],
+    }
     example = teacher_example(tokenizer, record, spec, 4096, ExampleReport())
     labelled = tokenizer.decode([t for t, lab in zip(example.input_ids, example.labels) if lab != -100])
     assert labelled.count("<|im_end|>") == 2 and "Think: list.\nAct: bash" in labelled
@@ -239,6 +259,7 @@ def test_teacher_example_labels_only_the_records_turns(tokenizer) -> None:
 
 
 # ------------------------------------------------------------------ checkpoints and resume
+
 
 class Interrupt(RuntimeError):
     pass
@@ -269,22 +290,52 @@ def test_a_resumed_run_ends_with_the_same_losses_and_adapter(tokenizer, tmp_path
     from genpi.train.trainer import train_adapter
 
     examples = short_pairs(tokenizer)
-    cfg = tcfg(method=method, epochs=3, batch_size=2, micro_batch_size=1, learning_rate=5e-3, lora_r=2,
-               lora_alpha=4, lora_dropout=0.1, pg_fraction=0.5, onpolicy_warmup=0.3,
-               onpolicy_max_tokens=6)  # dropout and on-policy sampling: the torch RNG state matters too
+    cfg = tcfg(
+        method=method,
+        epochs=3,
+        batch_size=2,
+        micro_batch_size=1,
+        learning_rate=5e-3,
+        lora_r=2,
+        lora_alpha=4,
+        lora_dropout=0.1,
+        pg_fraction=0.5,
+        onpolicy_warmup=0.3,
+        onpolicy_max_tokens=6,
+    )  # dropout and on-policy sampling: the torch RNG state matters too
     store = LocalStore(tmp_path / "store")
-    whole = train_adapter(cfg, TINY, "float32", examples[:4], examples[4:], tmp_path / "whole", log=lambda _: None,
-                          checkpoints=StoreCheckpoints(store, "a/checkpoints", tmp_path / "scratch-a"))
+    whole = train_adapter(
+        cfg,
+        TINY,
+        "float32",
+        examples[:4],
+        examples[4:],
+        tmp_path / "whole",
+        log=lambda _: None,
+        checkpoints=StoreCheckpoints(store, "a/checkpoints", tmp_path / "scratch-a"),
+    )
     saved = StoreCheckpoints(store, "b/checkpoints", tmp_path / "scratch-b")
     with pytest.raises(Interrupt):
-        train_adapter(cfg, TINY, "float32", examples[:4], examples[4:], tmp_path / "cut", log=lambda _: None,
-                      checkpoints=StopAfter(saved, 1))
+        train_adapter(
+            cfg,
+            TINY,
+            "float32",
+            examples[:4],
+            examples[4:],
+            tmp_path / "cut",
+            log=lambda _: None,
+            checkpoints=StopAfter(saved, 1),
+        )
     assert saved._epochs() == [1]
     lines: list[str] = []
-    resumed = train_adapter(cfg, TINY, "float32", examples[:4], examples[4:], tmp_path / "resumed",
-                            log=lines.append, checkpoints=saved)
+    resumed = train_adapter(
+        cfg, TINY, "float32", examples[:4], examples[4:], tmp_path / "resumed", log=lines.append, checkpoints=saved
+    )
     assert resumed["resumed_after_epoch"] == 1 and lines[0].startswith("resumed after epoch 1 (step 2/6)")
     assert resumed["history"] == whole["history"]  # the same loss curve, step for step
-    a, b = load_file(tmp_path / "whole/adapter_model.safetensors"), load_file(tmp_path / "resumed/adapter_model.safetensors")
+    a, b = (
+        load_file(tmp_path / "whole/adapter_model.safetensors"),
+        load_file(tmp_path / "resumed/adapter_model.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert saved._epochs() == [3]  # only the newest checkpoint is kept

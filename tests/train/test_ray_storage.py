@@ -14,7 +14,9 @@ from tests.s3_server import S3Server
 pytestmark = [pytest.mark.s3, pytest.mark.timeout(120)]
 
 
-def test_ray_storage_on_s3_reads_the_endpoint_from_the_environment(s3_env: S3Server, aws_env: pytest.MonkeyPatch) -> None:
+def test_ray_storage_on_s3_reads_the_endpoint_from_the_environment(
+    s3_env: S3Server, aws_env: pytest.MonkeyPatch
+) -> None:
     bucket = s3_env.create_bucket()
     aws_env.setenv("AWS_ENDPOINT_URL", s3_env.endpoint_url)
     url = f"s3://{bucket}/genpi"

@@ -46,8 +46,15 @@ def test_train_adapter_writes_a_loadable_lora_adapter(tokenizer, tmp_path: Path)
     assert len(lines) == 3 and lines[0].startswith("step 1/2 epoch 1 loss")
 
     # min_steps adds passes, the last one partial: 3 records in steps of 2 make 2 steps a pass
-    longer = train_adapter(dataclasses.replace(cfg, min_steps=5), TINY, "float32", pairs[:3], pairs[3:],
-                           tmp_path / "longer", log=lambda line: None)
+    longer = train_adapter(
+        dataclasses.replace(cfg, min_steps=5),
+        TINY,
+        "float32",
+        pairs[:3],
+        pairs[3:],
+        tmp_path / "longer",
+        log=lambda line: None,
+    )
     assert longer["steps"] == 5 == len(longer["history"]) and longer["epochs"] == 3
     assert [h["epoch"] for h in longer["history"]] == [0, 0, 1, 1, 2]
     assert "val_loss" in longer["final"]  # after the last (partial) pass
@@ -90,16 +97,33 @@ def test_lora_layers_puts_adapters_on_the_top_layers_only() -> None:
 
 # ------------------------------------------------------------------ the training stage
 
+
 @pytest.mark.timeout(240)
 def test_train_prompt_from_a_synthesized_store(tmp_path: Path, monkeypatch, tokenizer) -> None:
     store = LocalStore(tmp_path)
-    cfg = load_config("local", overrides={
-        "synth.num_inputs": 5, "synth.min_inputs": 4, "synth.part_size": 8, "synth.max_turns": 2,
-        "synth.reason_fraction": 1.0, "train.min_steps": 0, "split.val_fraction": 0.2, "split.test_fraction": 0.2,
-        "models.target.name": TINY,
-        "models.generator.name": TINY,
-        "models.target.dtype": "float32", "train.epochs": 1, "train.batch_size": 2, "train.micro_batch_size": 2,
-        "train.lora_r": 2, "train.pg_lambda": 0.4, "train.quantization": "none", "train.threads": 2})
+    cfg = load_config(
+        "local",
+        overrides={
+            "synth.num_inputs": 5,
+            "synth.min_inputs": 4,
+            "synth.part_size": 8,
+            "synth.max_turns": 2,
+            "synth.reason_fraction": 1.0,
+            "train.min_steps": 0,
+            "split.val_fraction": 0.2,
+            "split.test_fraction": 0.2,
+            "models.target.name": TINY,
+            "models.generator.name": TINY,
+            "models.target.dtype": "float32",
+            "train.epochs": 1,
+            "train.batch_size": 2,
+            "train.micro_batch_size": 2,
+            "train.lora_r": 2,
+            "train.pg_lambda": 0.4,
+            "train.quantization": "none",
+            "train.threads": 2,
+        },
+    )
     world = World(SPEC)
     synthesize(SPEC, cfg, FakeEngine(world), FakeEngine(world), store)
     seen: dict[str, list] = {}
@@ -113,8 +137,14 @@ def test_train_prompt_from_a_synthesized_store(tmp_path: Path, monkeypatch, toke
     prefix = train_stage.train_prompt(SPEC, cfg, store)
     assert prefix == artifacts.train_prefix(SPEC, cfg)
     keys = store.list_keys(prefix)
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/genpi.json",
-                 "metrics.json", "summary.json", "_SUCCESS"):
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/genpi.json",
+        "metrics.json",
+        "summary.json",
+        "_SUCCESS",
+    ):
         assert f"{prefix}/{name}" in keys, name
     provenance = store.get_json(f"{prefix}/adapter/genpi.json")
     assert provenance["prompt_hash"] == SPEC.prompt_hash and provenance["prompt_id"] == SPEC.id
@@ -150,12 +180,22 @@ def test_train_prompt_from_a_synthesized_store(tmp_path: Path, monkeypatch, toke
 
 
 def test_train_prompt_fails_before_training_when_pg_cannot_fit(tmp_path: Path, monkeypatch) -> None:
-    cfg = load_config("local", overrides={"models.target.name": TINY, "models.generator.name": TINY,
-                                          "train.max_seq_len": 64, "train.threads": 2})
+    cfg = load_config(
+        "local",
+        overrides={
+            "models.target.name": TINY,
+            "models.generator.name": TINY,
+            "train.max_seq_len": 64,
+            "train.threads": 2,
+        },
+    )
     monkeypatch.setattr(train_stage, "train_adapter", lambda *a, **k: pytest.fail("must fail before training"))
     empty = LocalStore(tmp_path)  # the check comes before the records are even read
-    with pytest.raises(PromptError, match=r"prompts/mini-shell\.md: the prompt is [\d,]+ tokens .* "
-                                          r"max_len=64, .* raise train\.max_seq_len"):
+    with pytest.raises(
+        PromptError,
+        match=r"prompts/mini-shell\.md: the prompt is [\d,]+ tokens .* "
+        r"max_len=64, .* raise train\.max_seq_len",
+    ):
         train_stage.train_prompt(SPEC, cfg, empty)
     # with lambda 0 no PG example is trained, so the check does not apply: the stage goes on to the records
     sft_only = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pg_lambda=0.0))
@@ -164,15 +204,20 @@ def test_train_prompt_fails_before_training_when_pg_cannot_fit(tmp_path: Path, m
 
 
 def test_train_prompt_names_why_no_example_could_be_built(tmp_path: Path) -> None:
-    cfg = load_config("local", overrides={"models.target.name": TINY, "models.generator.name": TINY,
-                                          "train.threads": 2})
+    cfg = load_config(
+        "local", overrides={"models.target.name": TINY, "models.generator.name": TINY, "train.threads": 2}
+    )
     store = LocalStore(tmp_path)
     cut = with_turn(0, agent=" ")
-    store.put_jsonl(f"{artifacts.synth_prefix(SPEC, cfg)}/records.jsonl",
-                    [{**cut, "id": i, "student": ""} for i in range(4)])
-    with pytest.raises(GenPIError, match=r"prompts/mini-shell\.md: no training example could be built within "
-                                         r"2048 tokens .*records have no learnable agent turn.* PG examples with an "
-                                         r"empty answer or reason"):
+    store.put_jsonl(
+        f"{artifacts.synth_prefix(SPEC, cfg)}/records.jsonl", [{**cut, "id": i, "student": ""} for i in range(4)]
+    )
+    with pytest.raises(
+        GenPIError,
+        match=r"prompts/mini-shell\.md: no training example could be built within "
+        r"2048 tokens .*records have no learnable agent turn.* PG examples with an "
+        r"empty answer or reason",
+    ):
         train_stage.train_prompt(SPEC, cfg, store)
 
 

@@ -56,8 +56,9 @@ class Objective:
         """Label-token counts of the whole step, one per loss term."""
         raise NotImplementedError
 
-    def micro_loss(self, model: Any, micro: list[RecordExamples], counts: dict[str, int],
-                   pad_id: int) -> tuple[torch.Tensor, dict[str, float]] | None:
+    def micro_loss(
+        self, model: Any, micro: list[RecordExamples], counts: dict[str, int], pad_id: int
+    ) -> tuple[torch.Tensor, dict[str, float]] | None:
         """The micro-batch's share of the step loss and of each named term; None when it has no example."""
         raise NotImplementedError
 

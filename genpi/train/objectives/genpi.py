@@ -40,17 +40,21 @@ class GenPI(Objective):
         return with_pg_fraction(step, keep)
 
     def token_counts(self, step: list[RecordExamples]) -> dict[str, int]:
-        return {"sft": label_tokens([e.sft for e in step if e.sft is not None]),
-                "pg": label_tokens([e.pg for e in step if e.pg is not None])}
+        return {
+            "sft": label_tokens([e.sft for e in step if e.sft is not None]),
+            "pg": label_tokens([e.pg for e in step if e.pg is not None]),
+        }
 
-    def sft_term(self, model: Any, records: list[RecordExamples],
-                 pad_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def sft_term(
+        self, model: Any, records: list[RecordExamples], pad_id: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The summed SFT term over ``records`` (each has an SFT example), and its named parts."""
         total = summed_token_loss(model, collate([e.sft for e in records], pad_id, next(model.parameters()).device))
         return total, {"sft_loss": total}
 
-    def micro_loss(self, model: Any, micro: list[RecordExamples], counts: dict[str, int],
-                   pad_id: int) -> tuple[torch.Tensor, dict[str, float]] | None:
+    def micro_loss(
+        self, model: Any, micro: list[RecordExamples], counts: dict[str, int], pad_id: int
+    ) -> tuple[torch.Tensor, dict[str, float]] | None:
         with_sft = [e for e in micro if e.sft is not None]
         pg = [e.pg for e in micro if e.pg is not None]
         if not with_sft and not pg:

@@ -21,8 +21,9 @@ from genpi.train.objectives.seqkd_kld import distilled_sums
 
 @register_objective("genpi-kld")
 class GenPIKLD(FromTeacherViews, GenPI):
-    def sft_term(self, model: Any, records: list[RecordExamples],
-                 pad_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def sft_term(
+        self, model: Any, records: list[RecordExamples], pad_id: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         distilled = [e for e in records if e.teacher is not None]
         alone = [e for e in records if e.teacher is None]  # the teacher view did not fit: SFT only
         zero = torch.zeros((), device=next(model.parameters()).device)

@@ -56,34 +56,51 @@ class OnPolicyKL(FromTeacherViews, SFT):
         model.eval()
         width = max(len(e.student_opening) for e in records)
         pad = tok.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(e.student_opening)) + e.student_opening for e in records],
-                           device=model.device)
-        mask = torch.tensor([[0] * (width - len(e.student_opening)) + [1] * len(e.student_opening) for e in records],
-                            device=model.device)
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=None, top_p=1.0,
-                             temperature=self.cfg.onpolicy_temperature, max_new_tokens=self.cfg.onpolicy_max_tokens,
-                             pad_token_id=pad)
+        ids = torch.tensor(
+            [[pad] * (width - len(e.student_opening)) + e.student_opening for e in records], device=model.device
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(e.student_opening)) + [1] * len(e.student_opening) for e in records],
+            device=model.device,
+        )
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            top_k=None,
+            top_p=1.0,
+            temperature=self.cfg.onpolicy_temperature,
+            max_new_tokens=self.cfg.onpolicy_max_tokens,
+            pad_token_id=pad,
+        )
         if was_training:
             model.train()
         sampled: list[RecordExamples] = []
         eos = tok.eos_token_id
         for e, row in zip(records, out[:, width:].tolist()):
-            reply = row[:row.index(eos) + 1] if eos in row else row  # the end of turn is learned too
+            reply = row[: row.index(eos) + 1] if eos in row else row  # the end of turn is learned too
             if not reply or reply == [eos]:
                 continue
-            sampled.append(Sampled(Example(e.student_opening + reply, [IGNORE] * len(e.student_opening) + reply),
-                                   None, Example(e.teacher_opening + reply, [IGNORE] * len(e.teacher_opening) + reply)))
+            sampled.append(
+                Sampled(
+                    Example(e.student_opening + reply, [IGNORE] * len(e.student_opening) + reply),
+                    None,
+                    Example(e.teacher_opening + reply, [IGNORE] * len(e.teacher_opening) + reply),
+                )
+            )
         return sampled
 
-    def micro_loss(self, model: Any, micro: list[RecordExamples], counts: dict[str, int],
-                   pad_id: int) -> tuple[torch.Tensor, dict[str, float]] | None:
+    def micro_loss(
+        self, model: Any, micro: list[RecordExamples], counts: dict[str, int], pad_id: int
+    ) -> tuple[torch.Tensor, dict[str, float]] | None:
         if not any(isinstance(e, Sampled) for e in micro):
             return super().micro_loss(model, micro, counts, pad_id)
         device = next(model.parameters()).device
         student_logits, targets = label_logits(model, collate([e.sft for e in micro], pad_id, device))
         teacher_logits, _ = self.prefix.label_logits(model, [e.teacher for e in micro], pad_id)
-        kl = topk_tail_kl(F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.float(), -1),
-                          self.cfg.kl_top_k).sum()
+        kl = topk_tail_kl(
+            F.log_softmax(student_logits.float(), -1), F.log_softmax(teacher_logits.float(), -1), self.cfg.kl_top_k
+        ).sum()
         n = counts["sft"]
         return kl / n, {"reverse_kl": kl.item() / n, "sample_tokens": float(targets.numel())}
 

@@ -20,6 +20,9 @@ def prepended(k: int, fraction: float) -> bool:
 class Prepend(SFT):
     def prepare(self, examples: list[RecordExamples]) -> list[RecordExamples]:
         # A record whose teacher view did not fit keeps its student view.
-        return [dataclasses.replace(e, sft=e.teacher)
-                if e.teacher is not None and e.sft is not None and prepended(k, self.cfg.prepend_fraction) else e
-                for k, e in enumerate(examples)]
+        return [
+            dataclasses.replace(e, sft=e.teacher)
+            if e.teacher is not None and e.sft is not None and prepended(k, self.cfg.prepend_fraction)
+            else e
+            for k, e in enumerate(examples)
+        ]

@@ -28,8 +28,9 @@ class SeqKDKLD(FromTeacherViews):
     def token_counts(self, step: list[RecordExamples]) -> dict[str, int]:
         return {"sft": label_tokens([e.sft for e in step if e.sft is not None])}
 
-    def micro_loss(self, model: Any, micro: list[RecordExamples], counts: dict[str, int],
-                   pad_id: int) -> tuple[torch.Tensor, dict[str, float]] | None:
+    def micro_loss(
+        self, model: Any, micro: list[RecordExamples], counts: dict[str, int], pad_id: int
+    ) -> tuple[torch.Tensor, dict[str, float]] | None:
         pairs = [e for e in micro if e.sft is not None and e.teacher is not None]
         if not pairs:
             return None
@@ -38,8 +39,9 @@ class SeqKDKLD(FromTeacherViews):
         return (ce + self.cfg.kl_weight * kl) / n, {"sft_loss": ce.item() / n, "kl_loss": kl.item() / n}
 
 
-def distilled_sums(model: Any, prefix: TeacherPrefix, records: list[RecordExamples],
-                   pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def distilled_sums(
+    model: Any, prefix: TeacherPrefix, records: list[RecordExamples], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of the records' SFT examples, and summed KL from the teacher's
     distributions (their teacher views) to the student's on the same tokens."""
     device = next(model.parameters()).device
