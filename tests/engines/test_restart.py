@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from genpi import artifacts, ray_runtime
+from genpi import artifacts, ray_runtime, reaper
 from genpi.config import RayConfig, load_config
 from genpi.errors import EngineError
 from genpi.prompt.files import load_prompts
@@ -37,11 +37,13 @@ TINY = {
 
 
 def engine_pids() -> set[int]:
-    """Processes of live engine actors (Ray titles an actor's process ``ray::<class>[.<method>]``)."""
+    """Engine actors of this test's own cluster (its driver marks their environment), never another's.
+    Ray titles an actor's process ``ray::<class>[.<method>]``."""
+    ours = set(reaper.marked_pids(os.environ[reaper.MARKER_VAR], skip=set()))
     pids = set()
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
-        if cmdline and cmdline[0].startswith("ray::EngineActor"):
+        if proc.pid in ours and cmdline and cmdline[0].startswith("ray::EngineActor"):
             pids.add(proc.pid)
     return pids
 
