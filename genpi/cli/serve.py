@@ -43,13 +43,13 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def check_published(cfg: GenPIConfig) -> int:
     """Print each published version's check; 1 when one fails."""
-    from genpi.serve.deployment import Rejected, _serving_engine, check_adapter
+    from genpi.serve.deployment import Rejected, serving_engine, check_adapter
 
     store = store_for(cfg.store)
     engine = None
     failed = 0
     for entry in registry.published(store):
-        engine = engine or _serving_engine(cfg)
+        engine = engine or serving_engine(cfg)
         with tempfile.TemporaryDirectory(prefix="genpi-check-") as tmp:
             try:
                 folder = registry.download(store, entry, Path(tmp))

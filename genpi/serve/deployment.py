@@ -71,7 +71,8 @@ class Held:
             server.release(self)
 
 
-def _serving_engine(cfg: GenPIConfig, dtype: str | None = None) -> HFEngine:
+def serving_engine(cfg: GenPIConfig, dtype: str | None = None) -> HFEngine:
+    """The engine a replica serves with (``dtype`` other than the target's: a parity checker, no turn cache)."""
     target, threads = cfg.models.target, cfg.models.target.threads or max(1, int(cfg.serve.num_cpus))
     return HFEngine(
         target.name,
@@ -93,7 +94,7 @@ def check_adapter(engine: HFEngine, entry: PublishedAdapter, folder: Path, cfg: 
     if not entry.probes:
         return NO_PROBES
     dtype = entry.probes[0].get("dtype", parity.PROBE_DTYPE)
-    checker = engine if dtype == cfg.models.target.dtype else _serving_engine(cfg, dtype)
+    checker = engine if dtype == cfg.models.target.dtype else serving_engine(cfg, dtype)
     name = checker.add_adapter(folder)
     try:
         why = parity.verdict(checker, name, entry.probes)
@@ -114,7 +115,7 @@ class ModelServer:
     def __init__(self, settings: dict[str, Any]) -> None:
         self.cfg = config_from_dict(settings["config"])
         self.store = store_for(self.cfg.store)
-        self.engine = _serving_engine(self.cfg)
+        self.engine = serving_engine(self.cfg)
         self.folders = Path(tempfile.mkdtemp(prefix="genpi-serve-adapters-"))
         self.held: dict[str, Held] = {}
         self.targets: dict[str, dict[str, Any]] = {}  # multiplexed id -> what it is (immutable)
