@@ -43,7 +43,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def check_published(cfg: GenPIConfig) -> int:
     """Print each published version's check; 1 when one fails."""
-    from genpi.serve.deployment import Rejected, serving_engine, check_adapter
+    from genpi.serve.deployment import Rejected, check_adapter, serving_engine
 
     store = store_for(cfg.store)
     engine = None
