@@ -23,7 +23,7 @@ def test_ray_storage_on_s3_reads_the_endpoint_from_the_environment(
     store = open_store(url)  # the endpoint only in the environment, as cluster/README.md tells users
     cfg = load_config("local", overrides={"store.url": url})
     assert cfg.store.endpoint_url == ""
-    path, filesystem = ray_storage(cfg, store, mini_spec())
+    path, filesystem = ray_storage(cfg, store, mini_spec(), "attempt-1")
     assert path.startswith(f"{bucket}/genpi/prompts/")
     with filesystem.open_output_stream(f"{path}/probe.txt") as out:  # what Ray Train writes its checkpoints with
         out.write(b"checkpoint")

@@ -129,9 +129,9 @@ def test_train_prompt_from_a_synthesized_store(tmp_path: Path, monkeypatch, toke
     seen: dict[str, list] = {}
     real_train_adapter = train_stage.train_adapter
 
-    def spy(train_cfg, model, dtype, train, val, out, log, checkpoints):
+    def spy(train_cfg, model, dtype, train, val, out, log, checkpoints, on_step):
         seen.update(train=train, val=val, checkpoints=checkpoints)
-        return real_train_adapter(train_cfg, model, dtype, train, val, out, log, checkpoints)
+        return real_train_adapter(train_cfg, model, dtype, train, val, out, log, checkpoints, on_step)
 
     monkeypatch.setattr(train_stage, "train_adapter", spy)
     prefix = train_stage.train_prompt(SPEC, cfg, store)
