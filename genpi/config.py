@@ -379,6 +379,14 @@ class ServeConfig:
         low=1,
         high=1024,
     )
+    merged_adapters: int = _f(
+        1,
+        "adapters a replica also keeps merged into a copy of the weights, for batches "
+        "whose requests all name one adapter (the base model's speed; each copy costs "
+        "the adapted layers' memory); 0: never merge",
+        low=0,
+        high=64,
+    )
     batch_window_ms: float = _f(
         5.0,
         "requests arriving within this window of the first go to the engine as "

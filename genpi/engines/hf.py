@@ -1,9 +1,10 @@
 """Transformers backend: left-padded batched generation (bf16 on CPU, any dtype on CUDA).
 
-Requests may name a LoRA adapter (a PEFT folder): adapters are loaded once into the one copy of
-the base weights (and removed to free their memory). A batch whose requests name one adapter runs
-with it active; a batch that mixes adapters (the base model among them) runs as one forward with
-PEFT's per-row ``adapter_names``.
+Requests may name a LoRA adapter (a PEFT folder): adapters are loaded once beside the one copy of
+the base weights (and removed to free their memory) by :mod:`genpi.engines.lora_bank`. A batch
+whose requests name one adapter runs with it active (or merged, when the engine keeps merged
+copies: a server's hot adapters); a batch that mixes adapters (the base model among them) runs as
+one forward with each row's factors.
 Sampling draws each request's tokens from its own generator, seeded from the call's seed and the
 request (:func:`genpi.engines.base.request_seeds`, as the vLLM backend does), so a sampled reply
 does not depend on the batch it shares.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +31,13 @@ from genpi.config import ModelConfig
 from genpi.devices import DTYPES, cpu_threads, pick_device
 from genpi.engines.base import Conversation, Generation, SamplingParams, adapter_config, leaves_no_room, request_seeds
 from genpi.engines.kv_cache import GrowingLayer, growing_cache
+from genpi.engines.lora_bank import LoraBank
 from genpi.engines.turn_cache import TurnCache
 from genpi.errors import ModelError
 from genpi.models import resolve_model
 
 _GROUP_BY = 64
 _MIN_SHARED_PREFIX = 32  # below this, a separate prefill pass costs more than it saves
-BASE = "__base__"  # PEFT's adapter name for rows served by the base model in a mixed batch
 
 TokenCallback = Callable[[int, int], None]  # (request index, token id), as each token is decoded
 
@@ -124,6 +124,7 @@ class HFEngine:
         threads: int = 0,
         prefix_sharing: bool = True,
         turn_cache_mib: int = 2048,
+        max_merged: int = 0,
     ) -> None:
         if threads or pick_device(device) == "cpu":
             torch.set_num_threads(cpu_threads(threads))  # the actor's CPU reservation, unless configured
@@ -139,36 +140,37 @@ class HFEngine:
         self.turn_cache = TurnCache(turn_cache_mib * 2**20)
         self._layers_keepable = all(isinstance(layer, GrowingLayer) for layer in growing_cache(self.model).layers)
         self.prefilled_tokens = 0  # tokens run through the model before generation, for benchmarks
-        self.adapters: dict[str, str] = {}  # adapter name (its folder) -> PEFT adapter name
-        self._keys = count()
+        # Adapters by name (their folder); ``max_merged`` of them kept merged for single-adapter batches.
+        self.bank = LoraBank(self.model, max_merged)
         self._tags: list[str | None] = []  # each row's adapter in the batch being generated
 
-    def add_adapter(self, folder: str | Path) -> str:
-        """Load the PEFT adapter in ``folder`` (once); returns the name requests use for it: the folder."""
-        name = str(folder)
-        if name in self.adapters:
-            return name
-        from peft import PeftModel
+    @property
+    def adapters(self) -> list[str]:
+        """The names of the loaded adapters."""
+        return self.bank.names
 
+    def add_adapter(self, folder: str | Path) -> str:
+        """Load the PEFT LoRA adapter in ``folder`` (once); returns the name requests use for it: the folder."""
+        name = str(folder)
+        if name in self.bank.configs:
+            return name
         adapter_config(folder)  # a clear error for a folder that is not an adapter
-        key = f"a{next(self._keys)}"  # PEFT adapter names may not contain dots or slashes
-        if isinstance(self.model, PeftModel):
-            self.model.load_adapter(str(folder), adapter_name=key)
-        else:
-            self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=key).eval()
-        self.adapters[name] = key
+        self.bank.add(name, Path(folder))
         return name
 
     def remove_adapter(self, name: str) -> None:
         """Unload an adapter added with :meth:`add_adapter`: its weights and its conversations' KV go."""
-        key = self.adapters.pop(name, None)
-        if key is None:
+        if name not in self.bank.configs:
             return
         self.turn_cache.drop_tag(name)
-        if self.adapters:
-            self.model.delete_adapter(key)
-        else:  # PEFT keeps no model without an adapter: take the LoRA layers out, base weights untouched
-            self.model = self.model.unload()
+        self.bank.remove(name)
+
+    def adapter_shape(self, name: str) -> dict[str, Any]:
+        """LoRA rank and adapted layer count of a loaded adapter (None: every layer)."""
+        config = self.bank.configs[name]
+        layers = config.get("layers_to_transform")
+        count = 1 if isinstance(layers, int) else len(layers) if layers else None
+        return {"lora_rank": int(config["r"]), "lora_layers": count}
 
     def keep_prefix(self, ids: list[int]) -> int:
         """Compute the base model's KV of ``ids`` (a served prompt) once and keep it until
@@ -185,15 +187,9 @@ class HFEngine:
     @contextlib.contextmanager
     def adapter_scope(self, adapter: str | None) -> Iterator[Any]:
         """The model with ``adapter`` active, or the plain base model when ``adapter`` is None."""
-        if adapter is not None and adapter not in self.adapters:
+        if adapter is not None and adapter not in self.bank.configs:
             raise ModelError(f"adapter {adapter} was not loaded; call add_adapter first")
-        if not self.adapters:
-            yield self.model
-        elif adapter is None:
-            with self.model.disable_adapter():
-                yield self.model
-        else:
-            self.model.set_adapter(self.adapters[adapter])
+        with self.bank.use(adapter, merge=True):
             yield self.model
 
     def encode(self, conversation: Conversation) -> list[int]:
@@ -216,7 +212,7 @@ class HFEngine:
         tags = list(adapters) if adapters is not None else [None] * len(conversations)
         if len(tags) != len(conversations):
             raise ValueError("generate: one adapter entry per conversation")
-        missing = sorted({a for a in tags if a is not None and a not in self.adapters})
+        missing = sorted({a for a in tags if a is not None and a not in self.bank.configs})
         if missing:
             raise ModelError(f"adapter {missing[0]} was not loaded; call add_adapter first")
         return self._generate_all(conversations, params, tags, on_token)
@@ -246,9 +242,9 @@ class HFEngine:
             streamer = (
                 RowStreamer(on_token, chunk, set(self._eos_ids()) | {self.tokenizer.pad_token_id}) if on_token else None
             )
-            # One adapter: it is the active one. Several: PEFT routes each row (see _mixed).
+            # One adapter: it is the active one (merged, where the bank keeps merged copies). Several: per row.
             uniform = len(set(self._tags)) == 1
-            with self.adapter_scope(self._tags[0]) if uniform else contextlib.nullcontext():
+            with self.adapter_scope(self._tags[0]) if uniform else self.bank.use_rows(self._tags):
                 gens = self._generate_batch(batch, params, [seeds[i] for i in chunk], streamer)
             for i, gen in zip(chunk, gens):
                 results[i] = gen
@@ -321,12 +317,6 @@ class HFEngine:
             cache.update(k, v, layer)
         return lengths, keys, cache
 
-    def _mixed(self) -> dict[str, Any]:
-        """PEFT's per-row routing for a batch that mixes adapters; nothing for a batch of one."""
-        if len(set(self._tags)) < 2:
-            return {}
-        return {"adapter_names": [self.adapters[t] if t is not None else BASE for t in self._tags]}
-
     def _generate_batch(
         self, batch: list[list[int]], params: SamplingParams, seeds: list[int], streamer: RowStreamer | None = None
     ) -> list[Generation]:
@@ -355,7 +345,6 @@ class HFEngine:
         if params.temperature > 0:  # sampled by the processor, row by row; greedy then takes its pick
             sampling["logits_processor"] = LogitsProcessorList([SeededSampler(seeds, params.temperature, params.top_p)])
         extra: dict[str, Any] = {"stop_strings": list(params.stop), "tokenizer": self.tokenizer} if params.stop else {}
-        extra.update(self._mixed())
         if streamer is not None:
             extra["streamer"] = streamer
         out = self.model.generate(

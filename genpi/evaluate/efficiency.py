@@ -182,7 +182,7 @@ def play_timed_episode(
     generated, so every mode processes the same tokens. ``recompute`` prefills prompt and
     history every turn; ``kv_reuse`` keeps one KV cache across turns and prefills only the
     tokens it has not seen; ``adapter`` is ``kv_reuse`` without ``prompt_messages`` (pass a
-    PeftModel with the adapter active). The first input joins a trailing user turn of the
+    model with the adapter active). The first input joins a trailing user turn of the
     prompt, as :meth:`PromptSpec.messages_with_input` does. Time covers model work only.
     """
     if mode not in MODES:

@@ -266,7 +266,7 @@ def measure_efficiency(
         turn_tokens.append((asked - before, after - asked))  # read (with framing), written (with end of turn)
         before = after
     flops = efficiency.episode_prefill_flops(
-        engine.model.config, prompt_tokens, turn_tokens, **_lora_shape(engine, adapter)
+        engine.model.config, prompt_tokens, turn_tokens, **engine.adapter_shape(adapter)
     )
     latency: dict[str, list[float]] = {}
     for mode in ("recompute", "kv_reuse", "adapter"):
@@ -299,14 +299,6 @@ def _embedder() -> Any:
     except ModelError as e:
         log.warning("no embedding similarity in this evaluation: %s", e)
         return None
-
-
-def _lora_shape(engine: Any, adapter: str) -> dict[str, Any]:
-    """LoRA rank and adapted layer count of a loaded adapter, for the FLOPs formula."""
-    config = engine.model.peft_config[engine.adapters[adapter]]
-    layers = config.layers_to_transform
-    count = 1 if isinstance(layers, int) else len(layers) if layers else None
-    return {"lora_rank": int(config.r), "lora_layers": count}
 
 
 def evaluation_engine(cfg: GenPIConfig) -> Any:

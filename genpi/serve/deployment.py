@@ -72,7 +72,8 @@ class Held:
 
 
 def serving_engine(cfg: GenPIConfig, dtype: str | None = None) -> HFEngine:
-    """The engine a replica serves with (``dtype`` other than the target's: a parity checker, no turn cache)."""
+    """The engine a replica serves with (``dtype`` other than the target's: a parity checker, no
+    turn cache, no merged copies: it checks the adapter's own factors)."""
     target, threads = cfg.models.target, cfg.models.target.threads or max(1, int(cfg.serve.num_cpus))
     return HFEngine(
         target.name,
@@ -83,6 +84,7 @@ def serving_engine(cfg: GenPIConfig, dtype: str | None = None) -> HFEngine:
         threads=threads,
         prefix_sharing=target.prefix_sharing,
         turn_cache_mib=0 if dtype else 2048,
+        max_merged=0 if dtype else cfg.serve.merged_adapters,
     )
 
 
