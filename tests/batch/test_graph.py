@@ -21,7 +21,9 @@ from tests.fakes import mini_spec
 class Sleep(Stage):
     """A stage whose unit sleeps ``seconds[prompt]``, stores a marker and logs (stage, prompt, start, end)."""
 
-    def __init__(self, name: str, store: ArtifactStore, seconds: dict[str, float], events: list, fail: str = "") -> None:
+    def __init__(
+        self, name: str, store: ArtifactStore, seconds: dict[str, float], events: list, fail: str = ""
+    ) -> None:
         self.name, self.force = name, name
         self.store, self.seconds, self.events, self.fail = store, seconds, events, fail
         self.pool = ThreadPoolExecutor(8)
@@ -140,3 +142,77 @@ def test_units_of_one_stage_run_side_by_side(tmp_path: Path) -> None:
 
     _run(store, [Counting("training", store, dict.fromkeys("abcd", 0.2), events)], _chains(*"abcd"), "graph")
     assert peak[0] == 4
+
+
+TIMED = ("latency_s", "latency_total_s", "measured_saving_vs_kv_reuse", "measured_saving_vs_recompute")
+
+
+def _stored(store: ArtifactStore) -> dict[str, bytes]:
+    """Every stored key of the prompts and adapters with its bytes, the store's own location left
+    out; what carries a wall-clock time (training metrics and summaries, the measured latencies in
+    efficiency figures, the Markdown and plot made from them, markers vouching for them) only by
+    name. PEFT writes ``target_modules`` from a set, in an order that varies between processes."""
+    import json
+
+    out = {}
+    for key in store.list_keys("prompts") + store.list_keys("adapters"):
+        name = key.rsplit("/", 1)[-1]
+        data = store.get_bytes(key).replace(store.url.encode(), b"<store>")
+        if name in ("_SUCCESS", "metrics.json", "summary.json", "efficiency.json", "efficiency.png", "report.md"):
+            data = b""
+        elif name == "report.json" and "/eval/" in key:
+            report = json.loads(data)
+            report["efficiency"] = {k: v for k, v in report["efficiency"].items() if k not in TIMED}
+            data = json.dumps(report, sort_keys=True).encode()
+        elif name == "adapter_config.json":
+            config = json.loads(data)
+            config["target_modules"] = sorted(config["target_modules"])
+            data = json.dumps(config, sort_keys=True).encode()
+        out[key] = data
+    return out
+
+
+@pytest.mark.timeout(900)
+def test_the_graph_stores_the_same_bytes_as_the_barrier_order(tmp_path: Path) -> None:
+    """Two prompts on the tiny model through Ray, once as a graph and once stage-major: the same store
+    keys, and the same records, adapters, episodes, scores and reports byte for byte."""
+    from genpi import ray_runtime
+    from genpi.batch.graph import run_batch
+    from genpi.batch.timeline import Timeline
+    from genpi.config import RayConfig, load_config
+    from genpi.prompt.files import load_prompts
+    from tests.batch.command import TINY_CONFIG
+    from tests.repo import ROOT
+
+    specs = load_prompts(ROOT / "prompts")[:2]
+    stored, timelines = {}, {}
+    ray_runtime.connect(RayConfig(num_cpus=2, dashboard=False))
+    try:
+        for order in ("barriers", "graph"):
+            store = open_store(str(tmp_path / order))
+            cfg = load_config("local", overrides={**TINY_CONFIG, "store.url": store.url})
+            timelines[order] = Timeline()
+            results = run_batch(specs, cfg, store, order=order, timeline=timelines[order])
+            assert [r.status for r in results] == ["done", "done"], [r.error for r in results]
+            stored[order] = _stored(store)
+    finally:
+        ray_runtime.disconnect()
+    assert sorted(stored["graph"]) == sorted(stored["barriers"])
+    assert any(k.endswith("records.jsonl") for k in stored["graph"])
+    assert any(k.endswith("adapter_model.safetensors") for k in stored["graph"])
+    differ = [k for k in stored["graph"] if stored["graph"][k] != stored["barriers"][k]]
+    assert not differ, differ
+    assert set(timelines["graph"].busy_shares()) == {"synthesis", "training", "evaluation"}
+
+
+def test_a_prompt_too_long_for_the_target_fails_alone() -> None:
+    from genpi.batch.graph import too_long
+    from genpi.config import load_config
+    from genpi.prompt.files import load_prompts
+    from tests.batch.command import TINY_CONFIG
+    from tests.repo import ROOT
+
+    cfg = load_config("local", overrides={**TINY_CONFIG, "models.target.max_context": 600})
+    shell = next(s for s in load_prompts(ROOT / "prompts") if s.name == "shell-agent")
+    errors = too_long([mini_spec(), shell], cfg)
+    assert list(errors) == ["shell-agent"] and "shorten the prompt" in str(errors["shell-agent"])
