@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from genpi.batch.pipeline import synthesize_all  # noqa: E402
+from genpi.batch.graph import synthesize_all  # noqa: E402
 from genpi.config import load_config  # noqa: E402
 from genpi.engines.environments import resolve_backends  # noqa: E402
 from genpi.evaluate.report import batch_rows, batch_table  # noqa: E402

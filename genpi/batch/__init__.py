@@ -1,1 +1,1 @@
-"""A batch of prompts through the stages on Ray: the pipeline, its Ray tasks, its manifest."""
+"""A batch of prompts through the stages on Ray: the stage graph, its stages and Ray tasks, its manifest."""

@@ -8,7 +8,6 @@ from typing import Any
 import ray
 
 from genpi.config import config_from_dict
-from genpi.errors import ConfigError
 from genpi.prompt.spec import PromptSpec
 from genpi.store import store_for
 
@@ -41,15 +40,3 @@ def evaluate_task(spec_json: dict[str, Any], cfg_dict: dict[str, Any], real_inpu
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     cfg = config_from_dict(cfg_dict)
     return evaluate_prompt(PromptSpec.from_json(spec_json), cfg, store_for(cfg.store), real_inputs)
-
-
-def task_resources(section: str, num_cpus: float, num_gpus: float) -> tuple[float, float]:
-    """What a stage's tasks may ask for: never more CPUs than the cluster has (the task would wait
-    forever), and GPUs only where the cluster has them, else a clear error before waiting."""
-    cluster = ray.cluster_resources()
-    if num_gpus and not cluster.get("GPU"):
-        raise ConfigError(
-            f"config '{section}.num_gpus' is {num_gpus:g} but the Ray cluster has no GPUs; "
-            f"set {section}.num_gpus 0 (or use --profile local / auto on a CPU-only cluster)"
-        )
-    return min(num_cpus, cluster.get("CPU", 1.0)), num_gpus

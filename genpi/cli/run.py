@@ -113,7 +113,7 @@ def execute(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    from genpi.batch.pipeline import run_batch
+    from genpi.batch.graph import run_batch
     from genpi.prompt.files import load_prompts
     from genpi.ray_runtime import connect, disconnect
     from genpi.store import store_for

@@ -80,3 +80,7 @@ def run_job(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+# The same sizes as config overrides (``load_config(..., overrides=TINY_CONFIG)``), without the Ray flags.
+TINY_CONFIG = {flag[2:].replace("-", "_"): value for flag, value in zip(TINY_RUN[6::2], TINY_RUN[7::2])}

@@ -57,7 +57,7 @@ def ray_cluster():
 
 @pytest.mark.timeout(300)
 def test_engine_killed_mid_synthesis_every_prompt_still_finishes(tmp_path: Path, ray_cluster: None) -> None:
-    from genpi.batch.pipeline import synthesize_all
+    from genpi.batch.graph import synthesize_all
 
     cfg = load_config("local", overrides={**TINY, "store.url": str(tmp_path / "store")})
     store = open_store(cfg.store.url)

@@ -1,0 +1,257 @@
+"""A prompt's stages behind one small interface, for the batch graph (:mod:`genpi.batch.graph`).
+
+A stage splits its work for one prompt into units (synthesis: one; training: one per run of the
+sweep; selection: one when several runs finished, else none; evaluation: one). A unit's output
+lives under its store prefix, which is also its "already done?" key: the graph checks it, runs
+the units that are not done (each as a future, holding the stage's resources) and hands every
+unit's outcome to :meth:`Stage.finish`, which passes the prompt on to the next stage or fails it.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from genpi import artifacts, telemetry
+from genpi.batch import tasks
+from genpi.batch.manifest import PromptResult
+from genpi.batch.resources import SharedEngines
+from genpi.config import PG_METHODS, GenPIConfig
+from genpi.errors import GenPIError
+from genpi.prompt.spec import PromptSpec
+from genpi.store import ArtifactStore
+from genpi.synth.stage import synthesize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Chain:
+    """One prompt's way through the stages, and what each finished stage handed the next."""
+
+    spec: PromptSpec
+    result: PromptResult
+    real_inputs: list[str]
+    finished: int = 0  # stages finished (an index into the graph's stages)
+    runs: list[GenPIConfig] = field(default_factory=list)  # finished training runs, in sweep order
+    chosen: GenPIConfig | None = None
+    selection: dict | None = None
+    report: dict | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A piece of one stage's work for one prompt, done when ``prefix`` is marked done in the store."""
+
+    prefix: str
+    what: str  # for leases and logs: "training run sft seed 0 of shell-agent"
+    label: str  # "<label> found at <shown>"
+    shown: str  # the store key a log line points at
+    run: GenPIConfig | None = None
+
+
+Outcome = tuple[Unit, Any]  # a unit and its value, or the exception it ended with
+
+
+@dataclass
+class Batch:
+    """What every stage of a batch shares: the config (workers get the store as resolved here), the
+    store, the shared engine pools and the CPUs/GPUs each training run and evaluation task holds."""
+
+    cfg: GenPIConfig
+    store: ArtifactStore
+    runs: list[GenPIConfig]  # the sweep's runs, as workers get them
+    train_resources: tuple[float, float]
+    eval_resources: tuple[float, float]
+    engines: SharedEngines = field(init=False)
+    synthesizing: ThreadPoolExecutor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.engines = SharedEngines(self.cfg)
+        # A few prompts at a time, so that while one prompt's role play holds the target, another's
+        # inputs or reasons keep the generator busy. Each call is self-contained: same records.
+        self.synthesizing = ThreadPoolExecutor(self.cfg.synth.prompts_in_flight, thread_name_prefix="synth")
+
+
+class Stage(ABC):
+    """One stage of every prompt's chain."""
+
+    name: str  # as the manifest names it: synthesis, training, selection, evaluation
+    force: str  # the --force name that redoes it (with the stages after it)
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+
+    @abstractmethod
+    def units(self, chain: Chain) -> list[Unit]:
+        """The stage's work for ``chain`` (its inputs exist: the stages before it have finished)."""
+
+    @abstractmethod
+    def start(self, chain: Chain, unit: Unit) -> Future:
+        """Run one unit that is not done yet; the future holds its value."""
+
+    def found(self, chain: Chain, unit: Unit) -> Any:
+        """The value of a unit that is already done, read from the store."""
+        return None
+
+    @abstractmethod
+    def finish(self, chain: Chain, outcomes: list[Outcome]) -> None:
+        """Pass what the units gave on to ``chain`` for the next stage; raise to fail the prompt."""
+
+    def close(self) -> None:
+        """No chain will run this stage again: let go of what it holds (most hold nothing between units)."""
+        return None
+
+
+def _raise_first(outcomes: list[Outcome]) -> None:
+    for _, value in outcomes:
+        if isinstance(value, BaseException):
+            raise value
+
+
+class Synthesis(Stage):
+    name, force = "synthesis", "synth"
+
+    def units(self, chain: Chain) -> list[Unit]:
+        prefix = artifacts.synth_prefix(chain.spec, self.batch.cfg)
+        return [Unit(prefix, f"synthesis of {chain.name}", "synthesis", prefix)]
+
+    def start(self, chain: Chain, unit: Unit) -> Future:
+        return self.batch.synthesizing.submit(self._synthesize, chain.spec)
+
+    def _synthesize(self, spec: PromptSpec) -> str:
+        with self.batch.engines.pools() as (generator, target):
+            return synthesize(spec, self.batch.cfg, generator, target, self.batch.store)
+
+    def finish(self, chain: Chain, outcomes: list[Outcome]) -> None:
+        _raise_first(outcomes)
+
+    def close(self) -> None:
+        self.batch.synthesizing.shutdown(wait=False, cancel_futures=True)
+        self.batch.engines.close()
+
+
+class Training(Stage):
+    """One Ray Train run per run of the sweep; a failing run stops no other, and the prompt goes on
+    with the runs that finished."""
+
+    name, force = "training", "train"
+
+    def units(self, chain: Chain) -> list[Unit]:
+        units = []
+        for run in self.batch.runs:
+            prefix, t = artifacts.train_prefix(chain.spec, run), run.train
+            what = f"training run {t.method} seed {t.seed} of {chain.name}"
+            units.append(Unit(prefix, what, "adapter", f"{prefix}/adapter", run))
+        return units
+
+    def start(self, chain: Chain, unit: Unit) -> Future:
+        cpus, gpus = self.batch.train_resources
+        return tasks.train_run.remote(chain.spec.to_json(), unit.run.to_dict(), cpus, gpus).future()
+
+    def finish(self, chain: Chain, outcomes: list[Outcome]) -> None:
+        errors = []
+        for unit, value in outcomes:
+            if not isinstance(value, BaseException):
+                chain.runs.append(unit.run)
+                continue
+            t = unit.run.train
+            log.error(
+                "[%s] training run %s (lambda %.2f, seed %d) failed: %s",
+                chain.name,
+                t.method,
+                t.pg_lambda,
+                t.seed,
+                unwrap(value),
+            )
+            errors.append(value)
+        if not chain.runs:
+            raise errors[0] if errors else GenPIError("no run finished")
+
+
+class Selection(Stage):
+    """A sweep's run chosen on the validation split; nothing to do when one run finished."""
+
+    name, force = "selection", "eval"
+
+    def units(self, chain: Chain) -> list[Unit]:
+        if len(chain.runs) < 2:
+            return []
+        prefix = artifacts.selection_prefix(chain.spec, chain.runs)
+        return [Unit(prefix, f"selection of {chain.name}", "selection", f"{prefix}/selection.json")]
+
+    def start(self, chain: Chain, unit: Unit) -> Future:
+        cpus, gpus = self.batch.eval_resources
+        task = tasks.select_task.options(num_cpus=cpus, num_gpus=gpus)
+        return task.remote(chain.spec.to_json(), [r.to_dict() for r in chain.runs]).future()
+
+    def found(self, chain: Chain, unit: Unit) -> Any:
+        return self.batch.store.get_json(unit.shown)
+
+    def finish(self, chain: Chain, outcomes: list[Outcome]) -> None:
+        _raise_first(outcomes)
+        chain.chosen = chain.runs[0]
+        for _, selection in outcomes:
+            chain.selection, chain.chosen = selection, chain.runs[selection["chosen"]]
+
+
+class Evaluation(Stage):
+    """The chosen run on the test split (and real inputs): gated, published when it passes."""
+
+    name, force = "evaluation", "eval"
+
+    def units(self, chain: Chain) -> list[Unit]:
+        prefix = artifacts.eval_prefix(chain.spec, chain.chosen, chain.real_inputs)
+        return [Unit(prefix, f"evaluation of {chain.name}", "evaluation", prefix, chain.chosen)]
+
+    def start(self, chain: Chain, unit: Unit) -> Future:
+        cpus, gpus = self.batch.eval_resources
+        task = tasks.evaluate_task.options(num_cpus=cpus, num_gpus=gpus)
+        return task.remote(chain.spec.to_json(), unit.run.to_dict(), chain.real_inputs).future()
+
+    def found(self, chain: Chain, unit: Unit) -> Any:
+        return self.batch.store.get_json(f"{unit.prefix}/report.json")
+
+    def finish(self, chain: Chain, outcomes: list[Outcome]) -> None:
+        _raise_first(outcomes)
+        ((_, report),) = outcomes
+        telemetry.gate_figures(chain.name, {f"{c['metric']}_{c['kind']}": c["value"] for c in report["gate"]["checks"]})
+        if chain.selection:
+            report = {**report, "selection": chain.selection}
+        chain.report = report
+        result, store, synth = chain.result, self.batch.store, artifacts.synth_prefix(chain.spec, self.batch.cfg)
+        t = chain.chosen.train
+        result.status, result.stage = "done", "evaluated"
+        result.run = (
+            f"{t.method}"
+            + (f" lambda {t.pg_lambda:g}" if t.method in PG_METHODS else "")
+            + f" seed {t.seed}"
+            + (f" (best of {len(chain.selection['runs'])} on validation)" if chain.selection else "")
+        )
+        result.passed, result.gate, result.published = (
+            report["gate"]["passed"],
+            report["gate"]["summary"],
+            report["published"],
+        )
+        result.artifacts = {
+            "adapter": store.location(f"{artifacts.train_prefix(chain.spec, chain.chosen)}/adapter"),
+            "report": report["location"],
+            "records": store.location(f"{synth}/records.jsonl"),
+            "quality": store.location(f"{synth}/quality.json"),
+        }
+
+
+def unwrap(error: BaseException) -> BaseException:
+    """A Ray task's error as the exception its task raised."""
+    if isinstance(error, ray.exceptions.RayTaskError):
+        return error.as_instanceof_cause()
+    return error
