@@ -10,6 +10,7 @@ float32, where greedy decoding is stable across batch shapes and kernels (bf16 i
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from genpi.chat import Conversation
@@ -41,9 +42,13 @@ def record(engine: Any, adapter: str, inputs: list[str]) -> list[dict[str, Any]]
     ]
 
 
-def verdict(engine: Any, adapter: str, probes: list[dict[str, Any]]) -> str | None:
+def verdict(
+    engine: Any, adapter: str, probes: list[dict[str, Any]], base_replies: dict[str, str] | None = None
+) -> str | None:
     """None when the served adapter answers every probe as recorded and differs from the base
-    model on at least one; otherwise why not (one line)."""
+    model on at least one; otherwise why not (one line). ``base_replies`` keeps the base model's
+    answers between checks on one engine (they never change), so a new version of a prompt with
+    the same probes costs only its own answers."""
     conversations = [p["messages"] for p in probes]
     max_tokens = int(probes[0].get("max_tokens", PROBE_TOKENS))
     served = answers(engine, conversations, adapter, max_tokens)
@@ -53,6 +58,11 @@ def verdict(engine: Any, adapter: str, probes: list[dict[str, Any]]) -> str | No
                 f"parity check failed: probe {k} answered {reply[:60]!r}, the trained adapter answered "
                 f"{probe['reply'][:60]!r}"
             )
-    if served == answers(engine, conversations, None, max_tokens):
+    known = {} if base_replies is None else base_replies
+    keys = [json.dumps([c, max_tokens], sort_keys=True) for c in conversations]
+    missing = [k for k in range(len(keys)) if keys[k] not in known]
+    for k, reply in zip(missing, answers(engine, [conversations[k] for k in missing], None, max_tokens)):
+        known[keys[k]] = reply
+    if served == [known[key] for key in keys]:
         return "parity check failed: the adapter answers every probe as the base model does (it changes nothing)"
     return None

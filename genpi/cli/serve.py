@@ -43,21 +43,21 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def check_published(cfg: GenPIConfig) -> int:
     """Print each published version's check; 1 when one fails."""
-    from genpi.serve.deployment import Rejected, check_adapter, serving_engine
+    from genpi.serve.deployment import ParityChecker, Rejected, serving_engine
 
     store = store_for(cfg.store)
-    engine = None
+    checker = None
     failed = 0
     for entry in registry.published(store):
-        engine = engine or serving_engine(cfg)
+        checker = checker or ParityChecker(cfg, serving_engine(cfg))
         with tempfile.TemporaryDirectory(prefix="genpi-check-") as tmp:
             try:
                 folder = registry.download(store, entry, Path(tmp))
-                outcome = check_adapter(engine, entry, folder, cfg)
+                outcome = checker.check(entry, folder)
             except (Rejected, registry.RegistryError) as e:
                 outcome, failed = f"FAILED: {e}", failed + 1
         print(f"{entry.name}: {outcome}")
-    if engine is None:
+    if checker is None:
         print(f"no published adapters in {store.url}")
     return 1 if failed else 0
 

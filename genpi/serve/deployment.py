@@ -88,26 +88,42 @@ def serving_engine(cfg: GenPIConfig, dtype: str | None = None) -> HFEngine:
     )
 
 
-def check_adapter(engine: HFEngine, entry: PublishedAdapter, folder: Path, cfg: GenPIConfig) -> str:
-    """Run the version's parity check; its outcome (``passed`` or unchecked), or Rejected saying why.
+class ParityChecker:
+    """Runs versions' parity checks for one replica.
 
-    Probes were answered in float32; an engine in another dtype gets a float32 twin for the check,
-    dropped afterwards."""
-    if not entry.probes:
-        return NO_PROBES
-    dtype = entry.probes[0].get("dtype", parity.PROBE_DTYPE)
-    checker = engine if dtype == cfg.models.target.dtype else serving_engine(cfg, dtype)
-    name = checker.add_adapter(folder)
-    try:
-        why = parity.verdict(checker, name, entry.probes)
-    finally:
-        if checker is not engine:
-            checker.remove_adapter(name)
-    if why and checker is engine:
-        engine.remove_adapter(name)
-    if why:
-        raise Rejected(why)
-    return "passed"
+    Probes were answered in float32; a replica in another dtype checks on a float32 twin of its
+    model. On CPU the twin is kept between checks (host memory; a newly published version is then
+    checked within seconds), on a GPU it is built per check and dropped. The base model's answers
+    to a probe are kept either way."""
+
+    def __init__(self, cfg: GenPIConfig, engine: HFEngine) -> None:
+        self.cfg, self.engine = cfg, engine
+        self.twins: dict[str, HFEngine] = {}
+        self.base_replies: dict[str, dict[str, str]] = {}  # dtype -> probe -> the base model's answer
+
+    def check(self, entry: PublishedAdapter, folder: Path) -> str:
+        """The version's check outcome (``passed`` or unchecked), or Rejected saying why."""
+        if not entry.probes:
+            return NO_PROBES
+        dtype = entry.probes[0].get("dtype", parity.PROBE_DTYPE)
+        checker = self.engine if dtype == self.cfg.models.target.dtype else self._twin(dtype)
+        name = checker.add_adapter(folder)
+        try:
+            why = parity.verdict(checker, name, entry.probes, self.base_replies.setdefault(dtype, {}))
+        finally:
+            if checker is not self.engine:
+                checker.remove_adapter(name)
+        if why and checker is self.engine:
+            self.engine.remove_adapter(name)
+        if why:
+            raise Rejected(why)
+        return "passed"
+
+    def _twin(self, dtype: str) -> HFEngine:
+        twin = self.twins.get(dtype) or serving_engine(self.cfg, dtype)
+        if str(twin.model.device) == "cpu":
+            self.twins[dtype] = twin
+        return twin
 
 
 @serve.deployment
@@ -118,6 +134,7 @@ class ModelServer:
         self.cfg = config_from_dict(settings["config"])
         self.store = store_for(self.cfg.store)
         self.engine = serving_engine(self.cfg)
+        self.checker = ParityChecker(self.cfg, self.engine)
         self.folders = Path(tempfile.mkdtemp(prefix="genpi-serve-adapters-"))
         self.held: dict[str, Held] = {}
         self.targets: dict[str, dict[str, Any]] = {}  # multiplexed id -> what it is (immutable)
@@ -158,7 +175,7 @@ class ModelServer:
                 await asyncio.to_thread(registry.download, self.store, entry, part)
                 folder.parent.mkdir(parents=True, exist_ok=True)
                 part.rename(folder)
-            outcome = await self.batcher.call(lambda: check_adapter(self.engine, entry, folder, self.cfg))
+            outcome = await self.batcher.call(lambda: self.checker.check(entry, folder))
             name = await self.batcher.call(lambda: self.engine.add_adapter(folder))
         except Exception as e:  # any version that does not load is refused, saying why
             if not isinstance(e, (Rejected, registry.RegistryError)):

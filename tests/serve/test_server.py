@@ -295,3 +295,54 @@ def test_the_api_key_is_required(base_url: str) -> None:
     assert requests.get(f"{base_url}/models").status_code == 401
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=base_url, api_key="sk-wrong", max_retries=0).models.list()
+
+
+def test_metrics_reach_the_prometheus_endpoint_by_prompt_and_mode(client: openai.OpenAI) -> None:
+    import ray
+
+    ask(client, "shell-agent")
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = (
+        "ray_genpi_requests",
+        "ray_genpi_prompt_tokens_saved",
+        "ray_genpi_request_latency_s",
+        "ray_genpi_adapter_loads",
+    )
+
+    def scrape() -> list[str]:
+        try:
+            body = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        except requests.RequestException:
+            return []
+        lines = [line for line in body.splitlines() if line.startswith("ray_genpi")]
+        return lines if all(any(line.startswith(w) for line in lines) for w in wanted) else []
+
+    lines = wait_for(scrape, timeout=90)
+    assert lines, f"no genpi series on :{port}/metrics"
+    assert any(
+        line.startswith("ray_genpi_requests") and 'prompt="shell-agent"' in line and 'mode="adapter"' in line
+        for line in lines
+    )
+    assert any(line.startswith("ray_genpi_adapter_loads") and 'prompt="shell-agent"' in line for line in lines)
+
+
+def test_a_replica_dying_mid_stream_ends_the_stream_with_an_error_event(base_url: str) -> None:
+    """Last in the module: Serve replaces the killed replica."""
+    import ray
+
+    body = {"model": "shell-agent", "messages": HELLO, "max_tokens": 1500, "temperature": 0, "stream": True}
+    headers = {"authorization": f"Bearer {KEY}"}
+    events: list[str] = []
+    with requests.post(f"{base_url}/chat/completions", json=body, headers=headers, stream=True, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines(decode_unicode=True):
+            if not line:
+                continue
+            events.append(line)
+            if len(events) == 2:  # the role chunk, then the first text: the reply is under way
+                replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "ModelServer" in a["name"]]
+                for actor in replicas:
+                    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["type"] == "server_error" and error["message"]
