@@ -50,8 +50,8 @@ def _stage_done(progress: Progress | None, prompt: str, stage: str, seconds: flo
 
 def _fail(result: PromptResult, stage: str, error: BaseException) -> None:
     result.status, result.stage = "failed", stage
-    if isinstance(error, ray.exceptions.RayTaskError):
-        error = error.as_instanceof_cause()
+    if isinstance(error, ray.exceptions.RayTaskError):  # a message for the user stays one line, no remote traceback
+        error = error.cause if isinstance(error.cause, GenPIError) else error.as_instanceof_cause()
     result.error = str(error) if isinstance(error, GenPIError) else f"{type(error).__name__}: {error}"
     log.error("[%s] %s failed: %s", result.name, stage, result.error)
     if not isinstance(error, GenPIError):
