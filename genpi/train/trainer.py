@@ -8,6 +8,7 @@ accumulated over micro-batches.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import tempfile
@@ -73,6 +74,15 @@ def load_for_training(cfg: TrainConfig, model_name: str, dtype: str) -> tuple[An
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora), tokenizer
+
+
+def sort_target_modules(config_file: Path) -> None:
+    """PEFT writes ``target_modules`` from a set, in an order that changes from one process to the
+    next: sorted, the same run gives the same adapter bytes."""
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], quantized: bool) -> torch.optim.Optimizer:
@@ -220,6 +230,7 @@ def train_adapter(
         if checkpoints is not None:
             checkpoint(epoch + 1, None)
     model.save_pretrained(str(out_dir))
+    sort_target_modules(Path(out_dir) / "adapter_config.json")
     trainable = sum(p.numel() for p in params)
     return {
         "method": objective.name,
