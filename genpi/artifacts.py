@@ -30,6 +30,8 @@ from genpi.prompt.spec import PromptSpec
 # the old code are not reused.
 SYNTH_VERSION = 3  # 3: no environment answer to the last turn; per-request hf seeds; resamples in one call
 TRAIN_VERSION = 2
+# train settings that change where and how often a run works, or which runs a sweep makes, never an adapter
+TRAIN_PLACEMENT = ("num_gpus", "num_cpus", "threads", "max_failures", "checkpoint_steps", "methods", "lambdas", "seeds")
 EVAL_VERSION = 4  # 3: the real inputs' set is named "real" (was "user"); 4: intervals on every figure
 
 
@@ -64,8 +66,8 @@ def train_key(cfg: GenPIConfig) -> dict[str, Any]:
     whatever ``pg_lambda`` says, and a sweep reuses every run it shares with an earlier one.
     """
     train = dataclasses.asdict(cfg.train)
-    for resource in ("num_gpus", "num_cpus", "threads", "max_failures", "methods", "lambdas", "seeds"):
-        train.pop(resource)
+    for placement in TRAIN_PLACEMENT:
+        train.pop(placement)
     read = set(METHOD_SETTINGS[cfg.train.method])
     for name in {n for settings in METHOD_SETTINGS.values() for n in settings} - read:
         train.pop(name)

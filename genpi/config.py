@@ -311,6 +311,12 @@ class TrainConfig:
     num_gpus: float = _f(1.0, "GPUs per training run (0 on CPU-only clusters)", low=0)
     num_cpus: float = _f(1.0, "CPUs reserved per training run", low=0)
     max_failures: int = _f(2, "times Ray Train restarts a run's failed worker from its last checkpoint", low=0)
+    checkpoint_steps: int = _f(
+        10,
+        "save the run's state every N optimizer steps as well as after each epoch (0: each epoch only); "
+        "a stopped run resumes from its newest checkpoint",
+        low=0,
+    )
     threads: int = _f(
         0, "torch CPU threads of a training run; 0 follows the run's CPU reservation (train.num_cpus)", low=0
     )

@@ -215,6 +215,5 @@ def test_a_run_key_ignores_settings_its_method_does_not_read() -> None:
     genpi = load_config("local")
     assert artifacts.train_hash(load_config("local", overrides={"train.pg_lambda": 0.5})) != artifacts.train_hash(genpi)
     assert artifacts.train_hash(load_config("local", overrides={"train.kl_weight": 3})) == artifacts.train_hash(genpi)
-    assert artifacts.train_hash(load_config("local", overrides={"train.max_failures": 5})) == artifacts.train_hash(
-        genpi
-    )
+    for placement in ({"train.max_failures": 5}, {"train.checkpoint_steps": 3}):
+        assert artifacts.train_hash(load_config("local", overrides=placement)) == artifacts.train_hash(genpi)

@@ -251,7 +251,8 @@ class Evaluation(Stage):
 
 
 def unwrap(error: BaseException) -> BaseException:
-    """A Ray task's error as the exception its task raised."""
+    """A Ray task's error as the exception its task raised (a GenPIError as itself: its one line,
+    without the remote traceback)."""
     if isinstance(error, ray.exceptions.RayTaskError):
-        return error.as_instanceof_cause()
+        return error.cause if isinstance(error.cause, GenPIError) else error.as_instanceof_cause()
     return error

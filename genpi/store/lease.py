@@ -3,7 +3,8 @@
 A lease is the object ``<stage prefix>.lease`` beside the stage's folder (never inside it, where its
 marker would vouch for it): who holds it and until when. It is created create-only, renewed while
 the stage runs and deleted when it ends; one left by a job that died expires after ``TTL_S`` and
-is then taken over. A job that finds a live lease gets :class:`LeaseHeld` naming the holder.
+is then taken over, at once when that job ran on this machine and its process is gone (a killed
+driver resubmitted). A job that finds a live lease gets :class:`LeaseHeld` naming the holder.
 """
 
 from __future__ import annotations
@@ -21,6 +22,28 @@ from genpi.store.base import ArtifactStore, check_prefix
 
 TTL_S = 300.0  # a lease not renewed for this long is abandoned (its job died)
 log = logging.getLogger(__name__)
+
+
+def _process_space() -> str:
+    """This machine and process namespace: where a holder's pid can be checked (empty: nowhere)."""
+    try:
+        return f"{socket.gethostname()} {os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+def _holder_is_gone(held: dict) -> bool:
+    """Whether the job holding ``held`` ran in this process namespace and its process has ended."""
+    pid = held.get("pid")
+    if not isinstance(pid, int) or not held.get("space") or held["space"] != _process_space():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, someone else's
+        return False
+    return False  # alive (or its pid reused: then the lease waits for its expiry)
 
 
 class LeaseHeld(StoreError):
@@ -55,7 +78,7 @@ class Leases:
             expires = float(held.get("expires_at", 0)) if isinstance(held, dict) else 0.0
             if isinstance(held, dict) and held.get("owner") == self.owner:  # ours (a retried create)
                 return self._hold(key, what)
-            if expires > time():
+            if expires > time() and not _holder_is_gone(held):
                 until = datetime.fromtimestamp(expires, UTC).isoformat(timespec="seconds")
                 raise LeaseHeld(
                     f"{what} is in progress in another job ({held.get('owner', '?')}; lease "
@@ -63,7 +86,7 @@ class Leases:
                     "has finished and its results are reused"
                 )
             log.warning(
-                "taking over %s: its job (%s) stopped renewing it",
+                "taking over %s: its job (%s) ended or stopped renewing it",
                 self.store.location(key),
                 held.get("owner", "?") if isinstance(held, dict) else "?",
             )
@@ -92,7 +115,13 @@ class Leases:
         self.close()
 
     def _record(self, what: str) -> dict:
-        return {"owner": self.owner, "what": what, "expires_at": time() + self.ttl_s}
+        return {
+            "owner": self.owner,
+            "what": what,
+            "expires_at": time() + self.ttl_s,
+            "space": _process_space(),
+            "pid": os.getpid(),
+        }
 
     def _holder(self, key: str) -> str | None:
         try:

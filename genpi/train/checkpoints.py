@@ -1,10 +1,12 @@
 """Training checkpoints: the state a run needs to resume exactly, and where it is kept.
 
 A checkpoint is one folder holding ``state.pt``: the LoRA weights, the optimizer state, the
-Python and torch RNG states, the epoch and step reached and the loss history. The learning rate
-is a function of the step (:func:`genpi.train.trainer.lr_factor`), so the step is the
-scheduler's state. Where checkpoints live is a :class:`Checkpoints`: a folder in the artifact
-store (:class:`StoreCheckpoints`), or Ray Train's own storage (:mod:`genpi.train.ray_run`).
+Python and torch RNG states, the epochs and steps done, the loss history and, when it was written
+inside an epoch (``train.checkpoint_steps``), that epoch's record order. The learning rate is a
+function of the step (:func:`genpi.train.trainer.lr_factor`), so the step is the scheduler's
+state. Where checkpoints live is a :class:`Checkpoints`: a folder in the artifact store
+(:class:`StoreCheckpoints`), or Ray Train's storage inside it (:mod:`genpi.train.ray_run`); either
+way a run resumes from the newest checkpoint that matches its digest.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import logging
 import pickle
 import random
 import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from genpi.errors import GenPIError
+from genpi.errors import ArtifactNotFound, GenPIError
 from genpi.store import ArtifactStore
 from genpi.store.base import file_digest
 
@@ -34,8 +38,19 @@ class Checkpoints(Protocol):
     def latest(self) -> Path | None:
         """A local folder holding the newest checkpoint, or None."""
 
-    def save(self, folder: Path, epoch: int, metrics: dict[str, Any]) -> None:
-        """Keep the checkpoint in ``folder`` (written after ``epoch`` epochs)."""
+    def save(self, folder: Path, step: int, metrics: dict[str, Any]) -> None:
+        """Keep the checkpoint in ``folder`` (written after ``step`` optimizer steps)."""
+
+
+@dataclass
+class Progress:
+    """Where a saved run stood: epochs and steps done, the loss history and, for a checkpoint
+    written inside an epoch, that epoch's record order (its steps so far are done)."""
+
+    epoch: int
+    step: int
+    history: list[dict[str, float]]
+    order: list[int] | None = None
 
 
 def save_state(
@@ -46,8 +61,10 @@ def save_state(
     epoch: int,
     step: int,
     history: list[dict[str, float]],
+    order: list[int] | None = None,
 ) -> None:
-    """Write everything a resumed run needs into ``folder``."""
+    """Write everything a resumed run needs into ``folder`` (``order``: the record order of the
+    epoch in progress, for a checkpoint inside it)."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
@@ -59,6 +76,7 @@ def save_state(
             "epoch": epoch,
             "step": step,
             "history": history,
+            "order": order,
         },
         folder / STATE_FILE,
     )
@@ -86,15 +104,28 @@ def usable(folder: Path | None) -> Path | None:
         return None
     problem = state_problem(folder)
     if problem:
-        log.warning("%s; training starts over", problem)
+        log.warning("%s; not resumed from it", problem)
         return None
     return folder
 
 
-def load_state(
-    folder: Path, model: Any, optimizer: torch.optim.Optimizer, rng: random.Random
-) -> tuple[int, int, list[dict[str, float]]]:
-    """Restore a saved state in place; returns (epochs done, steps done, loss history)."""
+def newest_usable(store: ArtifactStore, saved: Iterable[tuple[int, str]], scratch: Path) -> Path | None:
+    """The newest of the ``saved`` (steps done, store prefix) checkpoints that matches its digest,
+    downloaded below ``scratch``: one cut by a killed writer is passed over for the one before it."""
+    for step, prefix in sorted(saved, reverse=True):
+        folder = scratch / f"step-{step:06d}"
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            found = usable(store.download_dir(prefix, folder))
+        except ArtifactNotFound:  # deleted meanwhile (a newer one was kept)
+            continue
+        if found is not None:
+            return found
+    return None
+
+
+def load_state(folder: Path, model: Any, optimizer: torch.optim.Optimizer, rng: random.Random) -> Progress:
+    """Restore a saved state in place; returns where the run stood."""
     problem = state_problem(folder)
     if problem:
         raise GenPIError(f"{problem}; delete the run's checkpoints and rerun")
@@ -114,35 +145,29 @@ def load_state(
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["epoch"], state["step"], state["history"]
+    return Progress(state["epoch"], state["step"], state["history"], state.get("order"))
 
 
 class StoreCheckpoints:
-    """Checkpoints under ``{prefix}/epoch-NNNN/`` in the artifact store; only the newest is kept."""
+    """Checkpoints under ``{prefix}/step-NNNNNN/`` in the artifact store; only the newest is kept."""
 
     def __init__(self, store: ArtifactStore, prefix: str, scratch: Path) -> None:
         self.store, self.prefix, self.scratch = store, prefix, scratch
 
-    def _epochs(self) -> list[int]:
+    def _steps(self) -> list[int]:
         names = {key[len(self.prefix) + 1 :].split("/", 1)[0] for key in self.store.list_keys(self.prefix)}
         return sorted(
             int(n.split("-")[1])
             for n in names
-            if n.startswith("epoch-") and self.store.exists(f"{self.prefix}/{n}/{STATE_FILE}")
+            if n.startswith("step-") and self.store.exists(f"{self.prefix}/{n}/{STATE_FILE}")
         )
 
     def latest(self) -> Path | None:
-        epochs = self._epochs()
-        if not epochs:
-            return None
-        folder = self.scratch / f"epoch-{epochs[-1]:04d}"
-        shutil.rmtree(folder, ignore_errors=True)
-        self.store.download_dir(f"{self.prefix}/epoch-{epochs[-1]:04d}", folder)
-        return usable(folder)
+        return newest_usable(self.store, [(s, f"{self.prefix}/step-{s:06d}") for s in self._steps()], self.scratch)
 
-    def save(self, folder: Path, epoch: int, metrics: dict[str, Any]) -> None:
-        older = self._epochs()
-        self.store.upload_dir(folder, f"{self.prefix}/epoch-{epoch:04d}")
+    def save(self, folder: Path, step: int, metrics: dict[str, Any]) -> None:
+        older = self._steps()
+        self.store.upload_dir(folder, f"{self.prefix}/step-{step:06d}")
         for old in older:
-            if old != epoch:
-                self.store.delete_prefix(f"{self.prefix}/epoch-{old:04d}")
+            if old != step:
+                self.store.delete_prefix(f"{self.prefix}/step-{old:06d}")

@@ -1,12 +1,13 @@
 """One adapter = one Ray Train (V2) run.
 
 Each (prompt, run config) becomes a ``TorchTrainer`` with its own ``ScalingConfig`` (one worker
-with the run's CPUs and GPUs). The worker runs the training stage; its epoch checkpoints are
-reported through ``ray.train.report`` into Ray Train's storage, which lives inside the artifact
+with the run's CPUs and GPUs). The worker runs the training stage; its checkpoints (each epoch and
+every ``train.checkpoint_steps`` steps) are reported through ``ray.train.report`` into Ray Train's storage, which lives inside the artifact
 store under the run (``{run}/ray/<attempt>/``, a folder per attempt; an S3 store reaches the workers as a
 ``pyarrow.fs.S3FileSystem`` with the configured endpoint). A worker that dies is restarted by
-Ray Train from the latest checkpoint (``train.max_failures`` times); a job started again finds
-the newest checkpoint in the store and resumes from it; a finished run is never redone.
+Ray Train (``train.max_failures`` times) and a job started again makes a new attempt; either resumes
+from the newest complete checkpoint of any attempt in the store (not the one Ray Train registered
+last, which may be older); a finished run is never redone.
 """
 
 from __future__ import annotations
@@ -25,41 +26,36 @@ from genpi.config import GenPIConfig, config_from_dict
 from genpi.errors import GenPIError
 from genpi.prompt.spec import PromptSpec
 from genpi.store import ArtifactStore, store_for
-from genpi.train.checkpoints import STATE_FILE, usable
+from genpi.train.checkpoints import STATE_FILE, newest_usable
 
 QUEUE_TIMEOUT_S = 7 * 24 * 3600  # how long a submitted run may wait for its CPUs/GPUs
-_CHECKPOINT = re.compile(rf"/checkpoint_epoch-(\d+)/{re.escape(STATE_FILE)}$")
+_CHECKPOINT = re.compile(rf"/checkpoint_step-(\d+)/{re.escape(STATE_FILE)}$")
 
 
 class RayTrainCheckpoints:
-    """Checkpoints reported to Ray Train; found again through Ray Train or in the store."""
+    """Checkpoints reported to Ray Train, found again in the store: every attempt's folder is
+    searched, and the newest complete one wins (a restarted worker's too, since Ray Train may
+    have registered an older one than the last it stored)."""
 
     def __init__(self, store: ArtifactStore, ray_prefix: str, scratch: Path) -> None:
         self.store, self.ray_prefix, self.scratch = store, ray_prefix, scratch
 
     def latest(self) -> Path | None:
-        import ray.train
+        saved = [
+            (int(m.group(1)), key.rsplit("/", 1)[0])
+            for key in self.store.list_keys(self.ray_prefix)
+            if (m := _CHECKPOINT.search(key))
+        ]
+        return newest_usable(self.store, saved, self.scratch)
 
-        saved = ray.train.get_checkpoint()
-        if saved is not None:  # a restarted worker of this run
-            return usable(Path(saved.to_directory(str(self.scratch / "restored"))))
-        # every attempt's checkpoints (a folder each): the one of the most epochs
-        states = sorted(
-            (int(m.group(1)), key) for key in self.store.list_keys(self.ray_prefix) if (m := _CHECKPOINT.search(key))
-        )
-        if not states:  # a new run
-            return None
-        newest = states[-1][1].rsplit("/", 1)[0]
-        return usable(self.store.download_dir(newest, self.scratch / "from-store"))
-
-    def save(self, folder: Path, epoch: int, metrics: dict[str, Any]) -> None:
+    def save(self, folder: Path, step: int, metrics: dict[str, Any]) -> None:
         import ray.train
 
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         ray.train.report(
-            {**numbers, "epoch": epoch},
+            {**numbers, "step": step},
             checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-            checkpoint_dir_name=f"checkpoint_epoch-{epoch:04d}",
+            checkpoint_dir_name=f"checkpoint_step-{step:06d}",
         )
 
 

@@ -3,8 +3,8 @@
 Fixed lifecycle: find a finished run and return, or check that the prompt's PG examples fit
 the training length, read the prompt's synthesized records, split them by id (train / val /
 test; test records are never trained on), build the examples sized to the model's context,
-train with the configured objective (checkpointed each epoch; a run that finds a checkpoint
-resumes from it), upload the adapter with its provenance (``genpi.json``), write metrics and
+train with the configured objective (checkpointed each epoch and every ``train.checkpoint_steps``
+steps; a run that finds a checkpoint resumes from it), upload the adapter with its provenance (``genpi.json``), write metrics and
 a summary, mark the run done and drop its checkpoints.
 """
 
@@ -49,7 +49,7 @@ def train_prompt(
 ) -> str:
     """Train (or find) the adapter of ``spec`` under ``cfg``; returns the run's store prefix.
 
-    Each epoch's checkpoint goes to ``checkpoints`` (default: ``{run}/checkpoints/`` in the
+    Checkpoints go to ``checkpoints`` (default: ``{run}/checkpoints/`` in the
     store), and a run that finds one resumes from it.
     """
     from transformers import AutoTokenizer

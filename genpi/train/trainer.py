@@ -8,6 +8,7 @@ accumulated over micro-batches.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import tempfile
@@ -21,7 +22,7 @@ import torch
 from genpi.config import TrainConfig
 from genpi.devices import DTYPES, pick_device
 from genpi.models import resolve_model
-from genpi.train.checkpoints import Checkpoints, load_state, save_state
+from genpi.train.checkpoints import Checkpoints, Progress, load_state, save_state
 from genpi.train.examples import RecordExamples
 from genpi.train.objectives import Objective, objective_for
 
@@ -73,6 +74,15 @@ def load_for_training(cfg: TrainConfig, model_name: str, dtype: str) -> tuple[An
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora), tokenizer
+
+
+def sort_target_modules(config_file: Path) -> None:
+    """PEFT writes ``target_modules`` from a set, in an order that changes from one process to the
+    next: sorted, the same run gives the same adapter bytes."""
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], quantized: bool) -> torch.optim.Optimizer:
@@ -138,8 +148,9 @@ def train_adapter(
 
     ``on_step(step, loss, supervised tokens per second)`` is called after every optimizer step.
 
-    With ``checkpoints``, the run's state is saved after every epoch and a run that finds a saved
-    state resumes after its epoch: same losses, same adapter as a run never stopped.
+    With ``checkpoints``, the run's state is saved after every epoch and every
+    ``cfg.checkpoint_steps`` optimizer steps, and a run that finds a saved state resumes from it:
+    same losses, same adapter as a run never stopped.
     """
     objective = objective_for(cfg)
     train_examples, val_examples = objective.prepare(train_examples), objective.prepare(val_examples)
@@ -156,18 +167,26 @@ def train_adapter(
     objective.total_steps = total
     objective.start(model, tokenizer)
     rng = random.Random(cfg.seed)
-    history: list[dict[str, float]] = []
-    first_epoch, step = 0, 0
+    done = Progress(0, 0, [])
     saved = checkpoints.latest() if checkpoints else None
     if saved is not None:
-        first_epoch, step, history = load_state(saved, model, optimizer, rng)
-        log(f"resumed after epoch {first_epoch} (step {step}/{total}) from {saved}")
+        done = load_state(saved, model, optimizer, rng)
+        log(f"resumed at step {done.step}/{total} (epoch {done.epoch + 1}) from {saved}")
+    history, step, order = done.history, done.step, done.order
+
+    def checkpoint(epochs_done: int, epoch_order: list[int] | None) -> None:
+        with tempfile.TemporaryDirectory(prefix="genpi-ckpt-") as tmp:
+            save_state(Path(tmp), model, optimizer, rng, epochs_done, step, history, epoch_order)
+            checkpoints.save(Path(tmp), step, history[-1] if history else {})
+
     started, start_step = time.time(), step
-    for epoch in range(first_epoch, epochs):
-        order = list(range(len(train_examples)))
-        rng.shuffle(order)
+    for epoch in range(done.epoch, epochs):
+        if order is None:  # a new epoch (a checkpoint inside one brings that epoch's order)
+            order = list(range(len(train_examples)))
+            rng.shuffle(order)
         model.train()
-        for start in range(0, len(order), cfg.batch_size):
+        # every epoch before the last has steps_per_epoch steps: those of this one already done are skipped
+        for start in range((step - epoch * steps_per_epoch) * cfg.batch_size, len(order), cfg.batch_size):
             if step == total:
                 break
             step_started = time.time()
@@ -198,6 +217,10 @@ def train_adapter(
             if on_step is not None:
                 tokens = sum(objective.token_counts(batch).values())
                 on_step(step, losses["loss"], tokens / max(time.time() - step_started, 1e-9))
+            epoch_ends = step == total or start + cfg.batch_size >= len(order)
+            if checkpoints is not None and cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0 and not epoch_ends:
+                checkpoint(epoch, order)
+        order = None
         if val_examples and epoch == epochs - 1:  # held-out fidelity is the evaluate stage's; one loss here
             model.eval()
             with torch.no_grad():
@@ -205,17 +228,16 @@ def train_adapter(
             history[-1].update({f"val_{k}": v for k, v in val.items()})
             log(f"epoch {epoch + 1} validation loss {val['loss']:.4f}")
         if checkpoints is not None:
-            with tempfile.TemporaryDirectory(prefix="genpi-ckpt-") as tmp:
-                save_state(Path(tmp), model, optimizer, rng, epoch + 1, step, history)
-                checkpoints.save(Path(tmp), epoch + 1, history[-1] if history else {})
+            checkpoint(epoch + 1, None)
     model.save_pretrained(str(out_dir))
+    sort_target_modules(Path(out_dir) / "adapter_config.json")
     trainable = sum(p.numel() for p in params)
     return {
         "method": objective.name,
         "steps": step,
         "epochs": epochs,
         "seconds": round(time.time() - started, 2),
-        "resumed_after_epoch": first_epoch,
+        "resumed_at_step": done.step,
         "trainable_params": trainable,
         "total_params": sum(p.numel() for p in model.parameters()),
         "quantized_nf4": quantized,

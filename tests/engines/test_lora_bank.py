@@ -108,7 +108,9 @@ def test_adapters_it_cannot_serve_are_refused_saying_why(folders: list[Path], tm
     config = json.loads((wrong / "adapter_config.json").read_text())
     from safetensors.torch import load_file, save_file
 
-    tensors = {k.replace("q_proj", "embed_tokens"): v for k, v in load_file(wrong / "adapter_model.safetensors").items()}
+    tensors = {
+        k.replace("q_proj", "embed_tokens"): v for k, v in load_file(wrong / "adapter_model.safetensors").items()
+    }
     save_file(tensors, wrong / "adapter_model.safetensors")
     (wrong / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="not a linear layer"):

@@ -152,6 +152,31 @@ def test_an_abandoned_lease_expires(store: ArtifactStore) -> None:
     alive.close()
 
 
+def test_a_lease_of_a_killed_job_on_this_machine_is_taken_over_at_once(store: ArtifactStore) -> None:
+    import subprocess
+    import sys
+
+    from genpi.store.lease import LeaseHeld, Leases
+
+    killed = Leases(store)
+    killed.take("prompts/p/h/train/r", "training of p")
+    killed._stop.set()
+    lease = store.get_json("prompts/p/h/train/r.lease")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    store.put_json("prompts/p/h/train/r.lease", {**lease, "pid": int(gone.stdout)})  # a driver SIGKILLed
+    rerun = Leases(store)
+    rerun.take("prompts/p/h/train/r", "training of p")  # not 5 minutes later
+    assert store.get_json("prompts/p/h/train/r.lease")["owner"] == rerun.owner
+    # a live holder (this process), or one on another machine, keeps its lease until it expires
+    elsewhere = Leases(store)
+    with pytest.raises(LeaseHeld):
+        elsewhere.take("prompts/p/h/train/r", "training of p")
+    store.put_json("prompts/p/h/train/r.lease", {**lease, "pid": int(gone.stdout), "space": "other-host pid:[1]"})
+    with pytest.raises(LeaseHeld):
+        elsewhere.take("prompts/p/h/train/r", "training of p")
+    rerun.close()
+
+
 def test_replacing_a_model_folders_weights_changes_the_keys(tmp_path: Path) -> None:
     import shutil
 

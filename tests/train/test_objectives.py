@@ -266,23 +266,29 @@ class Interrupt(RuntimeError):
 
 
 class StopAfter:
-    """Checkpoints in a store that raise right after saving epoch ``epoch`` (a killed run)."""
+    """Checkpoints in a store that raise right after saving the one of step ``step`` (a killed run)."""
 
-    def __init__(self, inner, epoch: int) -> None:
-        self.inner, self.epoch = inner, epoch
+    def __init__(self, inner, step: int) -> None:
+        self.inner, self.step = inner, step
 
     def latest(self):
         return self.inner.latest()
 
-    def save(self, folder, epoch, metrics):
-        self.inner.save(folder, epoch, metrics)
-        if epoch == self.epoch:
-            raise Interrupt(f"killed after epoch {epoch}")
+    def save(self, folder, step, metrics):
+        self.inner.save(folder, step, metrics)
+        if step == self.step:
+            raise Interrupt(f"killed after step {step}")
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("method", ["genpi", "seqkd-kld", "onpolicy-kl"])
-def test_a_resumed_run_ends_with_the_same_losses_and_adapter(tokenizer, tmp_path, method: str) -> None:
+@pytest.mark.parametrize(
+    "method, checkpoint_steps, stop",
+    [("genpi", 0, 2), ("genpi", 1, 3), ("seqkd-kld", 1, 3), ("onpolicy-kl", 1, 3)],
+)
+def test_a_resumed_run_ends_with_the_same_losses_and_adapter(
+    tokenizer, tmp_path, method: str, checkpoint_steps: int, stop: int
+) -> None:
+    """Stopped after an epoch (step 2 of 3 epochs x 2 steps), or inside one (step 3, checkpointing every step)."""
     from safetensors.torch import load_file
 
     from genpi.store import LocalStore
@@ -302,6 +308,7 @@ def test_a_resumed_run_ends_with_the_same_losses_and_adapter(tokenizer, tmp_path
         pg_fraction=0.5,
         onpolicy_warmup=0.3,
         onpolicy_max_tokens=6,
+        checkpoint_steps=checkpoint_steps,
     )  # dropout and on-policy sampling: the torch RNG state matters too
     store = LocalStore(tmp_path / "store")
     whole = train_adapter(
@@ -324,18 +331,20 @@ def test_a_resumed_run_ends_with_the_same_losses_and_adapter(tokenizer, tmp_path
             examples[4:],
             tmp_path / "cut",
             log=lambda _: None,
-            checkpoints=StopAfter(saved, 1),
+            checkpoints=StopAfter(saved, stop),
         )
-    assert saved._epochs() == [1]
+    assert saved._steps() == [stop]  # only the newest checkpoint is kept
     lines: list[str] = []
     resumed = train_adapter(
         cfg, TINY, "float32", examples[:4], examples[4:], tmp_path / "resumed", log=lines.append, checkpoints=saved
     )
-    assert resumed["resumed_after_epoch"] == 1 and lines[0].startswith("resumed after epoch 1 (step 2/6)")
+    assert resumed["resumed_at_step"] == stop
+    assert lines[0].startswith(f"resumed at step {stop}/6 (epoch {stop // 2 + 1})")
+    assert len(lines) == 1 + 6 - stop + 1  # the steps left and the validation line
     assert resumed["history"] == whole["history"]  # the same loss curve, step for step
     a, b = (
         load_file(tmp_path / "whole/adapter_model.safetensors"),
         load_file(tmp_path / "resumed/adapter_model.safetensors"),
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert saved._epochs() == [3]  # only the newest checkpoint is kept
+    assert saved._steps() == [6]

@@ -68,6 +68,7 @@ def test_train_adapter_writes_a_loadable_lora_adapter(tokenizer, tmp_path: Path)
     assert any(k.endswith("lora_B.weight") and w.abs().sum() > 0 for k, w in weights.items())  # it trained
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 2 and config["lora_alpha"] == 4
+    assert config["target_modules"] == sorted(config["target_modules"])  # the same bytes from every process
 
     base = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32)
     loaded = PeftModel.from_pretrained(base, str(out))
