@@ -9,8 +9,9 @@ and later a new version (hot publish). It starts ``genpi serve`` on that copy, m
 
 - ``concurrent_vs_prompt``: 16 concurrent 5-turn conversations on one prompt, completion tokens
   per second, adapter / prompt mode;
-- ``batch1_vs_cached``, ``batch1_vs_recompute``: one conversation, seconds per turn of turns 2-5,
-  adapter / prompt mode, and adapter / the engine's own time with the prompt recomputed every turn;
+- ``batch1_vs_cached``, ``batch1_vs_recompute``: one conversation, seconds per completion token
+  over turns 2-5 (each turn's prefill included; the modes' replies differ in length), adapter /
+  prompt mode, and adapter / the engine's own time with the prompt recomputed every turn;
 - ``mixed_vs_single``: 16 clients over 4 adapters / 16 clients on one adapter, tokens per second;
 - ``http_overhead``: the adapter's batch-1 turns over HTTP / the same requests on an engine in
   this process (same model, dtype, threads, adapter, turn cache);
@@ -168,17 +169,18 @@ def concurrent(client: Any, models: list[str], inputs: list[str], turns: int, to
 
 def engine_turns(
     engine: Any, adapter: str | None, transcript: list[dict[str, Any]], prefix: list[dict[str, str]], tokens: int
-) -> list[float]:
-    """Seconds per turn of the same requests on an engine in this process (``prefix``: the prompt's turns)."""
+) -> list[dict[str, Any]]:
+    """Seconds and completion tokens per turn of the same requests on an engine in this process
+    (``prefix``: the prompt's turns)."""
     from genpi.engines.base import SamplingParams
 
     params = SamplingParams(max_new_tokens=tokens, temperature=0.0)
-    seconds = []
+    out = []
     for turn in transcript:
         started = time.perf_counter()
-        engine.generate([prefix + turn["messages"]], params, [adapter])
-        seconds.append(time.perf_counter() - started)
-    return seconds
+        gen = engine.generate([prefix + turn["messages"]], params, [adapter])[0]
+        out.append({"seconds": time.perf_counter() - started, "tokens": gen.output_tokens})
+    return out
 
 
 def phase(name: str, figures: dict[str, Any]) -> dict[str, Any]:
@@ -249,7 +251,9 @@ def main() -> None:
         adapter_turns = conversation_turns(client, args.prompt, inputs[0], args.turns, args.tokens)
         prompt_turns = conversation_turns(client, fallback_name, inputs[0], args.turns, args.tokens)
         torch.set_num_threads(args.threads)
-        engine = HFEngine(entry.base_model, dtype="bfloat16", threads=args.threads, batch_size=args.clients)
+        engine = HFEngine(  # the server's adapter path: a batch of one adapter on merged weights
+            entry.base_model, dtype="bfloat16", threads=args.threads, batch_size=args.clients, max_merged=1
+        )
         folder = registry.download(store, entry, work / "adapter")
         name = engine.add_adapter(folder)
         engine_turns(engine, name, adapter_turns[:1], [], args.tokens)  # warm
@@ -259,14 +263,15 @@ def main() -> None:
         recompute = engine_turns(engine, None, prompt_turns, prompt_messages, args.tokens)
         del engine
 
-        def later(values: list[float]) -> float:
-            return sum(values[1:]) / max(1, len(values) - 1)
+        def per_token(turns: list[dict[str, Any]]) -> float:
+            """Seconds per completion token of turns 2.. (replies differ in length between modes)."""
+            return sum(t["seconds"] for t in turns[1:]) / max(1, sum(t["tokens"] for t in turns[1:]))
 
         batch1 = {
-            "adapter_s": later([t["seconds"] for t in adapter_turns]),
-            "prompt_cached_s": later([t["seconds"] for t in prompt_turns]),
-            "prompt_recomputed_s": later(recompute),
-            "adapter_engine_s": later(own_adapter),
+            "adapter_s_per_token": per_token(adapter_turns),
+            "prompt_cached_s_per_token": per_token(prompt_turns),
+            "prompt_recomputed_s_per_token": per_token(recompute),
+            "adapter_engine_s_per_token": per_token(own_adapter),
             "adapter_tokens": [t["tokens"] for t in adapter_turns],
             "prompt_tokens": [t["tokens"] for t in prompt_turns],
         }
@@ -291,10 +296,12 @@ def main() -> None:
             time.sleep(0.1)
         result = {
             "concurrent_vs_prompt": round(single["tokens_per_s"] / prompted["tokens_per_s"], 3),
-            "batch1_vs_cached": round(batch1["adapter_s"] / batch1["prompt_cached_s"], 3),
-            "batch1_vs_recompute": round(batch1["adapter_s"] / batch1["prompt_recomputed_s"], 3),
+            "batch1_vs_cached": round(batch1["adapter_s_per_token"] / batch1["prompt_cached_s_per_token"], 3),
+            "batch1_vs_recompute": round(batch1["adapter_s_per_token"] / batch1["prompt_recomputed_s_per_token"], 3),
             "mixed_vs_single": round(mixed["tokens_per_s"] / single["tokens_per_s"], 3),
-            "http_overhead": round(sum(t["seconds"] for t in adapter_turns) / sum(own_adapter), 3),
+            "http_overhead": round(
+                sum(t["seconds"] for t in adapter_turns) / sum(t["seconds"] for t in own_adapter), 3
+            ),
             "hot_publish_s": hot_s,
             "detail": {
                 "batch1": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in batch1.items()},

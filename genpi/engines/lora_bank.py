@@ -7,9 +7,10 @@ forward, what the engine asked for:
 - **one adapter for the whole batch** (:meth:`LoraBank.use`): the same operations as PEFT's LoRA
   layer (factors in float32, the base output added in float32, cast back), so a reply equals
   PEFT's bit for bit;
-- **an adapter per row** (:meth:`LoraBank.use_rows`): each layer stacks the batch's adapters'
-  factors once per ``generate`` call; two products and a row mask a layer whatever the mix (a
-  base-model row is masked out), instead of PEFT's loop over the adapters in the batch;
+- **an adapter per row** (:meth:`LoraBank.use_rows`): the batch's adapters' ``A`` stacked per
+  group of layers fed one input (q/k/v) with a row mask (a base-model row is masked out), their
+  ``B`` appended to each layer's weight: one extra small product per group and one product per
+  layer whatever the mix, instead of PEFT's loop over the adapters in the batch;
 - **merged** (:meth:`LoraBank.use` with ``merge=True``): ``W + scale * B @ A`` built once per
   adapter into fresh contiguous tensors (at most ``max_merged`` kept, least recently used
   dropped) and swapped into the layers for the batch: the base model's own speed.
@@ -49,6 +50,25 @@ class Factors:
         self.a, self.b, self.scale = a, b, scale
 
 
+class SharedInput:
+    """The ``A`` products of layers that sit side by side (one parent, one input width: q/k/v/o,
+    gate/up) for one call: layers fed the same tensor (q, k and v read one hidden state) compute
+    their stacked product once and each takes its slice."""
+
+    def __init__(self, a: torch.Tensor, mask: torch.Tensor) -> None:
+        self.a, self.mask = a, mask  # in the model's dtype
+        self.x: torch.Tensor | None = None
+        self.h: torch.Tensor | None = None
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        if x is not self.x:
+            if x.shape[0] != self.mask.shape[0]:
+                raise ModelError(f"a batch of {x.shape[0]} rows met per-row adapters for {self.mask.shape[0]}")
+            self.x, self.h = x, F.linear(x, self.a) * self.mask
+        assert self.h is not None
+        return self.h
+
+
 class BankedLinear(nn.Module):
     """A linear layer plus the LoRA factors of every loaded adapter that touches it."""
 
@@ -56,10 +76,12 @@ class BankedLinear(nn.Module):
         super().__init__()
         self.base = base
         self.factors: dict[str, Factors] = {}
-        self.rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # A, B, row mask of a call
+        self.rows: tuple[SharedInput, slice, torch.Tensor] | None = None  # A products, its slice, [W | B]
         self._bank = [bank]  # in a list: not a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is not None:
+            return self.forward_rows(x)
         out = self.base(x)
         bank = self._bank[0]
         if bank.active is not None:
@@ -68,12 +90,12 @@ class BankedLinear(nn.Module):
                 return out
             # PEFT's LoRA forward for an adapter kept in float32 over bf16 weights, op for op.
             return (out + F.linear(F.linear(x.to(f.a.dtype), f.a), f.b) * f.scale).to(out.dtype)
-        if self.rows is not None:
-            a, b, mask = self.rows
-            if x.shape[0] != mask.shape[0]:
-                raise ModelError(f"a batch of {x.shape[0]} rows met per-row adapters for {mask.shape[0]}")
-            return (out + F.linear(F.linear(x.to(a.dtype), a) * mask, b)).to(out.dtype)
         return out
+
+    def forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """An adapter per row: ``[x | x A_k masked] @ [W | B_k]^T``, one product with the base weights."""
+        shared, part, extended = self.rows  # type: ignore[misc]
+        return F.linear(torch.cat([x, shared.product(x)[..., part]], dim=-1), extended, self.base.bias)
 
 
 def read_adapter(folder: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float, dict]:
@@ -115,6 +137,7 @@ class LoraBank:
         self.configs: dict[str, dict] = {}  # each loaded adapter's adapter_config.json
         self.active: str | None = None  # the one adapter of the current forward, unmerged
         self._merged: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._stacked: tuple[tuple[str, ...], list] | None = None  # the last mixed batch's adapters and stacks
 
     def add(self, name: str, folder: Path) -> None:
         """Load the LoRA adapter in ``folder`` as ``name``."""
@@ -149,6 +172,8 @@ class LoraBank:
         for wrapped in self.layers.values():
             wrapped.factors.pop(name, None)
         self._merged.pop(name, None)
+        if self._stacked is not None and name in self._stacked[0]:
+            self._stacked = None
         del self.configs[name]
 
     @contextlib.contextmanager
@@ -181,32 +206,60 @@ class LoraBank:
     def use_rows(self, names: list[str | None]) -> Iterator[None]:
         """Row ``i`` with adapter ``names[i]`` (None: the base model), for one batch of ``len(names)``.
 
-        Each layer stacks the factors of the adapters in the batch once: ``A`` of all of them in one
-        product, a mask keeping each row's own block, ``B`` of all of them in a second product. The
-        factors are read once per step, not once per row."""
-        distinct = sorted({n for n in names if n is not None})
-        for wrapped in self.layers.values():
-            present = [(n, wrapped.factors[n]) for n in distinct if n in wrapped.factors]
-            if not present:
-                continue
-            device = wrapped.base.weight.device
-            a = torch.cat([f.a for _, f in present]).to(device)
-            b = torch.cat([f.b * f.scale for _, f in present], dim=1).to(device)
-            mask = torch.zeros(len(names), 1, a.shape[0], device=device)
-            start = 0
-            for name, f in present:
-                end = start + f.a.shape[0]
+        The factors of the adapters in the batch are stacked: ``A`` of every layer of a group
+        (:class:`SharedInput`) and adapter in one product, a mask keeping each row's own blocks,
+        and each layer's weight extended with its stacked ``B`` columns, so the base product and the
+        adapters' are one matrix product. The stacks are kept for the next batch of the same
+        adapters (one more copy of the adapted layers' weights)."""
+        distinct = tuple(sorted({n for n in names if n is not None}))
+        stacks = self._stacks(distinct)
+        for (a, blocks), layers in stacks:
+            mask = torch.zeros(len(names), 1, a.shape[0], dtype=a.dtype, device=a.device)
+            for (start, end), name in blocks:
                 for row, wanted in enumerate(names):
                     if wanted == name:
                         mask[row, 0, start:end] = 1
-                start = end
-            wrapped.rows = (a, b, mask)
+            shared = SharedInput(a, mask)
+            for wrapped, part, extended in layers:
+                wrapped.rows = (shared, part, extended)
         try:
             yield
         finally:
             for wrapped in self.layers.values():
                 wrapped.rows = None
 
+    @torch.no_grad()
+    def _stacks(self, distinct: tuple[str, ...]) -> list:
+        """Per group of layers: its stacked ``A``, each block's adapter, and per layer its slice and ``[W | B]``."""
+        if self._stacked is not None and self._stacked[0] == distinct:
+            return self._stacked[1]
+        self._stacked = None  # the old stacks' memory goes before the new ones are built
+        groups: dict[tuple[str, int], list[tuple[BankedLinear, list[str]]]] = {}
+        for layer, wrapped in self.layers.items():
+            present = [n for n in distinct if n in wrapped.factors]
+            if present:
+                groups.setdefault((layer.rpartition(".")[0], wrapped.base.in_features), []).append((wrapped, present))
+        stacks = []
+        for members in groups.values():
+            weight = members[0][0].base.weight
+            parts, blocks, layers, start = [], [], [], 0
+            for wrapped, present in members:
+                first = start
+                for name in present:
+                    f = wrapped.factors[name]
+                    parts.append(f.a)
+                    blocks.append(((start, start + f.a.shape[0]), name))
+                    start += f.a.shape[0]
+                b = torch.cat([wrapped.factors[n].b * wrapped.factors[n].scale for n in present], dim=1)
+                w = wrapped.base.weight
+                extended = torch.cat([w, b.to(device=w.device, dtype=w.dtype)], dim=1)
+                layers.append((wrapped, slice(first, start), extended))
+            a = torch.cat(parts).to(device=weight.device, dtype=weight.dtype)
+            stacks.append(((a, blocks), layers))
+        self._stacked = (distinct, stacks)
+        return stacks
+
+    @torch.no_grad()
     def _merged_weights(self, name: str) -> dict[str, torch.Tensor]:
         if name in self._merged:
             self._merged.move_to_end(name)

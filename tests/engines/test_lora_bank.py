@@ -75,6 +75,12 @@ def test_rows_mix_adapters_and_the_base_model_as_each_alone(folders: list[Path])
     for row, name in enumerate(names):
         torch.testing.assert_close(mixed[row], alone[name][row], rtol=1e-5, atol=1e-5)
     assert all(layer.rows is None for layer in bank.layers.values())  # nothing left behind
+    with bank.use_rows(["a", "a", None]):  # another mix of the same adapters: the stacks are reused
+        again = logits(model)
+    torch.testing.assert_close(again[:2], alone["a"][:2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again[2], alone[None][2], rtol=1e-5, atol=1e-5)
+    bank.remove("a")  # its stacked columns go with it
+    assert bank._stacked is None
 
 
 def test_merged_weights_answer_as_the_factors_and_are_dropped_least_recently_used(folders: list[Path]) -> None:
