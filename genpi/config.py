@@ -394,7 +394,7 @@ class ServeConfig:
         high=64,
     )
     batch_window_ms: float = _f(
-        5.0,
+        40.0,
         "requests arriving within this window of the first go to the engine as "
         "one batch (mixed adapters in one forward)",
         low=0,

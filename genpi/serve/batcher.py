@@ -1,7 +1,10 @@
 """One engine, one thread: requests that arrive together become one ``generate`` call.
 
-A replica's requests (any adapter, or none) queue here; the thread takes the first, waits up to
-the batching window for more, and runs them as one call with an adapter per request, so requests
+A replica's requests (any adapter, or none) queue here; the thread takes the first and waits for
+more, and runs them as one call. How long it waits: when batches just ended, for as many requests
+as they held (their clients' next turns: conversations that drifted into two half-full batches
+join up again, and a lone client's next turn does not wait at all), at most ``REJOIN_S``;
+otherwise up to the batching window. It runs them as one call with an adapter per request, so requests
 for different adapters share one forward (the engine's mixed-adapter batch). Requests with
 different sampling settings go in separate calls. Engine chores (load an adapter, check it, pin a
 prompt's KV, free memory) run on the same thread between batches, in the order they were asked.
@@ -25,6 +28,7 @@ from genpi.engines.base import SamplingParams
 log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
+REJOIN_S = 0.25  # the longest wait for the clients of batches that just ended
 
 
 class TextStream:
@@ -80,6 +84,7 @@ class Batcher:
         self.engine, self.window_s, self.max_batch, self.tidy = engine, window_s, max_batch, tidy
         self.queue: queue.Queue[Job | tuple[Callable[[], Any], Future] | None] = queue.Queue()
         self.batches = 0
+        self.ended: list[tuple[float, float, int]] = []  # recent batches: when each ended, its seconds, its requests
         self.thread = threading.Thread(target=self._run, name="genpi-engine", daemon=True)
         self.thread.start()
 
@@ -101,9 +106,14 @@ class Batcher:
                 self._chore(*item)
                 continue
             batch, chores = [item], []
-            deadline = time.monotonic() + self.window_s
+            now = time.monotonic()
+            expected = self._returning(now)
+            want = min(self.max_batch, expected) if expected else self.max_batch
+            deadline = now + (max(REJOIN_S, self.window_s) if expected else self.window_s)
             while len(batch) < self.max_batch:
-                left = deadline - time.monotonic()
+                left = deadline - time.monotonic() if len(batch) < want else 0
+                if left <= 0 and self.queue.empty():
+                    break
                 try:
                     more = self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
                 except queue.Empty:
@@ -113,16 +123,27 @@ class Batcher:
                     continue
                 chores.append(more)  # it waits for this batch; so does everything queued after it
                 break
+            started = time.monotonic()
             try:
                 self._generate(batch)
             except Exception as e:  # the thread must outlive any batch: its requests get the error
                 log.exception("a batch of %d failed", len(batch))
                 for job in batch:
                     job.emit({"error": f"generation failed: {e}"})
+            ended = time.monotonic()
+            self.ended = [*self.ended[-15:], (ended, ended - started, len(batch))]
             for chore in chores:
                 if chore is None:
                     return
                 self._chore(*chore)
+
+    def _returning(self, now: float) -> int:
+        """Requests of the batches that ended within the last batch's time (plus a second): their
+        clients' next turns are likely on their way (or queued already)."""
+        if not self.ended:
+            return 0
+        horizon = self.ended[-1][1] + 1.0
+        return sum(size for ended, _, size in self.ended if now - ended <= horizon)
 
     def _chore(self, chore: Callable[[], Any], future: Future) -> None:
         try:
