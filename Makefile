@@ -13,7 +13,7 @@ VLLM_SHA256 := ad44bdad85566b1532aa95066d6c92a5f6715867efe7df9cf2178f182af814c6
 # Tests that start servers run in a network namespace that has loopback only.
 ISOLATE := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
 
-.PHONY: install install-vllm run heldout serve test test-slow quality format clean-artifacts
+.PHONY: install install-vllm run heldout serve test test-slow test-cluster quality format clean-artifacts
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ test: $(STAMP) $(VLLM_STAMP)
 
 test-slow: $(STAMP) $(VLLM_STAMP)
 	$(ISOLATE) sh -c 'ip link set lo up 2>/dev/null; exec $(PY) -m pytest -q -m slow tests $(PYTEST_ARGS)'
+
+# The cluster tests CI runs beside `make test` (about 11 min): the job killed mid-stage and rerun,
+# and `ray job submit` to a two-node cluster with the store on S3.
+test-cluster: $(STAMP) $(VLLM_STAMP)
+	$(ISOLATE) sh -c 'ip link set lo up 2>/dev/null; exec $(PY) -m pytest -q -m slow tests/batch/test_failures.py tests/batch/test_submit.py $(PYTEST_ARGS)'
 
 # Lint and format check (ruff, pinned in the test extra); `make format` rewrites the files.
 quality: $(STAMP)

@@ -289,7 +289,8 @@ def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactSto
     """Synthesize (or find) every prompt's records on one set of engine pools; returns the failures."""
     chains = [Chain(s, PromptResult(s.name, s.prompt_hash), []) for s in specs]
     with Leases(store) as leases:
-        Graph(chains, [Synthesis(Batch(cfg, store))], store, leases).run()
+        batch = Batch(cfg, store, runs=[], train_resources=(0.0, 0.0), eval_resources=(0.0, 0.0))  # synthesis only
+        Graph(chains, [Synthesis(batch)], store, leases).run()
     return {c.name: GenPIError(c.result.error) for c in chains if _failed(c)}
 
 

@@ -1,0 +1,104 @@
+"""The replica's engine thread with a scripted engine: who shares a batch, and failures mid-batch."""
+
+from __future__ import annotations
+
+import queue
+import time
+from typing import Any
+
+from genpi.engines.base import Generation, SamplingParams
+from genpi.serve.batcher import Batcher, Job
+
+PARAMS = SamplingParams(max_new_tokens=4)
+
+
+class ScriptedEngine:
+    """Answers each conversation with its own text after ``seconds``; ``fail`` raises after the first token."""
+
+    def __init__(self, seconds: float = 0.05) -> None:
+        self.seconds, self.fail = seconds, False
+        self.adapters: list[str] = []
+        self.calls: list[int] = []
+
+    def add_adapter(self, name: str) -> str:
+        self.adapters.append(name)
+        return name
+
+    def generate(self, conversations: list, params: SamplingParams, adapters: list, on_token: Any = None) -> list:
+        self.calls.append(len(conversations))
+        if on_token is not None:
+            for i in range(len(conversations)):
+                on_token(i, 7)
+        if self.fail:
+            raise RuntimeError("the device fell over")
+        time.sleep(self.seconds)
+        return [Generation(c[-1]["content"], "stop", 3, 1) for c in conversations]
+
+
+class Token:
+    """A stream that turns every token into the delta ``tok``."""
+
+    def push(self, token: int) -> str:
+        return "tok"
+
+    def finish(self, final: str) -> str:
+        return ""
+
+
+def job(text: str, events: queue.Queue, stream: bool = False) -> Job:
+    return Job([{"role": "user", "content": text}], PARAMS, None, events.put, Token() if stream else None)
+
+
+def events_of(events: queue.Queue, count: int) -> list[dict]:
+    return [events.get(timeout=10) for _ in range(count)]
+
+
+def test_clients_of_a_batch_that_just_ended_rejoin_one_batch() -> None:
+    engine = ScriptedEngine()
+    batcher = Batcher(engine, window_s=0.0, max_batch=16, tidy=lambda: None)
+    events: queue.Queue = queue.Queue()
+    try:
+        for k in range(3):
+            batcher.submit(job(f"first {k}", events))
+        events_of(events, 3)
+        assert engine.calls == [3]
+        batcher.submit(job("second 0", events))  # two clients answer at once, the third a little later
+        batcher.submit(job("second 1", events))
+        time.sleep(0.1)
+        batcher.submit(job("second 2", events))
+        events_of(events, 3)
+        assert engine.calls == [3, 3]  # with no window at all, the late one still joined
+    finally:
+        batcher.stop()
+
+
+def test_a_lone_clients_next_turn_does_not_wait_for_the_window() -> None:
+    engine = ScriptedEngine(seconds=0.0)
+    batcher = Batcher(engine, window_s=0.5, max_batch=16, tidy=lambda: None)
+    events: queue.Queue = queue.Queue()
+    try:
+        batcher.submit(job("turn 1", events))
+        events_of(events, 1)
+        started = time.monotonic()
+        batcher.submit(job("turn 2", events))
+        events_of(events, 1)
+        assert time.monotonic() - started < 0.4  # the first turn waited out the window; the next did not
+    finally:
+        batcher.stop()
+
+
+def test_a_batch_that_fails_mid_stream_sends_its_requests_the_error_and_the_thread_goes_on() -> None:
+    engine = ScriptedEngine()
+    batcher = Batcher(engine, window_s=0.0, max_batch=16, tidy=lambda: None)
+    events: queue.Queue = queue.Queue()
+    try:
+        engine.fail = True
+        batcher.submit(job("doomed", events, stream=True))
+        delta, error = events_of(events, 2)
+        assert delta == {"delta": "tok"} and "the device fell over" in error["error"]
+        engine.fail = False
+        batcher.submit(job("next", events))
+        (done,) = events_of(events, 1)
+        assert done["done"]["text"] == "next"
+    finally:
+        batcher.stop()
