@@ -101,6 +101,12 @@ def test_ray_job_submit_on_two_nodes_with_the_store_on_s3(cluster: Cluster, s3_e
     second = cluster.start(
         f"--address=127.0.0.1:{cluster.port}", "--node-ip-address=127.0.0.1", "--num-cpus=3", f"--temp-dir={temp}-2"
     )
+    # joined before the job starts: the job sizes its training tasks by the cluster it finds
+    log = cluster.root / "node-1.log"
+    deadline = time.monotonic() + 120
+    while "Ray runtime started" not in log.read_text():
+        assert second.is_running() and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(1)
 
     seen: set[str] = set()
     stop = threading.Event()
