@@ -31,7 +31,17 @@ from genpi.prompt.spec import PromptSpec
 SYNTH_VERSION = 3  # 3: no environment answer to the last turn; per-request hf seeds; resamples in one call
 TRAIN_VERSION = 2
 # train settings that change where and how often a run works, or which runs a sweep makes, never an adapter
-TRAIN_PLACEMENT = ("num_gpus", "num_cpus", "threads", "max_failures", "checkpoint_steps", "methods", "lambdas", "seeds")
+TRAIN_PLACEMENT = (
+    "num_gpus",
+    "num_cpus",
+    "threads",
+    "max_failures",
+    "checkpoint_steps",
+    "timeout_s",
+    "methods",
+    "lambdas",
+    "seeds",
+)
 EVAL_VERSION = 4  # 3: the real inputs' set is named "real" (was "user"); 4: intervals on every figure
 
 
@@ -82,7 +92,7 @@ def train_key(cfg: GenPIConfig) -> dict[str, Any]:
 def eval_key(cfg: GenPIConfig) -> dict[str, Any]:
     """Everything an evaluation depends on besides the adapter it scores (hashed into its key)."""
     evaluation = dataclasses.asdict(cfg.eval)
-    for resource in ("num_gpus", "num_cpus", "threads", "batch_size"):
+    for resource in ("num_gpus", "num_cpus", "threads", "batch_size", "timeout_s"):
         evaluation.pop(resource)
     return {
         "version": EVAL_VERSION,

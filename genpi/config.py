@@ -311,6 +311,12 @@ class TrainConfig:
     num_gpus: float = _f(1.0, "GPUs per training run (0 on CPU-only clusters)", low=0)
     num_cpus: float = _f(1.0, "CPUs reserved per training run", low=0)
     max_failures: int = _f(2, "times Ray Train restarts a run's failed worker from its last checkpoint", low=0)
+    timeout_s: float = _f(
+        21600.0,
+        "seconds a training run may take; past it the run is cancelled and its prompt fails "
+        "(finished runs and checkpoints stay); 0: no limit",
+        low=0,
+    )
     checkpoint_steps: int = _f(
         10,
         "save the run's state every N optimizer steps as well as after each epoch (0: each epoch only); "
@@ -328,6 +334,12 @@ class EvalConfig:
     """Evaluation of each adapter (no prompt) against the teacher (prompt) and the base (neither)."""
 
     max_samples: int = _f(100, "held-out test inputs evaluated per prompt (and as many user inputs)", low=1)
+    timeout_s: float = _f(
+        7200.0,
+        "seconds a selection or evaluation task may take; past it the task is cancelled and its "
+        "prompt fails; 0: no limit",
+        low=0,
+    )
     max_tokens: int = _f(512, "max new tokens of an evaluated agent turn", low=8)
     env_max_tokens: int = _f(512, "max new tokens of an environment turn in evaluation episodes", low=8)
     max_turns: int = _f(0, "agent turns per evaluation episode; 0 uses each prompt's max_turns", low=0, high=50)

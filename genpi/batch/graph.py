@@ -96,10 +96,11 @@ class Graph:
                 if not self.pending:
                     break
                 waited = time.monotonic()
-                done, _ = wait(list(self.pending), return_when=FIRST_COMPLETED)
+                done, _ = wait(list(self.pending), timeout=self._time_left(), return_when=FIRST_COMPLETED)
                 self.timeline.wait(time.monotonic() - waited)
                 for future in done:
                     self._landed(future)
+                self._expire()
         finally:
             for k in range(len(self.stages)):
                 self._close(k)
@@ -146,6 +147,35 @@ class Graph:
         running.outcomes[k] = (unit, future.result() if error is None else error)
         if all(o is not None for o in running.outcomes):
             self._finish(chain)
+
+    def _time_left(self) -> float | None:
+        """Seconds until the first unit in flight runs out of time (None: no unit has a limit)."""
+        ends = [
+            started + stage.timeout_s
+            for chain, _, started in self.pending.values()
+            if (stage := self.running[chain.name].stage).timeout_s
+        ]
+        return max(0.0, min(ends) - time.monotonic()) if ends else None
+
+    def _expire(self) -> None:
+        """Units past their stage's time are cancelled and fail their prompt (like a failed unit)."""
+        now = time.monotonic()
+        for future, (chain, k, started) in list(self.pending.items()):
+            running = self.running[chain.name]
+            limit = running.stage.timeout_s
+            if not limit or now - started < limit or future.done():
+                continue
+            del self.pending[future]
+            running.stage.cancel(future)
+            unit = running.units[k]
+            self.leases.release(unit.prefix)
+            error = GenPIError(
+                f"{unit.what} did not finish within {limit:g} s ({running.stage.timeout_flag}); it was cancelled"
+            )
+            log.error("[%s] %s", chain.name, error)
+            running.outcomes[k] = (unit, error)
+            if all(o is not None for o in running.outcomes):
+                self._finish(chain)
 
     def _finish(self, chain: Chain) -> None:
         running = self.running.pop(chain.name)

@@ -87,9 +87,30 @@ class Stage(ABC):
 
     name: str  # as the manifest names it: synthesis, training, selection, evaluation
     force: str  # the --force name that redoes it (with the stages after it)
+    timeout_flag = ""  # the config field bounding one unit's time ("": none; engine calls have their own)
 
     def __init__(self, batch: Batch) -> None:
         self.batch = batch
+        self.tasks: dict[Future, Any] = {}  # a unit's future -> its Ray task, to cancel it
+
+    @property
+    def timeout_s(self) -> float:
+        """How long one unit may run (0: no limit)."""
+        if not self.timeout_flag:
+            return 0.0
+        section, field = self.timeout_flag.split(".")
+        return float(getattr(getattr(self.batch.cfg, section), field))
+
+    def _task(self, ref: Any) -> Future:
+        future = ref.future()
+        self.tasks[future] = ref
+        return future
+
+    def cancel(self, future: Future) -> None:
+        """Stop a unit that ran past its time: its Ray task is cancelled (force: a hung task does not listen)."""
+        ref = self.__dict__.get("tasks", {}).pop(future, None)
+        if ref is not None:
+            ray.cancel(ref, force=True)
 
     @abstractmethod
     def units(self, chain: Chain) -> list[Unit]:
@@ -144,7 +165,7 @@ class Training(Stage):
     """One Ray Train run per run of the sweep; a failing run stops no other, and the prompt goes on
     with the runs that finished."""
 
-    name, force = "training", "train"
+    name, force, timeout_flag = "training", "train", "train.timeout_s"
 
     def units(self, chain: Chain) -> list[Unit]:
         units = []
@@ -156,7 +177,7 @@ class Training(Stage):
 
     def start(self, chain: Chain, unit: Unit) -> Future:
         cpus, gpus = self.batch.train_resources
-        return tasks.train_run.remote(chain.spec.to_json(), unit.run.to_dict(), cpus, gpus).future()
+        return self._task(tasks.train_run.remote(chain.spec.to_json(), unit.run.to_dict(), cpus, gpus))
 
     def finish(self, chain: Chain, outcomes: list[Outcome]) -> None:
         errors = []
@@ -181,7 +202,7 @@ class Training(Stage):
 class Selection(Stage):
     """A sweep's run chosen on the validation split; nothing to do when one run finished."""
 
-    name, force = "selection", "eval"
+    name, force, timeout_flag = "selection", "eval", "eval.timeout_s"
 
     def units(self, chain: Chain) -> list[Unit]:
         if len(chain.runs) < 2:
@@ -192,7 +213,7 @@ class Selection(Stage):
     def start(self, chain: Chain, unit: Unit) -> Future:
         cpus, gpus = self.batch.eval_resources
         task = tasks.select_task.options(num_cpus=cpus, num_gpus=gpus)
-        return task.remote(chain.spec.to_json(), [r.to_dict() for r in chain.runs]).future()
+        return self._task(task.remote(chain.spec.to_json(), [r.to_dict() for r in chain.runs]))
 
     def found(self, chain: Chain, unit: Unit) -> Any:
         return self.batch.store.get_json(unit.shown)
@@ -207,7 +228,7 @@ class Selection(Stage):
 class Evaluation(Stage):
     """The chosen run on the test split (and real inputs): gated, published when it passes."""
 
-    name, force = "evaluation", "eval"
+    name, force, timeout_flag = "evaluation", "eval", "eval.timeout_s"
 
     def units(self, chain: Chain) -> list[Unit]:
         prefix = artifacts.eval_prefix(chain.spec, chain.chosen, chain.real_inputs)
@@ -216,7 +237,7 @@ class Evaluation(Stage):
     def start(self, chain: Chain, unit: Unit) -> Future:
         cpus, gpus = self.batch.eval_resources
         task = tasks.evaluate_task.options(num_cpus=cpus, num_gpus=gpus)
-        return task.remote(chain.spec.to_json(), unit.run.to_dict(), chain.real_inputs).future()
+        return self._task(task.remote(chain.spec.to_json(), unit.run.to_dict(), chain.real_inputs))
 
     def found(self, chain: Chain, unit: Unit) -> Any:
         return self.batch.store.get_json(f"{unit.prefix}/report.json")

@@ -216,3 +216,36 @@ def test_a_prompt_too_long_for_the_target_fails_alone() -> None:
     shell = next(s for s in load_prompts(ROOT / "prompts") if s.name == "shell-agent")
     errors = too_long([mini_spec(), shell], cfg)
     assert list(errors) == ["shell-agent"] and "shorten the prompt" in str(errors["shell-agent"])
+
+
+class Hung(Sleep):
+    """A training stage whose unit for ``prompt`` never returns in time; limited to ``limit`` seconds."""
+
+    timeout_flag = "train.timeout_s"
+
+    def __init__(self, store: ArtifactStore, events: list, hung: str, limit: float) -> None:
+        super().__init__("training", store, {hung: 30.0}, events)
+        self.limit, self.cancelled = limit, []
+
+    @property
+    def timeout_s(self) -> float:
+        return self.limit
+
+    def cancel(self, future: Future) -> None:
+        self.cancelled.append(future)
+
+
+def test_a_unit_past_its_time_is_cancelled_and_fails_only_its_prompt(tmp_path: Path) -> None:
+    store, events = open_store(str(tmp_path)), []
+    hung = Hung(store, events, "stuck", limit=0.5)
+    chains = _chains("stuck", "fine")
+    started = time.monotonic()
+    _run(store, [Sleep("synthesis", store, {}, events), hung], chains, "graph")
+
+    assert time.monotonic() - started < 10  # not the hung unit's 30 s
+    stuck, fine = chains
+    assert fine.finished == 2 and fine.result.status == "pending"
+    assert stuck.result.status == "failed" and stuck.result.stage == "training"
+    assert "did not finish within 0.5 s (train.timeout_s)" in stuck.result.error
+    assert len(hung.cancelled) == 1 and not store.is_done("fake/training/stuck")
+    hung.pool.shutdown(wait=False, cancel_futures=True)
