@@ -139,12 +139,17 @@ class Graph:
 
     def _landed(self, future: Future) -> None:
         chain, k, started = self.pending.pop(future)
-        running = self.running[chain.name]
-        unit = running.units[k]
-        self.timeline.unit(running.stage.name, started)
-        self.leases.release(unit.prefix)
+        self.timeline.unit(self.running[chain.name].stage.name, started)
         error = future.exception()
-        running.outcomes[k] = (unit, future.result() if error is None else error)
+        self._settle(future, chain, k, future.result() if error is None else error)
+
+    def _settle(self, future: Future, chain: Chain, k: int, value: Any) -> None:
+        """Unit ``k`` of ``chain``'s running stage ended with ``value`` (its result or error)."""
+        running = self.running[chain.name]
+        running.stage.forget(future)
+        unit = running.units[k]
+        self.leases.release(unit.prefix)
+        running.outcomes[k] = (unit, value)
         if all(o is not None for o in running.outcomes):
             self._finish(chain)
 
@@ -167,15 +172,12 @@ class Graph:
                 continue
             del self.pending[future]
             running.stage.cancel(future)
-            unit = running.units[k]
-            self.leases.release(unit.prefix)
             error = GenPIError(
-                f"{unit.what} did not finish within {limit:g} s ({running.stage.timeout_flag}); it was cancelled"
+                f"{running.units[k].what} did not finish within {limit:g} s ({running.stage.timeout_flag}); "
+                "it was cancelled"
             )
             log.error("[%s] %s", chain.name, error)
-            running.outcomes[k] = (unit, error)
-            if all(o is not None for o in running.outcomes):
-                self._finish(chain)
+            self._settle(future, chain, k, error)
 
     def _finish(self, chain: Chain) -> None:
         running = self.running.pop(chain.name)

@@ -108,9 +108,13 @@ class Stage(ABC):
 
     def cancel(self, future: Future) -> None:
         """Stop a unit that ran past its time: its Ray task is cancelled (force: a hung task does not listen)."""
-        ref = self.__dict__.get("tasks", {}).pop(future, None)
+        ref = self.tasks.get(future)
         if ref is not None:
             ray.cancel(ref, force=True)
+
+    def forget(self, future: Future) -> None:
+        """A unit ended: let go of its task (a held reference keeps its result in Ray's object store)."""
+        self.tasks.pop(future, None)
 
     @abstractmethod
     def units(self, chain: Chain) -> list[Unit]:

@@ -28,6 +28,7 @@ class Sleep(Stage):
         self.store, self.seconds, self.events, self.fail = store, seconds, events, fail
         self.pool = ThreadPoolExecutor(8)
         self.closed = 0
+        self.tasks: dict = {}  # no Ray tasks (Stage.__init__ is not called)
 
     def units(self, chain: Chain) -> list[Unit]:
         prefix = f"fake/{self.name}/{chain.name}"
