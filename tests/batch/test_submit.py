@@ -66,6 +66,8 @@ def cluster(s3_env: S3Server, aws_env: pytest.MonkeyPatch) -> Iterator[Cluster]:
     env.update(
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=secrets.token_hex(32),
+        # importing genpi sets this to 0 for one-node clusters; a second node refuses to join under it
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # the entrypoint's `python`
     )
     env.pop("PYTHONPATH", None)  # the job imports genpi from its working dir, as on a real cluster
