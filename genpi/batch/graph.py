@@ -26,7 +26,6 @@ from typing import Any
 from genpi import artifacts, telemetry
 from genpi.batch import manifest
 from genpi.batch.manifest import Progress, PromptResult
-from genpi.batch.resources import task_resources
 from genpi.batch.stages import (
     Batch,
     Chain,
@@ -321,7 +320,7 @@ def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactSto
     """Synthesize (or find) every prompt's records on one set of engine pools; returns the failures."""
     chains = [Chain(s, PromptResult(s.name, s.prompt_hash), []) for s in specs]
     with Leases(store) as leases:
-        batch = Batch(cfg, store, runs=[], train_resources=(0.0, 0.0), eval_resources=(0.0, 0.0))  # synthesis only
+        batch = Batch(cfg, store, runs=[])  # synthesis only
         Graph(chains, [Synthesis(batch)], store, leases).run()
     return {c.name: GenPIError(c.result.error) for c in chains if _failed(c)}
 
@@ -334,37 +333,35 @@ def run_batch(
     force: list[str] | None = None,
     order: str = "graph",
     timeline: Timeline | None = None,
+    unreadable: dict[str, str] | None = None,
 ) -> list[PromptResult]:
     """Run every prompt through synthesis, training, selection and evaluation; one result per prompt.
 
     ``real_inputs`` maps prompt names to real inputs evaluated beside the synthesized test split;
     ``force`` names stages to redo (with the stages after them) instead of reusing what is stored;
-    ``order`` is ``graph`` or ``barriers``; ``timeline``, when given, records the stages' busy times.
+    ``order`` is ``graph`` or ``barriers``; ``timeline``, when given, records the stages' busy times;
+    ``unreadable`` (``{file: error}``) are prompt files that did not load, recorded as failed in ``load``.
     """
     real_inputs = real_inputs or {}
     cfg = resolve_backends(cfg)
     started = time.time()
     chains = [Chain(s, PromptResult(s.name, s.prompt_hash), real_inputs.get(s.name, [])) for s in specs]
-    progress = Progress(store, artifacts.batch_prefix(specs, cfg, real_inputs), cfg, {c.name: c.result for c in chains})
+    unloaded = [PromptResult(f, "", "failed", "load", error) for f, error in (unreadable or {}).items()]
+    results = [c.result for c in chains] + unloaded
+    progress = Progress(store, artifacts.batch_prefix(specs, cfg, real_inputs), cfg, {r.name: r for r in results})
     for name, error in too_long(specs, cfg).items():
         fail(next(c.result for c in chains if c.name == name), Synthesis.name, error)
     progress.update()
     # Workers get the store as resolved here: a relative folder means this process's folder.
     worker_store = {**cfg.to_dict()["store"], "url": store.url}
-    batch = Batch(
-        cfg,
-        store,
-        [config_from_dict(r.to_dict() | {"store": worker_store}) for r in cfg.train_runs()],
-        # Before any work: a stage asking for GPUs the cluster lacks would fail only after synthesis.
-        task_resources("train", cfg.train.num_cpus, cfg.train.num_gpus),
-        task_resources("eval", cfg.eval.num_cpus, cfg.eval.num_gpus),
-    )
+    batch = Batch(cfg, store, [config_from_dict(r.to_dict() | {"store": worker_store}) for r in cfg.train_runs()])
+    for section in ("train", "eval"):  # before any work: GPUs the cluster lacks would fail only after synthesis
+        batch.resources(section)
     with Leases(store) as leases:  # each stage in progress held against other jobs on this store
         if force:
             force_stages(specs, cfg, store, real_inputs, force, leases)
         stages = [Synthesis(batch), Training(batch), Selection(batch), Evaluation(batch)]
         Graph(chains, stages, store, leases, progress, order, timeline).run()
-    results = [c.result for c in chains]
     for result in results:
         telemetry.prompt_ended(
             "failed" if result.status == "failed" else "published" if result.passed else "gate_failed"

@@ -20,7 +20,7 @@ import ray
 from genpi import artifacts, telemetry
 from genpi.batch import tasks
 from genpi.batch.manifest import PromptResult
-from genpi.batch.resources import SharedEngines
+from genpi.batch.resources import SharedEngines, task_resources
 from genpi.config import PG_METHODS, GenPIConfig
 from genpi.errors import GenPIError
 from genpi.prompt.spec import PromptSpec
@@ -70,8 +70,6 @@ class Batch:
     cfg: GenPIConfig
     store: ArtifactStore
     runs: list[GenPIConfig]  # the sweep's runs, as workers get them
-    train_resources: tuple[float, float]
-    eval_resources: tuple[float, float]
     engines: SharedEngines = field(init=False)
     synthesizing: ThreadPoolExecutor = field(init=False)
 
@@ -80,6 +78,12 @@ class Batch:
         # A few prompts at a time, so that while one prompt's role play holds the target, another's
         # inputs or reasons keep the generator busy. Each call is self-contained: same records.
         self.synthesizing = ThreadPoolExecutor(self.cfg.synth.prompts_in_flight, thread_name_prefix="synth")
+
+    def resources(self, section: str) -> tuple[float, float]:
+        """The CPUs and GPUs a ``train`` or ``eval`` task asks for, sized by the cluster as it is
+        when the task starts (a node that joined since is counted)."""
+        part = getattr(self.cfg, section)
+        return task_resources(section, part.num_cpus, part.num_gpus)
 
 
 class Stage(ABC):
@@ -180,7 +184,7 @@ class Training(Stage):
         return units
 
     def start(self, chain: Chain, unit: Unit) -> Future:
-        cpus, gpus = self.batch.train_resources
+        cpus, gpus = self.batch.resources("train")
         return self._task(tasks.train_run.remote(chain.spec.to_json(), unit.run.to_dict(), cpus, gpus))
 
     def finish(self, chain: Chain, outcomes: list[Outcome]) -> None:
@@ -215,7 +219,7 @@ class Selection(Stage):
         return [Unit(prefix, f"selection of {chain.name}", "selection", f"{prefix}/selection.json")]
 
     def start(self, chain: Chain, unit: Unit) -> Future:
-        cpus, gpus = self.batch.eval_resources
+        cpus, gpus = self.batch.resources("eval")
         task = tasks.select_task.options(num_cpus=cpus, num_gpus=gpus)
         return self._task(task.remote(chain.spec.to_json(), [r.to_dict() for r in chain.runs]))
 
@@ -239,7 +243,7 @@ class Evaluation(Stage):
         return [Unit(prefix, f"evaluation of {chain.name}", "evaluation", prefix, chain.chosen)]
 
     def start(self, chain: Chain, unit: Unit) -> Future:
-        cpus, gpus = self.batch.eval_resources
+        cpus, gpus = self.batch.resources("eval")
         task = tasks.evaluate_task.options(num_cpus=cpus, num_gpus=gpus)
         return self._task(task.remote(chain.spec.to_json(), unit.run.to_dict(), chain.real_inputs))
 

@@ -17,7 +17,7 @@ import yaml
 from genpi.cli.config_flags import add_flags, resolve
 from genpi.cli.signals import on_sigterm_unwind
 from genpi.config import PROFILES, GenPIConfig
-from genpi.errors import GenPIError
+from genpi.errors import GenPIError, PromptError
 
 log = logging.getLogger("genpi")
 
@@ -114,24 +114,31 @@ def execute(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     from genpi.batch.graph import run_batch
-    from genpi.prompt.files import load_prompts
+    from genpi.prompt.files import read_prompt_folder
     from genpi.ray_runtime import connect, disconnect
     from genpi.store import store_for
 
-    specs = load_prompts(args.prompts)
+    specs, unreadable = read_prompt_folder(args.prompts)
+    stems = {Path(f).stem: f for f in unreadable}
     real_inputs = {}
     if args.real_inputs:
         from genpi.prompt.real_inputs import load_real_inputs
 
-        real_inputs = load_real_inputs(args.real_inputs, [s.name for s in specs])
+        real_inputs = load_real_inputs(args.real_inputs, [s.name for s in specs] + list(stems))
     if args.only:
-        unknown = sorted(set(args.only) - {s.name for s in specs})
+        unknown = sorted(set(args.only) - {s.name for s in specs} - set(stems))
         if unknown:
             raise GenPIError(
                 f"--only names no prompt in {args.prompts}: {', '.join(unknown)}; "
                 f"available: {', '.join(s.name for s in specs)}"
             )
         specs = [s for s in specs if s.name in args.only]
+        unreadable = {stems[n]: unreadable[stems[n]] for n in args.only if n in stems}
+    if not specs:  # nothing to run: the files' problems are the job's error
+        errors = list(unreadable.values())
+        raise PromptError(errors[0] if len(errors) == 1 else "no prompt file loads:\n" + "\n".join(errors))
+    for error in unreadable.values():
+        log.error("%s; the other prompts go on", error)
     _check_store_outlives_job(cfg.store.url)
     store = store_for(cfg.store)
     log.info("%d prompts from %s; store %s", len(specs), args.prompts, store.url)
@@ -147,7 +154,12 @@ def execute(args: argparse.Namespace) -> int:
             cfg = _config(args, profile)
             log.info("profile %s (the cluster has %g GPUs)", profile, gpus)
         results = run_batch(
-            specs, cfg, store, {s.name: real_inputs[s.name] for s in specs if s.name in real_inputs}, force=args.force
+            specs,
+            cfg,
+            store,
+            {s.name: real_inputs[s.name] for s in specs if s.name in real_inputs},
+            force=args.force,
+            unreadable=unreadable,
         )
     finally:
         disconnect()

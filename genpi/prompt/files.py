@@ -69,6 +69,19 @@ def load_prompts(folder: str | Path) -> list[PromptSpec]:
     Dotfiles, README.md/README.txt and subfolders are skipped. Errors of all files are
     reported together; duplicate names are an error naming both files.
     """
+    specs, problems = read_prompt_folder(folder)
+    if problems:
+        errors = list(problems.values())
+        raise PromptError(
+            errors[0] if len(errors) == 1 else f"{len(errors)} prompt files have problems:\n" + "\n".join(errors)
+        )
+    return specs
+
+
+def read_prompt_folder(folder: str | Path) -> tuple[list[PromptSpec], dict[str, str]]:
+    """The prompts of a folder that load, and ``{file name: error}`` for those that do not (a
+    batch runs the first and records the second). A missing or empty folder, or two files with one
+    name, is still an error: nothing can be run, or which prompt is meant is unclear."""
     d = Path(folder)
     if not d.exists():
         raise PromptError(f"prompt folder {folder} does not exist; create it or pass the right path")
@@ -82,16 +95,12 @@ def load_prompts(folder: str | Path) -> list[PromptSpec]:
             f"prompt folder {folder} has no prompt files; add one prompt per file ({', '.join(ALLOWED_EXTENSIONS)})"
         )
     specs: list[PromptSpec] = []
-    errors: list[str] = []
+    problems: dict[str, str] = {}
     for f in files:
         try:
             specs.append(load_prompt(f))
         except PromptError as e:
-            errors.append(str(e))
-    if errors:
-        raise PromptError(
-            errors[0] if len(errors) == 1 else f"{len(errors)} prompt files have problems:\n" + "\n".join(errors)
-        )
+            problems[f.name] = str(e)
     seen: dict[str, str] = {}
     for s in specs:
         if s.name in seen:
@@ -100,7 +109,7 @@ def load_prompts(folder: str | Path) -> list[PromptSpec]:
                 "give one of them a different `name:` setting or file name"
             )
         seen[s.name] = s.source
-    return specs
+    return specs, problems
 
 
 def _parse_text(src: str, text: str) -> tuple[dict[str, Any], list[Turn]]:

@@ -26,11 +26,14 @@ def test_job_end_to_end_and_rerun(tmp_path: Path) -> None:
 
     prompts = tmp_path / "prompts"
     shutil.copytree(ROOT / "prompts", prompts)
+    (prompts / "broken.md").write_text("---\nname: [unclosed\n---\nYou are an agent.\n")  # one bad file among good ones
     store_dir = tmp_path / "artifacts"
     sweep = ["--train.methods", "genpi,sft"]  # two Ray Train runs per prompt; validation chooses one
     first = run_job("--prompts", str(prompts), "--store.url", str(store_dir), *TINY_RUN, *sweep)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]  # 1: a prompt failed
     assert "started a local Ray cluster on 127.0.0.1" in first.stdout
+    assert "broken.md: FAILED in load: " in first.stdout and "the other prompts go on" in first.stdout
+    assert "Traceback" not in first.stdout + first.stderr
 
     store = open_store(str(store_dir))
     summaries = [k for k in store.list_keys("prompts") if "/train/" in k and k.endswith("/summary.json")]
@@ -74,6 +77,8 @@ def test_job_end_to_end_and_rerun(tmp_path: Path) -> None:
     status = genpi_command("status", "--store.url", str(store_dir))
     assert status.returncode == 0 and "finished:" in status.stdout, status.stdout + status.stderr
     assert status.stdout.count("not published: format_valid") == 3 and status.stdout.count("synthesis ") >= 3
+    assert "broken.md: FAILED in load: " in status.stdout
+    (prompts / "broken.md").unlink()
     markers = {k: store.get_bytes(k) for k in store.list_keys("prompts") if k.endswith("_SUCCESS")}
 
     second = run_job("--prompts", str(prompts), "--store.url", str(store_dir), *TINY_RUN, *sweep)
