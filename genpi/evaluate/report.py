@@ -131,6 +131,37 @@ def per_turn_validity(spec: PromptSpec, episodes: list[dict], turns: int) -> lis
     ]
 
 
+def per_turn_retention(
+    spec: PromptSpec, episodes: dict[str, list[dict]], turns: int, seed: int
+) -> list[dict[str, Any]]:
+    """The adapter's action-format validity ÷ the teacher's at each turn index (each over the episodes
+    that reached it), with a 95% bootstrap interval over inputs and both counts."""
+    fmt = spec.action_format
+
+    def valid(episode: dict, k: int) -> bool | None:
+        return metrics.format_valid(fmt, episode["turns"][k]["agent"]) if len(episode["turns"]) > k else None
+
+    def kept(rows: list[tuple[bool | None, bool | None]]) -> float | None:
+        rates = [[v for v in column if v is not None] for column in zip(*rows)]
+        teacher, adapter = (sum(r) / len(r) if r else None for r in rates)
+        return metrics.retention(adapter, teacher)
+
+    out = []
+    for k in range(turns):
+        rows = [(valid(t, k), valid(a, k)) for t, a in zip(episodes["teacher"], episodes["adapter"])]
+        interval = metrics.bootstrap_interval(rows, kept, seed=seed)
+        out.append(
+            {
+                "turn": k + 1,
+                "value": _round(kept(rows)),
+                "interval": None if interval is None else [round(x, 4) for x in interval],
+                "teacher_n": sum(t is not None for t, _ in rows),
+                "adapter_n": sum(a is not None for _, a in rows),
+            }
+        )
+    return out
+
+
 def compare(values: dict[str, float | None], lower: bool) -> tuple[float | None, float | None]:
     """The adapter's retention and gap closed from the three systems' values of one metric.
 
@@ -193,6 +224,7 @@ def summarize_set(
     per_turn = (
         {s: per_turn_validity(spec, episodes[s], longest) for s in episodes} if spec.action_format.has_actions else {}
     )
+    turn_retention = per_turn_retention(spec, episodes, longest, seed) if per_turn else []
     comparison = {}
     for metric in systems["adapter"]:
         if metric == "avg_turns":
@@ -213,7 +245,13 @@ def summarize_set(
         for s in systems:
             if "interval" in systems[s][metric]:
                 comparison[metric][f"{s}_interval"] = systems[s][metric]["interval"]
-    return {"n": len(teacher), "systems": systems, "per_turn_format_valid": per_turn, "comparison": comparison}
+    return {
+        "n": len(teacher),
+        "systems": systems,
+        "per_turn_format_valid": per_turn,
+        "per_turn_format_retention": turn_retention,
+        "comparison": comparison,
+    }
 
 
 def _round(value: float | None) -> float | None:
@@ -282,6 +320,10 @@ def prompt_report_markdown(report: dict[str, Any]) -> str:
             for system, row in per_turn.items():
                 cells = [f"{_pct(f['value'])} ({f['n']})" for f in row] + [""] * (width - len(row))
                 lines.append(f"| {system} | " + " | ".join(cells) + " |")
+            kept = figures.get("per_turn_format_retention") or []
+            if kept:
+                cells = [pct_interval(r["value"], r["interval"]) for r in kept] + [""] * (width - len(kept))
+                lines.append("| adapter ÷ teacher | " + " | ".join(cells) + " |")
         lines.append("")
     eff = report.get("efficiency") or {}
     if eff:
@@ -319,6 +361,7 @@ def batch_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in reports:
         test = r["sets"].get("test", {}).get("comparison", {})
         fv, nll = test.get("format_valid", {}), test.get("nll", {})
+        sampled = test.get("action_in_teacher_samples", {})
         rows.append(
             {
                 "prompt": r["prompt"],
@@ -328,6 +371,9 @@ def batch_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "adapter_format": fv.get("adapter"),
                 "format_retention": fv.get("retention"),
                 "format_retention_interval": fv.get("retention_interval"),
+                "turn_retention": [t["value"] for t in r["sets"].get("test", {}).get("per_turn_format_retention", [])],
+                "sampled_action_retention": sampled.get("retention"),
+                "sampled_action_retention_interval": sampled.get("retention_interval"),
                 "nll_gap_closed_interval": nll.get("gap_closed_interval"),
                 "nll_teacher": nll.get("teacher"),
                 "nll_base": nll.get("base"),
@@ -345,14 +391,16 @@ def batch_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def batch_table(rows: list[dict[str, Any]]) -> str:
     """The batch table as Markdown (also what ``genpi report`` prints)."""
     lines = [
-        "| prompt | n | format: teacher | base | adapter | retention | NLL: teacher | base | adapter | "
-        "gap closed | gate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| prompt | n | format: teacher | base | adapter | retention | per turn | action in teacher samples | "
+        "NLL: teacher | base | adapter | gap closed | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['prompt']} | {r['n']} | {_pct(r['teacher_format'])} | {_pct(r['base_format'])} | "
             f"{_pct(r['adapter_format'])} | {pct_interval(r['format_retention'], r.get('format_retention_interval'))} | "
+            f"{' / '.join(_pct(v) for v in r.get('turn_retention') or []) or '-'} | "
+            f"{pct_interval(r.get('sampled_action_retention'), r.get('sampled_action_retention_interval'))} | "
             f"{_num(r['nll_teacher'])} | {_num(r['nll_base'])} | {_num(r['nll_adapter'])} | "
             f"{pct_interval(r['nll_gap_closed'], r.get('nll_gap_closed_interval'))} | "
             f"{'passed' if r['passed'] else 'FAILED: ' + r['gate']} |"

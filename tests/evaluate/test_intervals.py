@@ -76,3 +76,28 @@ def test_summarize_set_reports_intervals_and_the_batch_table_shows_them() -> Non
     table = batch_table(batch_rows([report]))
     lo, hi = fv["retention_interval"]
     assert f"| 75% [{lo:.0%}, {hi:.0%}] |" in table and f"| 75% [{low:.0%}, {high:.0%}] |" in table
+
+
+def test_per_turn_retention_and_the_drift_check_of_the_gate() -> None:
+    from genpi.config import EvalConfig
+    from genpi.evaluate.gate import gate_decision
+    from genpi.evaluate.report import per_turn_retention
+
+    def played(turns: list[list[str]]) -> list[dict]:
+        return [{"input": f"t{i}", "turns": [{"agent": r, "observation": "ok"} for r in t]} for i, t in enumerate(turns)]
+
+    # 8 inputs, 3 turns: the teacher stays valid; the adapter drifts on turn 3 (4 of 8 valid); two
+    # of the teacher's episodes end after turn 2, so turn 3 counts 6 teacher episodes.
+    teacher = played([["Act: a"] * 3] * 6 + [["Act: a"] * 2] * 2)
+    adapter = played([["Act: a", "Act: b", "Act: c"]] * 4 + [["Act: a", "Act: b", "drifted"]] * 4)
+    rows = per_turn_retention(SPEC, {"teacher": teacher, "adapter": adapter}, 3, seed=0)
+    assert [r["value"] for r in rows] == [1.0, 1.0, 0.5]
+    assert [(r["teacher_n"], r["adapter_n"]) for r in rows] == [(8, 8), (8, 8), (6, 8)]
+    assert rows[0]["interval"] == [1.0, 1.0] and rows[2]["interval"][0] < 0.5 < rows[2]["interval"][1]
+    comparison = {"format_valid": {"retention": 1.0, "gap_closed": 1.0}, "nll": {"retention": 1.0, "gap_closed": 0.9}}
+    report = {"sets": {"test": {"comparison": comparison, "per_turn_format_retention": rows}}}
+    decision = gate_decision(report, EvalConfig(min_retention=0.8, min_gap_closed=0.5))
+    assert not decision["passed"] and "format_valid turn 3 retention 50%" in decision["summary"]
+    rows[2]["teacher_n"] = 3  # too few episodes reached turn 3: turn 2 is the worst one checked
+    decision = gate_decision(report, EvalConfig(min_retention=0.8, min_gap_closed=0.5))
+    assert decision["passed"] and "format_valid turn 2 retention 100%" in decision["summary"]
