@@ -42,7 +42,8 @@ def test_local_profile_is_small() -> None:
     assert 16 <= cfg.synth.num_inputs <= 64
     assert cfg.train.num_gpus == 0 and cfg.eval.num_gpus == 0
     # small enough for 2 CPU cores: few steps, few PG examples (each carries the whole prompt)
-    steps = -(-cfg.synth.num_inputs // cfg.train.batch_size) * cfg.train.epochs
+    trained = round(cfg.synth.num_inputs * (1 - cfg.split.test_fraction - cfg.split.val_fraction))
+    steps = -(-trained // cfg.train.batch_size) * cfg.train.epochs
     assert steps <= 40 and cfg.train.pg_fraction <= 0.25
     assert cfg.store.url == "artifacts"
 
@@ -184,8 +185,9 @@ def test_sweep_lists_from_flags_and_yaml_and_their_runs(tmp_path) -> None:
     # no sweep: the one run the scalars describe, with the same key as the config itself
     single = load_config("local")
     assert [artifacts.train_hash(r) for r in single.train_runs()] == [artifacts.train_hash(single)]
-    # the paper profile sweeps the paper's lambdas
-    assert [r.train.pg_lambda for r in load_config("paper").train_runs()] == [0.3, 0.5, 0.7]
+    # the paper profile sweeps the paper's lambdas, 3 seeds each
+    paper = [(r.train.pg_lambda, r.train.seed) for r in load_config("paper").train_runs()]
+    assert paper == [(lam, seed) for lam in (0.3, 0.5, 0.7) for seed in (0, 1, 2)]
     path = tmp_path / "sweep.yaml"
     path.write_text("train:\n  methods: [sft, seqkd-kld]\n  seeds: [3]\n")
     assert [(r.train.method, r.train.seed) for r in load_config("local", path).train_runs()] == [
