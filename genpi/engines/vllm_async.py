@@ -17,7 +17,7 @@ from typing import Any
 
 from genpi.chat import Conversation, request_ids
 from genpi.engines.base import Generation, SamplingParams, leaves_no_room, request_seeds
-from genpi.engines.vllm import engine_options, eos_ids, finished, lora_request, vllm_import, vllm_params
+from genpi.engines.vllm import eos_ids, finished, lora_request, vllm_import, vllm_params
 from genpi.errors import ModelError
 
 
@@ -35,29 +35,18 @@ class Step:
 class AsyncVLLMEngine:
     """One vLLM ``AsyncLLM``: streamed requests, adapters per request."""
 
-    def __init__(
-        self,
-        name: str,
-        dtype: str = "bfloat16",
-        device: str = "auto",
-        batch_size: int = 32,
-        max_context: int = 0,
-        threads: int = 0,
-        max_lora_rank: int = 16,
-        max_loras: int = 4,
-        kv_cache_gb: float = 2.0,
-        gpu_memory_utilization: float = 0.85,
-    ) -> None:
-        options = engine_options(
-            name, dtype, device, batch_size, max_context, threads, kv_cache_gb, gpu_memory_utilization
-        )
-        options.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras, max_cpu_loras=max_loras)
+    def __init__(self, options: dict[str, Any], max_lora_rank: int = 16, max_loras: int = 4) -> None:
+        """``options``: vLLM's engine arguments (:func:`genpi.engines.vllm.engine_options`); adapters
+        up to rank ``max_lora_rank``, ``max_loras`` of them held and run in one step."""
+        name = options["model"]
+        options = {**options, "enable_lora": True, "max_lora_rank": max_lora_rank}
+        options.update(max_loras=max_loras, max_cpu_loras=max_loras)
         vllm = vllm_import()
-        self.model_name, self.max_context, self.max_lora_rank = name, options["max_model_len"], max_lora_rank
+        self.max_context, self.max_lora_rank = options["max_model_len"], max_lora_rank
         try:
             self.llm = vllm.AsyncLLMEngine.from_engine_args(vllm.AsyncEngineArgs(**options, disable_log_stats=True))
         except Exception as e:  # vLLM raises many types for a model it cannot run
-            raise ModelError(f"vLLM cannot load model {name!r} from {options['model']}: {e}") from None
+            raise ModelError(f"vLLM cannot load the model in {name}: {e}") from None
         self.tokenizer = self.llm.get_tokenizer()
         self.eos = eos_ids(self.llm.model_config.hf_config, self.tokenizer)
         self.adapters: dict[str, Any] = {}  # name (its folder) -> LoRARequest

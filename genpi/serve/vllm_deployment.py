@@ -30,6 +30,7 @@ from ray import serve
 from genpi import parity
 from genpi.chat import Conversation
 from genpi.engines.base import Generation, SamplingParams
+from genpi.engines.vllm import engine_options
 from genpi.engines.vllm_async import AsyncVLLMEngine
 from genpi.prompt.spec import PromptSpec
 from genpi.registry import PublishedAdapter
@@ -81,18 +82,18 @@ class VLLMModelServer(Replica):
         super().__init__(settings)
         target, s = self.cfg.models.target, self.cfg.serve
         wanted = target.max_lora_rank or 16
-        self.engine = AsyncVLLMEngine(
+        options = engine_options(
             target.name,
-            dtype=target.dtype,
-            device=target.device,
-            batch_size=target.batch_size,
-            max_context=target.max_context,
-            threads=target.threads or max(1, int(s.num_cpus)),
-            max_lora_rank=next((r for r in LORA_RANKS if r >= wanted), LORA_RANKS[-1]),
-            max_loras=s.max_adapters,
-            kv_cache_gb=target.kv_cache_gb,
-            gpu_memory_utilization=target.gpu_memory_utilization,
+            target.dtype,
+            target.device,
+            target.batch_size,
+            target.max_context,
+            target.threads or max(1, int(s.num_cpus)),
+            target.kv_cache_gb,
+            target.gpu_memory_utilization,
         )
+        rank = next((r for r in LORA_RANKS if r >= wanted), LORA_RANKS[-1])
+        self.engine = AsyncVLLMEngine(options, max_lora_rank=rank, max_loras=s.max_adapters)
         self.loop = asyncio.get_running_loop()
         self.base_replies: dict[str, str] = {}  # probe -> the base model's answer on this engine
         self.running = self.requests = 0

@@ -17,6 +17,7 @@ from genpi.store import ArtifactStore
 
 KEY = "sk-genpi-test"
 INPUTS = ["List the files in /tmp.", "Show the kernel version.", "How much disk is free?"]
+HELLO = [{"role": "user", "content": INPUTS[0]}]
 
 
 def prompt_spec(name: str, words: int = 60) -> PromptSpec:
@@ -98,6 +99,18 @@ def publish(
     )
 
 
+def two_published(root: Path, model: str = TINY) -> Path:
+    """A store under ``root`` with adapters of ``model`` published for shell-agent and sql-agent
+    (``v1``, from ``root/shell`` and ``root/sql``); returns ``root``."""
+    from genpi.store import open_store
+
+    store = open_store(str(root / "store"))
+    for seed, name in enumerate(("shell", "sql"), start=1):
+        folder = random_adapter(root / name, seed=seed, model=model)
+        publish(store, prompt_spec(f"{name}-agent"), "v1", folder, model=model)
+    return root
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -157,3 +170,30 @@ def wait_for(check: Any, timeout: float = 20.0) -> Any:
         if value or time.monotonic() > deadline:
             return value
         time.sleep(0.2)
+
+
+def ask(client: Any, model: str, messages: list[dict[str, str]] = HELLO, **kw: Any) -> Any:
+    """A greedy chat completion of at most 12 tokens (unless ``kw`` says otherwise), raw response."""
+    kw = {"temperature": 0, "max_tokens": 12, **kw}
+    return client.chat.completions.with_raw_response.create(model=model, messages=messages, **kw)
+
+
+def streamed_as_whole(client: Any, model: str) -> list[str]:
+    """Stream a reply and check it against the same request unstreamed (text, finish reason, usage
+    last); the text deltas."""
+    whole = ask(client, model, max_tokens=16).parse()
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=HELLO,
+            temperature=0,
+            max_tokens=16,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(deltas) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    return deltas
