@@ -103,7 +103,7 @@ class VLLMModelServer(Replica):
         ids = prefix_ids(self.engine.tokenizer, spec)
         async for _ in self.engine.stream(ids, SamplingParams(max_new_tokens=1), steps=False):
             pass
-        return Held(self, key, spec.name, "prompt", prefix=len(ids))
+        return Held(self, key, spec.name, "prompt")
 
     async def _admit(self, entry: PublishedAdapter, folder: Path) -> tuple[str, str]:
         name = await self.engine.add_adapter(folder)
