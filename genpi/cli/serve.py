@@ -17,6 +17,7 @@ from pathlib import Path
 from genpi import registry
 from genpi.cli.config_flags import add_flags, resolve
 from genpi.config import GenPIConfig
+from genpi.engines.environments import serve_backend
 from genpi.errors import GenPIError
 from genpi.prompt.files import load_prompts
 from genpi.store import store_for
@@ -67,6 +68,7 @@ def execute(args: argparse.Namespace) -> int:
     if args.check:
         return check_published(cfg)
     specs = load_prompts(args.prompts) if args.prompts else []
+    serve_backend(cfg)  # serve.backend vllm where vLLM is missing: one line, before Ray starts
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from ray import serve
 

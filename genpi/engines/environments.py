@@ -63,3 +63,20 @@ def engine_runtime_env(backend: str, configured_python: str = "") -> dict[str, s
             "`pip install vllm` on a GPU node, or set models.<role>.backend to hf"
         )
     return {"py_executable": python} if python else {}
+
+
+def serve_backend(cfg: GenPIConfig) -> tuple[str, dict[str, str]]:
+    """The model replicas' engine (``serve.backend``; ``auto`` is vllm on a replica with a GPU where
+    vLLM is found, hf otherwise) and the Ray ``runtime_env`` their actors run in."""
+    backend = cfg.serve.backend
+    if backend == "hf" or (backend == "auto" and cfg.serve.num_gpus <= 0):
+        return "hf", {}
+    python = vllm_python(cfg.models.target.python)
+    if python is None:
+        if backend == "auto":
+            return "hf", {}
+        raise ModelError(
+            "serve.backend vllm needs vLLM: run `make install-vllm` (CPU, builds .venv-vllm) or "
+            "`pip install vllm` on a GPU node, or set serve.backend to hf"
+        )
+    return "vllm", ({"py_executable": python} if python else {})

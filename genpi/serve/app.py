@@ -15,21 +15,32 @@ from typing import Any
 from ray.serve import Application
 
 from genpi.config import GenPIConfig, load_config
+from genpi.engines.environments import serve_backend
 from genpi.prompt.files import load_prompts
 from genpi.prompt.spec import PromptSpec
 from genpi.serve.deployment import ModelServer
 from genpi.serve.openai import OpenAIServer
+from genpi.serve.vllm_deployment import VLLMModelServer
+
+MODEL_DEPLOYMENT = "ModelServer"  # the model replicas' deployment name, whichever backend
 
 
 def application(cfg: GenPIConfig, specs: list[PromptSpec]) -> Application:
-    """The API ingress bound to the model replicas, configured by ``cfg``."""
+    """The API ingress bound to the model replicas (``serve.backend``'s engine), configured by ``cfg``."""
     settings: dict[str, Any] = {"config": cfg.to_dict(), "prompts": [s.to_json() for s in specs]}
     s = cfg.serve
-    model = ModelServer.options(  # type: ignore[attr-defined]
-        num_replicas=s.replicas,
-        max_ongoing_requests=max(64, 4 * cfg.models.target.batch_size),
-        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
-    ).bind(settings)
+    backend, runtime_env = serve_backend(cfg)
+    options: dict[str, Any] = {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}
+    model = (
+        (VLLMModelServer if backend == "vllm" else ModelServer)
+        .options(  # type: ignore[attr-defined]
+            name=MODEL_DEPLOYMENT,
+            num_replicas=s.replicas,
+            max_ongoing_requests=max(64, 4 * cfg.models.target.batch_size),
+            ray_actor_options={**options, "runtime_env": runtime_env} if runtime_env else options,
+        )
+        .bind(settings)
+    )
     return OpenAIServer.bind(model, settings)  # type: ignore[attr-defined]
 
 

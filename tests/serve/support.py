@@ -17,6 +17,7 @@ from genpi.store import ArtifactStore
 
 KEY = "sk-genpi-test"
 INPUTS = ["List the files in /tmp.", "Show the kernel version.", "How much disk is free?"]
+HELLO = [{"role": "user", "content": INPUTS[0]}]
 
 
 def prompt_spec(name: str, words: int = 60) -> PromptSpec:
@@ -25,8 +26,8 @@ def prompt_spec(name: str, words: int = 60) -> PromptSpec:
     return PromptSpec(name=name, source=f"{name}.md", turns=(Turn("system", system),), example_inputs=tuple(INPUTS))
 
 
-def random_adapter(folder: Path, seed: int, zero: bool = False) -> Path:
-    """A LoRA adapter with random weights on the tiny model (it changes replies), or all-zero
+def random_adapter(folder: Path, seed: int, zero: bool = False, rank: int = 8, model: str = TINY) -> Path:
+    """A LoRA adapter with random weights on ``model`` (it changes replies), or all-zero ``lora_B``
     weights (``zero``: it loads and changes nothing)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -35,9 +36,10 @@ def random_adapter(folder: Path, seed: int, zero: bool = False) -> Path:
     from genpi.models import resolve_model
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(TINY), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(model), dtype=torch.float32)
     lora = get_peft_model(
-        model, LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+        model,
+        LoraConfig(r=rank, lora_alpha=8 * rank, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False),
     )
     if zero:
         with torch.no_grad():
@@ -48,16 +50,16 @@ def random_adapter(folder: Path, seed: int, zero: bool = False) -> Path:
     return folder
 
 
-_ENGINE: list[Any] = []
+_ENGINES: dict[str, Any] = {}
 
 
-def probe_engine() -> Any:
-    """A float32 engine for recording probes, as the evaluate stage does (one per test process)."""
-    if not _ENGINE:
+def probe_engine(model: str = TINY) -> Any:
+    """A float32 engine for recording probes, as the evaluate stage does (one a model per test process)."""
+    if model not in _ENGINES:
         from genpi.engines.hf import HFEngine
 
-        _ENGINE.append(HFEngine(TINY, dtype=parity.PROBE_DTYPE, turn_cache_mib=0))
-    return _ENGINE[0]
+        _ENGINES[model] = HFEngine(model, dtype=parity.PROBE_DTYPE, turn_cache_mib=0)
+    return _ENGINES[model]
 
 
 def publish(
@@ -67,14 +69,15 @@ def publish(
     folder: Path,
     probes_from: Path | None = None,
     probes: bool = True,
+    model: str = TINY,
 ) -> registry.PublishedAdapter:
-    """Publish ``folder`` as ``spec.name@version`` with probes recorded from ``probes_from`` (default:
-    the adapter itself; another adapter's answers make a tampered version)."""
+    """Publish ``folder`` (an adapter of ``model``) as ``spec.name@version`` with probes recorded from
+    ``probes_from`` (default: the adapter itself; another adapter's answers make a tampered version)."""
     source = f"runs/{spec.name}/{version}/adapter"
     store.upload_dir(folder, source)
     recorded: list[dict] = []
     if probes:
-        engine = probe_engine()
+        engine = probe_engine(model)
         name = engine.add_adapter(probes_from or folder)
         recorded = parity.record(engine, name, INPUTS)
         engine.remove_adapter(name)
@@ -87,13 +90,25 @@ def publish(
             version=version,
             prompt_hash=spec.prompt_hash,
             run_hash=version,
-            base_model=TINY,
+            base_model=model,
             published_at="",
             retention={"format_valid": 0.9},
             gap_closed={"nll": 0.6},
             probes=recorded,
         ),
     )
+
+
+def two_published(root: Path, model: str = TINY) -> Path:
+    """A store under ``root`` with adapters of ``model`` published for shell-agent and sql-agent
+    (``v1``, from ``root/shell`` and ``root/sql``); returns ``root``."""
+    from genpi.store import open_store
+
+    store = open_store(str(root / "store"))
+    for seed, name in enumerate(("shell", "sql"), start=1):
+        folder = random_adapter(root / name, seed=seed, model=model)
+        publish(store, prompt_spec(f"{name}-agent"), "v1", folder, model=model)
+    return root
 
 
 def free_port() -> int:
@@ -155,3 +170,30 @@ def wait_for(check: Any, timeout: float = 20.0) -> Any:
         if value or time.monotonic() > deadline:
             return value
         time.sleep(0.2)
+
+
+def ask(client: Any, model: str, messages: list[dict[str, str]] = HELLO, **kw: Any) -> Any:
+    """A greedy chat completion of at most 12 tokens (unless ``kw`` says otherwise), raw response."""
+    kw = {"temperature": 0, "max_tokens": 12, **kw}
+    return client.chat.completions.with_raw_response.create(model=model, messages=messages, **kw)
+
+
+def streamed_as_whole(client: Any, model: str) -> list[str]:
+    """Stream a reply and check it against the same request unstreamed (text, finish reason, usage
+    last); the text deltas."""
+    whole = ask(client, model, max_tokens=16).parse()
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=HELLO,
+            temperature=0,
+            max_tokens=16,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(deltas) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    return deltas

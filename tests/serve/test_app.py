@@ -19,3 +19,24 @@ def test_build_app_takes_config_flags_and_a_prompt_folder(tmp_path: Path) -> Non
     assert isinstance(app, Application)
     with pytest.raises(ConfigError, match="serve.max_adapters"):
         build_app({"serve.max_adapters": "0"})
+
+
+def test_the_backend_of_the_model_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
+    from genpi.config import load_config
+    from genpi.engines import environments
+    from genpi.errors import ModelError
+
+    def cfg(**flags: object):
+        return load_config("local", overrides={"store.url": "x", **flags})
+
+    monkeypatch.setattr(environments, "vllm_python", lambda configured="": "/venv-vllm/bin/python")
+    assert environments.serve_backend(cfg()) == ("hf", {})  # auto without a GPU: hf, vLLM installed or not
+    assert environments.serve_backend(cfg(**{"serve.num_gpus": 1})) == (
+        "vllm",
+        {"py_executable": "/venv-vllm/bin/python"},
+    )
+    assert environments.serve_backend(cfg(**{"serve.backend": "vllm"}))[0] == "vllm"
+    monkeypatch.setattr(environments, "vllm_python", lambda configured="": None)
+    assert environments.serve_backend(cfg(**{"serve.num_gpus": 1})) == ("hf", {})
+    with pytest.raises(ModelError, match="make install-vllm"):
+        build_app({"store.url": "x", "models.target.name": TINY, "serve.backend": "vllm"})

@@ -19,29 +19,28 @@ import requests
 
 from genpi.store import open_store
 from tests.serve.support import (
+    HELLO,
     KEY,
+    ask,
     prompt_spec,
     publish,
     random_adapter,
     replica_stats,
     serve_config,
     start_app,
+    streamed_as_whole,
+    two_published,
     wait_for,
 )
 
 pytestmark = pytest.mark.timeout(240)
 
-SHELL, SQL, NEW = prompt_spec("shell-agent"), prompt_spec("sql-agent"), prompt_spec("deploy-now")
-HELLO = [{"role": "user", "content": "List the files in /tmp."}]
+SHELL, NEW = prompt_spec("shell-agent"), prompt_spec("deploy-now")
 
 
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("serve")
-    store = open_store(str(root / "store"))
-    publish(store, SHELL, "v1", random_adapter(root / "shell", seed=1))
-    publish(store, SQL, "v1", random_adapter(root / "sql", seed=2))
-    return root
+    return two_published(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +54,6 @@ def base_url(store_dir: Path):
 @pytest.fixture(scope="module")
 def client(base_url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=120)
-
-
-def ask(client: openai.OpenAI, model: str, messages=HELLO, **kw):
-    kw = {"temperature": 0, "max_tokens": 12, **kw}
-    return client.chat.completions.with_raw_response.create(model=model, messages=messages, **kw)
 
 
 def test_health_and_models(base_url: str, client: openai.OpenAI) -> None:
@@ -85,20 +79,7 @@ def test_chat_with_the_adapter_reports_mode_and_tokens_saved(client: openai.Open
 
 
 def test_streaming_equals_the_whole_reply_and_ends_with_usage(client: openai.OpenAI) -> None:
-    whole = ask(client, "sql-agent", max_tokens=16).parse()
-    stream = client.chat.completions.create(
-        model="sql-agent",
-        messages=HELLO,
-        temperature=0,
-        max_tokens=16,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = list(stream)
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == whole.choices[0].message.content
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
-    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    streamed_as_whole(client, "sql-agent")
     raw = _post(
         str(client.base_url).rstrip("/"), {"model": "sql-agent", "messages": HELLO, "stream": True, "max_tokens": 4}
     )
