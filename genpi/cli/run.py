@@ -17,7 +17,7 @@ import yaml
 from genpi.cli.config_flags import add_flags, resolve
 from genpi.cli.signals import on_sigterm_unwind
 from genpi.config import PROFILES, GenPIConfig
-from genpi.errors import GenPIError, PromptError
+from genpi.errors import GenPIError
 
 log = logging.getLogger("genpi")
 
@@ -114,7 +114,7 @@ def execute(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     from genpi.batch.graph import run_batch
-    from genpi.prompt.files import read_prompt_folder
+    from genpi.prompt.files import folder_error, read_prompt_folder
     from genpi.ray_runtime import connect, disconnect
     from genpi.store import store_for
 
@@ -135,8 +135,7 @@ def execute(args: argparse.Namespace) -> int:
         specs = [s for s in specs if s.name in args.only]
         unreadable = {stems[n]: unreadable[stems[n]] for n in args.only if n in stems}
     if not specs:  # nothing to run: the files' problems are the job's error
-        errors = list(unreadable.values())
-        raise PromptError(errors[0] if len(errors) == 1 else "no prompt file loads:\n" + "\n".join(errors))
+        raise folder_error(unreadable)
     for error in unreadable.values():
         log.error("%s; the other prompts go on", error)
     _check_store_outlives_job(cfg.store.url)

@@ -88,7 +88,7 @@ class AsyncVLLMEngine:
         if leaves_no_room(len(ids), self.max_context):
             yield Step([], done=Generation("", "context", len(ids), 0))
             return
-        lora = self.adapters[adapter] if adapter else None
+        lora = self.adapters.get(adapter) if adapter else None
         if adapter and lora is None:
             raise ModelError(f"adapter {adapter} was not loaded; call add_adapter first")
         sampling = vllm_params(

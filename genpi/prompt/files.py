@@ -71,11 +71,16 @@ def load_prompts(folder: str | Path) -> list[PromptSpec]:
     """
     specs, problems = read_prompt_folder(folder)
     if problems:
-        errors = list(problems.values())
-        raise PromptError(
-            errors[0] if len(errors) == 1 else f"{len(errors)} prompt files have problems:\n" + "\n".join(errors)
-        )
+        raise folder_error(problems)
     return specs
+
+
+def folder_error(problems: dict[str, str]) -> PromptError:
+    """One error for the files of a folder that did not load (each file's own message)."""
+    errors = list(problems.values())
+    return PromptError(
+        errors[0] if len(errors) == 1 else f"{len(errors)} prompt files have problems:\n" + "\n".join(errors)
+    )
 
 
 def read_prompt_folder(folder: str | Path) -> tuple[list[PromptSpec], dict[str, str]]:
