@@ -74,7 +74,7 @@ def main() -> None:
     figures: dict[str, dict] = {}
     for name, overrides in recipes.items():
         cfg = resolve_backends(load_config(args.profile, overrides={"store.url": args.store, **overrides}))
-        failures = synthesize_all(specs, cfg, store)  # found in the store when a recipe changes training only
+        failures = synthesize_all(specs, cfg, store, real)  # found in the store when a recipe changes training only
         if failures:
             raise SystemExit(f"synthesis failed: {failures}")
         reports, seconds = [], {}

@@ -42,7 +42,9 @@ TRAIN_PLACEMENT = (
     "lambdas",
     "seeds",
 )
-EVAL_VERSION = 4  # 3: the real inputs' set is named "real" (was "user"); 4: intervals on every figure
+EVAL_VERSION = 5  # 3: the real inputs' set is named "real" (was "user"); 4: intervals on every figure;
+# 5: the teacher's and the base's episodes and the teacher's samples come from the references
+REFERENCE_VERSION = 1
 
 
 def model_identity(model: ModelConfig) -> dict[str, Any]:
@@ -135,6 +137,25 @@ def eval_prefix(spec: PromptSpec, cfg: GenPIConfig, real_inputs: list[str]) -> s
     # "user_inputs" was the real inputs' earlier name; the key keeps it so stored evaluations stay found.
     key = fingerprint({"run": run_hash(cfg), "eval": eval_hash(cfg), "user_inputs": real_inputs})
     return f"{prompt_root(spec)}/eval/{key}"
+
+
+def reference_prefix(spec: PromptSpec, cfg: GenPIConfig, real_inputs: list[str]) -> str:
+    """The teacher's and the base's episodes and the teacher's samples on the evaluation inputs
+    (:mod:`genpi.evaluate.references`): the records, the split, the real inputs and the evaluation
+    settings that shape them; no adapter, so every run of the prompt shares them."""
+    ev = cfg.eval
+    shaping = ("max_samples", "max_turns", "max_tokens", "env_max_tokens", "teacher_samples", "sample_temperature")
+    key = fingerprint(
+        {
+            "version": REFERENCE_VERSION,
+            "synth": synth_hash(cfg),
+            "split": dataclasses.asdict(cfg.split),
+            "eval": {name: getattr(ev, name) for name in shaping},
+            "target": model_identity(cfg.models.target),
+            "real_inputs": real_inputs,
+        }
+    )
+    return f"{prompt_root(spec)}/references/{key}"
 
 
 def validation_prefix(spec: PromptSpec, cfg: GenPIConfig) -> str:

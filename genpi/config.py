@@ -505,7 +505,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # The dataclass defaults: the paper's settings, for a GPU cluster, sweeping the paper's lambdas,
     # each with 3 seeds (selection reports each lambda's mean ± std over them).
     "paper": {"train": {"lambdas": [0.3, 0.5, 0.7], "seeds": [0, 1, 2]}},
-    # Sized for 2 CPU cores: the main job over the three shipped prompts within 20 minutes.
+    # Sized for 2 CPU cores: the main job over the three shipped prompts within 15 minutes.
     # The vLLM engine where `make install` built it (about 2x the hf backend's synthesis speed on
     # these long prompts). Fewer, shorter generations; reasons only for the few records whose PG
     # examples are trained; LoRA without dropout (random masks cost ~30% of a CPU step) on the
@@ -550,16 +550,21 @@ PROFILES: dict[str, dict[str, Any]] = {
             "pg_fraction": 0.04,
             "pg_lambda": 0.7,
         },
-        # 4 teacher samples per input for the action-agreement check (the default 8 would add ~2 min a prompt)
+        # Episodes of 3 agent turns; the teacher's 8 samples per test input (the default) come from the
+        # references, drawn on vLLM while synthesizing. 8 test inputs: 16 would take 36 inputs and
+        # about 20 min here (docs/log.md).
         "eval": {
             "num_gpus": 0,
             "num_cpus": 2,
-            "max_turns": 1,
+            "max_turns": 3,
             "max_tokens": 80,
-            "env_max_tokens": 48,
+            # most observations ran to 48 tokens; 32 say what happened and cut the environment's
+            # share of an episode (it reads ~1.6k tokens of worked examples per step on the hf engine)
+            "env_max_tokens": 32,
             "max_samples": 8,
+            "latency_turns": 3,
             "latency_tokens": 8,
-            "teacher_samples": 4,
+            "batch_size": 32,  # every set's adapter episodes in one batch
         },
     },
 }

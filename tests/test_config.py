@@ -17,6 +17,7 @@ from genpi.config import (
     overrides_from_args,
 )
 from genpi.errors import ConfigError
+from genpi.prompt.spec import PromptSpec, Turn
 
 
 def test_defaults_are_the_papers() -> None:
@@ -50,13 +51,24 @@ def test_local_profile_is_small() -> None:
 
 def test_split_and_eval_are_not_part_of_the_synthesis_key() -> None:
     base = load_config("local")
-    changed = load_config("local", overrides={"split.test_fraction": 0.4, "eval.max_turns": 3})
+    changed = load_config("local", overrides={"split.test_fraction": 0.4, "eval.max_turns": 2})
     assert artifacts.synth_hash(base) == artifacts.synth_hash(changed)
     assert artifacts.train_hash(base) != artifacts.train_hash(changed) and artifacts.eval_hash(
         base
     ) != artifacts.eval_hash(changed)
     placement = load_config("local", overrides={"eval.num_cpus": 1, "eval.batch_size": 3})
     assert artifacts.eval_hash(placement) == artifacts.eval_hash(base)
+
+
+def test_references_are_shared_by_every_run_and_change_with_what_shapes_them() -> None:
+    spec = PromptSpec(name="p", source="p.md", turns=(Turn("system", "Be brief."),))
+    base = load_config("local")
+    key = artifacts.reference_prefix(spec, base, ["a real input"])
+    for same in ({"train.pg_lambda": 0.3, "train.seed": 4}, {"eval.num_cpus": 1}, {"eval.min_retention": 0.5}):
+        assert artifacts.reference_prefix(spec, load_config("local", overrides=same), ["a real input"]) == key
+    for other in ({"eval.max_turns": 2}, {"eval.teacher_samples": 2}, {"split.test_fraction": 0.4}, {"synth.seed": 9}):
+        assert artifacts.reference_prefix(spec, load_config("local", overrides=other), ["a real input"]) != key
+    assert artifacts.reference_prefix(spec, base, []) != key
 
 
 def test_precedence_defaults_profile_yaml_flags(tmp_path) -> None:

@@ -291,7 +291,8 @@ def stage_prefixes(spec: PromptSpec, cfg: GenPIConfig, real_inputs: list[str]) -
     return {
         "synth": [artifacts.synth_prefix(spec, cfg)],
         "train": [artifacts.train_prefix(spec, run) for run in runs],
-        "eval": evals + ([artifacts.selection_prefix(spec, runs)] if len(runs) > 1 else []),
+        "eval": [artifacts.reference_prefix(spec, cfg, real_inputs), *evals]
+        + ([artifacts.selection_prefix(spec, runs)] if len(runs) > 1 else []),
     }
 
 
@@ -316,9 +317,13 @@ def force_stages(
         log.info("[%s] --force: %s redone", spec.name, ", ".join(FORCE_STAGES[first:]))
 
 
-def synthesize_all(specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore) -> dict[str, Exception]:
-    """Synthesize (or find) every prompt's records on one set of engine pools; returns the failures."""
-    chains = [Chain(s, PromptResult(s.name, s.prompt_hash), []) for s in specs]
+def synthesize_all(
+    specs: list[PromptSpec], cfg: GenPIConfig, store: ArtifactStore, real_inputs: dict[str, list[str]] | None = None
+) -> dict[str, Exception]:
+    """Synthesize (or find) every prompt's records and references (with its ``real_inputs``) on
+    one set of engine pools; returns the failures."""
+    real = real_inputs or {}
+    chains = [Chain(s, PromptResult(s.name, s.prompt_hash), real.get(s.name, [])) for s in specs]
     with Leases(store) as leases:
         batch = Batch(cfg, store, runs=[])  # synthesis only
         Graph(chains, [Synthesis(batch)], store, leases).run()

@@ -23,6 +23,7 @@ from genpi.batch.manifest import PromptResult
 from genpi.batch.resources import SharedEngines, task_resources
 from genpi.config import PG_METHODS, GenPIConfig
 from genpi.errors import GenPIError
+from genpi.evaluate.references import make_references
 from genpi.prompt.spec import PromptSpec
 from genpi.store import ArtifactStore
 from genpi.synth.stage import synthesize
@@ -148,18 +149,26 @@ def _raise_first(outcomes: list[Outcome]) -> None:
 
 
 class Synthesis(Stage):
+    """The prompt's records, then its held-out references (the teacher's and the base's episodes
+    and the teacher's samples on the evaluation inputs), both on the shared engine pools: the
+    references need no adapter, and the pools are up now. Done when the references are."""
+
     name, force = "synthesis", "synth"
 
     def units(self, chain: Chain) -> list[Unit]:
-        prefix = artifacts.synth_prefix(chain.spec, self.batch.cfg)
-        return [Unit(prefix, f"synthesis of {chain.name}", "synthesis", prefix)]
+        cfg = self.batch.cfg
+        done = artifacts.reference_prefix(chain.spec, cfg, chain.real_inputs)
+        shown = artifacts.synth_prefix(chain.spec, cfg)
+        return [Unit(done, f"synthesis of {chain.name}", "synthesis", shown)]
 
     def start(self, chain: Chain, unit: Unit) -> Future:
-        return self.batch.synthesizing.submit(self._synthesize, chain.spec)
+        return self.batch.synthesizing.submit(self._synthesize, chain.spec, chain.real_inputs)
 
-    def _synthesize(self, spec: PromptSpec) -> str:
+    def _synthesize(self, spec: PromptSpec, real_inputs: list[str]) -> str:
         with self.batch.engines.pools() as (generator, target):
-            return synthesize(spec, self.batch.cfg, generator, target, self.batch.store)
+            records = synthesize(spec, self.batch.cfg, generator, target, self.batch.store)
+            make_references(spec, self.batch.cfg, self.batch.store, target, real_inputs)
+            return records
 
     def finish(self, chain: Chain, outcomes: list[Outcome]) -> None:
         _raise_first(outcomes)

@@ -32,13 +32,18 @@ def gate_decision(report: dict[str, Any], cfg: EvalConfig, set_name: str = "test
         return {"passed": False, "set": set_name, "checks": [], "summary": f"no {set_name} inputs were evaluated"}
     failed = [c for c in checks if not c["passed"]]
     summary = "; ".join(
-        f"{_label(c)} {c['kind']} {'n/a' if c['value'] is None else format(c['value'], '.0%')} "
+        f"{_label(c)} {c['kind']} {'n/a' if c['value'] is None else format(c['value'], _precision(c))} "
         + (f"[95% {c['interval'][0]:.0%}, {c['interval'][1]:.0%}] " if c["interval"] and c["value"] is not None else "")
         + f"{'>=' if c['passed'] else '<'} {c['threshold']:.0%}"
-        + (f" (short by {c['short_by']:.0%})" if c["short_by"] else "")
+        + (f" (short by {c['short_by']:{_precision(c)}})" if c["short_by"] else "")
         for c in checks
     )
     return {"passed": not failed, "set": set_name, "checks": checks, "summary": summary}
+
+
+def _precision(check: dict[str, Any]) -> str:
+    """Whole percents, or two decimals for a miss that whole percents would show as "50% < 50%"."""
+    return ".2%" if check["short_by"] and check["short_by"] < 0.005 else ".0%"
 
 
 def _drift_checks(per_turn: list[dict[str, Any]], cfg: EvalConfig) -> list[dict[str, Any]]:

@@ -73,7 +73,7 @@ def play_episodes(
     agent_params: SamplingParams,
     env_params: SamplingParams,
     last_observation: bool = True,
-    first_turns: list[Generation] | None = None,
+    first_turns: list[Generation | None] | None = None,
     resampling: Resampling | None = None,
 ) -> list[dict]:
     """One episode per input, the agent starting from its opening conversation in ``agent_views``.
@@ -83,7 +83,8 @@ def play_episodes(
     are not modified. ``last_observation=False`` skips the environment's answer to the agent's
     ``limit``-th turn (no agent reads it; such episodes end as MAX_TURNS, even if that answer
     would have been the end token). ``first_turns``: the agents' first replies, already generated
-    elsewhere with the same view and settings (greedy single-turn outputs); they are not asked again.
+    elsewhere with the same view and settings (greedy single-turn outputs); they are not asked again
+    (a None entry: that agent's first reply is generated here).
     ``resampling`` (synthesis only: evaluation scores what a system says greedily) replaces agent
     turns it rejects by accepted samples; such turns are marked ``"resampled": True``.
     """
@@ -95,10 +96,10 @@ def play_episodes(
         open_ids = [i for i, end in enumerate(ends) if not end]
         if not open_ids:
             break
-        if turn == 0 and first_turns is not None:
-            replies = list(first_turns)
-        else:
-            replies = agent_generate([agents[i] for i in open_ids], agent_params)
+        given = first_turns if turn == 0 and first_turns is not None else [None] * len(real_inputs)
+        asked = [i for i in open_ids if given[i] is None]
+        made = dict(zip(asked, agent_generate([agents[i] for i in asked], agent_params))) if asked else {}
+        replies = [made[i] if given[i] is None else given[i] for i in open_ids]
         replaced: set[int] = set()
         if resampling is not None and turn < resampling.turns:
             replies, replaced = _resample([agents[i] for i in open_ids], replies, agent_generate, resampling)

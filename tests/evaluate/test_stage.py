@@ -115,6 +115,8 @@ def test_gate_both_ways() -> None:
     failed = gate_decision(_report(0.5, 0.6), cfg)
     assert not failed["passed"] and "format_valid retention 50% < 80% (short by 30%)" in failed["summary"]
     assert not gate_decision(_report(0.9, 0.2), cfg)["passed"]
+    near = gate_decision(_report(0.9, 0.4996), cfg)  # a miss whole percents would hide
+    assert not near["passed"] and "nll gap_closed 49.96% < 50% (short by 0.04%)" in near["summary"]
     assert not gate_decision(_report(None, 0.9), cfg)["passed"]  # an undefined figure never passes
     assert not gate_decision({"sets": {}}, cfg)["passed"]
 
@@ -192,6 +194,7 @@ def test_agreement_under_the_teacher(engine_and_adapter, tmp_path: Path) -> None
     """The teacher judges each system's first reply: its own greedy reply scores as in score_replies,
     and a first action counts as agreeing exactly when one of the teacher's samples has it."""
     from genpi.config import load_config
+    from genpi.evaluate.references import make_references
     from genpi.evaluate.stage import Evaluation
     from genpi.prompt.spec import ActionFormat, PromptSpec, Turn
     from genpi.prompt.views import teacher_messages
@@ -214,17 +217,9 @@ def test_agreement_under_the_teacher(engine_and_adapter, tmp_path: Path) -> None
         "base": [{"input": x, "turns": [{"agent": "no such action", "observation": ""}]} for x in inputs],
         "adapter": [{"input": x, "turns": []} for x in inputs],
     }
-    run = Evaluation(
-        spec,
-        cfg,
-        open_store(str(tmp_path / "store")),
-        engine,
-        adapter,
-        "eval/x",
-        [],
-        lambda _: None,
-        sets={"test": [{"input": x} for x in inputs]},
-    )
+    store, sets = open_store(str(tmp_path / "store")), {"test": [{"input": x} for x in inputs]}
+    references = make_references(spec, cfg, store, engine, [], sets=sets)
+    run = Evaluation(spec, cfg, store, engine, adapter, "eval/x", [], lambda _: None, sets=sets, references=references)
     rows = run.agreement("test", episodes)
     own = score_replies(engine, [teacher_messages(spec, x) for x in inputs], [], greedy, {}, top_k=5)["teacher"]
     for row, score, sampled_greedy in zip(rows, own, greedy):
@@ -232,6 +227,67 @@ def test_agreement_under_the_teacher(engine_and_adapter, tmp_path: Path) -> None
         assert row["in_teacher_samples"]["teacher"] == (" ".join(sampled_greedy.split()) in row["teacher_actions"])
         assert row["in_teacher_samples"]["base"] is False and 1 <= len(row["teacher_actions"]) <= 3
     assert run.agreement("test", {}) == rows  # stored: a rerun reads it back
+
+
+def test_references_play_teacher_and_base_together_as_each_alone(engine_and_adapter, tmp_path: Path) -> None:
+    """Every set's teacher and base episodes, played in one lockstep, are the episodes each plays
+    alone (test inputs opening with the records' first turns); the teacher's samples are k per test
+    input, seeded; a second call finds them all."""
+    from genpi.config import load_config
+    from genpi.engines.base import Generation
+    from genpi.evaluate.references import make_references, play
+    from genpi.prompt.spec import ActionFormat, EnvironmentSpec, PromptSpec, Turn
+    from genpi.prompt.views import student_messages, teacher_messages
+    from genpi.store import open_store
+
+    engine, _ = engine_and_adapter
+    spec = PromptSpec(
+        name="mini",
+        source="mini.md",
+        turns=(Turn("system", "Answer with Act: and a word."),),
+        max_turns=3,
+        environment=EnvironmentSpec(description="You are the shell. Print what the command prints."),
+        action_format=ActionFormat(actions=(r"(?s).*",)),
+    )
+    cfg = load_config(
+        "local",
+        overrides={
+            "eval.teacher_samples": 3,
+            "eval.max_tokens": 8,
+            "eval.env_max_tokens": 8,
+            "synth.output_max_tokens": 8,
+        },
+    )
+    test = [
+        {"input": x, "teacher": f"Act: {x}", "teacher_finish": "stop", "student": "hello", "student_finish": "stop"}
+        for x in ("count the files", "show the date", "list users")
+    ]
+    real = [{"input": x} for x in ("free disk space", "who am i")]
+    store, sets = open_store(str(tmp_path / "store")), {"test": test, "real": real}
+    lines: list[str] = []
+    prefix = make_references(spec, cfg, store, engine, ["free disk space", "who am i"], lines.append, sets=sets)
+    for name, items in sets.items():
+        inputs = [item["input"] for item in items]
+        for system, views, field in (
+            ("teacher", [teacher_messages(spec, x) for x in inputs], "teacher"),
+            ("base", [student_messages(x) for x in inputs], "student"),
+        ):
+            firsts = [Generation(i[field], "stop", 0, 0) for i in items] if name == "test" else None
+            alone = play(spec, cfg, views, inputs, engine.generate, engine.generate, firsts)
+            assert store.get_jsonl(f"{prefix}/{name}-{system}.jsonl") == alone
+            if firsts:
+                assert [e["turns"][0]["agent"] for e in alone] == [i[field] for i in items]
+            assert max(len(e["turns"]) for e in alone) == 3  # the evaluation's turn limit
+    samples = store.get_jsonl(f"{prefix}/test-samples.jsonl")
+    assert [row["input"] for row in samples] == [i["input"] for i in test] and all(
+        len(r["samples"]) == 3 for r in samples
+    )
+    assert any(len(set(row["samples"])) > 1 for row in samples)  # sampled, each with its own seed
+    assert not store.exists(f"{prefix}/real-samples.jsonl")  # the test split's only
+    assert any("teacher samples" in line for line in lines)
+    again: list[str] = []
+    assert make_references(spec, cfg, store, engine, ["free disk space", "who am i"], again.append, sets=sets) == prefix
+    assert not again
 
 
 def test_sampled_action_match_both_ways_in_the_report() -> None:
