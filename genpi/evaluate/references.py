@@ -117,7 +117,7 @@ def play_together(
     """The episodes of every one of ``systems`` (teacher: prompt view; others: no prompt) on every
     set, in one lockstep: one ``agent`` call per turn for all of them and one ``environment`` call.
     Recorded first turns open the episodes that have them. Returns ``{system: {set: episodes}}``."""
-    order = [(system, name) for system in systems for name, items in sets.items() if items]
+    order = [(system, name) for system in systems for name in sets]
     inputs: list[str] = []
     views: list[list[dict[str, str]]] = []
     firsts: list[Generation | None] = []

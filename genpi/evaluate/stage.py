@@ -95,22 +95,22 @@ class Evaluation:
 
     def episodes(self, set_name: str, system: str) -> list[dict]:
         """Each input's episode with ``system`` as the agent: the teacher's and the base's from the
-        references where they hold the set, else played here (stored per set and system). The
-        adapter's episodes of every set are played at once (one generate call per turn)."""
-        reference = f"{self.references}/{set_name}-{system}.jsonl" if self.references else ""
-        if system != "adapter" and reference and self.store.exists(reference):
+        references where they hold the set, else played here, every set at once (one generate call
+        per turn) and stored per set and system."""
+        reference = f"{self.references}/{set_name}-{system}.jsonl"
+        if system != "adapter" and self.references and self.store.exists(reference):
             return self.store.get_jsonl(reference)
         key = f"{self.prefix}/episodes/{set_name}-{system}.jsonl"
         if not self.store.exists(key):
-            self._play(system, [set_name] if system != "adapter" else list(self.sets))
+            self._play(system)
         return self.store.get_jsonl(key)
 
-    def _play(self, system: str, set_names: list[str]) -> None:
-        """Play ``system``'s episodes of the sets not stored yet, together, and store each set's."""
+    def _play(self, system: str) -> None:
+        """Play ``system``'s episodes of every set not stored yet, together, and store each set's."""
         todo = [
             name
-            for name in set_names
-            if self.sets[name] and not self.store.exists(f"{self.prefix}/episodes/{name}-{system}.jsonl")
+            for name, items in self.sets.items()
+            if items and not self.store.exists(f"{self.prefix}/episodes/{name}-{system}.jsonl")
         ]
         started = time.time()
         adapter = self.adapter if system == "adapter" else None
