@@ -42,8 +42,9 @@ TRAIN_PLACEMENT = (
     "lambdas",
     "seeds",
 )
-EVAL_VERSION = 5  # 3: the real inputs' set is named "real" (was "user"); 4: intervals on every figure;
-# 5: the teacher's and the base's episodes and the teacher's samples come from the references
+EVAL_VERSION = 6  # 3: the real inputs' set is named "real" (was "user"); 4: intervals on every figure;
+# 5: the teacher's and the base's episodes and the teacher's samples come from the references;
+# 6: teacher-forced scores read a whole episode off one forward, rows batched
 REFERENCE_VERSION = 1
 
 
@@ -144,7 +145,15 @@ def reference_prefix(spec: PromptSpec, cfg: GenPIConfig, real_inputs: list[str])
     (:mod:`genpi.evaluate.references`): the records, the split, the real inputs and the evaluation
     settings that shape them; no adapter, so every run of the prompt shares them."""
     ev = cfg.eval
-    shaping = ("max_samples", "max_turns", "max_tokens", "env_max_tokens", "teacher_samples", "sample_temperature")
+    shaping = (
+        "max_samples",
+        "max_real_inputs",
+        "max_turns",
+        "max_tokens",
+        "env_max_tokens",
+        "teacher_samples",
+        "sample_temperature",
+    )
     key = fingerprint(
         {
             "version": REFERENCE_VERSION,

@@ -59,7 +59,7 @@ def evaluation_inputs(
     """The input sets: the test split of the synthesized records, and the user's real inputs."""
     sets = {"test": split_items(spec, cfg, store, TEST)}
     if real_inputs:
-        sets["real"] = [{"input": x} for x in real_inputs[: cfg.eval.max_samples]]
+        sets["real"] = [{"input": x} for x in real_inputs[: cfg.eval.max_real_inputs or cfg.eval.max_samples]]
     return sets
 
 

@@ -168,9 +168,11 @@ class Evaluation:
             inputs = [e["input"] for e in episodes["teacher"]]
             contexts = [teacher_messages(self.spec, x) for x in inputs]
             firsts = {s: [e["turns"][0]["agent"] if e["turns"] else "" for e in episodes[s]] for s in SYSTEMS}
-            nll = {
-                s: score_replies(self.engine, contexts, contexts, firsts[s], {}, ev.top_k)["teacher"] for s in SYSTEMS
-            }
+            # One call for every system's replies: the prompt's KV once, rows batched across systems.
+            judged = score_replies(
+                self.engine, contexts * len(SYSTEMS), [], [r for s in SYSTEMS for r in firsts[s]], {}, ev.top_k
+            )
+            nll = {s: judged["teacher"][k * len(inputs) : (k + 1) * len(inputs)] for k, s in enumerate(SYSTEMS)}
             samples = self.store.get_jsonl(f"{self.references}/{set_name}-samples.jsonl")
             rows = []
             for i in range(len(inputs)):

@@ -43,6 +43,8 @@ TINY_RUN = [
     "12",
     "--synth.filter-off-format",
     "false",
+    "--split.test-fraction",
+    "0.3",  # 2 of the 6 records
     "--train.epochs",
     "1",
     "--train.min-steps",

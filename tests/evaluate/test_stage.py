@@ -101,6 +101,38 @@ def test_teacher_forced_scores(engine_and_adapter) -> None:
     )
 
 
+def test_teacher_forced_scores_of_an_episode_read_off_one_row(engine_and_adapter) -> None:
+    """Every turn of an episode, scored together (one row per episode: a turn's context and reply
+    open the next turn's context; rows batched over one copy of the prompt), scores as that turn
+    scored alone."""
+    from genpi.chat import chat_ids
+    from genpi.evaluate.teacher_forced import _rows
+
+    engine, adapter = engine_and_adapter
+    prompt = [{"role": "system", "content": "Answer with Act: bash and one command. " * 8}]
+    teacher_ctx, student_ctx, replies = [], [], []
+    for chat in CHATS:
+        history: list[dict[str, str]] = []
+        for t in range(3):
+            reply = f"Act: bash\n```bash\nls /tmp/{t} {chat[0]['content'][:5]}\n```"
+            teacher_ctx.append(prompt + chat + history)
+            student_ctx.append(chat + history)
+            replies.append(reply)
+            history += [{"role": "assistant", "content": reply}, {"role": "user", "content": f"file{t}.txt"}]
+    systems = {"base": None, "adapter": adapter}
+    together = score_replies(engine, teacher_ctx, student_ctx, replies, systems, top_k=5)
+    contexts = {i: chat_ids(engine.tokenizer, c, True) for i, c in enumerate(teacher_ctx)}
+    targets = [reply_ids(engine.tokenizer, c, r) for c, r in zip(teacher_ctx, replies)]
+    assert len(_rows(contexts, targets)) == len(CHATS)  # one row per episode
+    for i, (tc, sc, reply) in enumerate(zip(teacher_ctx, student_ctx, replies)):
+        alone = score_replies(engine, [tc], [sc], [reply], systems, top_k=5)
+        for system, scores in alone.items():
+            got, want = together[system][i], scores[0]
+            assert got.tokens == want.tokens
+            assert got.nll_sum == pytest.approx(want.nll_sum, rel=1e-4, abs=1e-4)
+            assert got.kl_sum == pytest.approx(want.kl_sum, rel=1e-3, abs=1e-4)
+
+
 def _report(fv_retention: float | None, nll_gap: float | None) -> dict:
     comparison = {
         "format_valid": {"retention": fv_retention, "gap_closed": None},
