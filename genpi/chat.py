@@ -17,6 +17,9 @@ Conversation = list[Message]
 DEFAULT_CONTEXT = 2048  # what a model config without max_position_embeddings is taken to allow
 
 
+MIN_SHARED_PREFIX = 32  # tokens below which a separate prefill pass costs more than it saves
+
+
 def chat_ids(tokenizer: Any, messages: Conversation, generation_prompt: bool = False) -> list[int]:
     """Token ids of ``messages`` rendered with the model's chat template (plus the assistant's
     generation header when ``generation_prompt``)."""
@@ -50,6 +53,16 @@ def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
         return 0
     first, shortest = sequences[0], min(len(s) for s in sequences)
     return next((k for k in range(shortest) if any(s[k] != first[k] for s in sequences)), shortest)
+
+
+def shared_opening(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the opening every sequence shares (the prompt) that is worth computing once for
+    all: at least one token of each stays to compute after it, and 0 for fewer than two sequences
+    or an opening shorter than :data:`MIN_SHARED_PREFIX`."""
+    if len(sequences) < 2:
+        return 0
+    length = min(common_prefix(sequences), min(len(s) for s in sequences) - 1)
+    return length if length >= MIN_SHARED_PREFIX else 0
 
 
 def context_length(config: Any, default: int = DEFAULT_CONTEXT) -> int:

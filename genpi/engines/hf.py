@@ -26,7 +26,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
-from genpi.chat import common_prefix, context_length, request_ids
+from genpi.chat import MIN_SHARED_PREFIX, context_length, request_ids, shared_opening
 from genpi.config import ModelConfig
 from genpi.devices import DTYPES, cpu_threads, pick_device
 from genpi.engines.base import Conversation, Generation, SamplingParams, adapter_config, leaves_no_room, request_seeds
@@ -37,7 +37,6 @@ from genpi.errors import ModelError
 from genpi.models import resolve_model
 
 _GROUP_BY = 64
-_MIN_SHARED_PREFIX = 32  # below this, a separate prefill pass costs more than it saves
 
 TokenCallback = Callable[[int, int], None]  # (request index, token id), as each token is decoded
 
@@ -282,11 +281,8 @@ class HFEngine:
         stays uncached so that generation has logits to start from.
         """
         cache = growing_cache(self.model) if self.growing_kv else DynamicCache(config=self.model.config)
-        if not self.prefix_sharing or len(batch) < 2 or len(set(self._tags)) > 1:  # one prefix KV per adapter
-            return 0, cache
-        shortest = min(len(ids) for ids in batch)
-        length = min(common_prefix(batch), shortest - 1)
-        if length < _MIN_SHARED_PREFIX:
+        length = shared_opening(batch) if self.prefix_sharing and len(set(self._tags)) <= 1 else 0  # one per adapter
+        if not length:
             return 0, cache
         prefix = torch.tensor([batch[0][:length]], device=self.model.device)
         self.model(input_ids=prefix, past_key_values=cache, use_cache=True)
@@ -301,7 +297,7 @@ class HFEngine:
         matches = [turns.match(ids, tag) for ids, tag in zip(batch, self._tags)]
         lengths = [min(length, len(ids) - 1) for (_, length), ids in zip(matches, batch)]
         width = max(lengths)
-        if width < _MIN_SHARED_PREFIX:
+        if width < MIN_SHARED_PREFIX:
             return None
         cache = growing_cache(self.model)
         keys = [key if length else None for (key, _), length in zip(matches, lengths)]

@@ -21,11 +21,10 @@ from typing import Any
 
 import torch
 
-from genpi.chat import Conversation, chat_ids, common_prefix
+from genpi.chat import Conversation, chat_ids, shared_opening
 from genpi.divergence import topk_tail_kl
 
 _ROW_TOKENS = 4096  # new tokens per scoring forward (rows × width): bounds the logits' memory
-_MIN_SHARED_PREFIX = 32  # below this, a separate prefill pass costs more than it saves
 
 
 @dataclass
@@ -84,11 +83,8 @@ def _prefix_cache(model: Any, contexts: list[list[int]]) -> tuple[Any, int]:
     """A KV cache of the tokens every context starts with (the prompt), and their count."""
     from transformers.cache_utils import DynamicCache
 
-    if len(contexts) < 2:
-        return None, 0
-    shortest = min(len(c) for c in contexts)
-    length = min(common_prefix(contexts), shortest - 1)  # keep a token of each context to compute
-    if length < _MIN_SHARED_PREFIX:
+    length = shared_opening(contexts)
+    if not length:
         return None, 0
     cache = DynamicCache(config=model.config)
     model(input_ids=torch.tensor([contexts[0][:length]], device=model.device), past_key_values=cache, use_cache=True)
