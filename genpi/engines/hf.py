@@ -32,6 +32,7 @@ from genpi.devices import DTYPES, cpu_threads, pick_device
 from genpi.engines.base import Conversation, Generation, SamplingParams, adapter_config, leaves_no_room, request_seeds
 from genpi.engines.kv_cache import GrowingLayer, growing_cache
 from genpi.engines.lora_bank import LoraBank
+from genpi.engines.shared_prefix import SharedPrefixLayer, use_shared_prefix_attention
 from genpi.engines.turn_cache import TurnCache
 from genpi.errors import ModelError
 from genpi.models import resolve_model
@@ -138,6 +139,8 @@ class HFEngine:
         # sliding-window and other special cache layers keep their own rule, so not for them.
         self.turn_cache = TurnCache(turn_cache_mib * 2**20)
         self._layers_keepable = all(isinstance(layer, GrowingLayer) for layer in growing_cache(self.model).layers)
+        # A shared opening's KV held once per batch and read once per decode step (not once per row).
+        self._opening_once = self._layers_keepable and prefix_sharing and use_shared_prefix_attention(self.model)
         self.prefilled_tokens = 0  # tokens run through the model before generation, for benchmarks
         # Adapters by name (their folder); ``max_merged`` of them kept merged for single-adapter batches.
         self.bank = LoraBank(self.model, max_merged)
@@ -287,31 +290,43 @@ class HFEngine:
         prefix = torch.tensor([batch[0][:length]], device=self.model.device)
         self.model(input_ids=prefix, past_key_values=cache, use_cache=True)
         self.prefilled_tokens += length
-        cache.batch_repeat_interleave(len(batch))
+        if self._opening_once:
+            cache.layers = [SharedPrefixLayer(layer.keys, layer.values) for layer in cache.layers]
+        else:
+            cache.batch_repeat_interleave(len(batch))
         return length, cache
 
-    def _kept_turns(self, batch: list[list[int]], turns: TurnCache) -> tuple[list[int], list[int | None], Any] | None:
-        """Each conversation's cached length and entry from earlier calls, and a cache holding
-        them (row ``r``'s keys right-aligned in the first ``max(lengths)`` positions); None when
-        too little is cached to be worth it."""
+    def _kept_turns(
+        self, batch: list[list[int]], turns: TurnCache
+    ) -> tuple[list[int], list[int | None], int, Any] | None:
+        """Each conversation's cached length and entry from earlier calls, the length of the
+        opening they all share, and a cache holding them: that opening once (where the model reads
+        it once, :mod:`genpi.engines.shared_prefix`), then row ``r``'s other cached keys
+        right-aligned in the next ``max(lengths) - opening`` positions. None when too little is
+        cached to be worth it."""
         matches = [turns.match(ids, tag) for ids, tag in zip(batch, self._tags)]
         lengths = [min(length, len(ids) - 1) for (_, length), ids in zip(matches, batch)]
-        width = max(lengths)
-        if width < MIN_SHARED_PREFIX:
+        if max(lengths) < MIN_SHARED_PREFIX:
             return None
-        cache = growing_cache(self.model)
         keys = [key if length else None for (key, _), length in zip(matches, lengths)]
+        opening = 0
+        if self._opening_once and len(set(self._tags)) == 1 and all(k is not None for k in keys):  # one adapter's KV
+            opening = shared_opening([ids[:length] + [-1] for ids, length in zip(batch, lengths)])
+        width = max(lengths) - opening
+        cache = growing_cache(self.model)
         first = turns.kv(next(k for k in keys if k is not None))
+        if opening:
+            cache.layers = [SharedPrefixLayer(k0[:, :, :opening], v0[:, :, :opening]) for k0, v0 in first]
         for layer, (k0, v0) in enumerate(first):
             k = k0.new_zeros((len(batch), k0.shape[1], width, k0.shape[3]))
             v = v0.new_zeros((len(batch), v0.shape[1], width, v0.shape[3]))
             for row, (key, length) in enumerate(zip(keys, lengths)):
-                if key is not None:
+                if key is not None and length > opening:
                     kr, vr = turns.kv(key)[layer]
-                    k[row, :, width - length :] = kr[0, :, :length]
-                    v[row, :, width - length :] = vr[0, :, :length]
+                    k[row, :, width - (length - opening) :] = kr[0, :, opening:length]
+                    v[row, :, width - (length - opening) :] = vr[0, :, opening:length]
             cache.update(k, v, layer)
-        return lengths, keys, cache
+        return lengths, keys, opening, cache
 
     def _generate_batch(
         self, batch: list[list[int]], params: SamplingParams, seeds: list[int], streamer: RowStreamer | None = None
@@ -319,20 +334,21 @@ class HFEngine:
         turns = self._turn_cache()
         kept = self._kept_turns(batch, turns) if turns is not None and turns.entries else None
         if kept is not None:
-            cached, keys, cache = kept
+            cached, keys, opening, cache = kept
         else:
             shared, cache = self._shared_prefix(batch)
-            cached, keys = [shared] * len(batch), [None] * len(batch)
+            cached, keys, opening = [shared] * len(batch), [None] * len(batch), shared
         pad = self.tokenizer.pad_token_id
-        # Row r: [pad | its cached tokens] [pad | its new tokens]. Padding sits inside each part;
-        # positions come from the mask, so a cached token keeps the position it was computed at.
+        # Row r: [the opening all rows share] [pad | its other cached tokens] [pad | its new tokens].
+        # Padding sits inside each part; positions come from the mask, so a cached token keeps
+        # the position it was computed at.
         head, tail_width = max(cached), max(len(ids) - c for ids, c in zip(batch, cached))
         width = head + tail_width
         rows, masks = [], []
         for ids, c in zip(batch, cached):
             gap, room = head - c, tail_width - (len(ids) - c)
-            rows.append([pad] * gap + ids[:c] + [pad] * room + ids[c:])
-            masks.append([0] * gap + [1] * c + [0] * room + [1] * (len(ids) - c))
+            rows.append(ids[:opening] + [pad] * gap + ids[opening:c] + [pad] * room + ids[c:])
+            masks.append([1] * opening + [0] * gap + [1] * (c - opening) + [0] * room + [1] * (len(ids) - c))
         self.prefilled_tokens += sum(len(ids) - c for ids, c in zip(batch, cached))
         input_ids = torch.tensor(rows, device=self.model.device)
         attention = torch.tensor(masks, device=self.model.device)
@@ -386,10 +402,7 @@ class HFEngine:
         kept = generated[: max(0, min(len(generated) - 1, computed))]
         positions = [p for p, m in enumerate(mask) if m] + list(range(width, width + len(kept)))
         index = torch.tensor(positions, device=self.model.device)
-        kv = [
-            (layer.keys[row : row + 1].index_select(2, index), layer.values[row : row + 1].index_select(2, index))
-            for layer in cache.layers
-        ]
+        kv = [layer.row_kv(row, index) for layer in cache.layers]
         turns.put(ids, kept, kv, continued, tag)
 
     def _eos_ids(self) -> list[int]:

@@ -47,6 +47,12 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = self._k[..., :end, :], self._v[..., :end, :]
         return self.keys, self.values
 
+    def row_kv(self, row: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row ``row``'s keys and values at ``positions``."""
+        return self.keys[row : row + 1].index_select(2, positions), self.values[row : row + 1].index_select(
+            2, positions
+        )
+
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.get_seq_length() > 0:
             self.keys = self.keys.repeat_interleave(repeats, dim=0)
