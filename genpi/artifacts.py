@@ -28,7 +28,7 @@ from genpi.prompt.spec import PromptSpec
 
 # Bump when the code changes what a stage produces (wording, algorithm), so stored results of
 # the old code are not reused.
-SYNTH_VERSION = 3  # 3: no environment answer to the last turn; per-request hf seeds; resamples in one call
+SYNTH_VERSION = 4  # 4: test records not role-played or explained (3: no answer to the last turn, hf seeds)
 TRAIN_VERSION = 2
 # train settings that change where and how often a run works, or which runs a sweep makes, never an adapter
 TRAIN_PLACEMENT = (
@@ -67,6 +67,7 @@ def synth_key(cfg: GenPIConfig) -> dict[str, Any]:
     return {
         "version": SYNTH_VERSION,
         "synth": synth,
+        "split": dataclasses.asdict(cfg.split),  # only the records training reads are role-played
         "generator": model_identity(cfg.models.generator),
         "target": model_identity(cfg.models.target),
     }

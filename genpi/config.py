@@ -202,7 +202,7 @@ class SynthConfig:
 class SplitConfig:
     """Train / validation / test split of the synthesized records, derived from record ids.
 
-    Not part of the synthesis key: changing the split never regenerates data.
+    Part of the synthesis key: synthesis role-plays only the records training reads.
     """
 
     val_fraction: float = _f(

@@ -49,13 +49,14 @@ def test_local_profile_is_small() -> None:
     assert cfg.store.url == "artifacts"
 
 
-def test_split_and_eval_are_not_part_of_the_synthesis_key() -> None:
+def test_eval_is_not_part_of_the_synthesis_key_and_the_split_is() -> None:
     base = load_config("local")
-    changed = load_config("local", overrides={"split.test_fraction": 0.4, "eval.max_turns": 2})
+    changed = load_config("local", overrides={"eval.max_turns": 2})
     assert artifacts.synth_hash(base) == artifacts.synth_hash(changed)
-    assert artifacts.train_hash(base) != artifacts.train_hash(changed) and artifacts.eval_hash(
-        base
-    ) != artifacts.eval_hash(changed)
+    assert artifacts.eval_hash(base) != artifacts.eval_hash(changed)
+    split = load_config("local", overrides={"split.test_fraction": 0.4})
+    assert artifacts.synth_hash(split) != artifacts.synth_hash(base)  # test records are not role-played
+    assert artifacts.train_hash(split) != artifacts.train_hash(base)
     placement = load_config("local", overrides={"eval.num_cpus": 1, "eval.batch_size": 3})
     assert artifacts.eval_hash(placement) == artifacts.eval_hash(base)
 

@@ -1,7 +1,8 @@
 """Train / validation / test split of a prompt's records, derived from record ids alone.
 
 The split is not stored with the data: any stage recomputes it from the ids and the split
-config, so changing the split never regenerates data, and test records are never trained on.
+config, and test records are never trained on. Synthesis role-plays only the records training
+reads, so the split config is part of the synthesis key.
 """
 
 from __future__ import annotations

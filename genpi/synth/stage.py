@@ -4,8 +4,12 @@ role-played conversations → joined records (action-format filter applied) and 
 Reasons are written for ``synth.reason_fraction`` of the inputs (all, as in the paper, by
 default); the other records carry an empty reason and give no Prompt Generation example.
 
-The train / validation / test split is not made here: stages derive it from the record ids
-(:mod:`genpi.prompt.splits`), so the split config is not part of the synthesis key.
+Every input gets the student's and the teacher's single-turn outputs, but only the records
+training reads (train and validation) are explained and role-played: a test record is never
+trained on, and evaluation plays its episodes itself (greedy, against the same environment). Test
+records keep no turns (``end`` is ``"test"``). Stages derive the split from the record ids
+(:mod:`genpi.prompt.splits`); since it decides what is role-played, the split config is part of
+the synthesis key.
 
 Each step stores its results under the prompt's synth key and marks itself done, so a rerun
 skips finished steps and finished parts of an interrupted one.
@@ -21,6 +25,7 @@ from genpi.config import GenPIConfig
 from genpi.errors import GenPIError
 from genpi.fingerprint import fingerprint
 from genpi.prompt.spec import PromptSpec
+from genpi.prompt.splits import TEST, assign_splits
 from genpi.prompt.views import NO_REASON
 from genpi.store import ArtifactStore
 from genpi.synth.format_filter import filter_record
@@ -112,13 +117,15 @@ def synthesize(spec: PromptSpec, cfg: GenPIConfig, generator, target, store: Art
     )
     joined = join_by_id(inputs, outputs)
     explained = reason_ids([r["id"] for r in inputs], s.reason_fraction, s.seed)
+    split = assign_splits([r["id"] for r in inputs], cfg.split.val_fraction, cfg.split.test_fraction, cfg.split.seed)
+    trained = [r for r in joined if split[r["id"]] != TEST]  # what training reads
     # Reasons (generator) and role play (target) need only the outputs: run them side by side.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reasons") as side:
         reasons_done = side.submit(
             run_in_parts,
             store,
             f"{prefix}/reasons",
-            [r for r in joined if r["id"] in explained],
+            [r for r in trained if r["id"] in explained],
             s.part_size,
             lambda part: reasons(spec, s, generator, part),
             f"[{spec.name}] reasons",
@@ -126,16 +133,22 @@ def synthesize(spec: PromptSpec, cfg: GenPIConfig, generator, target, store: Art
         conversations = run_in_parts(
             store,
             f"{prefix}/conversations",
-            joined,
+            trained,
             s.part_size,
             lambda part: role_play(spec, s, target, part),
             f"[{spec.name}] role play",
         )
         reason_rows = with_unexplained(joined, reasons_done.result())
-    conversations = join_by_id(inputs, conversations)  # in the inputs' order, as the records
-    records = [filter_record(spec, row, s.filter_off_format) for row in join_by_id(joined, reason_rows, conversations)]
+    conversations = join_by_id(trained, conversations)  # in the inputs' order, as the records
+    held_out = [{"id": r["id"], "turns": [], "end": TEST} for r in joined if split[r["id"]] == TEST]
+    records = [
+        filter_record(spec, row, s.filter_off_format)
+        for row in join_by_id(joined, reason_rows, conversations + held_out)
+    ]
 
-    quality = quality_report(spec, records, conversations, stats, max_turns_for(spec, s))
+    played = [r for r in records if split[r["id"]] != TEST]
+    quality = quality_report(spec, played, conversations, stats, max_turns_for(spec, s))
+    quality["test_records"] = len(held_out)  # single-turn outputs only: not in the figures above
     store.put_jsonl(f"{prefix}/records.jsonl", records)
     store.put_json(f"{prefix}/quality.json", quality)
     store.mark_done(prefix, {"records": len(records), "config": artifacts.synth_key(cfg)})

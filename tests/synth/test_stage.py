@@ -43,10 +43,13 @@ def tiny_config(**synth) -> GenPIConfig:
         # the scripted inputs differ in one number: near duplicates by design (tested apart)
         "synth.near_duplicate_threshold": 0.0,
         "synth.reason_fraction": 1.0,
+        # every record trained on (and so role-played) unless a test says otherwise
+        "split.val_fraction": 0.0,
+        "split.test_fraction": 0.0,
         "models.generator.name": "tiny-random-llama",
         "models.target.name": "tiny-random-llama",
     }
-    overrides.update({f"synth.{k}": v for k, v in synth.items()})
+    overrides.update({k if "." in k else f"synth.{k}": v for k, v in synth.items()})
     return load_config("local", overrides=overrides)
 
 
@@ -204,12 +207,36 @@ def test_synthesize_resamples_off_format_turns(tmp_path: Path, resamples: int) -
     assert quality["teacher_action_format"] == round(4 / 6, 4)  # the greedy single-turn outputs are kept
 
 
-def test_split_config_is_not_part_of_the_synthesis_key() -> None:
+def test_split_config_is_part_of_the_synthesis_key() -> None:
     cfg = tiny_config()
     other = dataclasses.replace(cfg, split=dataclasses.replace(cfg.split, val_fraction=0.3, test_fraction=0.05, seed=9))
-    assert artifacts.synth_hash(other) == artifacts.synth_hash(cfg)
-    assert artifacts.run_hash(other) != artifacts.run_hash(cfg)  # an adapter does depend on its training split
+    assert artifacts.synth_hash(other) != artifacts.synth_hash(cfg)  # it decides what is role-played
+    assert artifacts.run_hash(other) != artifacts.run_hash(cfg)
     assert artifacts.synth_hash(tiny_config(filter_off_format=False)) != artifacts.synth_hash(cfg)
+
+
+def test_test_records_get_single_turn_outputs_but_no_reason_or_role_play(tmp_path: Path) -> None:
+    """Training never reads a test record and evaluation plays its episodes itself: synthesis
+    gives it the student's and the teacher's first replies only."""
+    store = LocalStore(tmp_path)
+    cfg = tiny_config(**{"split.test_fraction": 0.5})
+    world = World(SPEC)
+    generator, target = FakeEngine(world), FakeEngine(world)
+    records = store.get_jsonl(f"{synthesize(SPEC, cfg, generator, target, store)}/records.jsonl")
+    split = assign_splits([r["id"] for r in records], 0.0, 0.5, cfg.split.seed)
+    test = [r for r in records if split[r["id"]] == TEST]
+    assert len(records) == 6 and len(test) == 3
+    for r in records:
+        assert r["student"] and r["teacher"].startswith("Think:")
+        if split[r["id"]] == TEST:
+            assert (r["turns"], r["end"], r["reason"], r["reason_finish"]) == ([], TEST, "", "none")
+        else:
+            assert len(r["turns"]) == 2 and r["end"] == END_TOKEN and r["reason"]
+    # generator: 1 input round + 1 reason part of the 3 trained records; target: 2 output parts +
+    # 1 role-play part of 2 turns (the first is the teacher's output: 3 calls)
+    assert len(generator.calls) == 2 and len(target.calls) == 2 + 3
+    quality = store.get_json(f"{artifacts.synth_prefix(SPEC, cfg)}/quality.json")
+    assert (quality["records"], quality["test_records"], quality["reasons"]) == (3, 3, 3)
 
 
 def test_synthesize_resumes_after_a_crash_in_role_play(tmp_path: Path) -> None:
