@@ -32,7 +32,10 @@ def role_play(spec: PromptSpec, cfg: SynthConfig, target, inputs: Sequence[dict]
     is not generated again.
     Agent turns out of the prompt's action format are resampled (``synth.agent_resamples``).
     """
-    seed = cfg.seed + (inputs[0]["id"] if inputs else 0)
+    # Every request draws from its own seed (the call's and its tokens: engines.base.request_seeds),
+    # so the call's seed needs no part offset, and a record's role play does not depend on which
+    # others share its part (the test split's records are left out of it).
+    seed = cfg.seed
     agent_params = SamplingParams(max_new_tokens=cfg.agent_max_tokens, temperature=0.0, seed=seed)
     env_params = SamplingParams(
         max_new_tokens=cfg.env_max_tokens, temperature=0.0, seed=seed, stop=(spec.environment.end_token,)
