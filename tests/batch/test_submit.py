@@ -126,7 +126,7 @@ def test_ray_job_submit_on_two_nodes_with_the_store_on_s3(cluster: Cluster, s3_e
     bucket = s3_env.create_bucket()
     url = f"s3://{bucket}/genpi"
     runtime_env = {"excludes": [".venv", ".venv-vllm", ".git", "artifacts"]}
-    job = subprocess.run(
+    command = (
         [
             RAY,
             "job",
@@ -139,13 +139,15 @@ def test_ray_job_submit_on_two_nodes_with_the_store_on_s3(cluster: Cluster, s3_e
             json.dumps(runtime_env),
         ]
         + ["--", "python", "jobs/internalize.py", "--prompts", "prompts/", "--only", "shell-agent"]
-        + ["--store.url", url, *TINY_RUN, "--train.num-cpus", "3", "--eval.num-cpus", "1"],
-        cwd=ROOT,
-        env=cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=800,
+        + ["--store.url", url, *TINY_RUN, "--train.num-cpus", "3", "--eval.num-cpus", "1"]
     )
+    deadline = time.monotonic() + 60
+    while True:  # a node's dashboard agent can still be starting: Ray then refuses the job, and says to retry
+        job = subprocess.run(command, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=800)
+        refused = job.returncode and "No available agent to submit job" in job.stdout + job.stderr
+        if not refused or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     stop.set()
     watcher.join(timeout=5)
     out = job.stdout + job.stderr
