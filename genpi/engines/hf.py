@@ -290,7 +290,7 @@ class HFEngine:
         prefix = torch.tensor([batch[0][:length]], device=self.model.device)
         self.model(input_ids=prefix, past_key_values=cache, use_cache=True)
         self.prefilled_tokens += length
-        if self._opening_once:
+        if self._opening_once and self.growing_kv:  # not in the DynamicCache baseline
             cache.layers = [SharedPrefixLayer(layer.keys, layer.values) for layer in cache.layers]
         else:
             cache.batch_repeat_interleave(len(batch))
@@ -311,7 +311,8 @@ class HFEngine:
         keys = [key if length else None for (key, _), length in zip(matches, lengths)]
         opening = 0
         if self._opening_once and len(set(self._tags)) == 1 and all(k is not None for k in keys):  # one adapter's KV
-            opening = shared_opening([ids[:length] + [-1] for ids, length in zip(batch, lengths)])
+            # each row's cached tokens and the one after them: the opening stays within every row's cache
+            opening = shared_opening([ids[: length + 1] for ids, length in zip(batch, lengths)])
         width = max(lengths) - opening
         cache = growing_cache(self.model)
         first = turns.kv(next(k for k in keys if k is not None))
