@@ -42,9 +42,10 @@ TRAIN_PLACEMENT = (
     "lambdas",
     "seeds",
 )
-EVAL_VERSION = 6  # 3: the real inputs' set is named "real" (was "user"); 4: intervals on every figure;
+EVAL_VERSION = 7  # 3: the real inputs' set is named "real" (was "user"); 4: intervals on every figure;
 # 5: the teacher's and the base's episodes and the teacher's samples come from the references;
-# 6: teacher-forced scores read a whole episode off one forward, rows batched
+# 6: teacher-forced scores read a whole episode off one forward, rows batched; 7: a greedy `.+` before
+# a line break in an action regex is reasoning (actions compared without it)
 REFERENCE_VERSION = 1
 
 

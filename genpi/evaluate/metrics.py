@@ -4,11 +4,12 @@ Every function here is pure. Patterns are searched with ``re.MULTILINE``, as
 :meth:`ActionFormat.is_action` does.
 
 **Action text.** An agent reply is free-text reasoning followed by an action (``Think: … /
-Act: …``, ``Thought: … / Action: …``, ``Thought: … / CALL …``). The reasoning is what the action
-regex's *first lazy wildcard* (``[\\s\\S]+?``, ``[\\s\\S]*?``, ``.+?`` or ``.*?``) matches; the
+Act: …``, ``Thought: … / Action: …``, ``THOUGHT: … / ACTION: …``). The reasoning is what the action
+regex's *first lazy wildcard* (``[\\s\\S]+?``, ``[\\s\\S]*?``, ``.+?`` or ``.*?``) matches, or a greedy
+``.+`` or ``.*`` right before ``\\n`` (it stops at the same line end as its lazy form); the
 action is everything the regex matches after it. When that wildcard sits inside a group, or the
 pattern has a top-level ``|`` or a numbered backreference (whose numbers a new group would shift),
-or it has no lazy wildcard, the whole match is the action. The
+or it has no such wildcard, the whole match is the action. The
 action then runs on to the end of the line its match ends on, so a pattern that checks only the
 start of an action (``^REPLY: \\S``) still yields the whole action line. Whitespace is folded.
 """
@@ -26,6 +27,9 @@ from typing import TypedDict, TypeVar
 from genpi.prompt.spec import ActionFormat
 
 LAZY_WILDCARDS = (r"[\s\S]+?", r"[\s\S]*?", ".+?", ".*?")
+# Greedy one-line wildcards right before a line break match what their lazy forms match.
+LINE_WILDCARDS = (r".+\n", r".*\n")
+_DOTALL = re.compile(r"\(\?[a-zA-Z]*s")
 _ACTION_GROUP = "genpi_action"
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 T = TypeVar("T")
@@ -167,7 +171,7 @@ def gap_closed(adapter: float | None, base: float | None, teacher: float | None)
 
 @functools.lru_cache(maxsize=256)
 def _compiled(pattern: str) -> re.Pattern[str]:
-    """``pattern`` compiled, with the part after its first top-level lazy wildcard captured as the action."""
+    """``pattern`` compiled, with the part after its first top-level reasoning wildcard captured as the action."""
     cut = None if re.search(r"\\[1-9]", pattern) else _reasoning_end(pattern)
     if cut is None:
         return re.compile(pattern, re.MULTILINE)
@@ -175,12 +179,15 @@ def _compiled(pattern: str) -> re.Pattern[str]:
 
 
 def _reasoning_end(pattern: str) -> int | None:
-    """Offset just after the first lazy wildcard outside any group; None if there is none or a top-level ``|``."""
+    """Offset just after the first reasoning wildcard outside any group; None if there is none or a top-level ``|``."""
     depth, i, cut = 0, 0, None
     while i < len(pattern):
         ch = pattern[i]
         if depth == 0 and cut is None:
             hit = next((w for w in LAZY_WILDCARDS if pattern.startswith(w, i)), None)
+            line = next((w for w in LINE_WILDCARDS if pattern.startswith(w, i)), None)
+            if hit is None and line is not None and not _DOTALL.search(pattern):
+                hit = line[:2]  # the action starts with the line break
             if hit is not None:
                 cut = i + len(hit)
                 i = cut

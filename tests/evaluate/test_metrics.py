@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +23,7 @@ from genpi.evaluate.metrics import (
 from genpi.evaluate.plots import efficiency_plot, retention_plot
 from genpi.prompt.files import load_prompt
 from genpi.prompt.spec import ActionFormat
-from tests.repo import PROMPTS
+from tests.repo import PROMPTS, ROOT
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.timeout(120)
 SHELL = load_prompt(PROMPTS / "shell-agent.md").action_format
 SHOP = load_prompt(PROMPTS / "web-shop-agent.yaml").action_format
 SUPPORT = load_prompt(PROMPTS / "support-agent.json").action_format
+HOUSEHOLD = ROOT / "bench" / "heldout" / "prompts" / "household-agent.md"
 
 BASH = (
     "Think: I should count the files first.\nAct: bash\n\n```bash\nfind /usr/share/doc -type f -size +10k | wc -l\n```"
@@ -85,12 +87,16 @@ def test_action_text_on_the_support_format_keeps_the_whole_reply_line() -> None:
     assert action_text(SUPPORT, reply) == "REPLY: Hi Sam, done! Your subscription is paused."
 
 
-@pytest.mark.parametrize("name", ["shell-agent.md", "web-shop-agent.yaml", "support-agent.json"])
-def test_every_worked_example_has_an_action_without_its_reasoning(name: str) -> None:
-    spec = load_prompt(PROMPTS / name)
+@pytest.mark.parametrize(
+    "path",
+    [PROMPTS / "shell-agent.md", PROMPTS / "web-shop-agent.yaml", PROMPTS / "support-agent.json", HOUSEHOLD],
+    ids=lambda path: path.name,
+)
+def test_every_worked_example_has_an_action_without_its_reasoning(path: Path) -> None:
+    spec = load_prompt(path)
     for reply, _ in spec.example_exchanges():
         action = action_text(spec.action_format, reply)
-        assert action is not None and action.split()[0] in ("Act:", "Action:", "CALL", "REPLY:"), reply
+        assert action is not None and action.split()[0] in ("Act:", "Action:", "ACTION:", "CALL", "REPLY:"), reply
         assert action == " ".join(reply.split("\n", 1)[1].split())  # the examples reason on one line
 
 
@@ -107,6 +113,21 @@ def test_action_text_without_a_top_level_lazy_wildcard_is_the_whole_match() -> N
     assert action_text(backreference, "Note: x Act: go go") == "Note: x Act: go go"
     lazy = ActionFormat(actions=(r"^Note.+?[ ]Act: \w+",))
     assert action_text(lazy, "Note... Act: go") == "Act: go"
+
+
+def test_a_greedy_wildcard_before_a_line_break_is_reasoning() -> None:
+    # `.+\n` stops at the end of its line, as `.+?\n` does (the held-out household format)
+    line = ActionFormat(actions=(r"^THOUGHT: .+\nACTION: (go to|open) [a-z]+.*$",))
+    assert action_text(line, "THOUGHT: A mouse is in there.\nACTION: open closet 1") == "ACTION: open closet 1"
+    assert action_text(line, "THOUGHT: x\nACTION: open closet  1 ") == action_text(
+        line, "THOUGHT: y\nACTION: open closet 1"
+    )
+    same_line = ActionFormat(actions=(r"^THOUGHT: .+ACTION: \w+",))  # greedy, no line break after it
+    assert action_text(same_line, "THOUGHT: hm ACTION: go") == "THOUGHT: hm ACTION: go"
+    dotall = ActionFormat(actions=(r"(?s)^THOUGHT: .+\nACTION: \w+",))  # `.` crosses lines: greedy differs
+    assert action_text(dotall, "THOUGHT: a\nb\nACTION: go") == "THOUGHT: a b ACTION: go"
+    escaped = ActionFormat(actions=(r"^THOUGHT\.+\nACTION: \w+",))  # `\.+` is literal dots
+    assert action_text(escaped, "THOUGHT..\nACTION: go") == "THOUGHT.. ACTION: go"
 
 
 def test_action_text_does_not_run_past_a_match_that_ends_a_line() -> None:
