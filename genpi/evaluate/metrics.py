@@ -27,8 +27,9 @@ from typing import TypedDict, TypeVar
 from genpi.prompt.spec import ActionFormat
 
 LAZY_WILDCARDS = (r"[\s\S]+?", r"[\s\S]*?", ".+?", ".*?")
-# Greedy one-line wildcards right before a line break match what their lazy forms match.
-LINE_WILDCARDS = (r".+\n", r".*\n")
+# Greedy one-line wildcards right before a line break (escaped, or a newline character as JSON
+# decodes "\n") match what their lazy forms match.
+LINE_WILDCARDS = (r".+\n", r".*\n", ".+\n", ".*\n")
 _DOTALL = re.compile(r"\(\?[a-zA-Z]*s")
 _ACTION_GROUP = "genpi_action"
 _TOKEN = re.compile(r"\w+|[^\w\s]")

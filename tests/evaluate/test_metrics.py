@@ -122,6 +122,8 @@ def test_a_greedy_wildcard_before_a_line_break_is_reasoning() -> None:
     assert action_text(line, "THOUGHT: x\nACTION: open closet  1 ") == action_text(
         line, "THOUGHT: y\nACTION: open closet 1"
     )
+    decoded = ActionFormat(actions=("^THOUGHT: .+\nACTION: \\w+",))  # a newline character, as from JSON
+    assert action_text(decoded, "THOUGHT: hm\nACTION: go") == "ACTION: go"
     same_line = ActionFormat(actions=(r"^THOUGHT: .+ACTION: \w+",))  # greedy, no line break after it
     assert action_text(same_line, "THOUGHT: hm ACTION: go") == "THOUGHT: hm ACTION: go"
     dotall = ActionFormat(actions=(r"(?s)^THOUGHT: .+\nACTION: \w+",))  # `.` crosses lines: greedy differs
