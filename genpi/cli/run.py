@@ -144,9 +144,10 @@ def execute(args: argparse.Namespace) -> int:
 
     import ray
 
-    log.info(connect(cfg.ray))
-    on_sigterm_unwind()
+    connected = connect(cfg.ray)
     try:
+        on_sigterm_unwind()  # Ray installed its own handler: ours is back before the line says the cluster is up
+        log.info(connected)
         if args.profile == "auto":
             gpus = ray.cluster_resources().get("GPU", 0)
             profile = "paper" if gpus else "local"

@@ -76,10 +76,11 @@ def execute(args: argparse.Namespace) -> int:
     from genpi.serve import application
 
     stop = threading.Event()
-    print(ray_runtime.connect(cfg.ray), flush=True)
+    connected = ray_runtime.connect(cfg.ray)
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's start, which installs its own
             signal.signal(sig, lambda *_: stop.set())
+        print(connected, flush=True)
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
         try:
             serve.run(application(cfg, specs), name="genpi", route_prefix="/")
