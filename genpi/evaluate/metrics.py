@@ -27,9 +27,10 @@ from typing import TypedDict, TypeVar
 from genpi.prompt.spec import ActionFormat
 
 LAZY_WILDCARDS = (r"[\s\S]+?", r"[\s\S]*?", ".+?", ".*?")
-# Greedy one-line wildcards right before a line break (escaped, or a newline character as JSON
-# decodes "\n") match what their lazy forms match.
-LINE_WILDCARDS = (r".+\n", r".*\n", ".+\n", ".*\n")
+# Greedy one-line wildcards are reasoning when a line break follows (escaped, or a newline
+# character as JSON decodes "\n"): without DOTALL they stop where their lazy forms stop.
+GREEDY_LINE_WILDCARDS = (".+", ".*")
+_LINE_BREAKS = (r"\n", "\n")
 _DOTALL = re.compile(r"\(\?[a-zA-Z]*s")
 _ACTION_GROUP = "genpi_action"
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -181,14 +182,16 @@ def _compiled(pattern: str) -> re.Pattern[str]:
 
 def _reasoning_end(pattern: str) -> int | None:
     """Offset just after the first reasoning wildcard outside any group; None if there is none or a top-level ``|``."""
+    greedy = () if _DOTALL.search(pattern) else GREEDY_LINE_WILDCARDS
     depth, i, cut = 0, 0, None
     while i < len(pattern):
         ch = pattern[i]
         if depth == 0 and cut is None:
             hit = next((w for w in LAZY_WILDCARDS if pattern.startswith(w, i)), None)
-            line = next((w for w in LINE_WILDCARDS if pattern.startswith(w, i)), None)
-            if hit is None and line is not None and not _DOTALL.search(pattern):
-                hit = line[:2]  # the action starts with the line break
+            if hit is None:  # the action then starts with the line break
+                hit = next(
+                    (w for w in greedy if pattern.startswith(w, i) and pattern.startswith(_LINE_BREAKS, i + 2)), None
+                )
             if hit is not None:
                 cut = i + len(hit)
                 i = cut
