@@ -513,7 +513,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # these long prompts). Fewer, shorter generations; reasons only for the few records whose PG
     # examples are trained; LoRA without dropout (random masks cost ~30% of a CPU step) on every
     # layer, as in the paper (the top 15 alone trained ~1.7x faster per step, but over three seeds
-    # kept shell's format on 9-11 of 16 inputs against 12, and the held-out prompts' less well).
+    # kept shell's format on 9-11 of 16 inputs against 12, and was less faithful on held-out prompts).
     "local": {
         "models": {
             "generator": {"batch_size": 64, "num_gpus": 0, "num_cpus": 2, "backend": "auto"},

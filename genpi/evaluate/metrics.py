@@ -190,7 +190,8 @@ def _reasoning_end(pattern: str) -> int | None:
             hit = next((w for w in LAZY_WILDCARDS if pattern.startswith(w, i)), None)
             if hit is None:  # the action then starts with the line break
                 hit = next(
-                    (w for w in greedy if pattern.startswith(w, i) and pattern.startswith(_LINE_BREAKS, i + 2)), None
+                    (w for w in greedy if pattern.startswith(w, i) and pattern.startswith(_LINE_BREAKS, i + len(w))),
+                    None,
                 )
             if hit is not None:
                 cut = i + len(hit)
