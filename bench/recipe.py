@@ -96,6 +96,9 @@ def main() -> None:
                         "teacher_format",
                         "base_format",
                         "format_retention",
+                        "format_retention_interval",
+                        "turn_retention",
+                        "sampled_action_retention",
                         "nll_gap_closed",
                         "passed",
                     )

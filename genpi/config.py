@@ -508,7 +508,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     # The dataclass defaults: the paper's settings, for a GPU cluster, sweeping the paper's lambdas,
     # each with 3 seeds (selection reports each lambda's mean ± std over them).
     "paper": {"train": {"lambdas": [0.3, 0.5, 0.7], "seeds": [0, 1, 2]}},
-    # Sized for 2 CPU cores: the main job over the three shipped prompts in 8.5 to 15 minutes.
+    # Sized for 2 CPU cores: the main job over the three shipped prompts in 8.5 to 15 minutes (23 on
+    # the slowest CPU seen).
     # The vLLM engine where `make install` built it (about 2x the hf backend's synthesis speed on
     # these long prompts). Fewer, shorter generations; reasons only for the few records whose PG
     # examples are trained; LoRA without dropout (random masks cost ~30% of a CPU step) on every
