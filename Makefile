@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-# The vLLM engine lives in its own environment (it pins transformers<5.20; genpi needs >=5.20).
+# The vLLM engine lives in its own environment (it pins transformers<5.20; genpi needs >=5.24).
 # Engine actors with `backend: vllm` run on its interpreter (Ray runtime_env py_executable).
 VLLM_VENV := .venv-vllm
 # (named for what it holds: an environment built before Ray Serve was added gets it on the next make)

@@ -179,7 +179,7 @@ class HFEngine:
         :meth:`release_prefix`: every request that opens with ``ids`` prefills only what follows."""
         with torch.inference_mode(), self.adapter_scope(None) as model:
             cache = growing_cache(model)
-            model(input_ids=torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True)
+            model(input_ids=torch.tensor([ids], device=model.device), cache=cache, use_cache=True)
         kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
         return self.turn_cache.pin(ids, kv)
 
@@ -288,7 +288,7 @@ class HFEngine:
         if not length:
             return 0, cache
         prefix = torch.tensor([batch[0][:length]], device=self.model.device)
-        self.model(input_ids=prefix, past_key_values=cache, use_cache=True)
+        self.model(input_ids=prefix, cache=cache, use_cache=True)
         self.prefilled_tokens += length
         if self._opening_once and self.growing_kv:  # not in the DynamicCache baseline
             cache.layers = [SharedPrefixLayer(layer.keys, layer.values) for layer in cache.layers]
@@ -366,7 +366,7 @@ class HFEngine:
             max_new_tokens=budget,
             pad_token_id=pad,
             top_k=None,
-            past_key_values=cache,
+            cache=cache,
             **sampling,
             **extra,
         )

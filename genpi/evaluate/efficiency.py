@@ -197,7 +197,7 @@ def play_timed_episode(
         # every episode, so its prefill is not part of any turn's time.
         seen = chat_ids(tokenizer, messages)
         with torch.inference_mode():
-            model(input_ids=torch.tensor([seen], device=model.device), past_key_values=cache, use_cache=True)
+            model(input_ids=torch.tensor([seen], device=model.device), cache=cache, use_cache=True)
     seconds: list[float] = []
     generated: list[list[int]] = []
     eos = tokenizer.eos_token_id
@@ -215,7 +215,7 @@ def play_timed_episode(
         out = model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
-            past_key_values=cache,
+            cache=cache,
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,

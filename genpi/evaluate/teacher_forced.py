@@ -87,7 +87,7 @@ def _prefix_cache(model: Any, contexts: list[list[int]]) -> tuple[Any, int]:
     if not length:
         return None, 0
     cache = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([contexts[0][:length]], device=model.device), past_key_values=cache, use_cache=True)
+    model(input_ids=torch.tensor([contexts[0][:length]], device=model.device), cache=cache, use_cache=True)
     return cache, length
 
 
@@ -113,7 +113,7 @@ def _logprobs(model: Any, rows: list[_Row], prefix: Any = None, cached: int = 0)
     logits = model(
         input_ids=ids,
         attention_mask=mask,
-        past_key_values=past,
+        cache=past,
         use_cache=past is not None,
         logits_to_keep=torch.tensor(keep, device=model.device),
     ).logits

@@ -17,10 +17,10 @@ from genpi.train.examples import IGNORE, Example
 
 
 def label_logits(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], past_key_values: Any = None
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], cache: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits that predict each label token of a right-padded batch, ``[n, vocab]``, and
-    those ``n`` labels, row by row in order. With ``past_key_values`` (one row per batch row),
+    those ``n`` labels, row by row in order. With ``cache`` (one row per batch row),
     the batch continues the tokens that cache holds.
 
     No attention mask is passed: with right padding, causal attention never lets a real token
@@ -33,8 +33,8 @@ def label_logits(
     logits = model(
         input_ids=batch["input_ids"],
         logits_to_keep=keep,
-        past_key_values=past_key_values,
-        use_cache=past_key_values is not None,
+        cache=cache,
+        use_cache=cache is not None,
     ).logits
     return logits, labels[:, 1:][keep[:, :-1]]
 

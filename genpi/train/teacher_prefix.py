@@ -48,7 +48,7 @@ class TeacherPrefix:
             with _teacher(model):
                 model(
                     input_ids=torch.tensor([self.tokens], device=model.device),
-                    past_key_values=self.cache,
+                    cache=self.cache,
                     use_cache=True,
                 )
 
@@ -63,7 +63,7 @@ class TeacherPrefix:
             if len(examples) > 1:
                 cache.batch_repeat_interleave(len(examples))
             rest = [Example(e.input_ids[n:], e.labels[n:]) for e in examples]
-            return label_logits(model, collate(rest, pad_id, model.device), past_key_values=cache)
+            return label_logits(model, collate(rest, pad_id, model.device), cache=cache)
 
 
 @contextlib.contextmanager

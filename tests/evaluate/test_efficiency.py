@@ -61,7 +61,7 @@ def model(request: pytest.FixtureRequest) -> LlamaForCausalLM:
 def prefilled_cache(model: Any, tokens: int) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(input_ids=torch.randint(0, 128, (1, tokens)), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.randint(0, 128, (1, tokens)), cache=cache, use_cache=True)
     return cache
 
 
@@ -95,7 +95,7 @@ def test_prefill_flops_match_the_flop_counter(model: LlamaForCausalLM) -> None:
 def test_cached_forward_flops_match_the_flop_counter(model: LlamaForCausalLM) -> None:
     cache = prefilled_cache(model, 5)
     ids = torch.randint(0, 128, (1, 3))
-    measured = counted(model, input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=0)
+    measured = counted(model, input_ids=ids, cache=cache, use_cache=True, logits_to_keep=0)
     assert forward_flops(model.config, 3, 5, 3) == measured
     assert forward_flops(model.config, 3, 0, 3) < measured  # the cached keys are attended over
 
@@ -109,7 +109,7 @@ def test_lora_flops_match_the_flop_counter(model: LlamaForCausalLM, layers: int 
     try:
         cache = prefilled_cache(peft_model, 4)
         ids = torch.randint(0, 128, (1, 3))
-        measured = counted(peft_model, input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        measured = counted(peft_model, input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         assert forward_flops(model.config, 3, 4, 1, lora_rank=4, lora_layers=layers) == measured
         assert forward_flops(model.config, 3, 4, 1) < measured
     finally:
