@@ -6,9 +6,10 @@ import argparse
 
 from genpi import registry
 from genpi.cli.config_flags import add_flags, resolve
+from genpi.evaluate.report import pct_interval
 from genpi.store import store_for
 
-HELP = "list the published adapters (name@version, base model, gate figures, location)"
+HELP = "list the published adapters (name@version, base model, gate figures with their 95% intervals, location)"
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -25,14 +26,21 @@ def execute(args: argparse.Namespace) -> int:
         print(f"no published adapters in {store.url}")
         return 0
     for a in adapters:
-        fmt, nll = a.retention.get("format_valid"), a.gap_closed.get("nll")
         figures = ", ".join(
-            part
-            for part in (
-                f"format retention {fmt:.0%}" if fmt is not None else "",
-                f"NLL gap closed {nll:.0%}" if nll is not None else "",
+            f"{label} {pct_interval(value, _gate_interval(a, metric, kind))}"
+            for label, metric, kind, value in (
+                ("format retention", "format_valid", "retention", a.retention.get("format_valid")),
+                ("NLL gap closed", "nll", "gap_closed", a.gap_closed.get("nll")),
             )
-            if part
+            if value is not None
         )
         print(f"{a.name}  base {a.base_model}  published {a.published_at}  {figures}\n    {store.location(a.prefix)}")
     return 0
+
+
+def _gate_interval(adapter: registry.PublishedAdapter, metric: str, kind: str) -> list[float] | None:
+    """The 95% interval the gate checked for ``metric``'s ``kind`` (None in manifests without one)."""
+    for check in adapter.gate.get("checks", []):
+        if check.get("metric") == metric and check.get("kind") == kind:
+            return check.get("interval")
+    return None

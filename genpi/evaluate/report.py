@@ -356,22 +356,26 @@ def prompt_report_markdown(report: dict[str, Any]) -> str:
 
 
 def batch_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per prompt: the gate metrics of the test set, retention, gap closed and the decision."""
+    """One row per prompt: the gate metrics of the test set with their intervals, and the decision."""
     rows = []
     for r in reports:
-        test = r["sets"].get("test", {}).get("comparison", {})
-        fv, nll = test.get("format_valid", {}), test.get("nll", {})
-        sampled = test.get("action_in_teacher_samples", {})
+        test = r["sets"].get("test", {})
+        comparison = test.get("comparison", {})
+        fv, nll = comparison.get("format_valid", {}), comparison.get("nll", {})
+        sampled = comparison.get("action_in_teacher_samples", {})
+        turns = test.get("per_turn_format_retention", [])
         rows.append(
             {
                 "prompt": r["prompt"],
-                "n": r["sets"].get("test", {}).get("n", 0),
-                "teacher_format": fv.get("teacher"),
-                "base_format": fv.get("base"),
-                "adapter_format": fv.get("adapter"),
+                "n": test.get("n", 0),
+                **{f"{s}_format": fv.get(s) for s in SYSTEMS},
+                **{f"{s}_format_interval": fv.get(f"{s}_interval") for s in SYSTEMS},
                 "format_retention": fv.get("retention"),
                 "format_retention_interval": fv.get("retention_interval"),
-                "turn_retention": [t["value"] for t in r["sets"].get("test", {}).get("per_turn_format_retention", [])],
+                "turn_retention": [t["value"] for t in turns],
+                "turn_retention_interval": [t.get("interval") for t in turns],
+                **{f"{s}_sampled_action": sampled.get(s) for s in ("teacher", "adapter")},
+                **{f"{s}_sampled_action_interval": sampled.get(f"{s}_interval") for s in ("teacher", "adapter")},
                 "sampled_action_retention": sampled.get("retention"),
                 "sampled_action_retention_interval": sampled.get("retention_interval"),
                 "nll_gap_closed_interval": nll.get("gap_closed_interval"),
@@ -389,20 +393,31 @@ def batch_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def batch_table(rows: list[dict[str, Any]]) -> str:
-    """The batch table as Markdown (also what ``genpi report`` prints)."""
+    """The batch table as Markdown (also what ``genpi report`` prints): every rate with its 95%
+    Wilson interval over the ``n`` test inputs, every ratio with its bootstrap interval. Rows of
+    batches written before the intervals were stored show the figures alone."""
+
+    def share(r: dict[str, Any], figure: str) -> str:
+        return pct_interval(r.get(figure), r.get(f"{figure}_interval"))
+
+    def per_turn(r: dict[str, Any]) -> str:
+        values = r.get("turn_retention") or []
+        intervals = r.get("turn_retention_interval") or [None] * len(values)
+        return " / ".join(pct_interval(v, i) for v, i in zip(values, intervals)) or "-"
+
     lines = [
-        "| prompt | n | format: teacher | base | adapter | retention | per turn | action in teacher samples | "
-        "NLL: teacher | base | adapter | gap closed | gate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| prompt | n | format, first turn: teacher | base | adapter | retention | per turn | "
+        "first action in teacher samples: teacher | adapter | ratio | NLL: teacher | base | adapter | gap closed | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['prompt']} | {r['n']} | {_pct(r['teacher_format'])} | {_pct(r['base_format'])} | "
-            f"{_pct(r['adapter_format'])} | {pct_interval(r['format_retention'], r.get('format_retention_interval'))} | "
-            f"{' / '.join(_pct(v) for v in r.get('turn_retention') or []) or '-'} | "
-            f"{pct_interval(r.get('sampled_action_retention'), r.get('sampled_action_retention_interval'))} | "
+            f"| {r['prompt']} | {r['n']} | {share(r, 'teacher_format')} | {share(r, 'base_format')} | "
+            f"{share(r, 'adapter_format')} | {share(r, 'format_retention')} | {per_turn(r)} | "
+            f"{share(r, 'teacher_sampled_action')} | {share(r, 'adapter_sampled_action')} | "
+            f"{share(r, 'sampled_action_retention')} | "
             f"{_num(r['nll_teacher'])} | {_num(r['nll_base'])} | {_num(r['nll_adapter'])} | "
-            f"{pct_interval(r['nll_gap_closed'], r.get('nll_gap_closed_interval'))} | "
+            f"{share(r, 'nll_gap_closed')} | "
             f"{'passed' if r['passed'] else 'FAILED: ' + r['gate']} |"
         )
     return "\n".join(lines)

@@ -76,6 +76,8 @@ def test_summarize_set_reports_intervals_and_the_batch_table_shows_them() -> Non
     table = batch_table(batch_rows([report]))
     lo, hi = fv["retention_interval"]
     assert f"| 75% [{lo:.0%}, {hi:.0%}] |" in table and f"| 75% [{low:.0%}, {high:.0%}] |" in table
+    # every system's rate carries its Wilson interval over the 8 inputs: 8, 0 and 6 of 8
+    assert "| mini | 8 | 100% [68%, 100%] | 0% [0%, 32%] | 75% [41%, 93%] |" in table
 
 
 def test_per_turn_retention_and_the_drift_check_of_the_gate() -> None:
@@ -103,3 +105,7 @@ def test_per_turn_retention_and_the_drift_check_of_the_gate() -> None:
     rows[2]["teacher_n"] = 3  # too few episodes reached turn 3: turn 2 is the worst one checked
     decision = gate_decision(report, EvalConfig(min_retention=0.8, min_gap_closed=0.5))
     assert decision["passed"] and "format_valid turn 2 retention 100%" in decision["summary"]
+    report.update(prompt="mini", gate=decision)
+    lo, hi = rows[2]["interval"]
+    per_turn = f"| 100% [100%, 100%] / 100% [100%, 100%] / 50% [{lo:.0%}, {hi:.0%}] |"
+    assert per_turn in batch_table(batch_rows([report]))  # the batch table's per-turn cells carry them too

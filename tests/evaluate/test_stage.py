@@ -183,8 +183,14 @@ def test_publish_is_immutable_and_listed(tmp_path: Path, capsys: pytest.CaptureF
     store.put_text(f"{source}/adapter_config.json", "{}")
     store.put_bytes(f"{source}/adapter_model.safetensors", b"weights")
     comparison = {
-        "format_valid": {"teacher": 0.75, "base": 0.0, "adapter": 0.75, "retention": 1.0, "gap_closed": 1.0},
-        "nll": {"teacher": 0.5, "base": 2.5, "adapter": 1.0, "retention": 0.5, "gap_closed": 0.75},
+        "format_valid": {
+            **{"teacher": 0.75, "base": 0.0, "adapter": 0.75, "retention": 1.0, "gap_closed": 1.0},
+            "retention_interval": [0.9, 1.1],
+        },
+        "nll": {
+            **{"teacher": 0.5, "base": 2.5, "adapter": 1.0, "retention": 0.5, "gap_closed": 0.75},
+            "gap_closed_interval": [0.6, 0.9],
+        },
     }
     report = {
         "prompt": spec.name,
@@ -210,7 +216,8 @@ def test_publish_is_immutable_and_listed(tmp_path: Path, capsys: pytest.CaptureF
 
     assert main(["ls", "--store.url", str(tmp_path / "store")]) == 0
     out = capsys.readouterr().out
-    assert f"{spec.name}@{version}" in out and "format retention 100%" in out and "NLL gap closed 75%" in out
+    assert f"{spec.name}@{version}" in out  # with the intervals the gate checked
+    assert "format retention 100% [90%, 110%]" in out and "NLL gap closed 75% [60%, 90%]" in out
     assert main(["report", "--store.url", str(tmp_path / "store")]) == 2  # no batch yet: one clear line
     assert "has no batch reports yet" in capsys.readouterr().err
     report["published"] = where
@@ -219,7 +226,7 @@ def test_publish_is_immutable_and_listed(tmp_path: Path, capsys: pytest.CaptureF
     )
     assert main(["report", "--store.url", str(tmp_path / "store")]) == 0
     out = capsys.readouterr().out
-    assert "batch abc" in out and f"| {spec.name} | 4 | 75% | 0% | 75% | 100% |" in out and "passed" in out
+    assert "batch abc" in out and f"| {spec.name} | 4 | 75% | 0% | 75% | 100% [90%, 110%] |" in out and "passed" in out
 
 
 def test_agreement_under_the_teacher(engine_and_adapter, tmp_path: Path) -> None:
