@@ -183,15 +183,11 @@ def test_publish_is_immutable_and_listed(tmp_path: Path, capsys: pytest.CaptureF
     store.put_text(f"{source}/adapter_config.json", "{}")
     store.put_bytes(f"{source}/adapter_model.safetensors", b"weights")
     comparison = {
-        "format_valid": {
-            **{"teacher": 0.75, "base": 0.0, "adapter": 0.75, "retention": 1.0, "gap_closed": 1.0},
-            "retention_interval": [0.9, 1.1],
-        },
-        "nll": {
-            **{"teacher": 0.5, "base": 2.5, "adapter": 1.0, "retention": 0.5, "gap_closed": 0.75},
-            "gap_closed_interval": [0.6, 0.9],
-        },
+        "format_valid": {"teacher": 0.75, "base": 0.0, "adapter": 0.75, "retention": 1.0, "gap_closed": 1.0},
+        "nll": {"teacher": 0.5, "base": 2.5, "adapter": 1.0, "retention": 0.5, "gap_closed": 0.75},
     }
+    comparison["format_valid"]["retention_interval"] = [0.9, 1.1]  # the intervals the gate checks
+    comparison["nll"]["gap_closed_interval"] = [0.6, 0.9]
     report = {
         "prompt": spec.name,
         "location": "somewhere/report.md",
