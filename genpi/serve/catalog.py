@@ -151,41 +151,43 @@ class Catalog:
 
     def cards(self) -> list[ModelCard]:
         """``GET /v1/models``: every servable prompt, what answers it now and why."""
-        cards = []
-        for name in sorted(self.names()):
-            rejected = {
-                a.name: self.rejected[a.name] for a in self.published() if a.prompt == name and a.name in self.rejected
-            }
-            try:
-                target = self.resolve(name)
-            except APIError:
-                cards.append(
-                    ModelCard(id=name, created=0, base_model=self.base_model, mode="unavailable", rejected=rejected)
-                )
-                continue
-            a = target.adapter
-            if a is None:
-                cards.append(
-                    ModelCard(id=name, created=0, base_model=self.base_model, mode="prompt", rejected=rejected)
-                )
-                continue
-            parity = self.parity.get(a.name) or (
-                NO_PROBES if not a.probes else "not checked yet (first request loads it)"
-            )
-            cards.append(
-                ModelCard(
-                    id=name,
-                    created=_epoch(a.published_at),
-                    version=a.version,
-                    base_model=a.base_model,
-                    mode="adapter",
-                    retention=a.retention,
-                    gap_closed=a.gap_closed,
-                    parity=parity,
-                    rejected=rejected,
-                )
-            )
-        return cards
+        return [self._card(name) for name in sorted(self.names())]
+
+    def card(self, model: str) -> ModelCard:
+        """``GET /v1/models/{model}``: one prompt's card, or with ``name@version`` that version's;
+        an unknown name or version gets the 404 (a refused version the 503) a request for it gets."""
+        name, version = registry.split_model(model)
+        if version is not None or name not in self.names():
+            target = self.resolve(model)
+            if target.adapter is not None:
+                return self._adapter_card(model, target.adapter, {})
+        return self._card(name)
+
+    def _card(self, name: str) -> ModelCard:
+        rejected = {
+            a.name: self.rejected[a.name] for a in self.published() if a.prompt == name and a.name in self.rejected
+        }
+        try:
+            target = self.resolve(name)
+        except APIError:
+            return ModelCard(id=name, created=0, base_model=self.base_model, mode="unavailable", rejected=rejected)
+        if target.adapter is None:
+            return ModelCard(id=name, created=0, base_model=self.base_model, mode="prompt", rejected=rejected)
+        return self._adapter_card(name, target.adapter, rejected)
+
+    def _adapter_card(self, model: str, a: PublishedAdapter, rejected: dict[str, str]) -> ModelCard:
+        parity = self.parity.get(a.name) or (NO_PROBES if not a.probes else "not checked yet (first request loads it)")
+        return ModelCard(
+            id=model,
+            created=_epoch(a.published_at),
+            version=a.version,
+            base_model=a.base_model,
+            mode="adapter",
+            retention=a.retention,
+            gap_closed=a.gap_closed,
+            parity=parity,
+            rejected=rejected,
+        )
 
 
 def _epoch(stamp: str) -> int:

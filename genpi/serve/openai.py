@@ -42,6 +42,7 @@ from genpi.serve.protocol import (
     Choice,
     ChunkChoice,
     Delta,
+    ModelCard,
     ModelList,
     PromptTokensDetails,
     Usage,
@@ -70,8 +71,7 @@ async def _api_error(request: Request, e: APIError) -> JSONResponse:
 
 @api.exception_handler(RequestValidationError)
 async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-    first = e.errors()[0] if e.errors() else {}
-    return _error(APIError(400, first.get("msg", "invalid request"), param=_param(first.get("loc", ()))))
+    return _error(_invalid_request(e.errors()))
 
 
 @api.exception_handler(HTTPException)
@@ -86,11 +86,25 @@ async def _unexpected(request: Request, e: Exception) -> JSONResponse:
     return _error(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
 
 
+def _invalid_request(errors: list[Any]) -> APIError:
+    """A 400 naming one field that failed validation: the most specific (deepest) error, so a list
+    in a ``str | list`` field is judged as a list."""
+    if not errors:
+        return APIError(400, "invalid request")
+    error = max(errors, key=lambda e: len(e.get("loc", ())))
+    param = _param(error.get("loc", ()))
+    return APIError(400, f"{param or 'request'}: {error.get('msg', 'invalid')}", param=param)
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}  # no request field is named so
+
+
 def _param(loc: tuple | list) -> str | None:
-    """``("body", "messages", 0, "content")`` → ``messages[0].content``."""
+    """``("body", "messages", 0, "content")`` → ``messages[0].content``; the tag pydantic puts after
+    a field for each type of a union (``stop.str``, ``content.list[TextPart]``) is left out."""
     out = ""
     for part in loc:
-        if part == "body":
+        if part == "body" or (isinstance(part, str) and (part in _UNION_TAGS or "[" in part)):
             continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or None
@@ -166,16 +180,19 @@ class OpenAIServer:
         self._authorize(request)
         return ModelList(data=await asyncio.to_thread(self.catalog.cards))  # store reads off the event loop
 
+    @api.get("/v1/models/{model:path}")
+    async def model_card(self, model: str, request: Request) -> ModelCard:
+        """OpenAI's ``GET /v1/models/{model}`` (``client.models.retrieve``)."""
+        self._authorize(request)
+        return await asyncio.to_thread(self.catalog.card, model)
+
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
         self._authorize(request)
         try:
             body = ChatCompletionRequest.model_validate(await self._body(request))
         except ValidationError as e:
-            first = e.errors()[0]
-            raise APIError(
-                400, f"{_param(first['loc']) or 'request'}: {first['msg']}", param=_param(first["loc"])
-            ) from None
+            raise _invalid_request(e.errors()) from None
         if (refused := unsupported(body)) is not None:
             raise refused
         messages = self._messages(body)

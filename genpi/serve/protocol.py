@@ -11,7 +11,8 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 MODES = ("adapter", "prompt")
 MODE_HEADER = "x-genpi-mode"
@@ -45,6 +46,21 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart]
     name: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        """One clear error for content that is neither text nor a list of text parts."""
+        if isinstance(value, list):
+            for k, part in enumerate(value):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                if kind != "text":
+                    raise PydanticCustomError(
+                        "content_part", f"part {k} is of type {kind!r}; this server reads text parts only"
+                    )
+        elif not isinstance(value, str):
+            raise PydanticCustomError("content", "should be a string or a list of text parts")
+        return value
+
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
@@ -70,7 +86,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1)
     user: str | None = None
 
     def stop_strings(self) -> tuple[str, ...]:

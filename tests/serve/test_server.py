@@ -64,6 +64,15 @@ def test_health_and_models(base_url: str, client: openai.OpenAI) -> None:
     assert shell["version"] == "v1" and shell["mode"] == "adapter" and shell["retention"] == {"format_valid": 0.9}
     assert shell["gap_closed"] == {"nll": 0.6} and shell["base_model"] == "tiny-random-llama"
     assert cards["deploy-now"].model_dump()["mode"] == "prompt"
+    # One card, as `client.models.retrieve` asks for it: by name, or one pinned version.
+    assert client.models.retrieve("shell-agent").model_dump() == shell
+    pinned = client.models.retrieve("shell-agent@v1").model_dump()
+    assert pinned["id"] == "shell-agent@v1" and pinned["version"] == "v1" and pinned["mode"] == "adapter"
+    assert client.models.retrieve("deploy-now").model_dump()["mode"] == "prompt"
+    for unknown in ("no-such-prompt", "shell-agent@v99"):
+        with pytest.raises(openai.NotFoundError) as missing:
+            client.models.retrieve(unknown)
+        assert missing.value.body["code"] == "model_not_found"
 
 
 def test_chat_with_the_adapter_reports_mode_and_tokens_saved(client: openai.OpenAI) -> None:
@@ -243,6 +252,13 @@ def _post(base_url: str, body: object, key: str | None = KEY, raw: bytes | None 
         ({"model": "shell-agent", "messages": HELLO, "response_format": {"type": "json_object"}}, "response_format"),
         ({"model": "shell-agent", "messages": HELLO, "frobnicate": 1}, "frobnicate"),
         ({"messages": HELLO}, "model"),
+        ({"model": "shell-agent", "messages": HELLO, "n": 0}, "n"),
+        ({"model": "shell-agent", "messages": HELLO, "stop": 5}, "stop"),  # no union tag (stop.str) in the name
+        ({"model": "shell-agent", "messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+        (  # a list in a str | list field is judged as a list: the missing text is named, not "a valid string"
+            {"model": "shell-agent", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            "messages[0].content[0].text",
+        ),
     ],
 )
 def test_bad_input_is_a_400_naming_the_parameter(base_url: str, body: dict, param: str) -> None:
@@ -251,6 +267,15 @@ def test_bad_input_is_a_400_naming_the_parameter(base_url: str, body: dict, para
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
     assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_an_image_part_is_refused_by_its_type(base_url: str) -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    content = [{"type": "text", "text": "what is this?"}, image]
+    response = _post(base_url, {"model": "shell-agent", "messages": [{"role": "user", "content": content}]})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "messages[0].content" and "part 1 is of type 'image_url'" in error["message"]
 
 
 def test_malformed_json_oversized_unknown_model_and_context(base_url: str, client: openai.OpenAI) -> None:
