@@ -3,10 +3,11 @@
     .venv/bin/python bench/cpu_share.py -- make run ARGS="--store.url /tmp/store"
 
 Every process on the machine is sampled from ``/proc`` every ``--every`` seconds (user + system
-time; a process that exits between two samples loses at most that interval). Ray workers are
-named by the task or actor they ran last (their process title). The table groups processes by
-name; the last line is one JSON object: wall seconds, the machine's busy and idle CPU seconds
-(``/proc/stat``), and CPU seconds per group.
+time; a process that exits between two samples loses at most that interval). The CPU a process
+used since the sample before goes to its name now: a Ray worker's is its process title, the task
+or actor it is running (``ray::IDLE`` between tasks). The table groups by name; the last line is
+one JSON object: wall seconds, the machine's busy and idle CPU seconds (``/proc/stat``), and CPU
+seconds per name.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def _group(pid: str) -> str:
     return script or comm or "?"
 
 
-def _sample(seen: dict[str, tuple[str, float]]) -> None:
+def _sample(last: dict[str, float], groups: Counter[str] | None) -> None:
+    """Each process's CPU seconds since the previous sample, added to its current name in
+    ``groups`` (None: only note where every process stands)."""
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -50,7 +53,10 @@ def _sample(seen: dict[str, tuple[str, float]]) -> None:
             stat = Path(f"/proc/{pid}/stat").read_text()
             fields = stat[stat.rfind(")") + 2 :].split()
             seconds = (int(fields[11]) + int(fields[12])) / _TICK
-            seen[pid] = (_group(pid), seconds)
+            if groups is not None:
+                before = last.get(pid, 0.0)
+                groups[_group(pid)] += seconds - (before if before <= seconds else 0.0)  # a reused pid starts at 0
+            last[pid] = seconds
         except (OSError, IndexError, ValueError):
             continue  # exited while being read
 
@@ -64,21 +70,18 @@ def main() -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command to run after --")
-    before: dict[str, tuple[str, float]] = {}
-    _sample(before)
-    seen: dict[str, tuple[str, float]] = {}
+    last: dict[str, float] = {}
+    groups: Counter[str] = Counter()
+    _sample(last, None)
     busy0, idle0 = _machine()
     started = time.monotonic()
     process = subprocess.Popen(command)
     while process.poll() is None:
-        _sample(seen)
+        _sample(last, groups)
         time.sleep(args.every)
-    _sample(seen)
+    _sample(last, groups)
     wall = time.monotonic() - started
     busy, idle = (a - b for a, b in zip(_machine(), (busy0, idle0)))
-    groups: Counter[str] = Counter()
-    for pid, (name, seconds) in seen.items():
-        groups[name] += seconds - (before[pid][1] if pid in before else 0.0)
     print(f"\n{'CPU s':>8}  {'share':>6}  process")
     for name, seconds in groups.most_common(args.top):
         print(f"{seconds:8.1f}  {seconds / max(busy, 1e-9):6.1%}  {name}")
