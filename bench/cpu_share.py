@@ -1,6 +1,6 @@
 """Where the CPU goes while a command runs: CPU seconds by process, the machine's own included.
 
-    .venv/bin/python bench/cpu_share.py -- make run ARGS="--store.url /tmp/store"
+    .venv/bin/python bench/cpu_share.py -- make run ARGS="--store.url fresh"
 
 Every process on the machine is sampled from ``/proc`` every ``--every`` seconds (user + system
 time; a process that exits between two samples loses at most that interval). The CPU a process

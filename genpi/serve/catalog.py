@@ -157,10 +157,10 @@ class Catalog:
         """``GET /v1/models/{model}``: one prompt's card, or with ``name@version`` that version's;
         an unknown name or version gets the 404 (a refused version the 503) a request for it gets."""
         name, version = registry.split_model(model)
-        if version is not None or name not in self.names():
-            target = self.resolve(model)
-            if target.adapter is not None:
-                return self._adapter_card(model, target.adapter, {})
+        if version is not None:
+            return self._adapter_card(model, self.resolve(model).adapter, {})
+        if name not in self.names():
+            self.resolve(model)  # raises the 404 of an unknown name (a card would say "unavailable")
         return self._card(name)
 
     def _card(self, name: str) -> ModelCard:
