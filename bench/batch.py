@@ -25,7 +25,6 @@ import json  # noqa: E402
 import re  # noqa: E402
 import secrets  # noqa: E402
 import shutil  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -38,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 TOKEN = secrets.token_hex(32)
 os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN)  # the driver's, read when Ray is imported
 
-from genpi import reaper  # noqa: E402
+from genpi import ray_runtime, reaper  # noqa: E402
 from genpi.batch.graph import run_batch  # noqa: E402
 from genpi.batch.timeline import Timeline  # noqa: E402
 from genpi.config import load_config  # noqa: E402
@@ -85,9 +84,7 @@ def cluster(node_cpus: list[int], temp: Path) -> Iterator[str]:
         # 0 turns multi-node clusters off on Linux too: `ray start --address` would abort
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
     }
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = ray_runtime.free_port()
     address = f"127.0.0.1:{port}"
     common = ["--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
     head = ["--head", "--port", str(port), "--temp-dir", str(folder), "--include-dashboard", "false"]

@@ -37,7 +37,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,7 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from genpi import registry  # noqa: E402
+from genpi import ray_runtime, registry  # noqa: E402
 from genpi.prompt.spec import PromptSpec  # noqa: E402
 from genpi.store import open_store  # noqa: E402
 
@@ -79,12 +78,6 @@ def republish(store: Any, entry: registry.PublishedAdapter, prompt: str, version
         store.put_bytes(f"{source}/{name}", store.get_bytes(f"{entry.prefix}/{name}"))
     copy = dataclasses.replace(entry, prompt=prompt, version=version, files={}, published_at="")
     return registry.publish(store, source, copy)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(store: Path, prompts: Path, port: int, extra: list[str]) -> subprocess.Popen:
@@ -237,7 +230,7 @@ def main() -> None:
     ]
     inputs = [inputs[k % len(inputs)] for k in range(args.clients)]
 
-    port = free_port()
+    port = ray_runtime.free_port()
     extra = [
         "--models.target.name",
         entry.base_model,

@@ -13,7 +13,9 @@ ends, however it ends; :func:`disconnect` does the same at once.
 from __future__ import annotations
 
 import os
+import random
 import secrets
+import socket
 import subprocess
 import sys
 import tempfile
@@ -75,6 +77,30 @@ def connect(cfg: RayConfig) -> str:
     url = getattr(context, "dashboard_url", "")
     where = f" (dashboard on http://{url}, token auth)" if cfg.dashboard and url else ""
     return f"started a local Ray cluster on 127.0.0.1{where}, temp folder {temp_dir}"
+
+
+# Ray's workers take ports in 10002-19999 (its default --min/--max-worker-port); its other servers,
+# like every outgoing connection, take theirs from the kernel's ephemeral range.
+_ABOVE_RAY_WORKERS = 20000
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free TCP port on ``host`` for a server started after Ray: one none of Ray's processes will
+    take. (Binding port 0 hands out an ephemeral port that a Ray process can take before the server
+    binds it: "Failed to bind to address".)"""
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    for _ in range(1000):
+        port = random.randrange(_ABOVE_RAY_WORKERS, max(ephemeral, _ABOVE_RAY_WORKERS + 1000))
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port on {host} in {_ABOVE_RAY_WORKERS}-{ephemeral - 1}")
 
 
 def auth_token() -> str:

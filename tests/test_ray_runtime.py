@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +32,21 @@ def _post_job(url: str, headers: dict[str, str]) -> int:
             return response.status
     except urllib.error.HTTPError as e:
         return e.code
+
+
+def test_free_port_is_above_rays_worker_ports_below_the_ephemeral_range_and_not_in_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from genpi import ray_runtime
+
+    ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", ray_runtime.free_port()))
+        busy, spare = held.getsockname()[1], ray_runtime.free_port()
+        assert busy != spare and all(20000 <= port < ephemeral for port in (busy, spare))
+        tries = iter([busy, spare])
+        monkeypatch.setattr(ray_runtime.random, "randrange", lambda low, high: next(tries))
+        assert ray_runtime.free_port() == spare
 
 
 @pytest.mark.timeout(180)

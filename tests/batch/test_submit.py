@@ -8,7 +8,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from genpi import ray_runtime
 from tests.batch.command import TINY_RUN
 from tests.repo import ROOT
 from tests.s3_server import S3Server
@@ -29,18 +29,12 @@ RAY = str(Path(sys.executable).parent / "ray")
 ARTIFACT_NAMES = {"_SUCCESS", "records.jsonl", "adapter_model.safetensors", "manifest.json", "state.pt"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Cluster:
     """``ray start --block`` processes (head, then one worker node), each stopped by its PID."""
 
     def __init__(self, root: Path, env: dict[str, str]) -> None:
         self.root, self.env, self.nodes = root, env, []
-        self.port, self.dashboard = free_port(), free_port()
+        self.port, self.dashboard = ray_runtime.free_port(), ray_runtime.free_port()
 
     def start(self, *args: str) -> psutil.Process:
         log = (self.root / f"node-{len(self.nodes)}.log").open("w")

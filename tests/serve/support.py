@@ -4,7 +4,6 @@ registry with their parity probes, and the app on a private Ray cluster (one per
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,12 +108,6 @@ def two_published(root: Path, model: str = TINY) -> Path:
         folder = random_adapter(root / name, seed=seed, model=model)
         publish(store, prompt_spec(f"{name}-agent"), "v1", folder, model=model)
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_config(store_url: str, port: int, **overrides: Any) -> Any:

@@ -8,9 +8,10 @@ from pathlib import Path
 import openai
 import pytest
 
+from genpi import ray_runtime
 from genpi.store import open_store
 from tests.s3_server import S3Server
-from tests.serve.support import free_port, prompt_spec, publish, random_adapter, serve_config, start_app
+from tests.serve.support import prompt_spec, publish, random_adapter, serve_config, start_app
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.s3]
 
@@ -28,7 +29,7 @@ def base_url(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory):
     store = open_store(url, endpoint_url=s3_server.endpoint_url)
     root: Path = tmp_path_factory.mktemp("s3serve")
     publish(store, SHELL, "v1", random_adapter(root / "shell", seed=1))
-    cfg = serve_config(url, free_port(), **{"store.endpoint_url": s3_server.endpoint_url})
+    cfg = serve_config(url, ray_runtime.free_port(), **{"store.endpoint_url": s3_server.endpoint_url})
     try:
         yield from start_app(cfg, [])
     finally:

@@ -17,6 +17,7 @@ import openai
 import pytest
 import requests
 
+from genpi import ray_runtime
 from genpi.store import open_store
 from tests.serve.support import (
     HELLO,
@@ -45,9 +46,9 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_url(store_dir: Path):
-    from tests.serve.support import free_port
-
-    cfg = serve_config(str(store_dir / "store"), free_port(), **{"serve.api_key": KEY, "serve.max_body_kib": 64})
+    cfg = serve_config(
+        str(store_dir / "store"), ray_runtime.free_port(), **{"serve.api_key": KEY, "serve.max_body_kib": 64}
+    )
     yield from start_app(cfg, [NEW])
 
 

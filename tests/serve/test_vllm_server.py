@@ -17,6 +17,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from genpi import ray_runtime
 from genpi.engines.environments import vllm_python
 from genpi.models import EMBEDDED
 from genpi.store import open_store
@@ -24,7 +25,6 @@ from tests.serve.support import (
     HELLO,
     KEY,
     ask,
-    free_port,
     probe_engine,
     prompt_spec,
     publish,
@@ -63,7 +63,7 @@ def store_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def client(store_dir: Path):
     cfg = serve_config(
         str(store_dir / "store"),
-        free_port(),
+        ray_runtime.free_port(),
         **{
             "serve.api_key": KEY,
             "serve.backend": "vllm",
