@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -63,12 +64,30 @@ def check_published(cfg: GenPIConfig) -> int:
     return 1 if failed else 0
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse, in one line, a ``serve.host:serve.port`` this machine cannot listen on; Ray Serve's
+    proxy would otherwise fail with a traceback after the cluster has started."""
+    try:
+        families = {info[0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        for family in families:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds it
+                s.bind((host, port))
+    except OSError as e:
+        raise GenPIError(
+            f"serve.port {port} on serve.host {host!r} cannot be listened on ({e.strerror or e}): "
+            "pick another with --serve.port N (or --serve.host), or stop what listens there"
+        ) from None
+
+
 def execute(args: argparse.Namespace) -> int:
     cfg = resolve(args)
     if args.check:
         return check_published(cfg)
     specs = load_prompts(args.prompts) if args.prompts else []
     serve_backend(cfg)  # serve.backend vllm where vLLM is missing: one line, before Ray starts
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):  # the server listens on this machine
+        check_port_free(cfg.serve.host, cfg.serve.port)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from ray import serve
 

@@ -127,3 +127,21 @@ def test_error_messages_quote_input_with_a_bounded_repr() -> None:
     cyclic: list = []
     cyclic.append(cyclic)
     assert len(short_repr(nested)) <= 80 and len(short_repr("x" * 10**6)) <= 80 and short_repr(cyclic)
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_ray_starts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import socket
+
+    from genpi.cli.main import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--store.url", str(tmp_path / "store"), "--serve.port", str(port)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err[-500:]
+    assert f"serve.port {port}" in err and "Address already in use" in err and "--serve.port" in err
+    import ray
+
+    assert not ray.is_initialized()
