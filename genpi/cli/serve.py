@@ -14,6 +14,7 @@ import socket
 import tempfile
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from genpi import registry
 from genpi.cli.config_flags import add_flags, resolve
@@ -22,6 +23,9 @@ from genpi.engines.environments import serve_backend
 from genpi.errors import GenPIError
 from genpi.prompt.files import load_prompts
 from genpi.store import store_for
+
+if TYPE_CHECKING:  # the server's modules load Ray Serve: imported when serving starts
+    from genpi.serve.catalog import Catalog
 
 HELP = "serve the published adapters (and prompts without one) over an OpenAI-compatible API"
 
@@ -80,6 +84,20 @@ def check_port_free(host: str, port: int) -> None:
         ) from None
 
 
+def served_now(catalog: Catalog) -> str:
+    """One line for the log: the models a client can ask for now, by what answers them."""
+    by_mode: dict[str, list[str]] = {}
+    for card in catalog.cards():
+        by_mode.setdefault(card.mode, []).append(card.id)
+    if not by_mode:
+        return (
+            f"nothing to serve yet: no adapter is published in {catalog.store.url} and no --prompts were given; "
+            f"a model appears within serve.refresh_s ({catalog.refresh_s:g} s) of its publication"
+        )
+    how = {"adapter": "its adapter", "prompt": "the prompt prepended", "unavailable": "refused, see GET /v1/models"}
+    return "models: " + "; ".join(f"{', '.join(ids)} ({how.get(mode, mode)})" for mode, ids in sorted(by_mode.items()))
+
+
 def execute(args: argparse.Namespace) -> int:
     cfg = resolve(args)
     if args.check:
@@ -93,6 +111,7 @@ def execute(args: argparse.Namespace) -> int:
 
     from genpi import ray_runtime
     from genpi.serve import application
+    from genpi.serve.catalog import Catalog
 
     stop = threading.Event()
     connected = ray_runtime.connect(cfg.ray)
@@ -107,6 +126,7 @@ def execute(args: argparse.Namespace) -> int:
             raise GenPIError(f"the server did not start: {e}") from None
         url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
         print(f"serving {store_for(cfg.store).url} at {url} (OpenAI API; GET {url}/models)", flush=True)
+        print(served_now(Catalog(store_for(cfg.store), specs, cfg.models.target.name, cfg.serve.refresh_s)))
         print("ready; Ctrl-C stops", flush=True)
         stop.wait()
         print("stopping", flush=True)
