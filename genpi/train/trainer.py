@@ -13,6 +13,7 @@ import math
 import random
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,10 @@ def load_for_training(cfg: TrainConfig, model_name: str, dtype: str) -> tuple[An
         layers_to_transform=layers,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora), tokenizer
+    with warnings.catch_warnings():
+        # PEFT reads transformers' deprecated alias: a FutureWarning in every job log, not ours to fix
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(model, lora), tokenizer
 
 
 def sort_target_modules(config_file: Path) -> None:

@@ -4,6 +4,7 @@ same loss and gradients, the KL of a model with itself, and each objective's own
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -108,6 +109,14 @@ def test_kl_of_a_model_with_itself_is_zero_and_has_no_gradient() -> None:
     assert logits.grad.abs().max().item() < 1e-6  # float32 inside: rounding only
     other = torch.randn(5, 11, dtype=torch.float64)
     assert summed_kl(logits, other).item() > 0
+
+
+@pytest.mark.timeout(120)
+def test_loading_for_training_keeps_pefts_deprecation_warning_out_of_the_job_log() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_for_training(tcfg(), TINY, "float32")
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
 
 
 @pytest.mark.timeout(120)
