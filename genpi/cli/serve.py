@@ -21,6 +21,7 @@ from genpi.cli.config_flags import add_flags, resolve
 from genpi.config import GenPIConfig
 from genpi.engines.environments import serve_backend
 from genpi.errors import GenPIError
+from genpi.models import resolve_model
 from genpi.prompt.files import load_prompts
 from genpi.store import store_for
 
@@ -106,6 +107,9 @@ def execute(args: argparse.Namespace) -> int:
     serve_backend(cfg)  # serve.backend vllm where vLLM is missing: one line, before Ray starts
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):  # the server listens on this machine
         check_port_free(cfg.serve.host, cfg.serve.port)
+    # An unknown model or an unreachable store: one line here, not a replica's traceback later.
+    resolve_model(cfg.models.target.name)
+    store = store_for(cfg.store)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from ray import serve
 
@@ -125,8 +129,8 @@ def execute(args: argparse.Namespace) -> int:
         except RuntimeError as e:  # a replica failed to start: its error is the cause
             raise GenPIError(f"the server did not start: {e}") from None
         url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
-        print(f"serving {store_for(cfg.store).url} at {url} (OpenAI API; GET {url}/models)", flush=True)
-        print(served_now(Catalog(store_for(cfg.store), specs, cfg.models.target.name, cfg.serve.refresh_s)))
+        print(f"serving {store.url} at {url} (OpenAI API; GET {url}/models)", flush=True)
+        print(served_now(Catalog(store, specs, cfg.models.target.name, cfg.serve.refresh_s)))
         print("ready; Ctrl-C stops", flush=True)
         stop.wait()
         print("stopping", flush=True)

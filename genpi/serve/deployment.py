@@ -141,4 +141,5 @@ class ModelServer(Replica):
         return self._stats(len(self.engine.adapters), self.batcher.batches)
 
     def __del__(self) -> None:
-        self.batcher.stop()
+        if (batcher := getattr(self, "batcher", None)) is not None:  # None when __init__ failed
+            batcher.stop()

@@ -129,19 +129,35 @@ def test_error_messages_quote_input_with_a_bounded_repr() -> None:
     assert len(short_repr(nested)) <= 80 and len(short_repr("x" * 10**6)) <= 80 and short_repr(cyclic)
 
 
-def test_serve_on_a_port_in_use_is_one_line_before_ray_starts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_serve_refuses_a_busy_port_an_unknown_model_and_an_unreachable_store_before_ray_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import socket
+
+    import ray
 
     from genpi.cli.main import main
 
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    store = ["--store.url", str(tmp_path / "store"), "--serve.port", str(free)]  # a later --serve.port wins
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code = main(["serve", "--store.url", str(tmp_path / "store"), "--serve.port", str(port)])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1, err[-500:]
-    assert f"serve.port {port}" in err and "Address already in use" in err and "--serve.port" in err
-    import ray
-
+        cases = {
+            f"serve.port {port} on serve.host '127.0.0.1' cannot be listened on": [*store, "--serve.port", str(port)],
+            "unknown model 'nope-model'": [*store, "--models.target.name", "nope-model"],
+            "cannot reach the S3 endpoint http://127.0.0.1:1": [
+                *store,
+                *("--store.url", "s3://bucket/x", "--store.endpoint-url", "http://127.0.0.1:1"),
+            ],
+        }
+        for said, flags in cases.items():
+            code = main(["serve", *flags])
+            err = capsys.readouterr().err
+            assert code == 2 and err.count("\n") == 1 and said in err, (said, err[-500:])
     assert not ray.is_initialized()

@@ -40,3 +40,10 @@ def test_the_backend_of_the_model_replicas(monkeypatch: pytest.MonkeyPatch) -> N
     assert environments.serve_backend(cfg(**{"serve.num_gpus": 1})) == ("hf", {})
     with pytest.raises(ModelError, match="make install-vllm"):
         build_app({"store.url": "x", "models.target.name": TINY, "serve.backend": "vllm"})
+
+
+def test_a_model_replica_whose_start_failed_goes_without_a_second_error() -> None:
+    from genpi.serve.deployment import ModelServer
+
+    replica = ModelServer.func_or_class.__new__(ModelServer.func_or_class)  # its __init__ raised: no batcher
+    replica.__del__()
