@@ -85,6 +85,18 @@ def check_port_free(host: str, port: int) -> None:
         ) from None
 
 
+def check_fits(cfg: GenPIConfig, resources: dict[str, float]) -> None:
+    """Refuse replicas that a local cluster (which never grows) cannot place: they would wait for ever."""
+    s = cfg.serve
+    for kind, each, flag in (("CPU", s.num_cpus, "--serve.num-cpus"), ("GPU", s.num_gpus, "--serve.num-gpus")):
+        need, have = each * s.replicas, resources.get(kind, 0.0)
+        if need > have:
+            raise GenPIError(
+                f"serve.replicas {s.replicas} x serve.num_{kind.lower()}s {each:g} ask for {need:g} {kind} in all; "
+                f"the local Ray cluster has {have:g}: lower {flag} or --serve.replicas"
+            )
+
+
 def served_now(catalog: Catalog) -> str:
     """One line for the log: the models a client can ask for now, by what answers them."""
     by_mode: dict[str, list[str]] = {}
@@ -105,12 +117,14 @@ def execute(args: argparse.Namespace) -> int:
         return check_published(cfg)
     specs = load_prompts(args.prompts) if args.prompts else []
     serve_backend(cfg)  # serve.backend vllm where vLLM is missing: one line, before Ray starts
-    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):  # the server listens on this machine
+    local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))  # a cluster of this machine, serving here
+    if local:
         check_port_free(cfg.serve.host, cfg.serve.port)
     # An unknown model or an unreachable store: one line here, not a replica's traceback later.
     resolve_model(cfg.models.target.name)
     store = store_for(cfg.store)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
     from ray import serve
 
     from genpi import ray_runtime
@@ -120,9 +134,13 @@ def execute(args: argparse.Namespace) -> int:
     stop = threading.Event()
     connected = ray_runtime.connect(cfg.ray)
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's start, which installs its own
+        # After Ray's start, which installs its own. An exception raised inside Ray's waits (Ctrl-C or
+        # SIGTERM while starting) breaks them, so either signal sets an event: the server stops once up.
+        for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         print(connected, flush=True)
+        if local:
+            check_fits(cfg, ray.cluster_resources())
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
         try:
             serve.run(application(cfg, specs), name="genpi", route_prefix="/")

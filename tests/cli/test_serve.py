@@ -1,10 +1,14 @@
-"""`genpi serve`'s start-up line: what a client can ask for now, or that nothing is served yet."""
+"""`genpi serve` before and as it starts: replicas that cannot be placed, and what a client can ask for now."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from genpi.cli.serve import served_now
+import pytest
+
+from genpi.cli.serve import check_fits, served_now
+from genpi.config import load_config
+from genpi.errors import GenPIError
 from genpi.models import TINY
 from genpi.serve.catalog import Catalog
 from genpi.store import open_store
@@ -26,3 +30,13 @@ def test_models_by_what_answers_them(tmp_path: Path) -> None:
     # A server of another base model serves the stored prompt's text instead of the adapter.
     other = served_now(Catalog(store, given, "smollm2-135m-instruct", refresh_s=2.0))
     assert other == "models: deploy-now, shell-agent (the prompt prepended)"
+
+
+def test_replicas_a_local_cluster_cannot_place_are_refused_instead_of_waiting_for_ever() -> None:
+    three = load_config("local", overrides={"serve.replicas": 3, "serve.num_cpus": 1})
+    with pytest.raises(GenPIError, match="ask for 3 CPU in all; the local Ray cluster has 2: lower --serve.num-cpus"):
+        check_fits(three, {"CPU": 2.0})
+    check_fits(three, {"CPU": 3.0})
+    gpu = load_config("local", overrides={"serve.num_gpus": 1})
+    with pytest.raises(GenPIError, match="serve.num_gpus 1 ask for 1 GPU in all; the local Ray cluster has 0"):
+        check_fits(gpu, {"CPU": 16.0})
