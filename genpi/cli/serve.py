@@ -1,7 +1,9 @@
 """``genpi serve``: the published adapters, and prompts without one, behind an OpenAI-compatible API.
 
-Starts (or joins) Ray, runs :func:`genpi.serve.application` on ``serve.host:serve.port`` and serves
-until Ctrl-C or SIGTERM, then stops what it started. ``--check`` runs every published version's
+Checks what it can first (on a local cluster: the port is free and the replicas fit; the model
+and the store are reachable), each failure one line; then starts (or joins) Ray, runs
+:func:`genpi.serve.application` on ``serve.host:serve.port``, logs the models it serves, and
+serves until Ctrl-C or SIGTERM, then stops what it started. ``--check`` runs every published version's
 parity check instead and exits (1 when one fails).
 """
 
