@@ -31,12 +31,17 @@ _TOKEN = secrets.token_hex(32)
 _reaper: subprocess.Popen | None = None
 
 
+def cluster_address(cfg: RayConfig) -> str:
+    """The cluster :func:`connect` joins (the flag, else ``RAY_ADDRESS``); empty: it starts a local one."""
+    return cfg.address or os.environ.get("RAY_ADDRESS", "")
+
+
 def connect(cfg: RayConfig) -> str:
     """Join the configured cluster or start a local one; returns a line saying which."""
     global _reaper
     if ray.is_initialized():
         return "using the Ray connection already open in this process"
-    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
+    address = cluster_address(cfg)
     env_vars = {k: os.environ[k] for k in ("GENPI_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True)

@@ -119,17 +119,18 @@ def execute(args: argparse.Namespace) -> int:
         return check_published(cfg)
     specs = load_prompts(args.prompts) if args.prompts else []
     serve_backend(cfg)  # serve.backend vllm where vLLM is missing: one line, before Ray starts
-    local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))  # a cluster of this machine, serving here
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from genpi import ray_runtime
+
+    local = not ray_runtime.cluster_address(cfg.ray)  # a cluster of this machine, serving here
     if local:
         check_port_free(cfg.serve.host, cfg.serve.port)
     # An unknown model or an unreachable store: one line here, not a replica's traceback later.
     resolve_model(cfg.models.target.name)
     store = store_for(cfg.store)
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     from ray import serve
 
-    from genpi import ray_runtime
     from genpi.serve import application
     from genpi.serve.catalog import Catalog
 

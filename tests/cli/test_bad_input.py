@@ -136,13 +136,12 @@ def test_serve_refuses_a_busy_port_an_unknown_model_and_an_unreachable_store_bef
 
     import ray
 
+    from genpi import ray_runtime
     from genpi.cli.main import main
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
+    free = ray_runtime.free_port()
     store = ["--store.url", str(tmp_path / "store"), "--serve.port", str(free)]  # a later --serve.port wins
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
