@@ -89,23 +89,30 @@ def connect(cfg: RayConfig) -> str:
 _ABOVE_RAY_WORKERS = 20000
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A free TCP port on ``host`` for a server started after Ray: one none of Ray's processes will
-    take. (Binding port 0 hands out an ephemeral port that a Ray process can take before the server
-    binds it: "Failed to bind to address".)"""
+def server_ports() -> tuple[int, int]:
+    """The ports (low, high: high excluded) for servers started beside Ray: above its workers'
+    range, below the kernel's ephemeral range, so that none of Ray's processes takes one first."""
     try:
         ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         ephemeral = 32768
+    return _ABOVE_RAY_WORKERS, max(ephemeral, _ABOVE_RAY_WORKERS + 1000)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free TCP port on ``host`` for a server started after Ray: one none of Ray's processes will
+    take. (Binding port 0 hands out an ephemeral port that a Ray process can take before the server
+    binds it: "Failed to bind to address".)"""
+    low, high = server_ports()
     for _ in range(1000):
-        port = random.randrange(_ABOVE_RAY_WORKERS, max(ephemeral, _ABOVE_RAY_WORKERS + 1000))
+        port = random.randrange(low, high)
         with socket.socket() as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
         return port
-    raise RuntimeError(f"no free port on {host} in {_ABOVE_RAY_WORKERS}-{ephemeral - 1}")
+    raise RuntimeError(f"no free port on {host} in {low}-{high - 1}")
 
 
 def auth_token() -> str:

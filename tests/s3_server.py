@@ -90,11 +90,15 @@ def _port_free(port: int) -> bool:
 
 
 def _free_ports(count: int) -> list[int]:
-    """``count`` HTTP ports below the ephemeral range whose port + 10000 is free too."""
+    """``count`` free HTTP ports whose port + 10000 is free too, both where Ray's processes and
+    outgoing connections take none (:func:`genpi.ray_runtime.server_ports`)."""
+    from genpi.ray_runtime import server_ports  # here: conftest imports this module before anything sets up Ray
+
+    low, high = server_ports()
     chosen: list[int] = []
     while len(chosen) < count:
-        port = random.randrange(20000, 30000)
-        if port in chosen or port + _GRPC_OFFSET in chosen:
+        port = random.randrange(low, max(high - _GRPC_OFFSET, low + 100))
+        if {port, port + _GRPC_OFFSET, port - _GRPC_OFFSET} & set(chosen):
             continue
         if _port_free(port) and _port_free(port + _GRPC_OFFSET):
             chosen.append(port)

@@ -49,6 +49,16 @@ def test_free_port_is_above_rays_worker_ports_below_the_ephemeral_range_and_not_
         assert ray_runtime.free_port() == spare
 
 
+def test_the_s3_servers_ports_and_their_grpc_twins_are_below_the_ephemeral_range() -> None:
+    from tests.s3_server import _GRPC_OFFSET, _free_ports
+
+    ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = _free_ports(5)
+    twins = [port + _GRPC_OFFSET for port in ports]
+    assert len(set(ports + twins)) == 10
+    assert all(20000 <= port < ephemeral for port in ports + twins)
+
+
 @pytest.mark.timeout(180)
 def test_jobs_api_refuses_a_request_without_the_token() -> None:
     from genpi import ray_runtime
