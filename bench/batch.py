@@ -2,11 +2,12 @@
 graph against the barrier order (every prompt's synthesis, then every training, ...).
 
 Each node is its own ``ray start`` (token auth, a private temp folder, its own ``--num-cpus``),
-stopped by the process ids its marker finds (never ``ray stop``). Engines, training runs and
-evaluation tasks each hold 1 CPU, so synthesis and training hold different CPUs. Three batches
-of the same prompts, each on a fresh store: graph on one node, barriers on one node, graph on two
-nodes. Prints each batch's wall time, the driver's idle share and each stage's busy share (some
-unit in flight, waiting for resources included); the last line is one JSON object.
+stopped by the process ids its marker finds (not Ray's own stop command, which ends every Ray
+process on the machine). Engines, training runs and evaluation tasks each hold 1 CPU, so
+synthesis and training hold different CPUs. Three batches of the same prompts, each on a fresh
+store: graph on one node, barriers on one node, graph on two nodes. Prints each batch's wall
+time, the driver's idle share and each stage's busy share (some unit in flight, waiting for
+resources included); the last line is one JSON object.
 
 Run it in a loopback-only namespace (``ray start`` listens on every interface)::
 
