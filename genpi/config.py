@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from genpi.errors import ConfigError, GenPIError, short_repr
+from genpi.errors import ConfigError, GenPIError, short_repr, unpaired_surrogate
 
 METHODS = ("genpi", "sft", "prepend", "seqkd-kld", "onpolicy-kl", "genpi-kld")
 PG_METHODS = ("genpi", "genpi-kld")  # the methods with a Prompt Generation term, swept over train.lambdas
@@ -627,15 +628,16 @@ def _coerce(value: Any, kind: Any, where: str, origin: str) -> Any:
                 raise ValueError
             return int(value)
         if kind is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not math.isfinite(number := float(value)):
                 raise ValueError
-            return float(value)
+            return number
         if kind is str:
             if isinstance(value, (dict, list)):
                 raise ValueError
             return "" if value is None else str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{origin}: '{where}' must be {kind.__name__}, got {short_repr(value)}") from None
+    except (TypeError, ValueError, OverflowError):
+        expected = "a finite number" if kind is float else kind.__name__
+        raise ConfigError(f"{origin}: '{where}' must be {expected}, got {short_repr(value)}") from None
     return value
 
 
@@ -713,7 +715,8 @@ def load_config(
     if yaml_path:
         path = Path(yaml_path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise ConfigError(f"config file {path} {what}; pass an existing YAML file to --config")
         data = parse_yaml(read_text_file(path, ConfigError), f"config file {path}", ConfigError) or {}
         _merge(cfg, data, "", f"config file {path}")
     for dotted, value in (overrides or {}).items():
@@ -802,46 +805,78 @@ def read_text_file(
 
 
 def parse_yaml(text: str, src: str, error: type[GenPIError], *, what: str = "YAML", line_offset: int = 0) -> Any:
-    """``yaml.safe_load`` that turns every failure (syntax, nesting too deep, an alias bomb) into ``error``."""
+    """``yaml.safe_load`` that turns every failure (syntax, nesting too deep, an alias bomb, a value
+    YAML cannot build, text that is not Unicode) into ``error``."""
+    label = f"{src}: {what}" if what != "YAML" else src
     try:
         # PyYAML takes time quadratic in the depth of [ ] and { } nesting: refuse deep nesting first
         depth = max(itertools.accumulate(1 if c in "[{" else -1 for c in re.sub(r"[^][{}]+", "", text)), default=0)
         if depth > MAX_DEPTH:
             raise RecursionError
         data = yaml.safe_load(text)
-        _expanded_size(data)
+        _check_document(data)
         return data
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1 + line_offset}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise error(f"{src}: {what} is not valid YAML{where}: {problem}; fix the syntax") from None
+        raise error(f"{label} is not valid YAML{where}: {problem}; fix the syntax") from None
     except RecursionError:
-        raise error(f"{src}: {what} is nested too deeply to read; flatten it") from None
+        raise error(f"{label} is nested too deeply to read; flatten it") from None
     except _TooLarge as e:
-        raise error(f"{src}: {what} {e}; write the values out instead of repeating aliases") from None
+        raise error(f"{label} {e}; write the values out instead of repeating aliases") from None
+    except _NotText as e:
+        raise error(f"{label} {e}") from None
+    except (ValueError, OverflowError) as e:  # a date like 2024-02-30, an integer of thousands of digits
+        raise error(f"{label} holds a value YAML cannot read ({_unreadable(e)}); put the value in quotes") from None
 
 
 def parse_json(text: str, src: str, error: type[GenPIError], fix: str = "fix the syntax") -> Any:
-    """``json.loads`` that turns every failure (syntax, nesting too deep) into ``error`` naming ``src``."""
+    """``json.loads`` that turns every failure (syntax, nesting too deep, a number too long to read,
+    text that is not Unicode) into ``error`` naming ``src``."""
     try:
-        return json.loads(text)
+        data = json.loads(text)
+        _check_document(data)
+        return data
     except json.JSONDecodeError as e:
         raise error(f"{src}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}; {fix}") from None
     except RecursionError:
         raise error(f"{src}: JSON is nested too deeply to read; flatten it") from None
+    except (_TooLarge, _NotText) as e:
+        raise error(f"{src}: JSON {e}") from None
+    except ValueError as e:  # an integer of thousands of digits
+        raise error(f"{src}: JSON holds a number that cannot be read ({_unreadable(e)}); {fix}") from None
+
+
+def _unreadable(e: Exception) -> str:
+    """Why a value could not be read, without Python's advice to raise its digit limit."""
+    text = str(e)
+    return "an integer of more than 4,300 digits" if "digits" in text else text
 
 
 class _TooLarge(Exception):
     pass
 
 
-def _expanded_size(value: Any) -> int:
+class _NotText(Exception):
+    pass
+
+
+def _check_document(value: Any) -> int:
     """How many values ``value`` holds with shared (aliased) parts counted at every use; raises
-    _TooLarge above MAX_NODES or for a value that contains itself. Memoized: a bomb costs little."""
+    _TooLarge above MAX_NODES or for a value that contains itself, and _NotText for a string with
+    an unpaired surrogate (an escape such as \\ud800, which no UTF-8 file can hold). Memoized: a
+    bomb costs little."""
     sizes: dict[int, int | None] = {}
 
     def size(v: Any) -> int:
+        if isinstance(v, str):
+            if (at := unpaired_surrogate(v)) is not None:
+                raise _NotText(
+                    f"holds an unpaired surrogate escape (\\u{ord(v[at]):04x}) in {short_repr(v)}; "
+                    "remove it or write the character it was meant to be"
+                )
+            return 1
         if not isinstance(v, (dict, list)):
             return 1
         if id(v) in sizes:

@@ -7,6 +7,7 @@ these as one clear line and exits non-zero instead of showing a traceback.
 
 from __future__ import annotations
 
+import re
 import reprlib
 
 _REPR = reprlib.Repr()
@@ -19,6 +20,16 @@ def short_repr(value: object, limit: int = 80) -> str:
     messages quote input with it, so a huge or self-referencing value never blows up a message."""
     text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unpaired_surrogate(text: str) -> int | None:
+    """Where ``text`` holds an unpaired surrogate (JSON and YAML escapes such as \\ud800 make them;
+    no UTF-8 file or tokenizer can hold one), or None."""
+    found = _SURROGATE.search(text)
+    return found.start() if found else None
 
 
 class GenPIError(Exception):

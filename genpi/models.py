@@ -50,6 +50,15 @@ def resolve_model(name: str) -> Path:
         return _cached(f"models/{RANDOM_8B}", _build_random_8b)
     if name.startswith("s3://"):  # cached by content: new weights at the URL are downloaded again
         return _cached(f"models/s3/{fingerprint(name)}-{model_fingerprint(name)}", lambda out: _download_s3(name, out))
+    check_model_name(name)
+    return Path(name).expanduser().resolve()
+
+
+def check_model_name(name: str) -> None:
+    """A ModelError unless ``name`` is a registry name, an s3:// folder or a local model folder
+    (cheap: nothing is built, converted or downloaded)."""
+    if name in REGISTRY_NAMES or name.startswith("s3://"):
+        return
     folder = Path(name).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
@@ -57,7 +66,7 @@ def resolve_model(name: str) -> Path:
                 f"model folder {folder} has no config.json; point models.*.name at a Hugging Face "
                 f"model folder (save_pretrained output)"
             )
-        return folder.resolve()
+        return
     raise ModelError(
         f"unknown model {name!r}: use a registry name ({', '.join(REGISTRY_NAMES)}), a local "
         f"Hugging Face model folder, or an s3://bucket/prefix model folder"

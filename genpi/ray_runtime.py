@@ -25,6 +25,7 @@ import ray
 
 from genpi import reaper
 from genpi.config import RayConfig
+from genpi.errors import ConfigError, GenPIError
 
 # The token of the local clusters this process starts; Ray's token loader caches one per process.
 _TOKEN = secrets.token_hex(32)
@@ -44,12 +45,18 @@ def connect(cfg: RayConfig) -> str:
     address = cluster_address(cfg)
     env_vars = {k: os.environ[k] for k in ("GENPI_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
     if address:
+        check_reachable(address)
         ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True)
         return f"joined the Ray cluster at {address}"
     temp_dir = cfg.temp_dir or tempfile.mkdtemp(prefix="genpi-ray-")
     # Workers' temp files go inside the cluster's folder, so they go with it even when a worker is killed.
     scratch = Path(temp_dir) / "tmp"
-    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        scratch.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"ray.temp_dir {temp_dir} cannot be created ({e.strerror or e}); pass a writable folder"
+        ) from None
     env_vars["TMPDIR"] = str(scratch)
     marker = secrets.token_hex(16)
     _reaper = subprocess.Popen(
@@ -82,6 +89,25 @@ def connect(cfg: RayConfig) -> str:
     url = getattr(context, "dashboard_url", "")
     where = f" (dashboard on http://{url}, token auth)" if cfg.dashboard and url else ""
     return f"started a local Ray cluster on 127.0.0.1{where}, temp folder {temp_dir}"
+
+
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A ConfigError unless ``address`` (``host:port``, ``ray://host:port`` or ``auto``) names a
+    port that accepts a connection: Ray itself retries an address nobody listens on for minutes."""
+    if address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"Ray address {address!r} (--ray.address or RAY_ADDRESS) is not host:port, ray://host:port or auto"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise GenPIError(
+            f"cannot reach the Ray cluster at {address} ({e.strerror or e}); check --ray.address or "
+            "RAY_ADDRESS, or leave both empty to start a local cluster"
+        ) from None
 
 
 # Ray's workers take ports in 10002-19999 (its default --min/--max-worker-port); its other servers,

@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import tempfile
+import typing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from genpi.errors import GenPIError
+from genpi.errors import GenPIError, StoreError, short_repr
 from genpi.store import ArtifactStore
 from genpi.store.base import file_digest
 
 ROOT = "adapters"
 MANIFEST = "manifest.json"
 PIN = "@"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # a prompt's name or a version: one path segment
 
 
 class RegistryError(GenPIError):
@@ -67,11 +70,21 @@ class PublishedAdapter:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PublishedAdapter:
-        """Read a manifest; keys this version does not know are ignored (older manifests lack some)."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        """Read a manifest; keys this version does not know are ignored (older manifests lack some).
+        A manifest of another shape (a field missing or of another type) raises TypeError."""
+        if not isinstance(data, dict):
+            raise TypeError(f"a {type(data).__name__}, not an object")
         if "version" not in data and "/" in str(data.get("name", "")):  # manifests before the registry
             data = {**data, "version": data["name"].split("/", 1)[1]}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        kinds = typing.get_type_hints(cls)
+        fields = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                kind = typing.get_origin(kinds[f.name]) or kinds[f.name]
+                if not isinstance(data[f.name], kind):
+                    raise TypeError(f"{f.name!r} is a {type(data[f.name]).__name__}, not a {kind.__name__}")
+                fields[f.name] = data[f.name]
+        return cls(**fields)
 
 
 def _digests(folder: Path) -> dict[str, dict[str, Any]]:
@@ -122,9 +135,16 @@ def publish(store: ArtifactStore, source: str, entry: PublishedAdapter) -> Publi
     return _same_or_conflict(store, entry, files)
 
 
+def read_manifest(store: ArtifactStore, key: str) -> PublishedAdapter:
+    """The manifest at ``key``, or a StoreError naming it when it is not one."""
+    data = store.get_json(key)
+    with store.reading(key, "an adapter manifest", "delete that version's folder and publish it again"):
+        return PublishedAdapter.from_json(data)
+
+
 def _same_or_conflict(store: ArtifactStore, entry: PublishedAdapter, files: dict[str, Any]) -> PublishedAdapter:
     """The version already published, when it is these files; else a PublishConflict naming it."""
-    existing = PublishedAdapter.from_json(store.get_json(f"{entry.prefix}/{MANIFEST}"))
+    existing = read_manifest(store, f"{entry.prefix}/{MANIFEST}")
     if existing.files != files:
         raise PublishConflict(
             f"{existing.name} is already published from other files "
@@ -149,19 +169,29 @@ def download(store: ArtifactStore, entry: PublishedAdapter, folder: str | Path) 
 
 
 def published(
-    store: ArtifactStore, prompt: str | None = None, read: dict[str, PublishedAdapter] | None = None
+    store: ArtifactStore,
+    prompt: str | None = None,
+    read: dict[str, PublishedAdapter] | None = None,
+    unreadable: list[str] | None = None,
 ) -> list[PublishedAdapter]:
     """Every published adapter (of ``prompt`` when given), newest first.
 
     ``read`` keeps the manifests read, by key, across calls: a version is immutable, so a reader
-    that lists the registry again reads only the manifests published since."""
+    that lists the registry again reads only the manifests published since. A manifest that is not
+    one raises a StoreError naming it, or, when ``unreadable`` is given, is left out and its error
+    line appended there."""
     root = f"{ROOT}/{prompt}" if prompt else ROOT
     keys = [k for k in store.list_keys(root) if k.endswith(f"/{MANIFEST}") and k.count("/") == 3]
     read = {} if read is None else read
     for key in keys:
         if key not in read:
-            read[key] = PublishedAdapter.from_json(store.get_json(key))
-    return sorted((read[k] for k in keys), key=lambda e: (e.published_at, e.version), reverse=True)
+            try:
+                read[key] = read_manifest(store, key)
+            except StoreError as e:
+                if unreadable is None:
+                    raise
+                unreadable.append(str(e))
+    return sorted((read[k] for k in keys if k in read), key=lambda e: (e.published_at, e.version), reverse=True)
 
 
 def split_model(model: str) -> tuple[str, str | None]:
@@ -173,20 +203,22 @@ def split_model(model: str) -> tuple[str, str | None]:
 def resolve(store: ArtifactStore, model: str) -> PublishedAdapter:
     """The adapter a request's ``model`` names: the prompt's newest version, or the pinned one."""
     prompt, version = split_model(model)
+    if not all(_NAME.fullmatch(part) for part in (prompt, version or "x")):
+        raise RegistryError(f"{short_repr(model)} names no published adapter: names are <prompt> or <prompt>@<version>")
     if version is not None:
         key = f"{ROOT}/{prompt}/{version}/{MANIFEST}"
         if store.exists(key):
-            return PublishedAdapter.from_json(store.get_json(key))
+            return read_manifest(store, key)
         versions = [e.version for e in published(store, prompt)]
         raise RegistryError(
-            f"{prompt!r} has no published version {version!r}"
+            f"{short_repr(prompt)} has no published version {short_repr(version)}"
             + (f"; published: {', '.join(versions)}" if versions else "; nothing of it is published")
         )
     entries = published(store, prompt) if prompt else []
     if not entries:
         names = sorted({e.prompt for e in published(store)})
         raise RegistryError(
-            f"no published adapter for {prompt!r}"
+            f"no published adapter for {short_repr(prompt)}"
             + (f"; published prompts: {', '.join(names)}" if names else "; nothing is published yet")
         )
     return entries[0]

@@ -59,6 +59,25 @@ def test_the_s3_servers_ports_and_their_grpc_twins_are_below_the_ephemeral_range
     assert all(20000 <= port < ephemeral for port in ports + twins)
 
 
+def test_a_bad_ray_address_or_temp_folder_is_one_error_before_ray_starts(tmp_path: Path) -> None:
+    from genpi import ray_runtime
+    from genpi.errors import ConfigError, GenPIError
+
+    for address in ("garbage:::", "host:", "host:port", "127.0.0.1:99999"):
+        with pytest.raises(ConfigError, match="is not host:port"):
+            ray_runtime.check_reachable(address)
+    with socket.socket() as closed:  # a port bound but not listening: connections are refused
+        closed.bind(("127.0.0.1", ray_runtime.free_port()))
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(GenPIError, match=f"cannot reach the Ray cluster at {address}"):
+            ray_runtime.connect(RayConfig(address=address))
+        assert time.monotonic() - started < 5
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="ray.temp_dir .* cannot be created"):
+        ray_runtime.connect(RayConfig(temp_dir=str(tmp_path / "file" / "sub")))
+
+
 @pytest.mark.timeout(180)
 def test_jobs_api_refuses_a_request_without_the_token() -> None:
     from genpi import ray_runtime

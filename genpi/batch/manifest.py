@@ -135,6 +135,9 @@ def write_batch(
     return prefix
 
 
+REWRITE = "delete that batch's folder, or run the job again to write it"  # a batch file genpi cannot read
+
+
 def stored_batches(store: ArtifactStore, name: str = "manifest.json") -> dict[str, str]:
     """``{batch id: key}`` of every batch in ``store`` that has the file ``name``."""
     return {k.split("/")[1]: k for k in store.list_keys("batches") if k.count("/") == 2 and k.endswith(f"/{name}")}

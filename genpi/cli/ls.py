@@ -6,6 +6,7 @@ import argparse
 
 from genpi import registry
 from genpi.cli.config_flags import add_flags, resolve
+from genpi.cli.parser import Parser
 from genpi.evaluate.report import pct_interval
 from genpi.store import store_for
 
@@ -13,14 +14,14 @@ HELP = "list the published adapters (name@version, base model, gate figures with
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=HELP)
+    parser = Parser(prog=prog, description=HELP)
     add_flags(parser, ("store",))
     return parser
 
 
 def execute(args: argparse.Namespace) -> int:
     cfg = resolve(args)
-    store = store_for(cfg.store)
+    store = store_for(cfg.store, existing=True)
     adapters = registry.published(store)
     if not adapters:
         print(f"no published adapters in {store.url}")

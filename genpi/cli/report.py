@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from genpi.batch.manifest import batch_file, stored_batches
+from genpi.batch.manifest import REWRITE, batch_file, stored_batches
 from genpi.cli.config_flags import add_flags, resolve
+from genpi.cli.parser import Parser
 from genpi.errors import GenPIError
 from genpi.evaluate.report import batch_table
-from genpi.store import store_for
+from genpi.store import ArtifactStore, store_for
 
 HELP = "print a batch's fidelity table (default: the newest batch in the store)"
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=HELP)
+    parser = Parser(prog=prog, description=HELP)
     parser.add_argument("batch", nargs="?", help="batch id (default: the newest batch in the store)")
     add_flags(parser, ("store",))
     return parser
@@ -22,16 +23,23 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def execute(args: argparse.Namespace) -> int:
     cfg = resolve(args)
-    store = store_for(cfg.store)
+    store = store_for(cfg.store, existing=True)
     reports = stored_batches(store, "report.json")
     if not reports:
         raise GenPIError(
             f"store {store.url} has no batch reports yet; run the job first "
             f"(make run, or genpi --store.url {store.url})"
         )
-    batch = args.batch or max(reports, key=lambda b: store.get_json(reports[b])["finished_at"])
+    batch = args.batch or max(reports, key=lambda b: _report(store, reports[b])[0])
     key = batch_file(store, batch, "report.json")
-    data = store.get_json(key)
-    print(f"batch {batch}, finished {data['finished_at']} ({store.location(key)})\n")
-    print(batch_table(data["prompts"]))
+    finished, table = _report(store, key)
+    print(f"batch {batch}, finished {finished} ({store.location(key)})\n")
+    print(table)
     return 0
+
+
+def _report(store: ArtifactStore, key: str) -> tuple[str, str]:
+    """A batch report's finish time and its fidelity table."""
+    data = store.get_json(key)
+    with store.reading(key, "a batch report", REWRITE):
+        return str(data["finished_at"]), batch_table(data["prompts"])

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from genpi.cli.config_flags import add_flags, resolve
+from genpi.cli.parser import Parser
 from genpi.cli.signals import on_sigterm_unwind
 from genpi.config import PROFILES, GenPIConfig
 from genpi.errors import GenPIError
@@ -33,9 +34,7 @@ or starts a local cluster on 127.0.0.1."""
 
 
 def build_parser(prog: str = "genpi") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = Parser(prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--prompts",
         default="prompts",
@@ -114,8 +113,9 @@ def execute(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     from genpi.batch.graph import run_batch
+    from genpi.models import check_model_name
     from genpi.prompt.files import folder_error, read_prompt_folder
-    from genpi.ray_runtime import connect, disconnect
+    from genpi.ray_runtime import cluster_address, connect, disconnect
     from genpi.store import store_for
 
     specs, unreadable = read_prompt_folder(args.prompts)
@@ -139,7 +139,10 @@ def execute(args: argparse.Namespace) -> int:
     for error in unreadable.values():
         log.error("%s; the other prompts go on", error)
     _check_store_outlives_job(cfg.store.url)
-    store = store_for(cfg.store)
+    if not cluster_address(cfg.ray):  # this machine runs the stages: its models must be here
+        for role in (cfg.models.generator, cfg.models.target):
+            check_model_name(role.name)
+    store = store_for(cfg.store, writable=True)
     log.info("%d prompts from %s; store %s", len(specs), args.prompts, store.url)
 
     import ray

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from genpi import registry
 from genpi.cli.config_flags import add_flags, resolve
+from genpi.cli.parser import Parser
 from genpi.config import GenPIConfig
 from genpi.engines.environments import serve_backend
 from genpi.errors import GenPIError
@@ -34,7 +35,7 @@ HELP = "serve the published adapters (and prompts without one) over an OpenAI-co
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=HELP)
+    parser = Parser(prog=prog, description=HELP)
     parser.add_argument(
         "--prompts",
         metavar="DIR",

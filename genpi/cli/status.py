@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from genpi.batch.manifest import STAGES, batch_file, stored_batches
+from genpi.batch.manifest import REWRITE, STAGES, batch_file, stored_batches
 from genpi.cli.config_flags import add_flags, resolve
+from genpi.cli.parser import Parser
 from genpi.errors import GenPIError
-from genpi.store import store_for
+from genpi.store import ArtifactStore, store_for
 
 HELP = "show each prompt's stage, progress, failure and artifacts (default: the newest batch)"
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=HELP)
+    parser = Parser(prog=prog, description=HELP)
     parser.add_argument("batch", nargs="?", help="batch id (default: the batch updated last)")
     add_flags(parser, ("store",))
     return parser
@@ -44,17 +45,24 @@ def describe(manifest: dict) -> str:
 
 
 def execute(args: argparse.Namespace) -> int:
-    store = store_for(resolve(args).store)
+    store = store_for(resolve(args).store, existing=True)
     batches = stored_batches(store)
     if not batches:
         raise GenPIError(f"store {store.url} has no batches yet; start one with `genpi --store.url {store.url}`")
     if args.batch:
         key = batch_file(store, args.batch)
-        batch, manifest = args.batch, store.get_json(key)
+        batch, (_, text) = args.batch, _described(store, key)
     else:  # the batch updated last (ISO times in UTC compare as strings)
-        manifests = {b: store.get_json(k) for b, k in batches.items()}
-        batch = max(manifests, key=lambda b: manifests[b].get("updated_at") or manifests[b].get("finished_at", ""))
-        key, manifest = batches[batch], manifests[batch]
+        described = {b: _described(store, k) for b, k in batches.items()}
+        batch = max(described, key=lambda b: described[b][0])
+        key, (_, text) = batches[batch], described[batch]
     print(f"batch {batch} ({store.location(key)})")
-    print(describe(manifest))
+    print(text)
     return 0
+
+
+def _described(store: ArtifactStore, key: str) -> tuple[str, str]:
+    """A batch manifest's last update time and its description."""
+    manifest = store.get_json(key)
+    with store.reading(key, "a batch manifest", REWRITE):
+        return str(manifest.get("updated_at") or manifest.get("finished_at", "")), describe(manifest)

@@ -14,15 +14,22 @@ from genpi.errors import ModelError
 __all__ = ["Conversation", "Message", "Engine", "Generation", "SamplingParams"]
 
 
+GREEDY_BELOW = 1e-5  # a lower temperature decodes greedily (as vLLM reads it): logits divided by it overflow
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to decode. ``temperature == 0`` means greedy."""
+    """How to decode. ``temperature`` 0 (or below :data:`GREEDY_BELOW`) means greedy."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass

@@ -24,9 +24,9 @@ def vllm_python(configured: str = "") -> str | None:
     environment, the checkout's ``.venv-vllm``."""
     explicit = configured or os.environ.get("GENPI_VLLM_PYTHON", "")
     if explicit:
-        if not Path(explicit).is_file():
+        if not (Path(explicit).is_file() and os.access(explicit, os.X_OK)):
             raise ModelError(
-                f"the vLLM interpreter {explicit} does not exist; run `make install-vllm` or "
+                f"the vLLM interpreter {explicit} is not an executable file; run `make install-vllm` or "
                 f"point models.<role>.python (or GENPI_VLLM_PYTHON) at a Python with vLLM"
             )
         return explicit

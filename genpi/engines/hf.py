@@ -355,7 +355,7 @@ class HFEngine:
         attention = torch.tensor(masks, device=self.model.device)
         budget = max(1, min(params.max_new_tokens, self.max_context - width))
         sampling: dict[str, Any] = {"do_sample": False}
-        if params.temperature > 0:  # sampled by the processor, row by row; greedy then takes its pick
+        if not params.greedy:  # sampled by the processor, row by row; greedy then takes its pick
             sampling["logits_processor"] = LogitsProcessorList([SeededSampler(seeds, params.temperature, params.top_p)])
         extra: dict[str, Any] = {"stop_strings": list(params.stop), "tokenizer": self.tokenizer} if params.stop else {}
         if streamer is not None:

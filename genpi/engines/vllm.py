@@ -198,7 +198,7 @@ def vllm_params(params: SamplingParams, ids: list[int], max_context: int, seed: 
     """vLLM's sampling parameters for one request (greedy ignores the seed)."""
     from vllm import SamplingParams as VLLMParams
 
-    greedy = params.temperature <= 0
+    greedy = params.greedy
     return VLLMParams(
         max_tokens=max(1, min(params.max_new_tokens, max_context - len(ids))),
         temperature=0.0 if greedy else params.temperature,

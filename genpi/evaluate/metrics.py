@@ -1,7 +1,7 @@
 """Text metrics of one agent turn, checked against a prompt's :class:`~genpi.prompt.files.ActionFormat`.
 
-Every function here is pure. Patterns are searched with ``re.MULTILINE``, as
-:meth:`ActionFormat.is_action` does.
+Every function here is pure. Patterns are searched with ``MULTILINE`` in bounded time, as
+:meth:`ActionFormat.is_action` does (:mod:`genpi.prompt.patterns`).
 
 **Action text.** An agent reply is free-text reasoning followed by an action (``Think: … /
 Act: …``, ``Thought: … / Action: …``, ``THOUGHT: … / ACTION: …``). The reasoning is what the action
@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TypedDict, TypeVar
 
+from genpi.prompt import patterns
 from genpi.prompt.spec import ActionFormat
 
 LAZY_WILDCARDS = (r"[\s\S]+?", r"[\s\S]*?", ".+?", ".*?")
@@ -61,7 +62,7 @@ def final_valid(fmt: ActionFormat, text: str) -> bool:
 
 def action_type(fmt: ActionFormat, text: str) -> int | None:
     """Index of the first ``actions`` regex that matches ``text``; None if none does."""
-    return next((i for i, p in enumerate(fmt.actions) if _compiled(p).search(text)), None)
+    return next((i for i, p in enumerate(fmt.actions) if patterns.search(_compiled(p), text)), None)
 
 
 def action_text(fmt: ActionFormat, text: str) -> str | None:
@@ -69,7 +70,7 @@ def action_text(fmt: ActionFormat, text: str) -> str | None:
     kind = action_type(fmt, text)
     if kind is None:
         return None
-    m = _compiled(fmt.actions[kind]).search(text)
+    m = patterns.search(_compiled(fmt.actions[kind]), text)
     assert m is not None  # action_type found it
     start = m.start(_ACTION_GROUP) if _ACTION_GROUP in m.re.groupindex else m.start()
     return " ".join(text[start : _line_end(text, m.end())].split())
@@ -172,12 +173,12 @@ def gap_closed(adapter: float | None, base: float | None, teacher: float | None)
 
 
 @functools.lru_cache(maxsize=256)
-def _compiled(pattern: str) -> re.Pattern[str]:
+def _compiled(pattern: str) -> patterns.Pattern:
     """``pattern`` compiled, with the part after its first top-level reasoning wildcard captured as the action."""
     cut = None if re.search(r"\\[1-9]", pattern) else _reasoning_end(pattern)
     if cut is None:
-        return re.compile(pattern, re.MULTILINE)
-    return re.compile(f"{pattern[:cut]}(?P<{_ACTION_GROUP}>{pattern[cut:]})", re.MULTILINE)
+        return patterns.compiled(pattern)
+    return patterns.compiled(f"{pattern[:cut]}(?P<{_ACTION_GROUP}>{pattern[cut:]})")
 
 
 def _reasoning_end(pattern: str) -> int | None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from genpi.config import parse_json, parse_yaml, read_text_file
 from genpi.errors import PromptError, short_repr
+from genpi.prompt import patterns
 from genpi.prompt.spec import (
     DEFAULT_END_CONDITION,
     DEFAULT_END_TOKEN,
@@ -221,9 +222,13 @@ def _check_turn_order(src: str, turns: list[Turn]) -> None:
         expected = "user" if (i - (turns[0].role == "system")) % 2 == 0 else "assistant"
         if t.role != expected:
             raise PromptError(
-                f"{src}: turn {i + 1} is a {t.role} turn but a {expected} turn was expected; "
+                f"{src}: turn {i + 1} is {_a(t.role)} turn but {_a(expected)} turn was expected; "
                 "after the optional system turn, turns must alternate user, assistant, user, ..."
             )
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
 # ---------------------------------------------------------------------------- settings
@@ -245,7 +250,7 @@ def _build_spec(src: str, stem: str, st: dict[str, Any], turns: list[Turn]) -> P
         raise bad(f"name must be a string, got {short_repr(raw_name)}; quote it")
     name = slugify(raw_name)
     if not name:
-        raise bad(f"name {short_repr(raw_name)} has no letters or digits; use a name like 'shell-agent'")
+        raise bad(f"name {short_repr(raw_name)} has no ASCII letters or digits; use a name like 'shell-agent'")
 
     max_turns = st.get("max_turns", DEFAULT_MAX_TURNS)
     lo, hi = MAX_TURNS_RANGE
@@ -276,9 +281,11 @@ def _build_spec(src: str, stem: str, st: dict[str, Any], turns: list[Turn]) -> P
         pats = _string_list(src, af.get(key, []), f"action_format.{key}", strip=False)
         for i, pat in enumerate(pats):
             try:
-                re.compile(pat, re.MULTILINE)
-            except re.error as e:
+                patterns.compiled(pat)
+            except patterns.error as e:
                 raise bad(f"action_format.{key}[{i}] is not a valid regex ({e}): {short_repr(pat)}") from None
+            if slow := patterns.check_speed(pat):
+                raise bad(f"action_format.{key}[{i}]: {slow}")
         regexes[key] = pats
 
     return PromptSpec(

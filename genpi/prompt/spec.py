@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from genpi.errors import PromptError
 from genpi.fingerprint import fingerprint
+from genpi.prompt import patterns
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_MAX_TURNS = 5
@@ -47,7 +47,7 @@ class EnvironmentSpec:
 class ActionFormat:
     """Regexes for well-formed agent turns (``actions``) and valid final actions (``final``).
 
-    Patterns are applied with ``re.search(pattern, text, re.MULTILINE)``. With no patterns
+    Patterns are searched with ``MULTILINE``, in bounded time (:mod:`genpi.prompt.patterns`). With no patterns
     both checks return False: callers check :attr:`has_actions` / :attr:`has_final` first.
     """
 
@@ -64,11 +64,11 @@ class ActionFormat:
 
     def is_action(self, text: str) -> bool:
         """True if any ``actions`` regex matches ``text``."""
-        return any(re.search(p, text, re.MULTILINE) for p in self.actions)
+        return any(patterns.search(p, text) for p in self.actions)
 
     def is_final(self, text: str) -> bool:
         """True if any ``final`` regex matches ``text``."""
-        return any(re.search(p, text, re.MULTILINE) for p in self.final)
+        return any(patterns.search(p, text) for p in self.final)
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ class Job:
     emit: Callable[[Event], None]
     stream: TextStream | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # added to the final event
+    streamed: bool = False  # a delta was sent: the request cannot be run again
 
 
 class Batcher:
@@ -102,40 +103,44 @@ class Batcher:
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
-            if not isinstance(item, Job):
-                self._chore(*item)
-                continue
-            batch, chores = [item], []
-            now = time.monotonic()
-            expected = self._returning(now)
-            want = min(self.max_batch, expected) if expected else self.max_batch
-            deadline = now + (max(REJOIN_S, self.window_s) if expected else self.window_s)
-            while len(batch) < self.max_batch:
-                left = deadline - time.monotonic() if len(batch) < want else 0
-                if left <= 0 and self.queue.empty():
-                    break
-                try:
-                    more = self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(more, Job):
-                    batch.append(more)
-                    continue
-                chores.append(more)  # it waits for this batch; so does everything queued after it
-                break
-            started = time.monotonic()
             try:
-                self._generate(batch)
-            except Exception as e:  # the thread must outlive any batch: its requests get the error
-                log.exception("a batch of %d failed", len(batch))
-                for job in batch:
-                    job.emit({"error": f"generation failed: {e}"})
-            ended = time.monotonic()
-            self.ended = [*self.ended[-15:], (ended, ended - started, len(batch))]
-            for chore in chores:
-                if chore is None:
+                if not self._serve(item):
                     return
-                self._chore(*chore)
+            except Exception:  # the thread must outlive anything: every later request depends on it
+                log.exception("the engine thread went on after an error")
+
+    def _serve(self, item: Job | tuple[Callable[[], Any], Future]) -> bool:
+        """Run one chore, or a batch that starts with ``item``; False when told to stop."""
+        if not isinstance(item, Job):
+            self._chore(*item)
+            return True
+        batch, chores = [item], []
+        now = time.monotonic()
+        expected = self._returning(now)
+        want = min(self.max_batch, expected) if expected else self.max_batch
+        deadline = now + (max(REJOIN_S, self.window_s) if expected else self.window_s)
+        while len(batch) < self.max_batch:
+            left = deadline - time.monotonic() if len(batch) < want else 0
+            if left <= 0 and self.queue.empty():
+                break
+            try:
+                more = self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(more, Job):
+                batch.append(more)
+                continue
+            chores.append(more)  # it waits for this batch; so does everything queued after it
+            break
+        started = time.monotonic()
+        self._generate(batch)
+        ended = time.monotonic()
+        self.ended = [*self.ended[-15:], (ended, ended - started, len(batch))]
+        for chore in chores:
+            if chore is None:
+                return False
+            self._chore(*chore)
+        return True
 
     def _returning(self, now: float) -> int:
         """Requests of the batches that ended within the last batch's time (plus a second): their
@@ -146,44 +151,73 @@ class Batcher:
         return sum(size for ended, _, size in self.ended if now - ended <= horizon)
 
     def _chore(self, chore: Callable[[], Any], future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return  # whoever asked for it left before it ran (a client that gave up)
         try:
-            future.set_result(chore())
+            result = chore()
         except BaseException as e:  # handed to the awaiting coroutine
             future.set_exception(e)
+        else:
+            future.set_result(result)
 
     def _generate(self, batch: list[Job]) -> None:
+        """Each sampling setting's jobs as one call. A call that fails fails only its own jobs: on
+        their own again, those that have sent nothing yet, so one bad request spoils no other."""
         groups: dict[SamplingParams, list[Job]] = {}
         for job in batch:
             groups.setdefault(job.params, []).append(job)
-        for adapter in {job.adapter for job in batch} - {None} - set(self.engine.adapters):
-            self.engine.add_adapter(adapter)  # unloaded (evicted) while its request waited: the folder stays
+        try:
+            for adapter in {job.adapter for job in batch} - {None} - set(self.engine.adapters):
+                self.engine.add_adapter(adapter)  # unloaded (evicted) while its request waited: the folder stays
+        except Exception as e:
+            log.exception("loading an adapter for a batch of %d failed", len(batch))
+            _fail(batch, e)
+            return
         for params, jobs in groups.items():
-
-            def on_token(i: int, token: int, jobs: list = jobs) -> None:
-                stream = jobs[i].stream
-                if stream is not None and (delta := stream.push(token)):
-                    jobs[i].emit({"delta": delta})
-
-            gens = self.engine.generate(
-                [j.conversation for j in jobs],
-                params,
-                [j.adapter for j in jobs],
-                on_token=on_token if any(j.stream for j in jobs) else None,
-            )
-            self.batches += 1
-            for job, gen in zip(jobs, gens):
-                if job.stream is not None and (delta := job.stream.finish(gen.text)):
-                    job.emit({"delta": delta})
-                job.emit(
-                    {
-                        "done": {
-                            "text": gen.text,
-                            "finish_reason": gen.finish_reason,
-                            "batch": len(jobs),
-                            "prompt_tokens": gen.prompt_tokens,
-                            "completion_tokens": gen.output_tokens,
-                            **job.extra,
-                        }
-                    }
-                )
+            try:
+                self._call(params, jobs)
+            except Exception as e:
+                log.exception("a call of %d requests failed", len(jobs))
+                fresh = [j for j in jobs if len(jobs) > 1 and not j.streamed]
+                _fail([j for j in jobs if j not in fresh], e)
+                for job in fresh:
+                    try:
+                        self._call(params, [job])
+                    except Exception as alone:
+                        _fail([job], alone)
         self.tidy()
+
+    def _call(self, params: SamplingParams, jobs: list[Job]) -> None:
+        def on_token(i: int, token: int) -> None:
+            stream = jobs[i].stream
+            if stream is not None and (delta := stream.push(token)):
+                jobs[i].streamed = True
+                jobs[i].emit({"delta": delta})
+
+        gens = self.engine.generate(
+            [j.conversation for j in jobs],
+            params,
+            [j.adapter for j in jobs],
+            on_token=on_token if any(j.stream for j in jobs) else None,
+        )
+        self.batches += 1
+        for job, gen in zip(jobs, gens):
+            if job.stream is not None and (delta := job.stream.finish(gen.text)):
+                job.emit({"delta": delta})
+            job.emit(
+                {
+                    "done": {
+                        "text": gen.text,
+                        "finish_reason": gen.finish_reason,
+                        "batch": len(jobs),
+                        "prompt_tokens": gen.prompt_tokens,
+                        "completion_tokens": gen.output_tokens,
+                        **job.extra,
+                    }
+                }
+            )
+
+
+def _fail(jobs: list[Job], error: Exception) -> None:
+    for job in jobs:
+        job.emit({"error": f"generation failed: {error}"})

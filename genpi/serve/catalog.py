@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from genpi import registry
+from genpi.errors import short_repr
 from genpi.prompt.spec import PromptSpec
 from genpi.registry import PublishedAdapter, RegistryError
 from genpi.serve.protocol import APIError, ModelCard
@@ -136,7 +137,7 @@ class Catalog:
         known = sorted(self.names())
         raise APIError(
             404,
-            f"unknown model {model!r}; served: {', '.join(known) if known else 'nothing yet'}",
+            f"unknown model {short_repr(model)}; served: {', '.join(known) if known else 'nothing yet'}",
             param="model",
             code="model_not_found",
         )

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer
 
 from genpi.chat import context_length, request_ids
 from genpi.config import config_from_dict
-from genpi.engines.base import leaves_no_room
+from genpi.engines.base import GREEDY_BELOW, leaves_no_room
 from genpi.models import resolve_model
 from genpi.prompt.spec import PromptSpec
 from genpi.serve import fallback
@@ -168,8 +168,10 @@ class OpenAIServer:
                 raise APIError(413, f"request body over {self.cfg.serve.max_body_kib} KiB", code="request_too_large")
         try:
             return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:  # bad syntax, not UTF-8, a number too long to read
             raise APIError(400, f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise APIError(400, "request body is not valid JSON: nested too deeply") from None
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:
@@ -266,13 +268,15 @@ class OpenAIServer:
         return out
 
     def _send(self, body: ChatCompletionRequest, target: Target, conversation: list[dict[str, str]]) -> AsyncIterator:
+        sampled = body.temperature >= GREEDY_BELOW
         params = {
             "max_new_tokens": body.max_completion_tokens or body.max_tokens or self.cfg.serve.max_tokens,
-            # greedy ignores the seed: leave it out so such requests batch together; an unseeded
-            # sampled request gets seed 0 (the same conversation, the same sample)
-            "temperature": body.temperature,
+            # greedy ignores the seed (and a temperature too small to divide by is greedy): leave them
+            # out so such requests batch together; an unseeded sampled request gets seed 0 (the
+            # same conversation, the same sample)
+            "temperature": body.temperature if sampled else 0.0,
             "top_p": body.top_p,
-            "seed": (body.seed or 0) if body.temperature > 0 else 0,
+            "seed": (body.seed or 0) if sampled else 0,
             "stop": list(body.stop_strings()),
         }
         description = (

@@ -11,10 +11,14 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from genpi.errors import unpaired_surrogate
+
 MODES = ("adapter", "prompt")
+MAX_STOPS = 4  # as OpenAI's API
+MAX_STOP_CHARS = 64  # the stop check's tables grow with vocabulary x stop length (~200 kB a character)
 MODE_HEADER = "x-genpi-mode"
 
 
@@ -34,6 +38,12 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _check_text(text: str) -> None:
+    """A validation error for text no tokenizer can encode (an unpaired surrogate, sent as \\ud800)."""
+    if (at := unpaired_surrogate(text)) is not None:
+        raise PydanticCustomError("text", f"holds an unpaired surrogate (\\u{ord(text[at]):04x}) at character {at}")
 
 
 class TextPart(BaseModel):
@@ -59,6 +69,13 @@ class ChatMessage(BaseModel):
                     )
         elif not isinstance(value, str):
             raise PydanticCustomError("content", "should be a string or a list of text parts")
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _unicode(cls, value: str | list[TextPart]) -> str | list[TextPart]:
+        for text in [value] if isinstance(value, str) else [p.text for p in value]:
+            _check_text(text)
         return value
 
     def text(self) -> str:
@@ -88,6 +105,24 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1)
     user: str | None = None
+
+    @field_validator("temperature", "top_p", "n", "stream", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """``null`` means the default, as in OpenAI's API."""
+        return cls.model_fields[info.field_name].default if value is None else value
+
+    @field_validator("stop")
+    @classmethod
+    def _few_short_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOPS:
+            raise PydanticCustomError("stop", f"at most {MAX_STOPS} stop sequences, got {len(stops)}")
+        for stop in stops:
+            if len(stop) > MAX_STOP_CHARS:
+                raise PydanticCustomError("stop", f"a stop sequence has at most {MAX_STOP_CHARS} characters")
+            _check_text(stop)
+        return value
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -60,6 +62,25 @@ def open_store(
     return LocalStore(url)
 
 
-def store_for(cfg: StoreConfig) -> ArtifactStore:
-    """The store a config's ``store`` section names."""
-    return open_store(cfg.url, endpoint_url=cfg.endpoint_url or None, region=cfg.region or None, retry_s=cfg.retry_s)
+def store_for(cfg: StoreConfig, *, existing: bool = False, writable: bool = False) -> ArtifactStore:
+    """The store a config's ``store`` section names. A local folder is checked at once: with
+    ``existing`` (a command that only reads it) it must be there, not found empty (a typo in the
+    path); with ``writable`` (a job) it is created and must take files, before any work starts."""
+    store = open_store(cfg.url, endpoint_url=cfg.endpoint_url or None, region=cfg.region or None, retry_s=cfg.retry_s)
+    if isinstance(store, LocalStore):
+        if existing and not store.root.is_dir():
+            raise StoreError(
+                f"store folder {store.url} does not exist; check --store.url (a job creates it when it runs)"
+            )
+        if writable and (problem := _unwritable(store.root)):
+            raise StoreError(f"store folder {store.url} cannot take files ({problem}); choose another --store.url")
+    return store
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why ``folder`` (created if missing) cannot take files, or None."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None if os.access(folder, os.W_OK) else "it is not writable"

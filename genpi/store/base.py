@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -180,10 +181,21 @@ class ArtifactStore(abc.ABC):
         text = self.get_text(key)
         try:
             return json.loads(text)
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # bad syntax, or a number too long to read
             raise StoreError(
                 f"{self.location(key)} is not valid JSON ({e}): delete it and rerun the stage that writes it"
             ) from e
+
+    @contextlib.contextmanager
+    def reading(self, key: str, what: str, fix: str) -> Iterator[None]:
+        """Reading the document at ``key`` inside this block: a key or type the reader expects that
+        it lacks (a file edited by hand, or written by another version) becomes a StoreError naming
+        the file, ``what`` it should be and ``fix``."""
+        try:
+            yield
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
+            problem = f"no {e}" if isinstance(e, KeyError) else str(e)
+            raise StoreError(f"{self.location(key)} is not {what} genpi can read ({problem}); {fix}") from None
 
     def put_jsonl(self, key: str, records: Iterable[dict]) -> None:
         """Store records as JSON Lines.
@@ -203,7 +215,7 @@ class ArtifactStore(abc.ABC):
                 continue
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError as e:
+            except ValueError as e:
                 raise StoreError(
                     f"{self.location(key)} line {number} is not valid JSON ({e}): delete it "
                     "and rerun the stage that writes it"

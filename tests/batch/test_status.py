@@ -22,6 +22,8 @@ def test_status_follows_a_batch_while_it_runs_and_after(tmp_path: Path, capsys: 
     prefix = artifacts.batch_prefix([spec], cfg, {})
     progress = Progress(store, prefix, cfg, results)
     argv = ["status", "--store.url", store.url]
+    assert main(argv) == 2 and "does not exist" in capsys.readouterr().err  # a typo in the path, say
+    store.root.mkdir()
     assert main(argv) == 2 and "has no batches yet" in capsys.readouterr().err
 
     progress.begin("a", "synthesis")

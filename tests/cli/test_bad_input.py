@@ -77,6 +77,19 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], Path]]:
     prompt_case("alias-bomb-name", "agent.yaml", f"{BOMB}name: *i\nturns: [{{role: system, content: hi}}]\n".encode())
     prompt_case("oversized", "agent.md", SHELL.encode() * 40_000)
     prompt_case("latin-1-prompt", "agent.md", "Réponds en français.\n".encode("latin-1"))
+    prompt_case("impossible-date", "agent.md", f"---\nname: 2024-02-30\n---\n{SHELL}".encode())
+    prompt_case("huge-yaml-int", "agent.md", f"---\nmax_turns: {'9' * 5000}\n---\n{SHELL}".encode())
+    prompt_case(
+        "huge-json-int",
+        "agent.json",
+        f'{{"turns": [{{"role": "system", "content": "x"}}], "max_turns": {"9" * 5000}}}'.encode(),
+    )
+    prompt_case("lone-surrogate", "agent.json", b'[{"role": "system", "content": "hi \\ud800 there"}]')
+    prompt_case(
+        "backtracking-regex",
+        "agent.yaml",
+        b"turns: [{role: system, content: hi}]\naction_format: {actions: ['^(a|aa)+$']}\n",
+    )
     good = tmp_path / "good"
     good.mkdir()
     (good / "agent.md").write_text(SHELL)
@@ -88,6 +101,22 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], Path]]:
     deep_inputs.mkdir()
     (deep_inputs / "agent.jsonl").write_bytes(b"[" * 200_000 + b"]" * 200_000 + b"\n")
     cases["deep-inputs"] = (["--prompts", str(good), "--eval-inputs", str(deep_inputs)], deep_inputs / "agent.jsonl")
+    huge_inputs = tmp_path / "huge-int-inputs"
+    huge_inputs.mkdir()
+    (huge_inputs / "agent.jsonl").write_text(f'{{"input": "ls", "n": {"9" * 5000}}}\n')
+    cases["huge-int-inputs"] = (
+        ["--prompts", str(good), "--eval-inputs", str(huge_inputs)],
+        huge_inputs / "agent.jsonl",
+    )
+    for name, text in (("config-date", "store: {url: 2024-02-30}\n"), ("config-nan", "train: {learning_rate: .nan}\n")):
+        cases[name] = (["--prompts", str(good), "--config", str(tmp_path / f"{name}.yaml")], tmp_path / f"{name}.yaml")
+        (tmp_path / f"{name}.yaml").write_text(text)
+    (tmp_path / "a-file").write_text("")  # a store path under a file: no folder can be made there
+    cases["store-under-a-file"] = (
+        ["--prompts", str(good), "--store.url", str(tmp_path / "a-file" / "store")],
+        tmp_path / "a-file" / "store",
+    )
+    cases["unknown-model"] = (["--prompts", str(good), "--models.target.name", "nope-model"], Path("nope-model"))
     config = tmp_path / "bomb.yaml"
     config.write_text(BOMB.replace("i: &i", "train: &i").replace("a: &a", "x: &a"))
     cases["config-alias-bomb"] = (["--prompts", str(good), "--config", str(config)], config)
@@ -160,3 +189,58 @@ def test_serve_refuses_a_busy_port_an_unknown_model_and_an_unreachable_store_bef
             err = capsys.readouterr().err
             assert code == 2 and err.count("\n") == 1 and said in err, (said, err[-500:])
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("key", "document", "commands"),
+    [
+        ("adapters/shell/v1/manifest.json", [], [["ls"], ["serve", "--check"]]),
+        ("adapters/shell/v1/manifest.json", {"prompt": "shell", "published_at": 5}, [["ls"]]),
+        ("batches/b1/manifest.json", {"state": "running", "prompts": [{"status": "failed"}]}, [["status"]]),
+        ("batches/b1/manifest.json", {"seconds": "abc", "prompts": []}, [["status", "b1"]]),
+        ("batches/b1/manifest.json", {"prompts": [{"status": "done"}]}, [["verify", "b1"]]),
+        ("batches/b1/report.json", {"finished_at": "2026", "prompts": [{}]}, [["report"]]),
+        ("batches/b1/report.json", [], [["report", "b1"]]),
+    ],
+)
+def test_a_store_file_of_another_shape_is_one_line_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture, key: str, document: object, commands: list[list[str]]
+) -> None:
+    from genpi.cli.main import main
+    from genpi.store import open_store
+
+    open_store(str(tmp_path / "store")).put_json(key, document)
+    for command in commands:
+        assert main([*command, "--store.url", str(tmp_path / "store")]) == 2, command
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(tmp_path / "store" / key) in err and "genpi can read" in err, err
+
+
+def test_verify_lists_a_manifest_it_cannot_read_and_reading_commands_refuse_a_missing_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from genpi.cli.main import main
+    from genpi.store import open_store
+
+    open_store(str(tmp_path / "store")).put_json("adapters/shell/v1/manifest.json", {"prompt": ["x"]})
+    assert main(["verify", "--store.url", str(tmp_path / "store")]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert "adapters/shell/v1/manifest.json is not an adapter manifest" in out[0] and out[-1].endswith("1 problems")
+    for command in (["ls"], ["verify"], ["status"], ["report"]):
+        assert main([*command, "--store.url", str(tmp_path / "typo")]) == 2
+        err = capsys.readouterr().err
+        assert f"store folder {tmp_path / 'typo'} does not exist" in err and err.count("\n") == 1, (command, err)
+
+
+def test_a_flag_mistake_is_one_line_with_the_nearest_flag(capsys: pytest.CaptureFixture) -> None:
+    from genpi.cli.main import main
+
+    for argv, hint in (
+        (["--train.lora_r", "8"], "did you mean --train.lora-r?"),
+        (["--prompt", "x"], "did you mean --prompts?"),  # never taken for --prompts
+        (["ls", "--store.ulr", "x"], "did you mean --store.url?"),
+    ):
+        with pytest.raises(SystemExit) as caught:
+            main(argv)
+        err = capsys.readouterr().err
+        assert caught.value.code == 2 and hint in err and err.count("\n") == 1 and "--help" in err, err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import time
+from concurrent.futures import Future
 from typing import Any
 
 from genpi.engines.base import Generation, SamplingParams
@@ -31,6 +32,8 @@ class ScriptedEngine:
                 on_token(i, 7)
         if self.fail:
             raise RuntimeError("the device fell over")
+        if any("bad" in c[-1]["content"] for c in conversations):
+            raise ValueError("a request this engine cannot take")
         time.sleep(self.seconds)
         return [Generation(c[-1]["content"], "stop", 3, 1) for c in conversations]
 
@@ -100,5 +103,39 @@ def test_a_batch_that_fails_mid_stream_sends_its_requests_the_error_and_the_thre
         batcher.submit(job("next", events))
         (done,) = events_of(events, 1)
         assert done["done"]["text"] == "next"
+    finally:
+        batcher.stop()
+
+
+def test_one_bad_request_fails_alone_and_its_sampling_group_is_rerun_without_it() -> None:
+    engine = ScriptedEngine()
+    batcher = Batcher(engine, window_s=0.2, max_batch=16, tidy=lambda: None)
+    events: dict[str, queue.Queue] = {name: queue.Queue() for name in ("good", "bad", "other")}
+    try:
+        batcher.submit(job("good", events["good"]))
+        batcher.submit(job("bad", events["bad"]))
+        sampled = job("other", events["other"])
+        sampled.params = SamplingParams(max_new_tokens=4, temperature=0.5)
+        batcher.submit(sampled)
+        assert events_of(events["good"], 1)[0]["done"]["text"] == "good"
+        assert "cannot take" in events_of(events["bad"], 1)[0]["error"]
+        assert events_of(events["other"], 1)[0]["done"]["text"] == "other"
+        assert sorted(engine.calls) == [1, 1, 1, 2]  # the pair failed together, then each alone
+    finally:
+        batcher.stop()
+
+
+def test_a_chore_whose_caller_left_is_skipped_and_the_thread_goes_on() -> None:
+    engine = ScriptedEngine()
+    batcher = Batcher(engine, window_s=0.0, max_batch=16, tidy=lambda: None)
+    events: queue.Queue = queue.Queue()
+    ran: list[str] = []
+    try:
+        left: Future = Future()
+        left.cancel()  # a client that gave up while its adapter was waiting to load
+        batcher.queue.put((lambda: ran.append("left"), left))
+        batcher.submit(job("next", events))
+        assert events_of(events, 1)[0]["done"]["text"] == "next"
+        assert ran == [] and batcher.thread.is_alive()
     finally:
         batcher.stop()

@@ -255,6 +255,10 @@ def _post(base_url: str, body: object, key: str | None = KEY, raw: bytes | None 
         ({"messages": HELLO}, "model"),
         ({"model": "shell-agent", "messages": HELLO, "n": 0}, "n"),
         ({"model": "shell-agent", "messages": HELLO, "stop": 5}, "stop"),  # no union tag (stop.str) in the name
+        ({"model": "shell-agent", "messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),  # 4 at most
+        ({"model": "shell-agent", "messages": HELLO, "stop": "a" * 65}, "stop"),  # its check's tables grow with it
+        ({"model": "shell-agent", "messages": HELLO, "stop": ["\ud800"]}, "stop"),
+        ({"model": "shell-agent", "messages": [{"role": "user", "content": "a\udc80b"}]}, "messages[0].content"),
         ({"model": "shell-agent", "messages": [{"role": "user", "content": None}]}, "messages[0].content"),
         (  # a list in a str | list field is judged as a list: the missing text is named, not "a valid string"
             {"model": "shell-agent", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
@@ -293,6 +297,25 @@ def test_malformed_json_oversized_unknown_model_and_context(base_url: str, clien
         ask(client, "shell-agent", long)
     assert too_long.value.body["code"] == "context_length_exceeded"
     assert requests.get(f"{base_url}/nothing-here").json()["error"]["type"] == "not_found_error"
+
+
+def test_odd_but_valid_requests_answer_and_bad_names_and_bodies_are_4xx(
+    base_url: str, client: openai.OpenAI, store_dir: Path
+) -> None:
+    greedy = ask(client, "shell-agent", max_tokens=4).parse().choices[0].message.content
+    tiny = ask(client, "shell-agent", max_tokens=4, temperature=1e-39)  # greedy, as vLLM reads it
+    assert tiny.parse().choices[0].message.content == greedy
+    nulls = {"model": "shell-agent", "messages": HELLO, "max_tokens": 4, "temperature": None, "top_p": None, "n": None}
+    assert _post(base_url, {**nulls, "stream": None}).status_code == 200  # null means the default, as in OpenAI's API
+    for model in ("shell-agent@..", "..@v1", "shell-agent@a\\b", "shell-agent@" + "v" * 300):
+        response = _post(base_url, {"model": model, "messages": HELLO})
+        assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found", response.text
+        assert len(response.text) < 1000 and str(store_dir) not in response.text
+    deep = b'{"model": "shell-agent", "messages": ' + b"[" * 20_000
+    huge = b'{"model": "shell-agent", "messages": [], "seed": ' + b"9" * 5000 + b"}"
+    for raw in (deep, huge):
+        response = _post(base_url, None, raw=raw)
+        assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"], response.text
 
 
 def test_the_api_key_is_required(base_url: str) -> None:

@@ -152,6 +152,19 @@ def test_missing_key_raises_artifact_not_found(store: ArtifactStore, tmp_path: P
     assert not (tmp_path / "out" / "key.json").exists()
 
 
+def test_a_document_genpi_cannot_read_names_its_file(store: ArtifactStore) -> None:
+    store.put_text("a/doc.json", '{"n": ' + "9" * 5000 + "}")  # more digits than Python reads
+    store.put_text("a/rows.jsonl", '{"n": 1}\n{"n": ' + "9" * 5000 + "}\n")
+    with pytest.raises(StoreError, match="a/doc.json is not valid JSON"):
+        store.get_json("a/doc.json")
+    with pytest.raises(StoreError, match="a/rows.jsonl line 2 is not valid JSON"):
+        store.get_jsonl("a/rows.jsonl")
+    store.put_json("a/report.json", {"n": 1})
+    with pytest.raises(StoreError, match=r"a/report.json is not a report genpi can read \(no 'rows'\); rewrite it"):
+        with store.reading("a/report.json", "a report", "rewrite it"):
+            store.get_json("a/report.json")["rows"]
+
+
 @pytest.mark.parametrize(
     "bad_key",
     ["", "/abs", "a//b", "a/../b", "..", "a/./b", "a\\b", "a/", f"x/y{TEMP_SUFFIX}"],
