@@ -57,6 +57,10 @@ class TextStream:
     def finish(self, final: str) -> str:
         return self._advance(final)
 
+    def reset(self) -> None:
+        """Forget the tokens pushed so far (none of their text was sent): the request runs again."""
+        self.tokens, self.sent = [], ""
+
     def _advance(self, text: str) -> str:
         if not text.startswith(self.sent) or len(text) == len(self.sent):
             return ""
@@ -133,7 +137,10 @@ class Batcher:
             chores.append(more)  # it waits for this batch; so does everything queued after it
             break
         started = time.monotonic()
-        self._generate(batch)
+        try:
+            self._generate(batch)
+        except Exception:  # its requests got their errors; the chores after it still run
+            log.exception("a batch of %d failed", len(batch))
         ended = time.monotonic()
         self.ended = [*self.ended[-15:], (ended, ended - started, len(batch))]
         for chore in chores:
@@ -181,6 +188,8 @@ class Batcher:
                 fresh = [j for j in jobs if len(jobs) > 1 and not j.streamed]
                 _fail([j for j in jobs if j not in fresh], e)
                 for job in fresh:
+                    if job.stream is not None:
+                        job.stream.reset()  # tokens it held back from the failed call
                     try:
                         self._call(params, [job])
                     except Exception as alone:

@@ -47,6 +47,9 @@ class Token:
     def finish(self, final: str) -> str:
         return ""
 
+    def reset(self) -> None:
+        pass
+
 
 def job(text: str, events: queue.Queue, stream: bool = False) -> Job:
     return Job([{"role": "user", "content": text}], PARAMS, None, events.put, Token() if stream else None)
@@ -137,5 +140,38 @@ def test_a_chore_whose_caller_left_is_skipped_and_the_thread_goes_on() -> None:
         batcher.submit(job("next", events))
         assert events_of(events, 1)[0]["done"]["text"] == "next"
         assert ran == [] and batcher.thread.is_alive()
+    finally:
+        batcher.stop()
+
+
+class HoldBack:
+    """A stream that holds back all its text until the end (as a possible stop string does)."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        return ""
+
+    def finish(self, final: str) -> str:
+        return final
+
+    def reset(self) -> None:
+        self.tokens = []
+
+
+def test_a_streaming_request_rerun_alone_starts_its_stream_afresh() -> None:
+    engine = ScriptedEngine()
+    batcher = Batcher(engine, window_s=0.2, max_batch=16, tidy=lambda: None)
+    good, bad = queue.Queue(), queue.Queue()
+    try:
+        streaming = Job([{"role": "user", "content": "good"}], PARAMS, None, good.put, HoldBack())
+        batcher.submit(streaming)
+        batcher.submit(job("bad", bad))
+        delta, done = events_of(good, 2)
+        assert delta == {"delta": "good"} and done["done"]["text"] == "good"
+        assert streaming.stream.tokens == [7]  # the failed call's token is forgotten
+        assert "cannot take" in events_of(bad, 1)[0]["error"]
     finally:
         batcher.stop()
