@@ -30,16 +30,17 @@ def execute(args: argparse.Namespace) -> int:
             f"store {store.url} has no batch reports yet; run the job first "
             f"(make run, or genpi --store.url {store.url})"
         )
-    batch = args.batch or max(reports, key=lambda b: _report(store, reports[b])[0])
+    batch = args.batch or max(reports, key=lambda b: _finished(store, reports[b]))
     key = batch_file(store, batch, "report.json")
-    finished, table = _report(store, key)
-    print(f"batch {batch}, finished {finished} ({store.location(key)})\n")
-    print(table)
+    data = store.get_json(key)
+    with store.reading(key, "a batch report", REWRITE):
+        print(f"batch {batch}, finished {data['finished_at']} ({store.location(key)})\n")
+        print(batch_table(data["prompts"]))
     return 0
 
 
-def _report(store: ArtifactStore, key: str) -> tuple[str, str]:
-    """A batch report's finish time and its fidelity table."""
+def _finished(store: ArtifactStore, key: str) -> str:
+    """When the batch report at ``key`` was finished."""
     data = store.get_json(key)
     with store.reading(key, "a batch report", REWRITE):
-        return str(data["finished_at"]), batch_table(data["prompts"])
+        return str(data["finished_at"])

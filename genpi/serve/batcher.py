@@ -185,9 +185,10 @@ class Batcher:
                 self._call(params, jobs)
             except Exception as e:
                 log.exception("a call of %d requests failed", len(jobs))
-                fresh = [j for j in jobs if len(jobs) > 1 and not j.streamed]
-                _fail([j for j in jobs if j not in fresh], e)
-                for job in fresh:
+                for job in jobs:
+                    if len(jobs) == 1 or job.streamed:
+                        _fail([job], e)
+                        continue
                     if job.stream is not None:
                         job.stream.reset()  # tokens it held back from the failed call
                     try:

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer
 
 from genpi.chat import context_length, request_ids
 from genpi.config import config_from_dict
-from genpi.engines.base import GREEDY_BELOW, leaves_no_room
+from genpi.engines.base import SamplingParams, leaves_no_room
 from genpi.models import resolve_model
 from genpi.prompt.spec import PromptSpec
 from genpi.serve import fallback
@@ -268,7 +268,7 @@ class OpenAIServer:
         return out
 
     def _send(self, body: ChatCompletionRequest, target: Target, conversation: list[dict[str, str]]) -> AsyncIterator:
-        sampled = body.temperature >= GREEDY_BELOW
+        sampled = not SamplingParams(temperature=body.temperature).greedy
         params = {
             "max_new_tokens": body.max_completion_tokens or body.max_tokens or self.cfg.serve.max_tokens,
             # greedy ignores the seed (and a temperature too small to divide by is greedy): leave them
