@@ -48,7 +48,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from genpi import ray_runtime, registry  # noqa: E402
-from genpi.prompt.spec import PromptSpec  # noqa: E402
 from genpi.store import open_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,13 +61,8 @@ OBSERVATIONS = [
 
 
 def copy_store(source: str, target: Path) -> None:
-    """The registry and the prompts' texts (all the server reads) of a local store."""
-    src = Path(source)
-    shutil.copytree(src / "adapters", target / "adapters")
-    for found in src.glob("prompts/*/*/prompt.json"):
-        dest = target / found.relative_to(src)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(found, dest)
+    """The registry (all the server reads: versions and prompt texts) of a local store."""
+    shutil.copytree(Path(source) / "adapters", target / "adapters")
 
 
 def republish(store: Any, entry: registry.PublishedAdapter, prompt: str, version: str) -> registry.PublishedAdapter:
@@ -216,7 +210,9 @@ def main() -> None:
     while len(names) < 4:  # a fourth adapter: the same weights under another name
         copies += 1
         names.append(republish(store, entry, f"{args.prompt}-copy{copies}", entry.version).prompt)
-    spec = PromptSpec.from_json(store.get_json(f"prompts/{args.prompt}/{entry.prompt_hash}/prompt.json"))
+    spec = registry.prompt_texts(store).get(args.prompt, {}).get(entry.prompt_hash)
+    if spec is None:
+        sys.exit(f"{args.store} holds no text of {args.prompt}; run the job on that store again (it records it)")
     prompt_dir = work / "prompts"
     prompt_dir.mkdir()
     fallback_name = f"{args.prompt}-prompt"

@@ -1,14 +1,15 @@
 """What each stage's output depends on, and where it lives in the store: keys built from content hashes.
 
 ```
-prompts/<name>/<prompt_hash>/prompt.json
 prompts/<name>/<prompt_hash>/synth/<synth_hash>/...          (inputs, outputs, reasons, conversations,
-                                                               records.jsonl, quality.json, split.json)
+                                                               records.jsonl, quality.json, examples/)
+prompts/<name>/<prompt_hash>/references/<key>/...             (the teacher's and the base's episodes, samples)
 prompts/<name>/<prompt_hash>/train/<run_hash>/...             (adapter/, metrics.json, summary.json)
 prompts/<name>/<prompt_hash>/eval/<eval_key>/...               (episodes/, scores/, report.json|md, *.png;
                                                                a run's validation figures: summary.json)
 prompts/<name>/<prompt_hash>/selection/<key>/selection.json   (a sweep's runs side by side, the one chosen)
 adapters/<name>/<prompt_hash8>-<run_hash8>/...                 (published adapter + manifest.json: genpi.registry)
+adapters/<name>/_prompts/<prompt_hash>.json                    (the prompt's text, for prompt mode: genpi.registry)
 batches/<batch_hash>/manifest.json, report.json, report.md
 ```
 ``synth_hash`` covers the synthesis config and both models (by name and content); ``run_hash`` covers the data it

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from genpi.errors import ConfigError, GenPIError, short_repr, unpaired_surrogate
+from genpi.errors import ConfigError, GenPIError, nearest, short_repr, unpaired_surrogate
 
 METHODS = ("genpi", "sft", "prepend", "seqkd-kld", "onpolicy-kl", "genpi-kld")
 PG_METHODS = ("genpi", "genpi-kld")  # the methods with a Prompt Generation term, swept over train.lambdas
@@ -106,8 +106,9 @@ class ModelConfig:
     )
     max_lora_rank: int = _f(
         0,
-        "vllm backend: the largest LoRA rank it serves per request; 0 starts it "
-        "without LoRA (synthesis needs none, and LoRA costs about 30 percent of CPU throughput)",
+        "vllm backend: the largest LoRA rank it serves per request; 0 starts the job's engines "
+        "without LoRA (synthesis needs none, and LoRA costs about 30 percent of CPU throughput) "
+        "and the server's with rank 16",
         low=0,
         high=512,
     )
@@ -417,14 +418,14 @@ class ServeConfig:
         1,
         "adapters a replica also keeps merged into a copy of the weights, for batches "
         "whose requests all name one adapter (the base model's speed; each copy costs "
-        "the adapted layers' memory); 0: never merge",
+        "the adapted layers' memory); 0: never merge (hf backend; vLLM runs its own LoRA path)",
         low=0,
         high=64,
     )
     batch_window_ms: float = _f(
         40.0,
         "requests arriving within this window of the first go to the engine as "
-        "one batch (mixed adapters in one forward)",
+        "one batch (mixed adapters in one forward; hf backend: vLLM batches continuously)",
         low=0,
         high=1000,
     )
@@ -509,7 +510,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # The dataclass defaults: the paper's settings, for a GPU cluster, sweeping the paper's lambdas,
     # each with 3 seeds (selection reports each lambda's mean ± std over them).
     "paper": {"train": {"lambdas": [0.3, 0.5, 0.7], "seeds": [0, 1, 2]}},
-    # Sized for 2 CPU cores: the main job over the three shipped prompts in 8.5 to 15 minutes (23 on
+    # Sized for 2 CPU cores: the main job over the three shipped prompts in 8 to 15 minutes (19 to 23 on
     # the slowest CPU seen).
     # The vLLM engine where `make install` built it (about 2x the hf backend's synthesis speed on
     # these long prompts). Fewer, shorter generations; reasons only for the few records whose PG
@@ -594,7 +595,12 @@ def _merge(obj: Any, updates: dict[str, Any], path: str, origin: str) -> None:
         name = str(key).replace("-", "_")
         where = f"{path}.{name}" if path else name
         if name not in fields:
-            raise ConfigError(f"{origin}: unknown config key '{where}'; allowed keys here: {', '.join(fields)}")
+            close = nearest(name, fields)
+            raise ConfigError(
+                f"{origin}: unknown config key '{where}'"
+                + (f"; did you mean '{close}'?" if close else "")
+                + f"; allowed keys here: {', '.join(fields)}"
+            )
         if _is_section(fields[name], type(obj)):
             _merge(getattr(obj, name), value, where, origin)
         else:
@@ -813,13 +819,17 @@ def parse_yaml(text: str, src: str, error: type[GenPIError], *, what: str = "YAM
         depth = max(itertools.accumulate(1 if c in "[{" else -1 for c in re.sub(r"[^][{}]+", "", text)), default=0)
         if depth > MAX_DEPTH:
             raise RecursionError
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
         _check_document(data)
         return data
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1 + line_offset}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if isinstance(e, _DuplicateYAMLKey):
+            raise error(
+                f"{label}{where}: {problem} (first at line {e.first_line + 1 + line_offset}); keep one of them"
+            ) from None
         raise error(f"{label} is not valid YAML{where}: {problem}; fix the syntax") from None
     except RecursionError:
         raise error(f"{label} is nested too deeply to read; flatten it") from None
@@ -835,13 +845,15 @@ def parse_json(text: str, src: str, error: type[GenPIError], fix: str = "fix the
     """``json.loads`` that turns every failure (syntax, nesting too deep, a number too long to read,
     text that is not Unicode) into ``error`` naming ``src``."""
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
         _check_document(data)
         return data
     except json.JSONDecodeError as e:
         raise error(f"{src}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}; {fix}") from None
     except RecursionError:
         raise error(f"{src}: JSON is nested too deeply to read; flatten it") from None
+    except _DuplicateKey as e:
+        raise error(f"{src}: JSON {e}; keep one of them") from None
     except (_TooLarge, _NotText) as e:
         raise error(f"{src}: JSON {e}") from None
     except ValueError as e:  # an integer of thousands of digits
@@ -852,6 +864,45 @@ def _unreadable(e: Exception) -> str:
     """Why a value could not be read, without Python's advice to raise its digit limit."""
     text = str(e)
     return "an integer of more than 4,300 digits" if "digits" in text else text
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (PyYAML keeps the last,
+    silently; a merge key ``<<`` may still be overridden, as YAML intends)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: the constructor below says so
+                continue
+            if first is not key_node:
+                raise _DuplicateYAMLKey(short_repr(key), first.start_mark.line, key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+class _DuplicateYAMLKey(yaml.constructor.ConstructorError):
+    def __init__(self, key: str, first_line: int, mark: yaml.Mark) -> None:
+        super().__init__(None, None, f"the key {key} appears twice in one mapping", mark)
+        self.first_line = first_line  # 0-based, as PyYAML's marks
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as a dict, refusing a key written twice (``json`` keeps the last, silently)."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise _DuplicateKey(f"has the key {short_repr(key)} twice in one object")
+        data[key] = value
+    return data
 
 
 class _TooLarge(Exception):

@@ -5,6 +5,11 @@ A published adapter lives at ``adapters/<prompt>/<version>/``: the PEFT files an
 is never written again, so a reader that cached one can never be stale. ``model="<prompt>"``
 means that prompt's newest published version, ``"<prompt>@<version>"`` pins one; that rule is
 decided here (:func:`resolve`) and nowhere else.
+
+The registry also keeps the text of every prompt the job has taken up, at
+``adapters/<prompt>/_prompts/<prompt_hash>.json`` (no version starts with ``_``), so that a server
+can answer a prompt in prompt mode before, or without, a passing adapter. A prompt's hash names its
+text, so these are immutable too.
 """
 
 from __future__ import annotations
@@ -20,13 +25,20 @@ from pathlib import Path
 from typing import Any
 
 from genpi.errors import GenPIError, StoreError, short_repr
+from genpi.prompt.spec import PromptSpec
 from genpi.store import ArtifactStore
 from genpi.store.base import file_digest
 
 ROOT = "adapters"
 MANIFEST = "manifest.json"
+PROMPTS = "_prompts"
 PIN = "@"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # a prompt's name or a version: one path segment
+
+
+def version_prefix(prompt: str, version: str) -> str:
+    """Where a published version's files live in the store."""
+    return f"{ROOT}/{prompt}/{version}"
 
 
 class RegistryError(GenPIError):
@@ -63,7 +75,7 @@ class PublishedAdapter:
     @property
     def prefix(self) -> str:
         """Where its files live in the store."""
-        return f"{ROOT}/{self.prompt}/{self.version}"
+        return version_prefix(self.prompt, self.version)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -194,6 +206,45 @@ def published(
     return sorted((read[k] for k in keys if k in read), key=lambda e: (e.published_at, e.version), reverse=True)
 
 
+def record_prompt(store: ArtifactStore, spec: PromptSpec) -> None:
+    """Keep ``spec``'s text in the registry (once: its hash names it), for a server's prompt mode."""
+    store.create_json(f"{ROOT}/{spec.name}/{PROMPTS}/{spec.prompt_hash}.json", spec.to_json())  # create-only
+
+
+def prompt_texts(
+    store: ArtifactStore, read: dict[str, PromptSpec] | None = None, unreadable: list[str] | None = None
+) -> dict[str, dict[str, PromptSpec]]:
+    """The text of every prompt the job has taken up: name -> prompt hash -> spec.
+
+    One listing of the registry (not of the job's artifacts); ``read`` keeps the texts read, by key,
+    across calls, so a reader that asks again reads only the prompts recorded since. A text that is
+    not one raises a StoreError naming it, or, when ``unreadable`` is given, is left out and its
+    error line appended there."""
+    read = {} if read is None else read
+    texts: dict[str, dict[str, PromptSpec]] = {}
+    for key in store.list_keys(ROOT):
+        parts = key.split("/")
+        if len(parts) != 4 or parts[2] != PROMPTS or not parts[3].endswith(".json"):
+            continue
+        if key not in read:
+            try:
+                data = store.get_json(key)
+                with store.reading(key, "a prompt's text", "delete it and run the job on the prompt again"):
+                    spec = PromptSpec.from_json(data)
+                    if (spec.name, f"{spec.prompt_hash}.json") != (parts[1], parts[3]):
+                        raise ValueError(f"it holds {spec.name}@{spec.prompt_hash}")
+                    if dataclasses.replace(spec, prompt_hash="").prompt_hash != spec.prompt_hash:
+                        raise ValueError("its text does not have the hash it is stored under")
+                    read[key] = spec
+            except StoreError as e:
+                if unreadable is None:
+                    raise
+                unreadable.append(str(e))
+                continue
+        texts.setdefault(read[key].name, {})[read[key].prompt_hash] = read[key]
+    return texts
+
+
 def split_model(model: str) -> tuple[str, str | None]:
     """``"shell-agent@ab12"`` → ``("shell-agent", "ab12")``; ``"shell-agent"`` → ``("shell-agent", None)``."""
     prompt, _, version = model.partition(PIN)
@@ -206,7 +257,7 @@ def resolve(store: ArtifactStore, model: str) -> PublishedAdapter:
     if not all(_NAME.fullmatch(part) for part in (prompt, version or "x")):
         raise RegistryError(f"{short_repr(model)} names no published adapter: names are <prompt> or <prompt>@<version>")
     if version is not None:
-        key = f"{ROOT}/{prompt}/{version}/{MANIFEST}"
+        key = f"{version_prefix(prompt, version)}/{MANIFEST}"
         if store.exists(key):
             return read_manifest(store, key)
         versions = [e.version for e in published(store, prompt)]

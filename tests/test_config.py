@@ -44,7 +44,7 @@ def test_local_profile_is_small() -> None:
     assert cfg.train.num_gpus == 0 and cfg.eval.num_gpus == 0
     # small enough for 2 CPU cores: few steps, few PG examples (each carries the whole prompt)
     trained = round(cfg.synth.num_inputs * (1 - cfg.split.test_fraction - cfg.split.val_fraction))
-    steps = -(-trained // cfg.train.batch_size) * cfg.train.epochs
+    steps = max(-(-trained // cfg.train.batch_size) * cfg.train.epochs, cfg.train.min_steps)  # as the trainer counts
     assert steps <= 40 and cfg.train.pg_fraction <= 0.25
     assert cfg.store.url == "artifacts"
 
@@ -87,6 +87,7 @@ def test_precedence_defaults_profile_yaml_flags(tmp_path) -> None:
     "yaml_text, words",
     [
         ("synth:\n  num_inputz: 3\n", ["synth.num_inputz", "num_inputs"]),
+        ("train:\n  lr: 0.1\n", ["train.lr", "did you mean 'learning_rate'?"]),
         ("synth: 3\n", ["synth", "mapping"]),
         ("train:\n  epochs: ten\n", ["train.epochs", "int", "ten"]),
         ("train:\n  epochs: 1.5\n", ["train.epochs", "int"]),
@@ -96,6 +97,8 @@ def test_precedence_defaults_profile_yaml_flags(tmp_path) -> None:
         ("train:\n  quantization: nf4\n  num_gpus: 0\n", ["nf4", "CUDA"]),
         ("train:\n  micro_batch_size: 64\n  batch_size: 8\n", ["micro_batch_size", "batch_size"]),
         ("synth: [\n", ["not valid YAML"]),
+        ("train:\n  epochs: 1\n  seed: 2\n  epochs: 3\n", ["line 4", "'epochs' appears twice", "first at line 2"]),
+        ("train:\n  <<: {epochs: 1}\n  epochs: ten\n", ["train.epochs", "ten"]),  # a merge may be overridden
     ],
 )
 def test_yaml_errors_name_the_field(tmp_path, yaml_text: str, words: list[str]) -> None:

@@ -18,6 +18,7 @@ def test_recording_outside_ray_does_nothing() -> None:
     assert not ray.is_initialized()
     telemetry.stage_done("p", "synthesis", 1.0)  # no cluster, no error
     telemetry.train_step("p", "run", 1, 0.5, 100.0)
+    assert not ray.is_initialized()  # recording never starts a cluster of its own
 
 
 @pytest.mark.timeout(120)

@@ -23,7 +23,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import Any
 
-from genpi import artifacts, telemetry
+from genpi import artifacts, registry, telemetry
 from genpi.batch import manifest
 from genpi.batch.manifest import Progress, PromptResult
 from genpi.batch.stages import (
@@ -215,15 +215,15 @@ class Graph:
         minutes = (time.time() - self.started) / 60
         rate = self.stages_ran / minutes if minutes > 0 else 0.0
         eta = f", about {left / rate:.1f} min left" if rate and left else ""
+        pace = f" ({rate:.1f} stages/min{eta})" if self.stages_ran else ""  # none run: all found so far
         log.info(
-            "progress: %d of %d prompts through, %d failed; %d stages done, %d to go (%.1f stages/min%s)",
+            "progress: %d of %d prompts through, %d failed; %d stages done, %d to go%s",
             through,
             len(self.chains),
             failed,
             self.stages_done,
             left,
-            rate,
-            eta,
+            pace,
         )
 
 
@@ -354,7 +354,8 @@ def run_batch(
     unloaded = [PromptResult(f, "", "failed", "load", error) for f, error in (unreadable or {}).items()]
     results = [c.result for c in chains] + unloaded
     progress = Progress(store, artifacts.batch_prefix(specs, cfg, real_inputs), cfg, {r.name: r for r in results})
-    for name, error in too_long(specs, cfg).items():
+    overlong = too_long(specs, cfg)
+    for name, error in overlong.items():
         fail(next(c.result for c in chains if c.name == name), Synthesis.name, error)
     progress.update()
     # Workers get the store as resolved here: a relative folder means this process's folder.
@@ -362,6 +363,9 @@ def run_batch(
     batch = Batch(cfg, store, [config_from_dict(r.to_dict() | {"store": worker_store}) for r in cfg.train_runs()])
     for section in ("train", "eval"):  # before any work: GPUs the cluster lacks would fail only after synthesis
         batch.resources(section)
+    for spec in specs:  # a server answers these in prompt mode until their adapters pass
+        if spec.name not in overlong:
+            registry.record_prompt(store, spec)
     with Leases(store) as leases:  # each stage in progress held against other jobs on this store
         if force:
             force_stages(specs, cfg, store, real_inputs, force, leases)

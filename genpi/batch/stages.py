@@ -17,7 +17,7 @@ from typing import Any
 
 import ray
 
-from genpi import artifacts, telemetry
+from genpi import artifacts, registry, telemetry
 from genpi.batch import tasks
 from genpi.batch.manifest import PromptResult
 from genpi.batch.resources import SharedEngines, task_resources
@@ -263,10 +263,21 @@ class Evaluation(Stage):
         _raise_first(outcomes)
         ((_, report),) = outcomes
         telemetry.gate_figures(chain.name, {f"{c['metric']}_{c['kind']}": c["value"] for c in report["gate"]["checks"]})
+        store = self.batch.store
+        # Where the report and the adapter are in this store as it is reached now: a report found
+        # in a store that was moved or copied holds the places it was written at.
+        version = registry.version_prefix(chain.name, artifacts.published_version(chain.spec, chain.chosen))
+        report = {
+            **report,
+            "location": store.location(
+                f"{artifacts.eval_prefix(chain.spec, chain.chosen, chain.real_inputs)}/report.md"
+            ),
+            "published": store.location(version) if report["published"] else None,
+        }
         if chain.selection:
             report = {**report, "selection": chain.selection}
         chain.report = report
-        result, store, synth = chain.result, self.batch.store, artifacts.synth_prefix(chain.spec, self.batch.cfg)
+        result, synth = chain.result, artifacts.synth_prefix(chain.spec, self.batch.cfg)
         t = chain.chosen.train
         result.status, result.stage = "done", "evaluated"
         result.run = (

@@ -8,6 +8,8 @@ one line and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
+import select
 import sys
 from types import ModuleType
 
@@ -15,6 +17,7 @@ from genpi.cli import ls, report, run, serve, status, verify
 from genpi.cli.signals import EXIT_TERMINATED, Terminated, on_sigterm_unwind
 from genpi.errors import GenPIError
 
+EXIT_BROKEN_PIPE = 141  # as a shell reports a command that SIGPIPE ended (`genpi report | head`)
 COMMANDS: dict[str, ModuleType] = {
     "run": run,
     "report": report,
@@ -57,6 +60,27 @@ def main(argv: list[str] | None = None, prog: str = "genpi") -> int:
         return 130
 
 
+def _reader_left() -> None:
+    """The reader of our output closed it (``| head``): send what is left nowhere, so the
+    interpreter's last flush raises nothing."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def entrypoint() -> None:
     """Console script ``genpi``."""
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        if not _stdout_closed():  # another pipe broke: that is an error of its own
+            raise
+        _reader_left()
+        code = EXIT_BROKEN_PIPE
+    sys.exit(code)
+
+
+def _stdout_closed() -> bool:
+    """Whether nothing reads our standard output any more (a pipe's reader left)."""
+    poll = select.poll()
+    poll.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import sys
 from typing import Any, NoReturn
+
+from genpi.errors import nearest
 
 
 class Parser(argparse.ArgumentParser):
@@ -22,10 +23,8 @@ class Parser(argparse.ArgumentParser):
             flags = [word for word in message.split(":", 1)[1].split() if word.startswith("--")]
             known = [s for s in self._option_string_actions if s.startswith("--")]
             for flag in flags:
-                name = flag.split("=", 1)[0]
-                close = difflib.get_close_matches(name.replace("_", "-"), known, n=1, cutoff=0.75)
-                if close:
-                    hint = f"; did you mean {close[0]}?"
+                if close := nearest(flag.split("=", 1)[0], known):
+                    hint = f"; did you mean {close}?"
                     break
         sys.stderr.write(f"{self.prog}: error: {message}{hint} (`{self.prog} --help` lists every flag)\n")
         sys.exit(2)

@@ -30,7 +30,10 @@ def execute(args: argparse.Namespace) -> int:
             f"store {store.url} has no batch reports yet; run the job first "
             f"(make run, or genpi --store.url {store.url})"
         )
-    batch = args.batch or max(reports, key=lambda b: _finished(store, reports[b]))
+    if args.batch is None:
+        batch = max(reports, key=lambda b: _finished(store, reports[b]))
+    else:
+        batch = args.batch  # an empty id is a mistake to name, not a request for the newest
     key = batch_file(store, batch, "report.json")
     data = store.get_json(key)
     with store.reading(key, "a batch report", REWRITE):

@@ -33,8 +33,18 @@ when it passes the fidelity gate. Runs on Ray: joins RAY_ADDRESS (as under `ray 
 or starts a local cluster on 127.0.0.1."""
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("genpi")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def build_parser(prog: str = "genpi") -> argparse.ArgumentParser:
     parser = Parser(prog=prog, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument(
         "--prompts",
         default="prompts",
@@ -110,6 +120,8 @@ def execute(args: argparse.Namespace) -> int:
     # Validate everything cheap before starting anything.
     cfg = _config(args, "local" if args.profile == "auto" else args.profile)
     if args.print_config:
+        if args.profile == "auto":  # the job decides once it sees the cluster; no cluster is started here
+            print("# profile auto: local shown; a job on a cluster with GPUs takes paper (--profile paper)")
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     from genpi.batch.graph import run_batch
@@ -179,5 +191,8 @@ def execute(args: argparse.Namespace) -> int:
         print(f"  {pad}  run: {r.run}")
         print(f"  {pad}  adapter {r.artifacts['adapter']}")
         print(f"  {pad}  report {r.artifacts['report']}")
-    print(f"\n`genpi report --store.url {store.url}` prints the batch table; `genpi ls` lists published adapters.")
+    print(
+        f"\n`genpi report --store.url {store.url}` prints the batch table; "
+        f"`genpi ls --store.url {store.url}` lists published adapters."
+    )
     return 1 if failed else 0

@@ -10,9 +10,12 @@ parity check instead and exits (1 when one fails).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -26,7 +29,7 @@ from genpi.engines.environments import serve_backend
 from genpi.errors import GenPIError
 from genpi.models import resolve_model
 from genpi.prompt.files import load_prompts
-from genpi.store import store_for
+from genpi.store import LocalStore, store_for
 
 if TYPE_CHECKING:  # the server's modules load Ray Serve: imported when serving starts
     from genpi.serve.catalog import Catalog
@@ -52,10 +55,20 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def check_published(cfg: GenPIConfig) -> int:
-    """Print each published version's check; 1 when one fails."""
+    """Print each published version's check, on the replicas' backend; 1 when one fails."""
     from genpi.serve.deployment import ParityChecker, Rejected, serving_engine
 
-    store = store_for(cfg.store)
+    store = store_for(cfg.store, existing=True)
+    backend, runtime_env = serve_backend(cfg)
+    if backend == "vllm":  # on vLLM itself, where a silent no-op would live: in its interpreter
+        python = runtime_env.get("py_executable", sys.executable)
+        quiet = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}  # vLLM logs to stdout
+        return subprocess.run(
+            [python, "-m", "genpi.serve.vllm_check"],
+            input=json.dumps(cfg.to_dict()),
+            text=True,
+            env={**os.environ, **quiet},
+        ).returncode
     checker = None
     failed = 0
     for entry in registry.published(store):
@@ -129,6 +142,8 @@ def execute(args: argparse.Namespace) -> int:
     # An unknown model or an unreachable store: one line here, not a replica's traceback later.
     resolve_model(cfg.models.target.name)
     store = store_for(cfg.store)
+    if isinstance(store, LocalStore) and not store.root.is_dir():  # a typo, or a job not run yet
+        print(f"genpi serve: store folder {store.url} does not exist yet; check --store.url", file=sys.stderr)
     import ray
     from ray import serve
 

@@ -10,7 +10,7 @@ from genpi.cli.parser import Parser
 from genpi.errors import GenPIError
 from genpi.store import ArtifactStore, store_for
 
-HELP = "show each prompt's stage, progress, failure and artifacts (default: the newest batch)"
+HELP = "show each prompt's stage, progress, failure and artifacts (default: the batch updated last)"
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -26,9 +26,9 @@ def describe(manifest: dict) -> str:
     when = (
         f"finished {manifest['finished_at']} after {manifest['seconds'] / 60:.1f} min"
         if state == "finished"
-        else f"running since {manifest.get('started_at', '?')}, updated {manifest.get('updated_at', '?')}"
+        else f"{state}: running since {manifest.get('started_at', '?')}, updated {manifest.get('updated_at', '?')}"
     )
-    lines = [f"{state}: {when}"]
+    lines = [when]
     for p in manifest["prompts"]:
         stage, status = p.get("stage", ""), p.get("status", "")
         done = len(p.get("seconds", {}))

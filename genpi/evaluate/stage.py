@@ -269,6 +269,12 @@ def _embedder() -> Any:
         return None
 
 
+def eval_device(cfg: GenPIConfig) -> str:
+    """The evaluation task's device: cpu where the target is set to cpu, else the task's GPU when
+    Ray gave it one (``eval.num_gpus``)."""
+    return "cpu" if cfg.models.target.device == "cpu" else "auto"
+
+
 def evaluation_engine(cfg: GenPIConfig) -> Any:
     """The target model for evaluation, on this task's threads; adapters are added to it per run
     and run merged into the weights (the unmerged LoRA path is slower per token)."""
@@ -280,7 +286,7 @@ def evaluation_engine(cfg: GenPIConfig) -> Any:
     return HFEngine(
         target.name,
         dtype=target.dtype,
-        device="auto",
+        device=eval_device(cfg),
         batch_size=cfg.eval.batch_size,
         max_context=target.max_context,
         prefix_sharing=target.prefix_sharing,
@@ -382,7 +388,7 @@ def record_probes(cfg: GenPIConfig, store: ArtifactStore, train: str, inputs: li
 
     target = cfg.models.target
     engine = HFEngine(
-        target.name, dtype=parity.PROBE_DTYPE, device="auto", max_context=target.max_context, turn_cache_mib=0
+        target.name, dtype=parity.PROBE_DTYPE, device=eval_device(cfg), max_context=target.max_context, turn_cache_mib=0
     )
     with tempfile.TemporaryDirectory(prefix="genpi-probes-") as tmp:
         adapter = engine.add_adapter(store.download_dir(f"{train}/adapter", Path(tmp) / "adapter"))

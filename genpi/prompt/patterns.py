@@ -54,6 +54,6 @@ def check_speed(pattern: str) -> str | None:
 def too_slow(pattern: str, length: int, seconds: float) -> str:
     return (
         f"regex {short_repr(pattern)} took over {seconds:g} s to search {length} characters "
-        "(it backtracks without bound); rewrite it without a quantifier inside a repeated group, "
-        "such as (\\w+\\s?)+"
+        "(it backtracks without bound); rewrite it so that no repeated group can match the same "
+        "text in more than one way (the shape to avoid: (\\w+\\s?)+)"
     )

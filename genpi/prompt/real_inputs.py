@@ -1,4 +1,4 @@
-"""Real inputs (hand-written, not synthesized) for evaluation: ``--eval-inputs DIR`` holds ``<prompt name>.jsonl`` files.
+"""Real inputs (hand-written, not synthesized) for evaluation: ``--real-inputs DIR`` (or ``--eval-inputs``) holds ``<prompt name>.jsonl`` files.
 
 Each line is a JSON object ``{"input": "..."}`` (UTF-8, a BOM is accepted). A file whose name matches no prompt, a line that
 is not such an object, or an empty file is an error naming the file (and line) and the fix.
@@ -22,12 +22,12 @@ def load_real_inputs(folder: str | Path, prompt_names: list[str]) -> dict[str, l
     """Inputs per prompt name from ``folder``; prompts without a file get none."""
     root = Path(folder)
     if not root.is_dir():
-        raise RealInputError(f"--eval-inputs {folder} is not a folder; pass a folder of <prompt name>.jsonl files")
+        raise RealInputError(f"--real-inputs {folder} is not a folder; pass a folder of <prompt name>.jsonl files")
     files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
     unknown = [p.name for p in files if p.suffix != ".jsonl" or p.stem not in prompt_names]
     if unknown:
         raise RealInputError(
-            f"--eval-inputs {folder}: {', '.join(unknown)} match(es) no prompt; name each file "
+            f"--real-inputs {folder}: {', '.join(unknown)} match(es) no prompt; name each file "
             f"<prompt name>.jsonl with one of: {', '.join(prompt_names)}"
         )
     out: dict[str, list[str]] = {}

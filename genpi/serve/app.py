@@ -46,7 +46,7 @@ def application(cfg: GenPIConfig, specs: list[PromptSpec]) -> Application:
 
 def build_app(args: dict[str, str]) -> Application:
     """Ray Serve's application builder (``import_path: genpi.serve:build_app``, ``args:`` as above)."""
-    args = dict(args)
+    args = {k.lstrip("-").replace("-", "_"): v for k, v in args.items()}  # also keys written as flags
     prompts, config, profile = args.pop("prompts", ""), args.pop("config", None), args.pop("profile", "local")
-    cfg = load_config(profile, config, {k.replace("-", "_"): v for k, v in args.items()})
+    cfg = load_config(profile, config, args)
     return application(cfg, load_prompts(prompts) if prompts else [])

@@ -3,7 +3,7 @@
 The registry decides which version a name means (:func:`genpi.registry.resolve`); the catalog
 adds the server's side: versions this server refused (altered files, failed parity check) are
 skipped, a prompt with no servable adapter falls back to prompt mode when the server knows its
-text (``genpi serve --prompts DIR``, or the ``prompt.json`` the job stored), and its view of the
+text (``genpi serve --prompts DIR``, or the text the job kept in the registry), and its view of the
 registry is at most ``serve.refresh_s`` old, so an adapter published while serving is used
 within that time. Versions are immutable, so nothing cached about one can go stale.
 """
@@ -24,7 +24,6 @@ from genpi.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
-PROMPT_JSON = "prompt.json"
 NO_PROBES = "unchecked (no probes recorded)"
 
 
@@ -57,6 +56,8 @@ class Catalog:
         self.parity: dict[str, str] = {}  # name@version -> its check's outcome, once a replica loaded it
         self._published: list[PublishedAdapter] = []
         self._manifests: dict[str, PublishedAdapter] = {}
+        self._texts: dict[str, PromptSpec] = {}
+        self._unreadable: set[str] = set()
         self._published_at = self._seen_at = -float("inf")
 
     def published(self) -> list[PublishedAdapter]:
@@ -71,13 +72,12 @@ class Catalog:
     def _refresh_seen(self) -> None:
         if time.monotonic() - self._seen_at < self.refresh_s:
             return
-        seen: dict[str, dict[str, PromptSpec]] = {}
-        for key in self.store.list_keys("prompts"):
-            parts = key.split("/")
-            if len(parts) == 4 and parts[3] == PROMPT_JSON:
-                spec = PromptSpec.from_json(self.store.get_json(key))
-                seen.setdefault(spec.name, {})[spec.prompt_hash] = spec
-        self.seen, self._seen_at = seen, time.monotonic()
+        unreadable: list[str] = []
+        self.seen = registry.prompt_texts(self.store, read=self._texts, unreadable=unreadable)
+        self._seen_at = time.monotonic()
+        for line in set(unreadable) - self._unreadable:  # once each, not at every refresh
+            log.error("%s", line)
+        self._unreadable.update(unreadable)
 
     def spec(self, name: str, prompt_hash: str | None = None) -> PromptSpec | None:
         """The prompt's text: the one given to the server, else the one the job stored (of ``prompt_hash``)."""

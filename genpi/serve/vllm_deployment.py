@@ -29,6 +29,7 @@ from ray import serve
 
 from genpi import parity
 from genpi.chat import Conversation
+from genpi.config import GenPIConfig
 from genpi.engines.base import Generation, SamplingParams
 from genpi.engines.vllm import engine_options
 from genpi.engines.vllm_async import AsyncVLLMEngine
@@ -74,26 +75,47 @@ class Blocking:
         return parity.near_ties(probe["reply"], greedy, tokenizer.decode)
 
 
+def serving_engine(cfg: GenPIConfig) -> AsyncVLLMEngine:
+    """The replicas' vLLM engine, from ``models.target`` and ``serve``; call it on a running event loop."""
+    target, s = cfg.models.target, cfg.serve
+    options = engine_options(
+        target.name,
+        target.dtype,
+        target.device,
+        target.batch_size,
+        target.max_context,
+        target.threads or max(1, int(s.num_cpus)),
+        target.kv_cache_gb,
+        target.gpu_memory_utilization,
+    )
+    wanted = target.max_lora_rank or 16
+    rank = next((r for r in LORA_RANKS if r >= wanted), LORA_RANKS[-1])
+    return AsyncVLLMEngine(options, max_lora_rank=rank, max_loras=s.max_adapters)
+
+
+async def parity_check(
+    engine: AsyncVLLMEngine, name: str, entry: PublishedAdapter, base_replies: dict[str, str]
+) -> str:
+    """The parity check of ``entry`` (added to ``engine`` as ``name``) on vLLM: "passed", or
+    :class:`Rejected` saying why (see the module docstring)."""
+    if not entry.probes:
+        return NO_PROBES
+    blocking = Blocking(engine, asyncio.get_running_loop())
+    why = await asyncio.to_thread(
+        parity.verdict, blocking, name, entry.probes, base_replies, lambda probe: blocking.near_ties(name, probe)
+    )
+    if why:
+        raise Rejected(why)
+    return "passed"
+
+
 @serve.deployment
 class VLLMModelServer(Replica):
     """One vLLM model replica (see the module docstring)."""
 
     async def __init__(self, settings: dict[str, Any]) -> None:
         super().__init__(settings)
-        target, s = self.cfg.models.target, self.cfg.serve
-        wanted = target.max_lora_rank or 16
-        options = engine_options(
-            target.name,
-            target.dtype,
-            target.device,
-            target.batch_size,
-            target.max_context,
-            target.threads or max(1, int(s.num_cpus)),
-            target.kv_cache_gb,
-            target.gpu_memory_utilization,
-        )
-        rank = next((r for r in LORA_RANKS if r >= wanted), LORA_RANKS[-1])
-        self.engine = AsyncVLLMEngine(options, max_lora_rank=rank, max_loras=s.max_adapters)
+        self.engine = serving_engine(self.cfg)
         self.loop = asyncio.get_running_loop()
         self.base_replies: dict[str, str] = {}  # probe -> the base model's answer on this engine
         self.running = self.requests = 0
@@ -107,24 +129,11 @@ class VLLMModelServer(Replica):
 
     async def _admit(self, entry: PublishedAdapter, folder: Path) -> tuple[str, str]:
         name = await self.engine.add_adapter(folder)
-        if not entry.probes:
-            return NO_PROBES, name
-        blocking = Blocking(self.engine, self.loop)
         try:
-            why = await asyncio.to_thread(
-                parity.verdict,
-                blocking,
-                name,
-                entry.probes,
-                self.base_replies,
-                lambda probe: blocking.near_ties(name, probe),
-            )
-            if why:
-                raise Rejected(why)
+            return await parity_check(self.engine, name, entry, self.base_replies), name
         except BaseException:
             await self.engine.remove_adapter(name)
             raise
-        return "passed", name
 
     def _free(self, held: Held) -> None:
         if held.adapter is not None:

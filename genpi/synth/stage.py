@@ -76,7 +76,6 @@ def synthesize(spec: PromptSpec, cfg: GenPIConfig, generator, target, store: Art
     if store.is_done(prefix):
         log.info("[%s] synthesis found at %s", spec.name, store.location(prefix))
         return prefix
-    store.put_json(f"{artifacts.prompt_root(spec)}/prompt.json", spec.to_json())
     s = cfg.synth
 
     if store.is_done(f"{prefix}/inputs"):

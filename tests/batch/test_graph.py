@@ -199,6 +199,10 @@ def test_the_graph_stores_the_same_bytes_as_the_barrier_order(tmp_path: Path) ->
     finally:
         ray_runtime.disconnect()
     assert sorted(stored["graph"]) == sorted(stored["barriers"])
+    from genpi import registry
+
+    texts = registry.prompt_texts(open_store(str(tmp_path / "graph")))  # what a server answers in prompt mode
+    assert texts == {s.name: {s.prompt_hash: s} for s in specs}
     assert any(k.endswith("records.jsonl") for k in stored["graph"])
     assert any(k.endswith("adapter_model.safetensors") for k in stored["graph"])
     differ = [k for k in stored["graph"] if stored["graph"][k] != stored["barriers"][k]]

@@ -75,14 +75,18 @@ def test_job_end_to_end_and_rerun(tmp_path: Path) -> None:
     listing = genpi_command("ls", "--store.url", str(store_dir))
     assert listing.returncode == 0 and "no published adapters" in listing.stdout
     status = genpi_command("status", "--store.url", str(store_dir))
-    assert status.returncode == 0 and "finished:" in status.stdout, status.stdout + status.stderr
+    assert status.returncode == 0 and "\nfinished " in status.stdout, status.stdout + status.stderr
     assert status.stdout.count("not published: format_valid") == 3 and status.stdout.count("synthesis ") >= 3
     assert "broken.md: FAILED in load: " in status.stdout
     (prompts / "broken.md").unlink()
     markers = {k: store.get_bytes(k) for k in store.list_keys("prompts") if k.endswith("_SUCCESS")}
 
-    second = run_job("--prompts", str(prompts), "--store.url", str(store_dir), *TINY_RUN, *sweep)
+    moved = tmp_path / "moved"  # the store moved elsewhere: its work is found, and named where it is now
+    store_dir.rename(moved)
+    store = open_store(str(moved))
+    second = run_job("--prompts", str(prompts), "--store.url", str(moved), *TINY_RUN, *sweep)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert str(store_dir) not in second.stdout and f"{moved}/prompts/" in second.stdout
     assert "starting engines" not in second.stdout  # nothing to synthesize
     assert (
         second.stdout.count("adapter found at") == 6
@@ -94,6 +98,7 @@ def test_job_end_to_end_and_rerun(tmp_path: Path) -> None:
 def test_bad_input_is_one_clear_line(tmp_path: Path) -> None:
     missing = run_job("--prompts", str(tmp_path / "nope"), "--print-config", timeout=60)
     assert missing.returncode == 0  # --print-config validates config only
+    assert missing.stdout.startswith("# profile auto: local shown")  # it says which profile it printed
     result = run_job("--prompts", str(tmp_path / "nope"), timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert str(tmp_path / "nope") in result.stderr and result.stderr.count("\n") == 1

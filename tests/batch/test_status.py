@@ -42,6 +42,6 @@ def test_status_follows_a_batch_while_it_runs_and_after(tmp_path: Path, capsys: 
     assert store.get_json(f"{prefix}/manifest.json")["state"] == "finished"
     assert main(["status", "--store.url", store.url]) == 0
     out = capsys.readouterr().out
-    assert "finished:" in out and "after 1.0 min" in out
+    assert "\nfinished 20" in out and "after 1.0 min" in out and "finished: finished" not in out
     assert "a: FAILED in training: no run finished" in out and f"{spec.name}: published adapters/mini/v1" in out
     assert main(["status", "nope", "--store.url", store.url]) == 2 and "batches there" in capsys.readouterr().err

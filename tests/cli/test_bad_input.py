@@ -226,7 +226,7 @@ def test_verify_lists_a_manifest_it_cannot_read_and_reading_commands_refuse_a_mi
     assert main(["verify", "--store.url", str(tmp_path / "store")]) == 1
     out = capsys.readouterr().out.splitlines()
     assert "adapters/shell/v1/manifest.json is not an adapter manifest" in out[0] and out[-1].endswith("1 problems")
-    for command in (["ls"], ["verify"], ["status"], ["report"]):
+    for command in (["ls"], ["verify"], ["status"], ["report"], ["serve", "--check"]):
         assert main([*command, "--store.url", str(tmp_path / "typo")]) == 2
         err = capsys.readouterr().err
         assert f"store folder {tmp_path / 'typo'} does not exist" in err and err.count("\n") == 1, (command, err)
@@ -235,12 +235,37 @@ def test_verify_lists_a_manifest_it_cannot_read_and_reading_commands_refuse_a_mi
 def test_a_flag_mistake_is_one_line_with_the_nearest_flag(capsys: pytest.CaptureFixture) -> None:
     from genpi.cli.main import main
 
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0 and capsys.readouterr().out.startswith("genpi 0.")
+
     for argv, hint in (
         (["--train.lora_r", "8"], "did you mean --train.lora-r?"),
         (["--prompt", "x"], "did you mean --prompts?"),  # never taken for --prompts
+        (["--train.lr", "1e-4"], "did you mean --train.learning-rate?"),  # by its initials
         (["ls", "--store.ulr", "x"], "did you mean --store.url?"),
     ):
         with pytest.raises(SystemExit) as caught:
             main(argv)
         err = capsys.readouterr().err
         assert caught.value.code == 2 and hint in err and err.count("\n") == 1 and "--help" in err, err
+    with pytest.raises(SystemExit):
+        main(["--eval.mt", "3"])  # max-tokens or max-turns: no guess
+    assert "did you mean" not in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
+    """``genpi ... | head -1``: the reader closes the pipe; genpi stops quietly, as a SIGPIPE'd command."""
+    (tmp_path / "store").mkdir()
+    for argv in (["ls", "--store.url", str(tmp_path / "store")], ["--print-config"]):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from genpi.cli.main import entrypoint; entrypoint()", *argv],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # before genpi writes a byte
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=60) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err

@@ -223,6 +223,8 @@ def test_publish_is_immutable_and_listed(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["report", "--store.url", str(tmp_path / "store")]) == 0
     out = capsys.readouterr().out
     assert "batch abc" in out and f"| {spec.name} | 4 | 75% | 0% | 75% | 100% [90%, 110%] |" in out and "passed" in out
+    assert main(["report", "", "--store.url", str(tmp_path / "store")]) == 2  # an empty id is not "the newest"
+    assert "has no batch ''; batches there: abc" in capsys.readouterr().err
 
 
 def test_agreement_under_the_teacher(engine_and_adapter, tmp_path: Path) -> None:

@@ -177,6 +177,7 @@ def test_action_format_without_regexes() -> None:
         ("e.md", "---\naction_format: {final: ['ok', '[x']}\n---\nbody", ["action_format.final[1]", "[x"]),
         ("e.md", "---\naction_format: {acts: []}\n---\nbody", ["'acts'", "actions, final"]),
         ("e.md", "---\nturns: []\n---\nbody", ["'turns'"]),
+        ("e.md", "---\nname: a\nmax_turns: 2\nname: b\n---\nbody", ["line 4", "'name' appears twice", "line 2"]),
     ],
 )
 def test_file_errors(tmp_path: Path, name: str, content: str | bytes, fragments: list[str]) -> None:
@@ -214,6 +215,8 @@ def test_bad_turns_in_text(tmp_path: Path, body: str, fragments: list[str]) -> N
         ("d.json", '[{"role": "bot", "content": "a"}]', ["turn 1", "'bot'"]),
         ("d.json", '[{"role": "user", "content": "  "}]', ["turn 1", "non-empty"]),
         ("d.json", '[{"role": "user", "content": 5}]', ["turn 1", "non-empty"]),
+        ("d.json", '[{"role": "user", "content": "a", "content": "b"}]', ["key 'content' twice", "keep one"]),
+        ("d.yaml", "turns: [{role: user, content: a}]\nturns: [{role: user, content: b}]\n", ["'turns' appears twice"]),
         (
             "d.yaml",
             "- {role: user, content: a}\n- {role: assistant, content: b}\n- {role: assistant, content: c}\n",

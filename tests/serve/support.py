@@ -80,7 +80,7 @@ def publish(
         name = engine.add_adapter(probes_from or folder)
         recorded = parity.record(engine, name, INPUTS)
         engine.remove_adapter(name)
-    store.put_json(f"prompts/{spec.name}/{spec.prompt_hash}/prompt.json", spec.to_json())
+    registry.record_prompt(store, spec)
     return registry.publish(
         store,
         source,

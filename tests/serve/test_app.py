@@ -17,8 +17,15 @@ def test_build_app_takes_config_flags_and_a_prompt_folder(tmp_path: Path) -> Non
         {"store.url": str(tmp_path), "models.target.name": TINY, "serve.max_adapters": "2", "prompts": "prompts"}
     )
     assert isinstance(app, Application)
-    with pytest.raises(ConfigError, match="serve.max_adapters"):
-        build_app({"serve.max_adapters": "0"})
+    ingress = app._bound_deployment  # what Serve will start: the ingress bound to the model replicas
+    model, settings = ingress.init_args
+    assert ingress.name == "OpenAIServer" and model._bound_deployment.name == "ModelServer"
+    assert settings["config"]["serve"]["max_adapters"] == 2 and settings["config"]["models"]["target"]["name"] == TINY
+    assert [p["name"] for p in settings["prompts"]] == ["shell-agent", "support-agent", "web-shop-agent"]
+    for key in ("serve.max_adapters", "--serve.max-adapters"):  # as serve run passes it, or written as a flag
+        with pytest.raises(ConfigError, match="serve.max_adapters") as caught:
+            build_app({key: "0"})
+        assert "---" not in str(caught.value)
 
 
 def test_the_backend_of_the_model_replicas(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import queue
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Any
 
 from genpi.engines.base import Generation, SamplingParams
@@ -51,6 +53,16 @@ class Token:
         pass
 
 
+@contextmanager
+def running(engine: Any, window_s: float) -> Iterator[Batcher]:
+    """A batcher on ``engine``, stopped when the block ends."""
+    batcher = Batcher(engine, window_s=window_s, max_batch=16, tidy=lambda: None)
+    try:
+        yield batcher
+    finally:
+        batcher.stop()
+
+
 def job(text: str, events: queue.Queue, stream: bool = False) -> Job:
     return Job([{"role": "user", "content": text}], PARAMS, None, events.put, Token() if stream else None)
 
@@ -61,9 +73,8 @@ def events_of(events: queue.Queue, count: int) -> list[dict]:
 
 def test_clients_of_a_batch_that_just_ended_rejoin_one_batch() -> None:
     engine = ScriptedEngine()
-    batcher = Batcher(engine, window_s=0.0, max_batch=16, tidy=lambda: None)
     events: queue.Queue = queue.Queue()
-    try:
+    with running(engine, window_s=0.0) as batcher:
         for k in range(3):
             batcher.submit(job(f"first {k}", events))
         events_of(events, 3)
@@ -74,30 +85,24 @@ def test_clients_of_a_batch_that_just_ended_rejoin_one_batch() -> None:
         batcher.submit(job("second 2", events))
         events_of(events, 3)
         assert engine.calls == [3, 3]  # with no window at all, the late one still joined
-    finally:
-        batcher.stop()
 
 
 def test_a_lone_clients_next_turn_does_not_wait_for_the_window() -> None:
     engine = ScriptedEngine(seconds=0.0)
-    batcher = Batcher(engine, window_s=0.5, max_batch=16, tidy=lambda: None)
     events: queue.Queue = queue.Queue()
-    try:
+    with running(engine, window_s=0.5) as batcher:
         batcher.submit(job("turn 1", events))
         events_of(events, 1)
         started = time.monotonic()
         batcher.submit(job("turn 2", events))
         events_of(events, 1)
         assert time.monotonic() - started < 0.4  # the first turn waited out the window; the next did not
-    finally:
-        batcher.stop()
 
 
 def test_a_batch_that_fails_mid_stream_sends_its_requests_the_error_and_the_thread_goes_on() -> None:
     engine = ScriptedEngine()
-    batcher = Batcher(engine, window_s=0.0, max_batch=16, tidy=lambda: None)
     events: queue.Queue = queue.Queue()
-    try:
+    with running(engine, window_s=0.0) as batcher:
         engine.fail = True
         batcher.submit(job("doomed", events, stream=True))
         delta, error = events_of(events, 2)
@@ -106,15 +111,12 @@ def test_a_batch_that_fails_mid_stream_sends_its_requests_the_error_and_the_thre
         batcher.submit(job("next", events))
         (done,) = events_of(events, 1)
         assert done["done"]["text"] == "next"
-    finally:
-        batcher.stop()
 
 
 def test_one_bad_request_fails_alone_and_its_sampling_group_is_rerun_without_it() -> None:
     engine = ScriptedEngine()
-    batcher = Batcher(engine, window_s=0.2, max_batch=16, tidy=lambda: None)
     events: dict[str, queue.Queue] = {name: queue.Queue() for name in ("good", "bad", "other")}
-    try:
+    with running(engine, window_s=0.2) as batcher:
         batcher.submit(job("good", events["good"]))
         batcher.submit(job("bad", events["bad"]))
         sampled = job("other", events["other"])
@@ -124,24 +126,19 @@ def test_one_bad_request_fails_alone_and_its_sampling_group_is_rerun_without_it(
         assert "cannot take" in events_of(events["bad"], 1)[0]["error"]
         assert events_of(events["other"], 1)[0]["done"]["text"] == "other"
         assert sorted(engine.calls) == [1, 1, 1, 2]  # the pair failed together, then each alone
-    finally:
-        batcher.stop()
 
 
 def test_a_chore_whose_caller_left_is_skipped_and_the_thread_goes_on() -> None:
     engine = ScriptedEngine()
-    batcher = Batcher(engine, window_s=0.0, max_batch=16, tidy=lambda: None)
     events: queue.Queue = queue.Queue()
     ran: list[str] = []
-    try:
+    with running(engine, window_s=0.0) as batcher:
         left: Future = Future()
         left.cancel()  # a client that gave up while its adapter was waiting to load
         batcher.queue.put((lambda: ran.append("left"), left))
         batcher.submit(job("next", events))
         assert events_of(events, 1)[0]["done"]["text"] == "next"
         assert ran == [] and batcher.thread.is_alive()
-    finally:
-        batcher.stop()
 
 
 class HoldBack:
@@ -163,9 +160,8 @@ class HoldBack:
 
 def test_a_streaming_request_rerun_alone_starts_its_stream_afresh() -> None:
     engine = ScriptedEngine()
-    batcher = Batcher(engine, window_s=0.2, max_batch=16, tidy=lambda: None)
     good, bad = queue.Queue(), queue.Queue()
-    try:
+    with running(engine, window_s=0.2) as batcher:
         streaming = Job([{"role": "user", "content": "good"}], PARAMS, None, good.put, HoldBack())
         batcher.submit(streaming)
         batcher.submit(job("bad", bad))
@@ -173,5 +169,3 @@ def test_a_streaming_request_rerun_alone_starts_its_stream_afresh() -> None:
         assert delta == {"delta": "good"} and done["done"]["text"] == "good"
         assert streaming.stream.tokens == [7]  # the failed call's token is forgotten
         assert "cannot take" in events_of(bad, 1)[0]["error"]
-    finally:
-        batcher.stop()

@@ -17,7 +17,7 @@ import openai
 import pytest
 import requests
 
-from genpi import ray_runtime
+from genpi import ray_runtime, registry
 from genpi.store import open_store
 from tests.serve.support import (
     HELLO,
@@ -148,9 +148,7 @@ def test_a_prompt_the_job_saw_without_a_passing_adapter_is_served_in_prompt_mode
     store_dir: Path, client: openai.OpenAI
 ) -> None:
     failed = prompt_spec("gate-failed")
-    open_store(str(store_dir / "store")).put_json(
-        f"prompts/{failed.name}/{failed.prompt_hash}/prompt.json", failed.to_json()
-    )
+    registry.record_prompt(open_store(str(store_dir / "store")), failed)
     time.sleep(0.6)
     raw = ask(client, "gate-failed")
     assert raw.headers["x-genpi-mode"] == "prompt" and raw.parse().system_fingerprint.startswith("prompt:gate-failed@")

@@ -10,6 +10,8 @@ mode on vLLM's prefix cache, the parity check on vLLM itself, and eviction out o
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -194,3 +196,24 @@ def test_least_recently_used_adapters_are_removed_from_vllm(store_dir: Path, cli
     assert stats, replica_stats()
     assert len(stats["held"]) <= 3 and "lru-0@v1" not in stats["held"]
     assert text(client, "lru-0") == first  # loaded again, the same answer
+
+
+def test_genpi_serve_check_on_vllm_checks_each_version_on_vllm(store_dir: Path) -> None:
+    """``genpi serve --check`` with the vLLM backend checks on vLLM, in its interpreter: the good
+    versions pass, the tampered, inert and too wide ones published above fail, exit code 1."""
+    command = [
+        sys.executable,
+        "-m",
+        "genpi.cli",
+        "serve",
+        "--check",
+        *("--serve.backend", "vllm", "--store.url", str(store_dir / "store")),
+        *("--models.target.name", EMBEDDED, "--models.target.dtype", "float32"),  # as the server above
+        *("--models.target.max-context", "2048", "--models.target.kv-cache-gb", "1"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    lines = {line.split(":", 1)[0]: line for line in result.stdout.splitlines() if ": " in line}
+    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    assert lines["shell-agent@v1"].endswith("passed (on vLLM)") and lines["sql-agent@v1"].endswith("(on vLLM)")
+    assert "parity check failed" in lines["shell-agent@v2"] and "changes nothing" in lines["shell-agent@v3"]
+    assert "rank 32" in lines["shell-agent@v4"]

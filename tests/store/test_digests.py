@@ -121,6 +121,37 @@ def test_a_corrupted_published_adapter_is_detected(store: ArtifactStore) -> None
     assert "adapter_model.safetensors differs" in problem
 
 
+def test_the_registry_keeps_each_prompt_text_once_beside_the_versions(store: ArtifactStore) -> None:
+    """What a server answers in prompt mode: every text recorded, by name and hash; a later text of
+    the same name beside the first; the versions' listing untouched; texts read once; a text edited
+    into another shape named, not raised, when the reader asks so."""
+    from genpi.prompt.spec import PromptSpec, Turn
+
+    first = PromptSpec(name="shell", source="a.md", turns=(Turn("system", "Answer with one command."),))
+    second = PromptSpec(name="shell", source="a.md", turns=(Turn("system", "Answer with two commands."),))
+    other = PromptSpec(name="sql", source="b.md", turns=(Turn("system", "Answer in SQL."),))
+    _adapter(store, "runs/one/adapter", 1)
+    entry = registry.publish(store, "runs/one/adapter", _entry())
+    for spec in (first, other, first, second):
+        registry.record_prompt(store, spec)
+    read: dict = {}
+    texts = registry.prompt_texts(store, read=read)
+    assert texts == {"shell": {first.prompt_hash: first, second.prompt_hash: second}, "sql": {other.prompt_hash: other}}
+    assert first.prompt_hash != second.prompt_hash and len(read) == 3
+    assert registry.published(store) == [entry]  # texts are not versions
+    bad = f"adapters/sql/_prompts/{other.prompt_hash}.json"
+    store.put_json(bad, {"name": "sql"})
+    assert registry.prompt_texts(store, read=read)["sql"] == {other.prompt_hash: other}  # read once: cached
+    unreadable: list[str] = []
+    assert "sql" not in registry.prompt_texts(store, unreadable=unreadable)
+    assert len(unreadable) == 1 and bad in unreadable[0] and "a prompt's text" in unreadable[0]
+    edited = f"adapters/shell/_prompts/{first.prompt_hash}.json"  # another text under the first one's hash
+    store.put_json(edited, {**first.to_json(), "turns": [{"role": "system", "content": "Reveal secrets."}]})
+    unreadable = []
+    assert registry.prompt_texts(store, unreadable=unreadable)["shell"] == {second.prompt_hash: second}
+    assert len(unreadable) == 2 and any(edited in u and "does not have the hash" in u for u in unreadable)
+
+
 def test_a_stage_in_progress_is_held_by_one_job(store: ArtifactStore) -> None:
     from genpi.store.lease import LeaseHeld, Leases
 
