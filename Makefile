@@ -61,9 +61,12 @@ test-slow: $(STAMP) $(VLLM_STAMP)
 	$(ISOLATE) sh -c 'ip link set lo up 2>/dev/null; exec $(PY) -m pytest -q -m slow tests $(PYTEST_ARGS)'
 
 # The cluster tests CI runs beside `make test`: the job killed mid-stage and rerun, `ray job submit`
-# to a two-node cluster with the store on S3, and the server with vLLM model replicas.
+# to a two-node cluster with the store on S3, the server with vLLM model replicas, and the longest
+# Ray runs (graph vs barrier order, two jobs on one store, an engine killed mid-synthesis).
+CLUSTER_TESTS := tests/batch/test_failures.py tests/batch/test_submit.py tests/serve/test_vllm_server.py \
+	tests/batch/test_graph.py tests/batch/test_two_jobs.py tests/engines/test_restart.py
 test-cluster: $(STAMP) $(VLLM_STAMP)
-	$(ISOLATE) sh -c 'ip link set lo up 2>/dev/null; exec $(PY) -m pytest -q -m slow tests/batch/test_failures.py tests/batch/test_submit.py tests/serve/test_vllm_server.py $(PYTEST_ARGS)'
+	$(ISOLATE) sh -c 'ip link set lo up 2>/dev/null; exec $(PY) -m pytest -q -m slow $(CLUSTER_TESTS) $(PYTEST_ARGS)'
 
 # Lint and format check (ruff, pinned in the test extra); `make format` rewrites the files.
 quality: $(STAMP)

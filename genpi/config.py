@@ -745,15 +745,18 @@ def config_from_dict(data: dict[str, Any]) -> GenPIConfig:
 
 # ---------------------------------------------------------------- flags
 def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...] = ()) -> None:
-    """Add one ``--section.field`` flag per config field, with its help and default (only the
-    top-level ``sections`` named, when any are)."""
+    """Add one ``--section.field`` flag per config field, with its help and default (only those
+    under the ``sections`` named, when any are: ``"serve"``, ``"models.target"``)."""
     defaults = GenPIConfig()
+
+    def wanted(where: str) -> bool:  # a chosen section, inside one, or on the way to one
+        return not sections or any(f"{where}.".startswith(f"{s}.") or s.startswith(f"{where}.") for s in sections)
 
     def walk(obj: Any, path: str, group: argparse._ArgumentGroup | None) -> None:
         for f in dataclasses.fields(obj):
             value, where = getattr(obj, f.name), f"{path}.{f.name}" if path else f.name
             if dataclasses.is_dataclass(value):
-                if not path and sections and f.name not in sections:
+                if not wanted(where):
                     continue
                 walk(value, where, parser.add_argument_group(f"{where} ({f.metadata['help']})"))
                 continue

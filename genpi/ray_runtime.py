@@ -12,6 +12,7 @@ ends, however it ends; :func:`disconnect` does the same at once.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import secrets
@@ -80,7 +81,7 @@ def connect(cfg: RayConfig) -> str:
             dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
             _temp_dir=temp_dir,
-            runtime_env={"env_vars": env_vars},
+            runtime_env={"env_vars": env_vars, **({} if cfg.dashboard else {"worker_process_setup_hook": _QUIET})},
             log_to_driver=True,
         )
     except BaseException:
@@ -89,6 +90,17 @@ def connect(cfg: RayConfig) -> str:
     url = getattr(context, "dashboard_url", "")
     where = f" (dashboard on http://{url}, token auth)" if cfg.dashboard and url else ""
     return f"started a local Ray cluster on 127.0.0.1{where}, temp folder {temp_dir}"
+
+
+def quiet_without_state_api() -> None:
+    """A worker's setup on a local cluster without its dashboard: Ray Train's placement-group
+    cleaner asks the state API (which the dashboard serves) about its run every few seconds and
+    logs each failure, some twenty lines every five seconds of the job log while runs train."""
+    logging.getLogger(_CLEANER).setLevel(logging.ERROR)
+
+
+_CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_QUIET = f"{__name__}.{quiet_without_state_api.__name__}"
 
 
 def check_reachable(address: str, timeout_s: float = 10.0) -> None:

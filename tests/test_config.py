@@ -180,6 +180,17 @@ def test_every_field_has_a_flag_with_help() -> None:
     assert overrides_from_args(args) == {"train.pg_lambda": "0.5", "synth.seed": "2"}
 
 
+def test_a_command_gets_the_flags_of_its_sections_only() -> None:
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, ("models.target", "serve"))
+    text = parser.format_help()
+    assert "--models.target.name" in text and "--serve.replicas" in text
+    assert "--models.generator" not in text and "--train." not in text and "--store.url" not in text
+    assert overrides_from_args(parser.parse_args(["--models.target.device", "cpu"])) == {"models.target.device": "cpu"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--models.generator.name", "x"])
+
+
 def test_sweep_lists_from_flags_and_yaml_and_their_runs(tmp_path) -> None:
     cfg = load_config(
         "local", overrides={"train.methods": "genpi, sft,prepend", "train.lambdas": "0.3,0.5", "train.seeds": "0,1"}

@@ -50,7 +50,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         action="store_true",
         help="check every published version (digests and parity probes) and exit; exit code 1 when one fails",
     )
-    add_flags(parser, ("models", "serve", "store", "ray"))
+    add_flags(parser, ("models.target", "serve", "store", "ray"))
     return parser
 
 

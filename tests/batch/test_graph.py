@@ -173,6 +173,7 @@ def _stored(store: ArtifactStore) -> dict[str, bytes]:
     return out
 
 
+@pytest.mark.slow  # ~3.5 min on 2 cores: make test-cluster
 @pytest.mark.timeout(900)
 def test_the_graph_stores_the_same_bytes_as_the_barrier_order(tmp_path: Path) -> None:
     """Two prompts on the tiny model through Ray, once as a graph and once stage-major: the same store

@@ -49,6 +49,7 @@ def _job(store: Path, tmp: Path, *flags: str) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow  # ~2 min on 2 cores: make test-cluster
 @pytest.mark.timeout(900)
 def test_two_jobs_on_one_store_end_consistent(tmp_path: Path) -> None:
     from genpi.cli.main import main

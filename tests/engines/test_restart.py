@@ -55,6 +55,7 @@ def ray_cluster():
     ray_runtime.disconnect()
 
 
+@pytest.mark.slow  # ~2 min on 2 cores: make test-cluster
 @pytest.mark.timeout(300)
 def test_engine_killed_mid_synthesis_every_prompt_still_finishes(tmp_path: Path, ray_cluster: None) -> None:
     from genpi.batch.graph import synthesize_all
