@@ -9,7 +9,7 @@ from pathlib import Path
 # Under `ray job submit --working-dir .` the package may not be installed on the cluster.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from genpi.cli import main  # noqa: E402
+from genpi.cli.main import exit_process, main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(prog="jobs/internalize.py"))
+    exit_process(main(prog="jobs/internalize.py"))

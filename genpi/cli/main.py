@@ -8,13 +8,15 @@ one line and exit code 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import select
 import sys
 from types import ModuleType
+from typing import NoReturn
 
 from genpi.cli import ls, report, run, serve, status, verify
-from genpi.cli.signals import EXIT_TERMINATED, Terminated, on_sigterm_unwind
+from genpi.cli.signals import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, on_sigterm_unwind
 from genpi.errors import GenPIError
 
 EXIT_BROKEN_PIPE = 141  # as a shell reports a command that SIGPIPE ended (`genpi report | head`)
@@ -57,7 +59,20 @@ def main(argv: list[str] | None = None, prog: str = "genpi") -> int:
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; finished work is in the store and a rerun resumes it", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with ``code``. After SIGTERM or Ctrl-C a stage's thread may still wait on a
+    Ray cluster that the unwinding stopped, and the interpreter would join it for ever (a killed
+    job's driver once spun on for ten minutes): the process then ends without joining threads,
+    once logs and output are flushed."""
+    if code in (EXIT_TERMINATED, EXIT_INTERRUPTED):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _reader_left() -> None:
@@ -76,7 +91,7 @@ def entrypoint() -> None:
             raise
         _reader_left()
         code = EXIT_BROKEN_PIPE
-    sys.exit(code)
+    exit_process(code)
 
 
 def _stdout_closed() -> bool:

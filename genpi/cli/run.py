@@ -18,6 +18,7 @@ from genpi.cli.config_flags import add_flags, resolve
 from genpi.cli.parser import Parser
 from genpi.cli.signals import on_sigterm_unwind
 from genpi.config import PROFILES, GenPIConfig
+from genpi.devices import slow_bf16_warning
 from genpi.errors import GenPIError
 
 log = logging.getLogger("genpi")
@@ -156,6 +157,9 @@ def execute(args: argparse.Namespace) -> int:
             check_model_name(role.name)
     store = store_for(cfg.store, writable=True)
     log.info("%d prompts from %s; store %s", len(specs), args.prompts, store.url)
+    warning = slow_bf16_warning({"generator": cfg.models.generator.dtype, "target": cfg.models.target.dtype})
+    if warning and not cluster_address(cfg.ray):
+        log.warning("%s", warning)
 
     import ray
 

@@ -7,6 +7,7 @@ import signal
 import threading
 
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 
 class Terminated(BaseException):

@@ -139,8 +139,10 @@ def test_a_submitted_job_refuses_a_relative_store_in_rays_working_dir_copy(tmp_p
 
 
 @pytest.mark.timeout(180)
-def test_sigterm_ends_the_job_with_one_line_and_its_exit_code(tmp_path: Path) -> None:
-    """What `ray job stop` and Kubernetes send: the driver unwinds (its local cluster stops with it)."""
+@pytest.mark.parametrize("after", ["started a local Ray cluster", "pseudo inputs"])
+def test_sigterm_ends_the_job_with_one_line_and_its_exit_code(tmp_path: Path, after: str) -> None:
+    """What `ray job stop` and Kubernetes send: the driver unwinds (its local cluster stops with it),
+    also while a stage's thread waits on an engine of that cluster."""
     import signal
     import time
 
@@ -163,9 +165,9 @@ def test_sigterm_ends_the_job_with_one_line_and_its_exit_code(tmp_path: Path) ->
     )
     deadline = time.time() + 120
     seen = ""
-    while "started a local Ray cluster" not in seen and time.time() < deadline and job.poll() is None:
+    while after not in seen and time.time() < deadline and job.poll() is None:
         seen += job.stdout.readline()
-    assert "started a local Ray cluster" in seen, seen
+    assert after in seen, seen
     job.send_signal(signal.SIGTERM)
     out, err = job.communicate(timeout=120)
     assert job.returncode == 143, err[-2000:]
