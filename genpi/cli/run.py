@@ -157,9 +157,10 @@ def execute(args: argparse.Namespace) -> int:
             check_model_name(role.name)
     store = store_for(cfg.store, writable=True)
     log.info("%d prompts from %s; store %s", len(specs), args.prompts, store.url)
-    warning = slow_bf16_warning({"generator": cfg.models.generator.dtype, "target": cfg.models.target.dtype})
-    if warning and not cluster_address(cfg.ray):
-        log.warning("%s", warning)
+    if not cluster_address(cfg.ray):  # this machine's CPU runs the models
+        warning = slow_bf16_warning({"generator": cfg.models.generator.dtype, "target": cfg.models.target.dtype})
+        if warning:
+            log.warning("%s", warning)
 
     import ray
 
