@@ -84,6 +84,8 @@ def train_key(cfg: GenPIConfig) -> dict[str, Any]:
     train = dataclasses.asdict(cfg.train)
     for placement in TRAIN_PLACEMENT:
         train.pop(placement)
+    if cfg.train.loraplus_lr_ratio == 1:  # plain LoRA: the key of runs stored before LoRA+ existed
+        train.pop("loraplus_lr_ratio")
     read = set(METHOD_SETTINGS[cfg.train.method])
     for name in {n for settings in METHOD_SETTINGS.values() for n in settings} - read:
         train.pop(name)

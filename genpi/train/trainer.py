@@ -89,13 +89,25 @@ def sort_target_modules(config_file: Path) -> None:
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], quantized: bool) -> torch.optim.Optimizer:
+def parameter_groups(cfg: TrainConfig, model: torch.nn.Module) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups, each with the multiple of the learning rate it
+    trains at (``lr_scale``): LoRA's B matrices at ``cfg.loraplus_lr_ratio`` (LoRA+), the rest at 1."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if cfg.loraplus_lr_ratio == 1:
+        return [{"params": [p for _, p in trainable], "lr_scale": 1.0}]
+    return [
+        {"params": [p for name, p in trainable if "lora_B" not in name], "lr_scale": 1.0},
+        {"params": [p for name, p in trainable if "lora_B" in name], "lr_scale": cfg.loraplus_lr_ratio},
+    ]
+
+
+def make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]], quantized: bool) -> torch.optim.Optimizer:
     """Paged AdamW (bitsandbytes) over an NF4 base, as the paper; plain AdamW otherwise."""
     if quantized:
         import bitsandbytes as bnb  # the paper's paged AdamW, CUDA only
 
-        return bnb.optim.PagedAdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        return bnb.optim.PagedAdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
@@ -160,8 +172,9 @@ def train_adapter(
     train_examples, val_examples = objective.prepare(train_examples), objective.prepare(val_examples)
     model, tokenizer = load_for_training(cfg, model_name, dtype)
     quantized = bool(getattr(model, "is_loaded_in_4bit", False))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params, quantized)
+    groups = parameter_groups(cfg, model)
+    params = [p for group in groups for p in group["params"]]
+    optimizer = make_optimizer(cfg, groups, quantized)
     pad_id = tokenizer.pad_token_id
     steps_per_epoch = math.ceil(len(train_examples) / cfg.batch_size)
     # Few records (a strict format filter) must not mean few updates: epochs are added, the last
@@ -196,7 +209,7 @@ def train_adapter(
             step_started = time.time()
             batch = objective.select([train_examples[i] for i in order[start : start + cfg.batch_size]], step)
             for group in optimizer.param_groups:
-                group["lr"] = cfg.learning_rate * lr_factor(cfg, step, total)
+                group["lr"] = cfg.learning_rate * group["lr_scale"] * lr_factor(cfg, step, total)
             losses = step_loss(model, batch, cfg, pad_id, backward=True, objective=objective)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm else float("inf"))
             if any(e.any() for e in batch):

@@ -96,6 +96,31 @@ def test_lora_layers_puts_adapters_on_the_top_layers_only() -> None:
     assert sum(p.requires_grad for p in every.parameters()) == 2 * 7 * 2
 
 
+@pytest.mark.parametrize("ratio", [1.0, 16.0])
+def test_loraplus_trains_the_b_matrices_at_ratio_times_the_learning_rate(tokenizer, tmp_path: Path, ratio) -> None:
+    from safetensors.torch import load_file
+
+    # One step of Adam moves every parameter with a gradient by its learning rate. B starts at 0 and
+    # A gets no gradient on the first step (its gradient goes through B), so after one step every
+    # moved B entry is +-lr * ratio and A is as initialized.
+    cfg = tcfg(batch_size=3, learning_rate=1e-3, warmup_ratio=0.0, loraplus_lr_ratio=ratio, max_grad_norm=0.0)
+    metrics = train_adapter(cfg, TINY, "float32", short_pairs(tokenizer)[:3], [], tmp_path / "a", log=lambda _: None)
+    assert metrics["steps"] == 1
+    weights = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    b = torch.cat([w.flatten() for k, w in weights.items() if "lora_B" in k])
+    moved = b[b != 0].abs()
+    assert moved.numel() > 0.9 * b.numel()  # nearly every entry got a gradient
+    torch.testing.assert_close(moved.median(), torch.tensor(1e-3 * ratio), rtol=1e-3, atol=0)
+
+
+def test_plain_lora_keeps_the_run_keys_stored_before_loraplus() -> None:
+    cfg = load_config("local")
+    assert "loraplus_lr_ratio" not in artifacts.train_key(cfg)["train"]  # the key of every earlier run
+    plus = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, loraplus_lr_ratio=4.0))
+    assert artifacts.train_key(plus)["train"]["loraplus_lr_ratio"] == 4.0
+    assert artifacts.run_hash(plus) != artifacts.run_hash(cfg)
+
+
 # ------------------------------------------------------------------ the training stage
 
 
