@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from genpi import artifacts  # noqa: E402
 from genpi.chat import chat_ids  # noqa: E402
 from genpi.engines.hf import load_model_and_tokenizer  # noqa: E402
 from genpi.evaluate.teacher_forced import reply_ids  # noqa: E402
@@ -51,8 +52,8 @@ def main() -> None:
     parser.add_argument("--run", action="append", default=[], help="a training run's hash (default: every one)")
     args = parser.parse_args()
     spec = next(s for s in load_prompts(args.prompts) if s.name == args.only)
-    root = Path(args.store) / "prompts" / spec.name / spec.prompt_hash
-    prompt = "\n".join(t.content for t in spec.turns)
+    root = Path(args.store) / artifacts.prompt_root(spec)
+    prompt = spec.text()
     references = sorted(root.glob("references/*/test-teacher.jsonl"))
     if not references:
         raise SystemExit(f"no test references of {spec.name} in {root}: run `make run` first")
@@ -85,7 +86,8 @@ def main() -> None:
                 exact += all(greedy[k] == target[k] for k in span)
                 words += 1
         summary = json.loads((root / "train" / run / "summary.json").read_text())["train"]
-        setting = {k: summary.get(k, 1.0) for k in ("learning_rate", "min_steps", "batch_size", "loraplus_lr_ratio")}
+        setting = {k: summary[k] for k in ("learning_rate", "min_steps", "batch_size")}
+        setting["loraplus_lr_ratio"] = summary.get("loraplus_lr_ratio", 1.0)  # runs stored before LoRA+: 1
         figures[run] = {
             **setting,
             "ids": words,
