@@ -25,6 +25,7 @@ from genpi import registry
 from genpi.cli.config_flags import add_flags, resolve
 from genpi.cli.parser import Parser
 from genpi.config import GenPIConfig
+from genpi.devices import slow_bf16_warning
 from genpi.engines.environments import serve_backend
 from genpi.errors import GenPIError
 from genpi.models import resolve_model
@@ -138,6 +139,9 @@ def execute(args: argparse.Namespace) -> int:
 
     local = not ray_runtime.cluster_address(cfg.ray)  # a cluster of this machine, serving here
     if local:
+        warning = slow_bf16_warning({"target": cfg.models.target.dtype})
+        if warning:  # every reply would be generated at a fraction of the speed
+            print(f"genpi serve: {warning}", file=sys.stderr, flush=True)
         check_port_free(cfg.serve.host, cfg.serve.port)
     # An unknown model or an unreachable store: one line here, not a replica's traceback later.
     resolve_model(cfg.models.target.name)

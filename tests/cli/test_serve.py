@@ -40,3 +40,26 @@ def test_replicas_a_local_cluster_cannot_place_are_refused_instead_of_waiting_fo
     gpu = load_config("local", overrides={"serve.num_gpus": 1})
     with pytest.raises(GenPIError, match="serve.num_gpus 1 ask for 1 GPU in all; the local Ray cluster has 0"):
         check_fits(gpu, {"CPU": 16.0})
+
+
+def test_a_cpu_slow_at_bf16_is_named_before_the_server_starts(tmp_path: Path, monkeypatch, capsys) -> None:
+    import platform
+    import socket
+
+    import torch
+
+    from genpi.cli.main import main
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with socket.socket() as taken:  # the server stops at its port, after the warning
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["serve", "--store.url", str(tmp_path), "--serve.host", "127.0.0.1", "--serve.port", str(port)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "AVX2 and no AVX-512" in err and "--models.target.dtype float32" in err and f"serve.port {port}" in err
+        assert main([*argv, "--models.target.dtype", "float32"]) == 2
+        assert "AVX-512" not in capsys.readouterr().err
