@@ -35,6 +35,16 @@ class Cluster:
     def __init__(self, root: Path, env: dict[str, str]) -> None:
         self.root, self.env, self.nodes = root, env, []
         self.port, self.dashboard = ray_runtime.free_port(), ray_runtime.free_port()
+        self.agent_ports: set[int] = {self.port, self.dashboard}
+
+    def agent_port(self) -> str:
+        """A ``--dashboard-agent-listen-port`` of its own for a node. Every node's agent otherwise
+        binds 52365: when the second node's agent got there before the head's (slow to start on 2
+        cores), the head's agent ran without its HTTP server and never registered, and Ray refused
+        every job ("No available agent to submit job") while the cluster stayed up."""
+        port = next(p for p in iter(ray_runtime.free_port, None) if p not in self.agent_ports)
+        self.agent_ports.add(port)
+        return f"--dashboard-agent-listen-port={port}"
 
     def start(self, *args: str) -> psutil.Process:
         log = (self.root / f"node-{len(self.nodes)}.log").open("w")
@@ -86,6 +96,7 @@ def test_ray_job_submit_on_two_nodes_with_the_store_on_s3(cluster: Cluster, s3_e
         "--dashboard-host=127.0.0.1",
         f"--temp-dir={temp}",
         "--num-cpus=2",  # the engines; training asks for 3 CPUs and fits only the second node
+        cluster.agent_port(),
     )
     address = f"http://127.0.0.1:{cluster.dashboard}"
     deadline = time.monotonic() + 120
@@ -95,7 +106,11 @@ def test_ray_job_submit_on_two_nodes_with_the_store_on_s3(cluster: Cluster, s3_e
     # its own temp folder: two nodes of one machine sharing one would unpack the job's working dir over
     # each other (the driver's own folder deleted under it)
     second = cluster.start(
-        f"--address=127.0.0.1:{cluster.port}", "--node-ip-address=127.0.0.1", "--num-cpus=3", f"--temp-dir={temp}-2"
+        f"--address=127.0.0.1:{cluster.port}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=3",
+        f"--temp-dir={temp}-2",
+        cluster.agent_port(),
     )
     # joined before the job starts: the job sizes its training tasks by the cluster it finds
     log = cluster.root / "node-1.log"
@@ -135,8 +150,8 @@ def test_ray_job_submit_on_two_nodes_with_the_store_on_s3(cluster: Cluster, s3_e
         + ["--", "python", "jobs/internalize.py", "--prompts", "prompts/", "--only", "shell-agent"]
         + ["--store.url", url, *TINY_RUN, "--train.num-cpus", "3", "--eval.num-cpus", "1"]
     )
-    # A node's dashboard agent can still be starting: Ray then refuses the job, and says to retry. On a
-    # slow 2-core VM the head's agent took more than a minute after `ray job list` first answered.
+    # The head's dashboard agent can still be starting: Ray then refuses the job, and says to retry. On
+    # a slow 2-core VM it took more than a minute after `ray job list` first answered.
     deadline = time.monotonic() + 240
     while True:
         job = subprocess.run(command, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=800)
@@ -147,7 +162,7 @@ def test_ray_job_submit_on_two_nodes_with_the_store_on_s3(cluster: Cluster, s3_e
     stop.set()
     watcher.join(timeout=5)
     out = job.stdout + job.stderr
-    # Refused to the end once in `make test-cluster` (passed alone): the head's agent log says why.
+    # Were the job refused to the end, the head's agent log says why.
     agent_log = temp / "session_latest" / "logs" / "dashboard_agent.log"
     agent = agent_log.read_text(errors="replace")[-3000:] if agent_log.is_file() else "(no agent log)"
     assert job.returncode == 0, out[-5000:] + "\n--- the head's dashboard agent:\n" + agent
